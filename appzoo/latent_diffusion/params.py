@@ -1,0 +1,92 @@
+"""The user_defined_parameters of the latent_diffusion app, each declared once (name, type, default, help, modes).
+
+The CLI parser, ``easynlp --app_name=latent_diffusion --help`` and validation all read this table. It must stay
+importable without torch so that ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+from easynlp_ldm.args import Param
+
+TRAIN = frozenset({"train"})
+GENERATE = frozenset({"predict", "serve"})
+PREDICT = frozenset({"predict"})
+EVALUATE = frozenset({"evaluate"})
+READ_ROWS = frozenset({"train", "evaluate", "predict"})
+
+
+def _positive(value):
+    return None if value > 0 else "must be positive"
+
+
+def _non_negative(value):
+    return None if value >= 0 else "must be zero or positive"
+
+
+def _unit(value):
+    return None if 0 <= value <= 1 else "must be within [0, 1]"
+
+
+def _multiple_of_8(value):
+    return None if value >= 0 and value % 8 == 0 else "must be a multiple of 8 (0: the model's native size)"
+
+
+PARAMS: tuple[Param, ...] = (
+    # Model.
+    Param("pretrain_model_name_or_path", str, "",
+          "model to start from: a local folder (diffusers layout or this toolkit's checkpoint), an embedded "
+          "model's name, or a Hugging Face cache entry on disk (default: the embedded default model)",
+          modes=TRAIN),
+    Param("reset_model_state_flag", bool, False,
+          "start from the pretrained weights even if --checkpoint_dir already holds a checkpoint (EasyNLP's flag); "
+          "without it, an existing training state in --checkpoint_dir is an error unless "
+          "--resume_from_checkpoint names it", modes=TRAIN),
+    Param("skip_bad_rows", bool, False, "skip rows that cannot be used (counted per reason and reported) instead "
+          "of stopping at the first one", modes=READ_ROWS),
+    # Training recipe.
+    Param("resolution", int, 0, "training image size (0: the model's native size); images are resized so the "
+          "short side matches, then cropped", modes=TRAIN, check=_multiple_of_8),
+    Param("center_crop", bool, True, "crop the centre of each image (when random_crop is false)", modes=TRAIN),
+    Param("random_crop", bool, False, "crop at a random position (seeded per sample)", modes=TRAIN),
+    Param("random_flip", bool, False, "flip horizontally with probability 0.5 (seeded per sample); off by default "
+          "because captions may name left and right", modes=TRAIN),
+    Param("train_text_encoder", bool, False, "also train the text encoder (otherwise it stays frozen, bit-exact)",
+          modes=TRAIN),
+    Param("use_ema", bool, True, "keep an exponential moving average of the trained weights, updated every "
+          "optimiser step; the EMA weights are what the checkpoint holds for inference", modes=TRAIN),
+    Param("ema_decay", float, 0.999, "EMA decay per optimiser step (warmed up as min(decay, (1+n)/(10+n)))",
+          modes=TRAIN, check=_unit),
+    Param("caption_dropout", float, 0.1, "probability of training on an empty caption (for classifier-free "
+          "guidance)", modes=TRAIN, check=_unit),
+    Param("snr_gamma", float, 0.0, "Min-SNR loss weighting gamma (0: plain MSE; 5.0 is the usual choice)",
+          modes=TRAIN, check=_non_negative),
+    Param("noise_offset", float, 0.0, "offset noise strength (helps very dark/bright images)", modes=TRAIN,
+          check=_non_negative),
+    Param("gradient_checkpointing", bool, False, "recompute activations in backward to save memory", modes=TRAIN),
+    Param("cache_latents", bool, True, "encode each image with the frozen VAE once, not every epoch "
+          "(ignored with random crops/flips, which change the pixels every epoch)", modes=TRAIN),
+    # Generation.
+    Param("n_samples", int, 4, "images per prompt per iteration", modes=GENERATE, check=_positive),
+    Param("n_iter", int, 1, "iterations; each prompt gets n_samples × n_iter images", modes=PREDICT,
+          check=_positive),
+    Param("scale", float, 5.0, "classifier-free guidance scale (1: no guidance)", modes=GENERATE,
+          aliases=("guidance_scale",), check=_non_negative),
+    Param("ddim_steps", int, 20, "sampler steps", modes=GENERATE | EVALUATE, aliases=("num_inference_steps",),
+          check=_positive),
+    Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=GENERATE, check=_unit),
+    Param("sampler", str, "", "sampler by short name: plms, ddim, dpm-solver++, dpm-solver, euler, "
+          "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=GENERATE),
+    Param("H", int, 0, "image height in pixels (0: the model's native size)", modes=GENERATE,
+          aliases=("height",), check=_multiple_of_8),
+    Param("W", int, 0, "image width in pixels (0: the model's native size)", modes=GENERATE,
+          aliases=("width",), check=_multiple_of_8),
+    Param("negative_prompt", str, "", "text the images should not look like (quote it if it has spaces)",
+          modes=GENERATE),
+    Param("write_image", bool, False, "also write image files under image_prefix", modes=PREDICT),
+    Param("image_prefix", str, "./", "folder for image files (write_image=True)", modes=PREDICT),
+    Param("image_format", str, "png", "png or jpeg", modes=GENERATE, choices=("png", "jpeg", "jpg")),
+    Param("do_sr", bool, False, "apply ESRGAN ×4 super-resolution (needs RRDB_ESRGAN_x4.pth with the model)",
+          modes=GENERATE),
+    Param("sr_tile", int, 256, "super-resolution tile size in input pixels (0: whole image at once)",
+          modes=GENERATE, check=_non_negative),
+)

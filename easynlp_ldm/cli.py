@@ -1,0 +1,102 @@
+"""The ``easynlp`` command: parse flags → app registry → the app's mode.
+
+A user's mistake (``UserError``) is printed as one line on stderr with exit status 2; anything else keeps its
+traceback because it is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from easynlp_ldm.args import (
+    ParsedFlags,
+    describe_params,
+    parse_flags,
+    parse_user_defined_parameters,
+    peek_flag,
+    wants_help,
+)
+from easynlp_ldm.errors import UserError
+
+logger = logging.getLogger("easynlp")
+
+
+@dataclass
+class Command:
+    """Everything a mode needs: the flags and the typed user-defined parameters of the chosen app."""
+
+    app_name: str
+    mode: str
+    flags: ParsedFlags
+    params: dict[str, Any]
+    notes: list[str]
+
+
+def parse_command(argv: Sequence[str]) -> Command:
+    from appzoo import registry
+
+    argv = list(argv)
+    app_name = peek_flag(argv, "--app_name") or "latent_diffusion"
+    app_help = ""
+    if wants_help(argv):
+        app_help = describe_params(app_name, registry.get_params(app_name)) if app_name in registry.APPS else ""
+    flags = parse_flags(argv, app_help)
+    app_name = flags.app_name
+    params_spec = registry.get_params(app_name)
+    params, notes = parse_user_defined_parameters(flags.user_defined_parameters, params_spec, flags.mode, app_name)
+    return Command(app_name=app_name, mode=flags.mode, flags=flags, params=params, notes=flags.notes + notes)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+def run_command(command: Command) -> int:
+    from appzoo import registry
+
+    for note in command.notes:
+        logger.warning(note)
+    if command.flags.worker_cpu and command.flags.worker_cpu > 0:
+        import torch
+
+        torch.set_num_threads(command.flags.worker_cpu)
+    app_class = registry.get_app_class(command.app_name)
+    app = app_class(command.flags, command.params)
+    return app.run(command.mode) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=os.environ.get("EASYNLP_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        command = parse_command(argv)
+        return run_command(command)
+    except UserError as err:
+        print(f"easynlp: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("easynlp: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

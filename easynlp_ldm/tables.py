@@ -1,0 +1,373 @@
+"""TSV tables: ``--input_schema``, a streaming reader with a bad-row policy, a crash-safe writer, and the base64
+image codec.
+
+A table is read line by line (a 2 GB file never sits in memory). A bad row (wrong column count, not UTF-8, a value
+that does not fit its type, an image that cannot be decoded) stops the run with one line naming the file, the line
+number and the reason — or, with ``skip_bad_rows=True``, is skipped and counted per reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from easynlp_ldm.errors import UserError
+
+# ----------------------------------------------------------------------------------------------------- schema
+
+_SCHEMA_TYPES = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: type
+    length: int  # >1: the cell holds a comma-separated list of this many values
+
+
+def parse_schema(text: str, flag: str = "--input_schema") -> list[Column]:
+    """``name:type:len,...`` → columns. Types str/int/float; len ≥ 1."""
+    if not text or not text.strip():
+        raise UserError(f"{flag} is empty; give it as name:type:len,... e.g. idx:str:1,text:str:1")
+    columns = []
+    for part in text.split(","):
+        pieces = part.strip().split(":")
+        if len(pieces) != 3 or not pieces[0]:
+            raise UserError(f"{flag}: '{part}' is not name:type:len (e.g. text:str:1)")
+        name, kind, length = pieces
+        if kind not in _SCHEMA_TYPES:
+            raise UserError(f"{flag}: column '{name}' has type '{kind}'; use str, int or float")
+        try:
+            count = int(length)
+        except ValueError:
+            raise UserError(f"{flag}: column '{name}' has length '{length}'; use a positive integer") from None
+        if count < 1:
+            raise UserError(f"{flag}: column '{name}' has length {count}; use a positive integer")
+        if any(c.name == name for c in columns):
+            raise UserError(f"{flag}: column '{name}' appears twice")
+        columns.append(Column(name, _SCHEMA_TYPES[kind], count))
+    return columns
+
+
+def split_tables(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ bad rows
+
+
+class BadRow(Exception):
+    """A row that cannot be used; ``reason`` is a short category used for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class BadRowPolicy:
+    """Stop at the first bad row (default) or skip and count bad rows per reason."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.counts: Counter[str] = Counter()
+
+    def handle(self, path: str, line_number: int, bad: BadRow) -> None:
+        if not self.skip:
+            detail = f": {bad.detail}" if bad.detail else ""
+            raise UserError(f"{path}, line {line_number}: {bad.reason}{detail} "
+                            "(fix the row, or pass skip_bad_rows=True in --user_defined_parameters to skip such rows)")
+        self.counts[bad.reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad rows"
+        parts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.counts.items()))
+        return f"skipped {self.total} bad rows ({parts})"
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Row:
+    """One parsed input row: ``values`` by column name, plus where it came from."""
+
+    values: dict[str, Any]
+    path: str
+    line_number: int  # 1-based, counting every physical line including a skipped header
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def _convert_cell(column: Column, cell: str) -> Any:
+    def one(text: str):
+        if column.type is str:
+            return text
+        try:
+            return column.type(text)
+        except ValueError:
+            detail = f"column '{column.name}' expects {column.type.__name__}, got {text[:40]!r}"
+            raise BadRow("bad value", detail) from None
+
+    if column.length == 1:
+        return one(cell)
+    items = cell.split(",")
+    if len(items) != column.length:
+        raise BadRow("bad value", f"column '{column.name}' expects {column.length} comma-separated values, "
+                     f"got {len(items)}")
+    return [one(item) for item in items]
+
+
+def parse_line(raw: bytes, schema: Sequence[Column]) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRow("not UTF-8", f"byte {err.start}") from None
+    text = text.rstrip("\n").rstrip("\r")
+    cells = text.split("\t")
+    if len(cells) != len(schema):
+        raise BadRow("wrong column count", f"expected {len(schema)} columns "
+                     f"({','.join(c.name for c in schema)}), got {len(cells)}")
+    return {column.name: _convert_cell(column, cell) for column, cell in zip(schema, cells)}
+
+
+def read_table(path: str, schema: Sequence[Column], *, skip_first_line: bool = False,
+               policy: BadRowPolicy | None = None, start_line: int = 0,
+               image_columns: Sequence[str] = ()) -> Iterator[Row]:
+    """Stream the rows of ``path``. Blank lines are ignored. ``start_line``: skip physical lines up to it.
+    ``image_columns``: base64 cells decoded to RGB PIL images here, so an undecodable image is a bad row with its
+    line number like any other."""
+    policy = policy or BadRowPolicy()
+    missing = [name for name in image_columns if name not in {c.name for c in schema}]
+    if missing:
+        raise UserError(f"--input_schema has no column '{missing[0]}' (columns: {', '.join(c.name for c in schema)})")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: table not found (check --tables)")
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number <= start_line or (skip_first_line and line_number == 1):
+                continue
+            if not raw.strip():
+                continue
+            try:
+                values = parse_line(raw, schema)
+                for name in image_columns:
+                    values[name] = decode_image_base64(values[name])
+            except BadRow as bad:
+                policy.handle(path, line_number, bad)
+                continue
+            yield Row(values, path, line_number)
+
+
+def count_rows(path: str, skip_first_line: bool = False) -> int:
+    """Non-blank data lines, read in blocks (for progress bars; does not validate)."""
+    count = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if skip_first_line and line_number == 1:
+                continue
+            if raw.strip():
+                count += 1
+    return count
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+
+def escape_cell(value: Any) -> str:
+    """Tabs, newlines and backslashes inside a cell are escaped so one row stays one line."""
+    text = "" if value is None else str(value)
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape_cell(text: str) -> str:
+    out, i = [], 0
+    mapping = {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in mapping:
+            out.append(mapping[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def format_row(cells: Sequence[Any]) -> bytes:
+    return ("\t".join(escape_cell(cell) for cell in cells) + "\n").encode("utf-8")
+
+
+class TsvWriter:
+    """Appends whole rows: each batch is one ``write`` of complete lines followed by a flush, so an interrupted run
+    leaves at worst a partial last line, which ``truncate_partial_tail`` removes before resuming."""
+
+    def __init__(self, path: str, append: bool = False, fsync: bool = False):
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            if append:
+                truncate_partial_tail(path)
+            self._handle = open(path, "ab" if append else "wb")
+        except OSError as err:
+            raise UserError(f"{path}: cannot write the output ({err.strerror})") from None
+        self.path = path
+        self.fsync = fsync
+
+    def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        data = b"".join(format_row(row) for row in rows)
+        try:
+            self._handle.write(data)
+            self._handle.flush()
+            if self.fsync:
+                os.fsync(self._handle.fileno())
+        except OSError as err:
+            raise UserError(f"{self.path}: writing failed ({err.strerror}); rows written so far are complete") \
+                from None
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> TsvWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def truncate_partial_tail(path: str) -> None:
+    """Drop a last line without its newline (a write cut short by a crash)."""
+    if not os.path.exists(path):
+        return
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    with open(path, "rb+") as handle:
+        block = 1 << 16
+        position = size
+        while position > 0:
+            start = max(0, position - block)
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            if position == size and chunk.endswith(b"\n"):
+                return
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                handle.truncate(start + cut + 1)
+                return
+            position = start
+        handle.truncate(0)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename over it: readers see the old or the new file, never a
+    half-written one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"{path}: cannot write ({err.strerror}); the previous version, if any, is intact") from None
+
+
+# --------------------------------------------------------------------------------------------- image codec
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as decompression bombs
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "MPO"}  # MPO: multi-picture JPEG from phone cameras
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe alphabet, with or without padding, surrounding whitespace ignored."""
+    cleaned = "".join(text.split())
+    if cleaned.startswith(("b'", 'b"')) and cleaned.endswith(("'", '"')):
+        cleaned = cleaned[2:-1]  # EasyNLP's predictor wrote Python bytes literals: b'iVBOR...'
+    if not cleaned:
+        raise BadRow("undecodable base64", "empty image cell")
+    cleaned = cleaned.replace("-", "+").replace("_", "/")
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRow("undecodable base64", str(err)) from None
+
+
+def decode_image(data: bytes):
+    """Bytes → RGB PIL image: EXIF orientation applied, alpha composited on white, first frame of a GIF."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                raise BadRow("not an image", f"format {image.format} (use PNG, JPEG, WebP or GIF)")
+            image.seek(0)
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise BadRow("decompression bomb", str(err).split(".")[0]) from None
+        except BadRow:
+            raise
+        except Image.UnidentifiedImageError:
+            raise BadRow("not an image", "bytes are not a PNG, JPEG, WebP or GIF image") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BadRow("truncated or corrupt image", str(err)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block must not lose an otherwise good image
+        pass
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image_base64(text: str):
+    return decode_image(decode_base64(text))
+
+
+def encode_image(image, image_format: str = "png", quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    fmt = image_format.lower()
+    if fmt == "png":
+        image.save(buffer, format="PNG")
+    elif fmt in ("jpg", "jpeg"):
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unknown image format {image_format}")
+    return buffer.getvalue()
+
+
+def encode_image_base64(image, image_format: str = "png") -> str:
+    """Standard base64 (plain ASCII) of the encoded image file."""
+    return base64.b64encode(encode_image(image, image_format)).decode("ascii")

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="easynlp-ldm",
+    version="0.1.0",
+    description="EasyNLP-compatible Chinese text-to-image latent diffusion: train, predict, evaluate, serve, export",
+    packages=find_packages(include=["easynlp_ldm", "easynlp_ldm.*", "appzoo", "appzoo.*", "modelzoo", "modelzoo.*"]),
+    package_data={"modelzoo": ["pretrained/*/*"], "easynlp_ldm": ["serving/static/*"]},
+    python_requires=">=3.10",
+    # Ranges, not pins: torch must already be installed (CPU or CUDA build of the user's choice) and satisfy this.
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "safetensors",
+        "pillow>=10",
+        "numpy",
+        "tensorboard",
+        "tqdm",
+        "fastapi",
+        "uvicorn",
+    ],
+    entry_points={"console_scripts": ["easynlp=easynlp_ldm.cli:entry_point"]},
+)

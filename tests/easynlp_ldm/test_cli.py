@@ -1,0 +1,89 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from appzoo import registry
+from easynlp_ldm import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SEED_TRAIN = ["--mode=train", "--worker_gpu=1", "--tables=T2I_train.tsv,T2I_val.tsv",
+              "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+              "--second_sequence=imgbase64", "--checkpoint_dir=./finetuned_model", "--learning_rate=4e-5",
+              "--epoch_num=3", "--random_seed=42", "--logging_steps=100", "--save_checkpoint_steps=1000",
+              "--sequence_length=288", "--micro_batch_size=16", "--app_name=latent_diffusion",
+              "--user_defined_parameters=\npretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh\n"
+              "reset_model_state_flag=True\n"]
+SEED_PREDICT = ["--mode=predict", "--worker_gpu=1", "--tables=T2I_test.tsv", "--input_schema=idx:str:1,text:str:1",
+                "--output_schema=text", "--outputs=./output.tsv", "--first_sequence=text",
+                "--checkpoint_dir=./finetuned_model", "--random_seed=42", "--logging_steps=100",
+                "--save_checkpoint_steps=500", "--sequence_length=32", "--micro_batch_size=16",
+                "--app_name=latent_diffusion",
+                "--user_defined_parameters=\nn_samples=2\nwrite_image=True\nimage_prefix=./output/\n"]
+
+
+class RecordingApp:
+    calls = []
+
+    def __init__(self, flags, params):
+        self.flags, self.params = flags, params
+
+    def run(self, mode):
+        RecordingApp.calls.append((mode, self.flags, self.params))
+        return 0
+
+
+@pytest.fixture
+def recording_app(monkeypatch):
+    """Route latent_diffusion's declared params to a recording app: proves the registry, not the CLI, picks it."""
+    RecordingApp.calls = []
+    monkeypatch.setitem(registry.APPS, "recorder", registry.AppEntry(
+        params="appzoo.latent_diffusion.params:PARAMS", app=f"{__name__}:RecordingApp"))
+    return RecordingApp
+
+
+def test_seed_train_command_parses_and_reaches_app(recording_app):
+    assert cli.main([a.replace("latent_diffusion", "recorder") for a in SEED_TRAIN]) == 0
+    mode, flags, params = recording_app.calls[0]
+    assert mode == "train" and flags.learning_rate == 4e-5 and flags.micro_batch_size == 16
+    assert flags.sequence_length == 288 and flags.tables == "T2I_train.tsv,T2I_val.tsv"
+    assert params["pretrain_model_name_or_path"] == "alibaba-pai/pai-diffusion-general-large-zh"
+    assert params["reset_model_state_flag"] is True
+
+
+def test_seed_predict_command_parses_and_reaches_app(recording_app):
+    assert cli.main([a.replace("latent_diffusion", "recorder") for a in SEED_PREDICT]) == 0
+    mode, flags, params = recording_app.calls[0]
+    assert mode == "predict" and flags.output_schema == "text" and flags.first_sequence == "text"
+    assert params["n_samples"] == 2 and params["write_image"] is True and params["image_prefix"] == "./output/"
+
+
+def test_seed_commands_parse_for_the_real_app():
+    train = cli.parse_command(SEED_TRAIN)
+    assert train.app_name == "latent_diffusion" and train.params["reset_model_state_flag"] is True
+    predict = cli.parse_command(SEED_PREDICT)
+    assert "--save_checkpoint_steps has no effect in --mode=predict" in predict.notes
+
+
+def test_user_mistake_exits_2_with_one_line(capsys):
+    assert cli.main(["--mode=predict", "--user_defined_parameters=n_sampels=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("easynlp: error: --user_defined_parameters: unknown key")
+    assert cli.main(["--app_name=text_classify"]) == 2
+    assert "available: latent_diffusion" in capsys.readouterr().err
+
+
+def test_console_script_help_lists_app_parameters_and_errors_without_traceback():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "easynlp_ldm.cli", "--app_name=latent_diffusion", "--help"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0
+    for text in ("--checkpoint_dir", "--checkpoint_path", "--micro_batch_size", "--train_batch_size",
+                 "user_defined_parameters of app latent_diffusion", "n_samples (int, default 4",
+                 "scale / guidance_scale", "write_image (bool, default False"):
+        assert text in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "easynlp_ldm.cli", "--no_such_flag=1"], capture_output=True,
+                         text=True, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1

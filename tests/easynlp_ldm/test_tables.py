@@ -1,0 +1,187 @@
+import base64
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from easynlp_ldm.errors import UserError
+from easynlp_ldm.tables import (
+    BadRowPolicy,
+    Column,
+    TsvWriter,
+    decode_image_base64,
+    encode_image_base64,
+    parse_schema,
+    read_table,
+    truncate_partial_tail,
+    unescape_cell,
+)
+
+SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
+
+
+def png_b64(color=(255, 0, 0), size=(8, 8), fmt="PNG", mode="RGB", **save):
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write(tmp_path, lines, name="t.tsv"):
+    path = tmp_path / name
+    with open(path, "wb") as handle:
+        for line in lines:
+            handle.write(line if isinstance(line, bytes) else (line + "\n").encode("utf-8"))
+    return str(path)
+
+
+def test_schema_parsing():
+    assert parse_schema("idx:str:1,text:str:1") == [Column("idx", str, 1), Column("text", str, 1)]
+    assert parse_schema("a:int:1, b:float:3") == [Column("a", int, 1), Column("b", float, 3)]
+
+
+@pytest.mark.parametrize("text,match", [("", "empty"), ("idx:str", "name:type:len"), ("a:bool:1", "type 'bool'"),
+                                        ("a:str:x", "length 'x'"), ("a:str:0", "length 0"),
+                                        ("a:str:1,a:int:1", "appears twice")])
+def test_schema_errors(text, match):
+    with pytest.raises(UserError, match=match):
+        parse_schema(text)
+
+
+def test_typed_and_list_columns(tmp_path):
+    path = write(tmp_path, ["1\t0.5\t1,2,3"])
+    rows = list(read_table(path, parse_schema("a:int:1,b:float:1,c:int:3")))
+    assert rows[0].values == {"a": 1, "b": 0.5, "c": [1, 2, 3]} and rows[0].line_number == 1
+
+
+def test_skip_first_line_and_blank_lines(tmp_path):
+    path = write(tmp_path, ["idx\ttext", "1\t一", "", "2\t二"])
+    rows = list(read_table(path, parse_schema("idx:str:1,text:str:1"), skip_first_line=True))
+    assert [(r["idx"], r["text"], r.line_number) for r in rows] == [("1", "一", 2), ("2", "二", 4)]
+
+
+def test_images_in_every_alphabet_and_format(tmp_path):
+    std = png_b64()
+    urlsafe_nopad = base64.urlsafe_b64encode(base64.b64decode(std)).decode().rstrip("=")
+    cells = [std, urlsafe_nopad, png_b64(fmt="JPEG"), png_b64(fmt="WEBP"), png_b64(fmt="GIF", mode="P", color=3),
+             "b'" + std + "'"]
+    path = write(tmp_path, [f"{i}\t文本\t{cell}" for i, cell in enumerate(cells)])
+    rows = list(read_table(path, parse_schema(SCHEMA), image_columns=["imgbase64"]))
+    assert len(rows) == len(cells)
+    assert all(r["imgbase64"].mode == "RGB" and r["imgbase64"].size == (8, 8) for r in rows)
+    assert rows[0]["imgbase64"].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_alpha_is_composited_on_white():
+    image = decode_image_base64(png_b64(color=(255, 0, 0, 0), mode="RGBA"))
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_applied():
+    image = Image.new("RGB", (4, 2), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    decoded = decode_image_base64(base64.b64encode(buffer.getvalue()).decode())
+    assert decoded.size == (2, 4)
+
+
+def _bomb_b64():
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buffer, format="PNG")  # 81 M pixels, ~10 kB compressed
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _truncated_b64():
+    data = base64.b64decode(png_b64(color=(10, 200, 30), size=(64, 64), fmt="JPEG"))
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+BAD_LINES = {
+    "wrong column count": "1\t只有两列",
+    "undecodable base64": "2\t文本\t@@@not base64@@@",
+    "not an image": "3\t文本\t" + base64.b64encode(b"hello, this is text, not a picture").decode(),
+    "truncated or corrupt image": "4\t文本\t" + _truncated_b64(),
+    "decompression bomb": "5\t文本\t" + _bomb_b64(),
+    "not UTF-8": b"6\t\xff\xfe bad\t" + png_b64().encode() + b"\n",
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_row_stops_with_file_line_and_reason(tmp_path, reason):
+    path = write(tmp_path, [f"0\t好\t{png_b64()}", BAD_LINES[reason]])
+    with pytest.raises(UserError) as err:
+        list(read_table(path, parse_schema(SCHEMA), image_columns=["imgbase64"]))
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 2: {reason}")
+    assert "skip_bad_rows=True" in message
+
+
+def test_bad_rows_skipped_and_counted(tmp_path):
+    lines = [f"0\t好\t{png_b64()}"] + [BAD_LINES[r] for r in sorted(BAD_LINES)] + [f"9\t好\t{png_b64()}",
+                                                                                  BAD_LINES["wrong column count"]]
+    path = write(tmp_path, lines)
+    policy = BadRowPolicy(skip=True)
+    rows = list(read_table(path, parse_schema(SCHEMA), policy=policy, image_columns=["imgbase64"]))
+    assert [r["idx"] for r in rows] == ["0", "9"]
+    assert policy.counts == {reason: (2 if reason == "wrong column count" else 1) for reason in BAD_LINES}
+    assert policy.summary().startswith("skipped 7 bad rows (")
+
+
+def test_bad_typed_value_is_a_bad_row(tmp_path):
+    path = write(tmp_path, ["x\t1"])
+    with pytest.raises(UserError, match="line 1: bad value: column 'a' expects int"):
+        list(read_table(path, parse_schema("a:int:1,b:str:1")))
+
+
+def test_missing_table_and_unknown_image_column(tmp_path):
+    with pytest.raises(UserError, match="table not found"):
+        list(read_table(str(tmp_path / "nope.tsv"), parse_schema(SCHEMA)))
+    with pytest.raises(UserError, match="no column 'image'"):
+        list(read_table(str(tmp_path / "nope.tsv"), parse_schema(SCHEMA), image_columns=["image"]))
+
+
+def test_writer_escapes_tabs_and_newlines_and_round_trips(tmp_path):
+    path = str(tmp_path / "out" / "o.tsv")
+    with TsvWriter(path) as writer:
+        writer.write_rows([["1", "a\tb\nc\\d"], ["2", "ok"]])
+    lines = open(path, encoding="utf-8").read().split("\n")
+    assert lines == ["1\ta\\tb\\nc\\\\d", "2\tok", ""]
+    assert unescape_cell(lines[0].split("\t")[1]) == "a\tb\nc\\d"
+
+
+def test_partial_last_row_is_dropped_before_append(tmp_path):
+    path = tmp_path / "o.tsv"
+    path.write_bytes(b"1\tdone\n2\thalf-writ")
+    with TsvWriter(str(path), append=True) as writer:
+        writer.write_rows([["2", "again"]])
+    assert path.read_bytes() == b"1\tdone\n2\tagain\n"
+    path.write_bytes(b"no newline at all")
+    truncate_partial_tail(str(path))
+    assert path.read_bytes() == b""
+
+
+def test_encode_is_plain_standard_base64_png():
+    text = encode_image_base64(Image.new("RGB", (4, 4), (1, 2, 3)))
+    assert text.isascii() and not text.startswith("b'")
+    assert base64.b64decode(text)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reading_streams_without_loading_the_file(tmp_path):
+    # ~200 MB of rows; peak RSS of a child process reading all of them must stay far below the file size.
+    path = tmp_path / "big.tsv"
+    cell = "x" * 10000
+    with open(path, "w") as handle:
+        for i in range(20000):
+            handle.write(f"{i}\t{cell}\n")
+    code = (f"import resource,sys; sys.path.insert(0, {os.getcwd()!r})\n"
+            "from easynlp_ldm.tables import read_table, parse_schema\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"n = sum(1 for _ in read_table({str(path)!r}, parse_schema('idx:str:1,text:str:1')))\n"
+            "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == 20000
+    assert int(out[1]) < 50_000  # kB of growth while reading; the file is ~200 MB
