@@ -6,6 +6,19 @@ from typing import Any
 
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.hub import resolve_model
+
+
+def resolve_model_path(name: str, flags: ParsedFlags, what: str) -> str:
+    """A model name or folder → a local folder; empty → the embedded default model."""
+    from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
+
+    embedded = embedded_models()
+    if not name:
+        if DEFAULT_MODEL not in embedded:
+            raise UserError(f"no {what} given and the embedded default model is not installed; pass a model folder")
+        name = DEFAULT_MODEL
+    return resolve_model(name, embedded, flags.modelzoo_base_dir, what=what)
 
 
 class LatentDiffusionApp:
@@ -20,3 +33,8 @@ class LatentDiffusionApp:
         if handler is None:
             raise UserError(f"--mode={mode} is not available for app {self.name} in this version")
         return handler() or 0
+
+    def run_train(self) -> int:
+        from appzoo.latent_diffusion.train import run_train
+
+        return run_train(self)

@@ -1,0 +1,54 @@
+"""Text → images with diffusers' own ``StableDiffusionPipeline`` over our components, one seeded generator per
+image (so an image depends on its seed alone, not on the batch it was generated in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from modelzoo.ldm import LatentDiffusion
+from modelzoo.samplers import make_scheduler
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 20
+    guidance_scale: float = 5.0
+    height: int = 0
+    width: int = 0
+    sampler: str = ""
+    negative_prompt: str = ""
+    eta: float = 0.0
+
+
+def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusionPipeline:
+    scheduler = make_scheduler(sampler, model.scheduler_config, model.scheduler_class)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.inference_mode()
+def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+             pipe: StableDiffusionPipeline | None = None, max_length: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    pipe = pipe or build_pipeline(model, settings.sampler)
+    height = settings.height or model.image_size
+    width = settings.width or model.image_size
+    prompt_embeds = model.encode_prompts(list(prompts), max_length)
+    negative = None
+    if settings.guidance_scale > 1:
+        negative = model.encode_prompts([settings.negative_prompt] * len(prompts), prompt_embeds.shape[1])
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    output = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
+                  num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
+                  generator=generators, output_type="np")
+    return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]

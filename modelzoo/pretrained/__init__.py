@@ -1,0 +1,20 @@
+"""Models shipped inside the package, reachable by name (``pretrain_model_name_or_path=NAME``) and used by default
+when predict, evaluate, serve or export are given no model."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_MODEL = "shapes-ldm-zh"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def embedded_models() -> dict[str, str]:
+    """Name → folder, for every complete checkpoint folder beside this file."""
+    found = {}
+    for name in sorted(os.listdir(HERE)):
+        folder = os.path.join(HERE, name)
+        if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+                os.path.join(folder, "pytorch_model.bin")):
+            found[name] = folder
+    return found

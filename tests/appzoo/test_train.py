@@ -1,0 +1,229 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from easynlp_ldm import cli
+from modelzoo.ldm import LatentDiffusion
+from tests.appzoo.conftest import train_argv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
+
+
+def weights(folder):
+    return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
+
+
+def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, shapes_data, tmp_path, monkeypatch):
+    # The tutorial's command verbatim, run where alibaba-pai/pai-diffusion-general-large-zh is a local folder.
+    shutil.copy(os.path.join(shapes_data, "T2I_train.tsv"), tmp_path)
+    shutil.copy(os.path.join(shapes_data, "T2I_val.tsv"), tmp_path)
+    os.symlink(os.path.dirname(tiny_model_dir), tmp_path / "alibaba-pai")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--mode=train", "--worker_gpu=1", "--tables=T2I_train.tsv,T2I_val.tsv",
+            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+            "--second_sequence=imgbase64", "--checkpoint_dir=./finetuned_model", "--learning_rate=4e-5",
+            "--epoch_num=3", "--random_seed=42", "--logging_steps=100", "--save_checkpoint_steps=1000",
+            "--sequence_length=288", "--micro_batch_size=16", "--app_name=latent_diffusion",
+            "--user_defined_parameters=\npretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh\n"
+            "reset_model_state_flag=True\n"]
+    assert cli.main(argv) == 0
+    out = tmp_path / "finetuned_model"
+    for name in ("config.json", "pytorch_model.bin", "vocab.txt"):
+        assert (out / name).is_file()
+    # Self-contained: loads from the folder alone (moved away from everything else).
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("log", "last", "training_state"))
+    model = LatentDiffusion.from_pretrained(str(moved))
+    assert model.text_max_length == 32  # 288 clamped to the encoder's 32 positions
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "easynlp-ldm" and config["image_size"] == 32
+    assert config["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    assert os.listdir(out / "log")  # TensorBoard
+
+
+def test_overfit_loss_falls_frozen_parts_unchanged_ema_saved(tiny_model_dir, shapes_data, tmp_path):
+    out = str(tmp_path / "run")
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=15",
+                      "--learning_rate=1e-3", "--warmup_proportion=0", "--save_checkpoint_steps=10",
+                      udp="caption_dropout=0 ema_decay=0.9")
+    assert cli.main(argv) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "log"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "val/loss"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"]  # sample images at validation
+
+    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    saved = weights(os.path.join(out, "last"))
+    for key, value in source.text_encoder.state_dict().items():
+        assert torch.equal(saved[f"text_encoder.{key}"], value), key
+    for key, value in source.vae.state_dict().items():
+        assert torch.equal(saved[f"vae.{key}"], value), key
+    raw = torch.load(os.path.join(out, "training_state", "state.pt"), weights_only=True)["weights"]
+    diffs = [float((saved[k] - v).abs().max()) for k, v in raw.items()]
+    assert max(diffs) > 0  # the EMA is not the raw weights ...
+    ema = torch.load(os.path.join(out, "training_state", "state.pt"), weights_only=True)["ema"]["shadow_params"]
+    for (key, _), shadow in zip(raw.items(), ema):
+        assert torch.equal(saved[key], shadow)  # ... and it is what was saved for inference
+    changed = [k for k, v in source.unet.state_dict().items() if not torch.equal(saved[f"unet.{k}"], v)]
+    assert changed
+
+
+def test_accumulation_matches_bigger_micro_batches(tiny_model_dir, shapes_data, tmp_path):
+    common = ("--epoch_num=2", "--learning_rate=1e-3", "--max_grad_norm=0")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(train_argv(shapes_data, a, tiny_model_dir, "--micro_batch_size=8", *common,
+                               udp="use_ema=False")) == 0
+    assert cli.main(train_argv(shapes_data, b, tiny_model_dir, "--micro_batch_size=4",
+                               "--gradient_accumulation_steps=2", *common, udp="use_ema=False")) == 0
+    wa, wb = weights(os.path.join(a, "last")), weights(os.path.join(b, "last"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def _run(argv, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
+    return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny_model_dir, shapes_data, tmp_path):
+    common = ("--micro_batch_size=4", "--epoch_num=5", "--learning_rate=5e-4", "--save_checkpoint_steps=4")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    assert _run(train_argv(shapes_data, full, tiny_model_dir, *common)).wait() == 0
+    process = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))
+    meta = os.path.join(killed, "training_state", "trainer_meta.json")
+    deadline = time.time() + 120
+    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_step = json.load(open(meta))["step"]
+    assert saved_step < 40, "the run finished before it could be killed"
+    LatentDiffusion.from_pretrained(killed)  # the last complete checkpoint loads
+    resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common, f"--resume_from_checkpoint={killed}"))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from {killed}/training_state at step {saved_step}" in output
+    wf, wk = weights(os.path.join(full, "last")), weights(os.path.join(killed, "last"))
+    assert max(float((wf[k] - wk[k]).abs().max()) for k in wf) <= 1e-5
+
+
+def test_existing_run_needs_resume_or_reset(tiny_model_dir, shapes_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=1")
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    argv[-1] += " reset_model_state_flag=True"
+    assert cli.main(argv) == 0
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "new"), tiny_model_dir,
+                               f"--resume_from_checkpoint={tmp_path / 'nothing'}")) == 2
+    assert "no training state there" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, shapes_data, tmp_path, capsys,
+                                                           monkeypatch):
+    from appzoo.latent_diffusion import train as train_module
+
+    out = str(tmp_path / "run")
+    original = train_module.DiffusionTrainTask.loss
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss = original(self, batch)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train_module.DiffusionTrainTask, "loss", poisoned)
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=3",
+                      "--save_checkpoint_steps=2")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and "without saving" in err
+    state = json.load(open(os.path.join(out, "training_state", "trainer_meta.json")))
+    assert state["step"] == 4
+    LatentDiffusion.from_pretrained(out)
+
+
+def test_full_disk_is_a_clear_error(tiny_model_dir, shapes_data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from modelzoo import ldm
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ldm, "atomic_torch_save", full)
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "run"), tiny_model_dir, "--micro_batch_size=16",
+                               "--epoch_num=1")) == 2
+    assert "disk full while saving the checkpoint at step 2" in capsys.readouterr().err
+
+
+def test_uncached_path_with_workers_and_text_encoder_training_and_extras(tiny_model_dir, shapes_data, tmp_path):
+    out = str(tmp_path / "run")
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=1", "--use_amp",
+                      "--data_threads=2", "--save_all_checkpoints", "--save_checkpoint_steps=2",
+                      "--optimizer_type=Adam",
+                      udp="random_crop=True random_flip=True train_text_encoder=True snr_gamma=5 noise_offset=0.05 "
+                          "gradient_checkpointing=True resolution=24")
+    assert cli.main(argv) == 0
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    saved = weights(out)
+    assert any(not torch.equal(saved[f"text_encoder.{k}"], v) for k, v in source.text_encoder.state_dict().items())
+
+
+def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_path):
+    common = ("--micro_batch_size=8", "--epoch_num=1", "--learning_rate=1e-3")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(train_argv(shapes_data, a, tiny_model_dir, *common, udp="cache_latents=True")) == 0
+    assert cli.main(train_argv(shapes_data, b, tiny_model_dir, *common, udp="cache_latents=False")) == 0
+    wa, wb = weights(a), weights(b)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_bad_training_rows_stop_or_skip(tiny_model_dir, shapes_data, tmp_path, capsys):
+    table = tmp_path / "train.tsv"
+    lines = open(os.path.join(shapes_data, "T2I_train.tsv"), encoding="utf-8").read().splitlines()
+    lines.insert(3, "bad\t坏行\tnot-base64!!")
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["--mode=train", f"--tables={table}", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
+            "--first_sequence=text", "--second_sequence=imgbase64", f"--checkpoint_dir={tmp_path / 'run'}",
+            "--micro_batch_size=16", "--epoch_num=1", f"--user_defined_parameters=pretrain_model_name_or_path="
+            f"{tiny_model_dir}"]
+    assert cli.main(argv) == 2
+    assert f"{table}, line 4: undecodable base64" in capsys.readouterr().err
+    argv[-1] += " skip_bad_rows=True"
+    assert cli.main(argv) == 0
+
+
+def test_safetensors_layout_and_unsafe_pickle_refused(tmp_path):
+    from modelzoo.tiny import make_tiny_diffusers_model
+
+    folder = make_tiny_diffusers_model(str(tmp_path / "m"), weights="safetensors")
+    LatentDiffusion.from_pretrained(folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = make_tiny_diffusers_model(str(tmp_path / "bad"))
+    torch.save({"x": Evil()}, os.path.join(bad, "unet", "diffusion_pytorch_model.bin"))
+    with pytest.raises(ValueError, match="cannot read weights safely"):
+        LatentDiffusion.from_pretrained(bad)
+    assert not (tmp_path / "pwned").exists()
