@@ -21,6 +21,17 @@ def resolve_model_path(name: str, flags: ParsedFlags, what: str) -> str:
     return resolve_model(name, embedded, flags.modelzoo_base_dir, what=what)
 
 
+def load_inference_model(name: str | None, flags: ParsedFlags):
+    """``--checkpoint_dir`` (own checkpoint or diffusers layout; default: the embedded model) → eval model."""
+    from modelzoo.ldm import LatentDiffusion, ModelFormatError
+
+    path = resolve_model_path(name or "", flags, "--checkpoint_dir")
+    try:
+        return LatentDiffusion.from_pretrained(path)
+    except ModelFormatError as err:
+        raise UserError(str(err)) from None
+
+
 class LatentDiffusionApp:
     name = "latent_diffusion"
 
@@ -38,3 +49,13 @@ class LatentDiffusionApp:
         from appzoo.latent_diffusion.train import run_train
 
         return run_train(self)
+
+    def run_predict(self) -> int:
+        from appzoo.latent_diffusion.predict import run_predict
+
+        return run_predict(self)
+
+    def run_evaluate(self) -> int:
+        from appzoo.latent_diffusion.evaluate import run_evaluate
+
+        return run_evaluate(self)

@@ -76,10 +76,10 @@ PARAMS: tuple[Param, ...] = (
     Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=GENERATE, check=_unit),
     Param("sampler", str, "", "sampler by short name: plms, ddim, dpm-solver++, dpm-solver, euler, "
           "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=GENERATE),
-    Param("H", int, 0, "image height in pixels (0: the model's native size)", modes=GENERATE,
-          aliases=("height",), check=_multiple_of_8),
-    Param("W", int, 0, "image width in pixels (0: the model's native size)", modes=GENERATE,
-          aliases=("width",), check=_multiple_of_8),
+    Param("H", int, 0, "image height in pixels (0: the model's native size); a multiple of the model's "
+          "downsampling factor (8 for SD-style models)", modes=GENERATE, aliases=("height",), check=_non_negative),
+    Param("W", int, 0, "image width in pixels (0: the model's native size); a multiple of the model's "
+          "downsampling factor (8 for SD-style models)", modes=GENERATE, aliases=("width",), check=_non_negative),
     Param("negative_prompt", str, "", "text the images should not look like (quote it if it has spaces)",
           modes=GENERATE),
     Param("write_image", bool, False, "also write image files under image_prefix", modes=PREDICT),
@@ -87,6 +87,9 @@ PARAMS: tuple[Param, ...] = (
     Param("image_format", str, "png", "png or jpeg", modes=GENERATE, choices=("png", "jpeg", "jpg")),
     Param("do_sr", bool, False, "apply ESRGAN ×4 super-resolution (needs RRDB_ESRGAN_x4.pth with the model)",
           modes=GENERATE),
+    Param("sr_channel_order", str, "", "channel order the ESRGAN weights expect: rgb (the original ESRGAN test "
+          "script and released weights) or bgr (EasyNLP's swap); default: the model's config, else rgb",
+          modes=GENERATE, choices=("", "rgb", "bgr")),
     Param("sr_tile", int, 256, "super-resolution tile size in input pixels (0: whole image at once)",
           modes=GENERATE, check=_non_negative),
 )

@@ -185,29 +185,13 @@ class DiffusionTrainTask:
             noise = noise + self.params["noise_offset"] * batch["offsets"]
         return self._denoising_loss(latents, noise, batch["timesteps"], batch["input_ids"])
 
-    @torch.no_grad()
     def validate(self) -> float | None:
-        """Plain MSE on the validation table: latent means, fixed noise, timesteps spread evenly over the schedule."""
         if not self.val_captions:
             return None
         was_training = self.model.unet.training
         self.model.unet.eval()
         try:
-            total, count, batch = 0.0, 0, 32
-            g = torch.Generator().manual_seed(VALIDATION_SEED)
-            n = len(self.val_captions)
-            all_noise = torch.randn((n, *self.latent_shape), generator=g)
-            all_t = (torch.arange(n) * self.num_timesteps // max(n, 1) + self.num_timesteps // (2 * n)).clamp(
-                max=self.num_timesteps - 1).long()
-            for start in range(0, n, batch):
-                stop = min(n, start + batch)
-                mean, _ = torch.chunk(self.val_moments[start:stop], 2, dim=1)
-                latents = mean * self.model.vae_scaling_factor
-                ids = self.model.tokenize(self.val_captions[start:stop], self.text_length)
-                loss = self._denoising_loss(latents, all_noise[start:stop], all_t[start:stop], ids, reduce_snr=False)
-                total += float(loss) * (stop - start)
-                count += stop - start
-            return total / count
+            return fixed_noise_loss(self.model, self.val_captions, self.val_moments, self.text_length)
         finally:
             self.model.unet.train(was_training)
 
@@ -227,6 +211,34 @@ class DiffusionTrainTask:
         finally:
             self.model.unet.train(was_training)
         return list(zip(captions, images))
+
+
+@torch.no_grad()
+def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch.Tensor, text_length: int,
+                     batch_size: int = 32) -> float:
+    """Plain denoising MSE with latent means, fixed noise and timesteps spread evenly over the schedule: comparable
+    across steps, runs and machines' batch sizes."""
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    steps = int(scheduler.config.num_train_timesteps)
+    n = len(captions)
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
+    noise = torch.randn((n, *latent_shape), generator=g)
+    timesteps = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
+    device = model.unet.device
+    total = 0.0
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        mean, _ = torch.chunk(moments[start:stop], 2, dim=1)
+        latents = (mean * model.vae_scaling_factor).to(device)
+        t = timesteps[start:stop].to(device)
+        eps = noise[start:stop].to(device)
+        embeds = model.encode_prompts(captions[start:stop], text_length)
+        prediction = model.unet(scheduler.add_noise(latents, eps, t), t, encoder_hidden_states=embeds).sample
+        target = scheduler.get_velocity(latents, eps, t) if scheduler.config.prediction_type == "v_prediction" \
+            else eps
+        total += float(F.mse_loss(prediction.float(), target.float())) * (stop - start)
+    return total / n
 
 
 def run_train(app) -> int:
@@ -254,9 +266,14 @@ def run_train(app) -> int:
         raise UserError(f"--checkpoint_dir={out} already holds a training run; pass --resume_from_checkpoint={out} "
                         f"to continue it, reset_model_state_flag=True to start over from the pretrained model, or "
                         f"choose another folder")
+    from modelzoo.ldm import ModelFormatError
+
     model_path = resolve_model_path(params["pretrain_model_name_or_path"], flags, "pretrain_model_name_or_path")
     logger.info("loading %s", model_path)
-    model = LatentDiffusion.from_pretrained(model_path)
+    try:
+        model = LatentDiffusion.from_pretrained(model_path)
+    except ModelFormatError as err:
+        raise UserError(str(err)) from None
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:

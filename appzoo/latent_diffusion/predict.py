@@ -1,0 +1,322 @@
+"""``--mode=predict``: a TSV of prompts → an output TSV (one row per image, in input order) and image files.
+
+Each image has its own seed, derived from ``--random_seed``, the input row's line number and the sample number, so
+the same seed gives the same image whatever the batch it was generated in. Output rows are appended and flushed per
+batch; a progress record beside the output lets a rerun of the same command continue after the last complete row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from appzoo.latent_diffusion.pipeline import GenerationSettings, build_pipeline, generate
+from easynlp_ldm.errors import UserError
+from easynlp_ldm.tables import (
+    BadRowPolicy,
+    TsvWriter,
+    atomic_write_bytes,
+    count_rows,
+    encode_image,
+    parse_schema,
+    read_table,
+    split_tables,
+)
+from modelzoo.ldm import LatentDiffusion
+
+logger = logging.getLogger("easynlp.predict")
+
+DEFAULT_OUTPUT_SCHEMA = "idx,text,gen_imgbase64"
+OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path")
+
+
+def image_seed(random_seed: int, line_number: int, sample: int) -> int:
+    """A 63-bit seed per image from (--random_seed, input line number, sample number); stable across versions."""
+    digest = hashlib.sha256(f"{random_seed}:{line_number}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """A file-name-safe version of an idx: no separators, no leading dots, never empty, never '..'."""
+    name = _UNSAFE.sub("_", str(text)).strip("._")[:120]
+    return name or fallback
+
+
+def contained_path(root: str, *parts: str) -> str:
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(root, *parts))
+    if os.path.commonpath([root, path]) != root:
+        raise UserError(f"refusing to write outside image_prefix={root}: {path}")
+    return path
+
+
+@dataclass
+class PredictPlan:
+    table: str
+    schema: list
+    prompt_column: str
+    output_columns: list[str]
+    append_columns: list[str]
+    samples_per_row: int
+
+
+def plan_from_flags(flags, params) -> PredictPlan:
+    tables = split_tables(flags.tables)
+    if not tables:
+        raise UserError("--tables is required for --mode=predict (a TSV of prompts)")
+    if not flags.outputs:
+        raise UserError("--outputs is required for --mode=predict (the output TSV path)")
+    schema = parse_schema(flags.input_schema or "idx:str:1,text:str:1")
+    names = [c.name for c in schema]
+    prompt_column = flags.first_sequence or ("text" if "text" in names else names[-1])
+    if prompt_column not in names:
+        raise UserError(f"--first_sequence={prompt_column} is not a column of --input_schema ({', '.join(names)})")
+    output_columns = [c.strip() for c in (flags.output_schema or DEFAULT_OUTPUT_SCHEMA).split(",") if c.strip()]
+    for column in output_columns:
+        if column not in OUTPUT_COLUMNS:
+            raise UserError(f"--output_schema: unknown column '{column}'; available: {', '.join(OUTPUT_COLUMNS)} "
+                            f"(use --append_cols for input columns)")
+    append_columns = [c.strip() for c in (flags.append_cols or "").split(",") if c.strip()]
+    for column in append_columns:
+        if column not in names:
+            raise UserError(f"--append_cols: '{column}' is not a column of --input_schema ({', '.join(names)})")
+    return PredictPlan(tables[-1], schema, prompt_column, output_columns, append_columns,
+                       params["n_samples"] * params["n_iter"])
+
+
+def check_size(model: LatentDiffusion, height: int, width: int) -> None:
+    factor = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    for name, value in (("H", height), ("W", width)):
+        if value % factor:
+            raise UserError(f"{name}={value} must be a multiple of {factor} for this model (VAE factor "
+                            f"{model.vae_scale_factor} × UNet downsampling)")
+
+
+class SuperResolution:
+    def __init__(self, model: LatentDiffusion, tile: int, channel_order: str):
+        if not model.esrgan_path:
+            raise UserError("do_sr=True but the model has no RRDB_ESRGAN_x4.pth beside its weights; add the file to "
+                            "the model folder or drop do_sr")
+        from modelzoo.esrgan import load_rrdbnet
+
+        try:
+            self.net = load_rrdbnet(model.esrgan_path)
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(str(err)) from None
+        self.tile, self.channel_order = tile, channel_order
+
+    def __call__(self, image):
+        from modelzoo.esrgan import upscale
+
+        return upscale(self.net, image, tile=self.tile, channel_order=self.channel_order)
+
+
+class Generator:
+    """Prompts + seeds → PIL images, with the model's settings; shared by predict, evaluate and serve."""
+
+    def __init__(self, model: LatentDiffusion, params: dict[str, Any], text_length: int | None = None):
+        self.model = model
+        self.settings = GenerationSettings(
+            steps=params["ddim_steps"], guidance_scale=params["scale"], height=params["H"] or model.image_size,
+            width=params["W"] or model.image_size, sampler=params["sampler"],
+            negative_prompt=params["negative_prompt"], eta=params["ddim_eta"])
+        check_size(model, self.settings.height, self.settings.width)
+        try:
+            self.pipe = build_pipeline(model, self.settings.sampler)
+        except ValueError as err:
+            raise UserError(f"--user_defined_parameters: sampler: {err}") from None
+        self.text_length = text_length
+        self.sr = SuperResolution(model, params["sr_tile"], params.get("sr_channel_order") or
+                                  model.extra.get("esrgan_channel_order", "rgb")) if params["do_sr"] else None
+
+    def __call__(self, prompts: list[str], seeds: list[int]):
+        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length)
+        if self.sr is not None:
+            images = [self.sr(image) for image in images]
+        return images
+
+
+def _file_fingerprint(path: str) -> dict:
+    stat = os.stat(path)
+    with open(path, "rb") as handle:
+        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head": head}
+
+
+def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) -> str:
+    model_files = {}
+    source = getattr(model, "source_path", "")
+    for name in ("config.json", "pytorch_model.bin", "model_index.json"):
+        if source and os.path.isfile(os.path.join(source, name)):
+            model_files[name] = _file_fingerprint(os.path.join(source, name))
+    record = {"input": _file_fingerprint(plan.table), "model": [source, model_files], "params": params,
+              "seed": flags.random_seed, "schema": flags.input_schema, "output": plan.output_columns,
+              "append": plan.append_columns, "prompt": plan.prompt_column, "skip_first_line": flags.skip_first_line,
+              "sequence_length": flags.sequence_length if "sequence_length" in flags.given else None}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Progress:
+    """``OUTPUT.progress.json``: which settings wrote the output, the last input line done and the rows written."""
+
+    def __init__(self, outputs: str, fingerprint: str):
+        self.path = outputs + ".progress.json"
+        self.fingerprint = fingerprint
+        self.last_line, self.rows = 0, 0
+
+    def load_resumable(self, outputs: str) -> bool:
+        if not (os.path.isfile(self.path) and os.path.isfile(outputs)):
+            return False
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            return False
+        if record.get("fingerprint") != self.fingerprint:
+            return False
+        self.last_line, self.rows = int(record["last_line"]), int(record["rows"])
+        return True
+
+    def save(self, done: bool = False) -> None:
+        atomic_write_bytes(self.path, json.dumps({"fingerprint": self.fingerprint, "last_line": self.last_line,
+                                                  "rows": self.rows, "done": done}).encode())
+
+
+def truncate_rows(path: str, rows: int) -> None:
+    """Keep the first ``rows`` complete lines (rows written after the last progress record are redone)."""
+    with open(path, "rb+") as handle:
+        kept = 0
+        position = 0
+        for line in handle:
+            if kept == rows:
+                break
+            position += len(line)
+            kept += 1
+        handle.seek(position)
+        handle.truncate()
+
+
+class ImageFiles:
+    """``image_prefix/<idx>/0000.png …`` plus ``prompt.txt`` (EasyNLP's layout), contained in image_prefix."""
+
+    def __init__(self, prefix: str, image_format: str):
+        self.prefix = prefix
+        self.extension = "jpg" if image_format in ("jpeg", "jpg") else "png"
+        os.makedirs(prefix, exist_ok=True)
+
+    def folder(self, idx: str, line_number: int) -> str:
+        name = safe_name(idx, f"row{line_number}")
+        folder = contained_path(self.prefix, name)
+        marker = os.path.join(folder, "line.txt")
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as handle:
+                if handle.read().strip() != str(line_number):  # the same idx on another row: keep both
+                    folder = contained_path(self.prefix, f"{name}-line{line_number}")
+        return folder
+
+    def write(self, idx: str, line_number: int, prompt: str, sample: int, data: bytes) -> str:
+        folder = self.folder(idx, line_number)
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_bytes(os.path.join(folder, "line.txt"), f"{line_number}\n".encode())
+        atomic_write_bytes(os.path.join(folder, "prompt.txt"), (prompt + "\n").encode("utf-8"))
+        path = os.path.join(folder, f"{sample:04d}.{self.extension}")
+        atomic_write_bytes(path, data)
+        return path
+
+
+def run_predict(app) -> int:
+    import base64
+
+    from tqdm import tqdm
+
+    from appzoo.latent_diffusion.app import load_inference_model
+
+    flags, params = app.flags, app.params
+    plan = plan_from_flags(flags, params)
+    model = load_inference_model(flags.checkpoint_dir, flags)
+    text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
+    generator = Generator(model, params, text_length)
+    fingerprint = run_fingerprint(plan, model, flags, params)
+    progress = Progress(flags.outputs, fingerprint)
+    resuming = progress.load_resumable(flags.outputs)
+    if resuming:
+        truncate_rows(flags.outputs, progress.rows)
+        logger.info("resuming %s after input line %d (%d rows already written by the same input, model and "
+                    "settings)", flags.outputs, progress.last_line, progress.rows)
+    elif os.path.exists(flags.outputs):
+        logger.info("replacing %s: it was not written by this input, model and settings", flags.outputs)
+    files = ImageFiles(params["image_prefix"], params["image_format"]) if params["write_image"] else None
+    policy = BadRowPolicy(skip=params["skip_bad_rows"])
+    total = count_rows(plan.table, flags.skip_first_line)
+    writer = TsvWriter(flags.outputs, append=resuming)
+    progress.save()
+    image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"
+    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, disable=os.environ.get("EASYNLP_PROGRESS") == "0")
+    started, images_done, prompts_done = time.time(), 0, 0
+    rows = read_table(plan.table, plan.schema, skip_first_line=flags.skip_first_line, policy=policy,
+                      start_line=progress.last_line)
+
+    def flush(batch) -> None:
+        nonlocal images_done
+        if not batch:
+            return
+        prompts = [str(row[plan.prompt_column]) for row in batch]
+        out_rows: dict[int, list] = {row.line_number: [] for row in batch}
+        for iteration in range(params["n_iter"]):
+            jobs = [(row, prompt, iteration * params["n_samples"] + s) for row, prompt in zip(batch, prompts)
+                    for s in range(params["n_samples"])]
+            seeds = [image_seed(flags.random_seed, row.line_number, sample) for row, _, sample in jobs]
+            images = generator([prompt for _, prompt, _ in jobs], seeds)
+            for (row, prompt, sample), seed, image in zip(jobs, seeds, images):
+                data = encode_image(image, image_format)
+                idx = str(row.values.get("idx", row.line_number))
+                path = files.write(idx, row.line_number, prompt, sample, data) if files else ""
+                cells = {"idx": idx, "text": prompt, "gen_imgbase64": base64.b64encode(data).decode("ascii"),
+                         "sample_id": sample, "seed": seed, "image_path": path}
+                out = [cells[c] for c in plan.output_columns]
+                for column in plan.append_columns:
+                    value = row[column]
+                    out.append(",".join(map(str, value)) if isinstance(value, list) else value)
+                out_rows[row.line_number].append(out)
+        # Rows of one batch are written together, in input order, then the progress record moves past them.
+        writer.write_rows([r for row in batch for r in out_rows[row.line_number]])
+        progress.last_line = batch[-1].line_number
+        progress.rows += sum(len(v) for v in out_rows.values())
+        progress.save()
+        images_done += len(batch) * plan.samples_per_row
+        bar.update(len(batch))
+        bar.set_postfix(img_s=f"{images_done / max(time.time() - started, 1e-9):.2f}")
+
+    batch = []
+    try:
+        with torch.inference_mode():
+            for row in rows:
+                batch.append(row)
+                if len(batch) == flags.micro_batch_size:
+                    flush(batch)
+                    prompts_done += len(batch)
+                    batch = []
+            flush(batch)
+            prompts_done += len(batch)
+    finally:
+        writer.close()
+        bar.close()
+    progress.save(done=True)
+    message = f"wrote {progress.rows} rows ({plan.samples_per_row} per prompt) to {flags.outputs}"
+    if files:
+        message += f"; images under {os.path.abspath(params['image_prefix'])}"
+    if policy.total:
+        message += f"; {policy.summary()}"
+    logger.info(message)
+    return 0
