@@ -141,6 +141,12 @@ FLAGS: tuple[Flag, ...] = (
     _f("--use_amp", bool, False, "mixed precision: bf16 autocast on CPU, fp16/bf16 on CUDA", modes=RUNS_MODEL),
     _f("--use_torchacc", bool, False, "PAI TorchAcc (not available)", modes=frozenset(),
        unsupported="needs PAI's TorchAcc, which is not available; use --use_amp (and optimize=max for predict)"),
+    # Serving.
+    _f("--host", str, "127.0.0.1", "serve: address to listen on (loopback by default; 0.0.0.0 for all)",
+       modes=frozenset({"serve"})),
+    _f("--port", int, 8000, "serve: port to listen on", modes=frozenset({"serve"})),
+    _f("--api_token", str, None, "serve: require Authorization: Bearer TOKEN (or set EASYNLP_API_TOKEN)",
+       modes=frozenset({"serve"})),
     # Processes.
     _f("--worker_gpu", int, -1, "processes per node (-1: one)", modes=RUNS_MODEL),
     _f("--worker_count", int, 1, "number of nodes", modes=RUNS_MODEL),

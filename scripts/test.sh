@@ -3,6 +3,15 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
+# The web page is tested in headless Chromium: install Debian's chromium and chromedriver when missing.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing chromium and chromium-driver (Debian) for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[test] chromium/chromedriver missing and cannot be installed here: the browser test will be skipped"
+  fi
+fi
 echo "[test] ruff check"
 ruff check .
 echo "[test] pytest"

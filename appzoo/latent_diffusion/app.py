@@ -59,3 +59,13 @@ class LatentDiffusionApp:
         from appzoo.latent_diffusion.evaluate import run_evaluate
 
         return run_evaluate(self)
+
+    def run_serve(self) -> int:
+        from appzoo.latent_diffusion.serve import run_serve
+
+        return run_serve(self)
+
+    def run_export(self) -> int:
+        from appzoo.latent_diffusion.export import run_export
+
+        return run_export(self)

@@ -1,15 +1,95 @@
-"""``--mode=evaluate``: the fixed-noise denoising loss of a model on a table with images (the same number training
-reports as its validation loss)."""
+"""``--mode=evaluate``: how good a model is, on the last table of ``--tables``.
+
+* With images in the table (``--second_sequence`` column in the schema): the fixed-noise denoising loss — the number
+  training reports as its validation loss.
+* With a ground-truth sidecar (``truth_file``, or ``TABLE.truth.jsonl`` beside the table, as the shapes data set
+  writes): prompt-following accuracy. One image per prompt (seeded like predict's first sample) is judged from its
+  pixels by the shapes judge, and colour, shape and both-correct accuracy are reported separately for seen and
+  held-out colour×shape pairs.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from collections import defaultdict
 
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.tables import BadRowPolicy, atomic_write_bytes, parse_schema, split_tables
+from easynlp_ldm.tables import BadRowPolicy, atomic_write_bytes, parse_schema, read_table, split_tables
 
 logger = logging.getLogger("easynlp.evaluate")
+
+
+def truth_path_for(table: str, given: str) -> str | None:
+    if given:
+        if not os.path.isfile(given):
+            raise UserError(f"truth_file={given}: not found")
+        return given
+    candidate = os.path.splitext(table)[0] + ".truth.jsonl"
+    return candidate if os.path.isfile(candidate) else None
+
+
+def load_truth_by_idx(path: str) -> dict[str, dict]:
+    truth = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                truth[str(record["idx"])] = record
+            except (ValueError, KeyError):
+                raise UserError(f"{path}, line {number}: not a JSON object with an idx") from None
+    return truth
+
+
+def summarise(counts: dict) -> dict:
+    out = {}
+    for group, c in sorted(counts.items()):
+        n = c["n"]
+        out[group] = {"n": n, "colour_acc": c["colour"] / n, "shape_acc": c["shape"] / n, "both_acc": c["both"] / n}
+    return out
+
+
+def prompt_following(model, table: str, schema, prompt_column: str, truth: dict[str, dict], flags, params,
+                     text_length: int, policy: BadRowPolicy, max_rows: int = 0) -> dict:
+    from appzoo.latent_diffusion.predict import Generator, image_seed
+    from appzoo.latent_diffusion.shapes import judge
+
+    generate = Generator(model, {**params, "do_sr": False}, text_length)
+    counts: dict = defaultdict(lambda: {"n": 0, "colour": 0, "shape": 0, "both": 0})
+    batch = []
+
+    def flush():
+        images = generate([str(r[prompt_column]) for r in batch],
+                          [image_seed(flags.random_seed, r.line_number, 0) for r in batch])
+        for row, image in zip(batch, images):
+            idx = str(row.values.get("idx", row.line_number))
+            record = truth.get(idx)
+            if record is None:
+                raise UserError(f"{table}, line {row.line_number}: idx {idx} has no ground truth in the sidecar")
+            verdict = judge(image)
+            group = "heldout" if record.get("heldout") else "seen"
+            colour_ok, shape_ok = verdict.colour == record["colour"], verdict.shape == record["shape"]
+            for key in (group, "all"):
+                counts[key]["n"] += 1
+                counts[key]["colour"] += colour_ok
+                counts[key]["shape"] += shape_ok
+                counts[key]["both"] += colour_ok and shape_ok
+        batch.clear()
+
+    seen_rows = 0
+    for row in read_table(table, schema, skip_first_line=flags.skip_first_line, policy=policy):
+        batch.append(row)
+        seen_rows += 1
+        if len(batch) == flags.micro_batch_size:
+            flush()
+        if max_rows and seen_rows >= max_rows:
+            break
+    if batch:
+        flush()
+    return summarise(counts)
 
 
 def run_evaluate(app) -> int:
@@ -20,21 +100,43 @@ def run_evaluate(app) -> int:
     flags, params = app.flags, app.params
     tables = split_tables(flags.tables)
     if not tables:
-        raise UserError("--tables is required for --mode=evaluate (a TSV with captions and images)")
+        raise UserError("--tables is required for --mode=evaluate")
+    table = tables[-1]
     schema = parse_schema(flags.input_schema or "idx:str:1,text:str:1,imgbase64:str:1")
+    names = [c.name for c in schema]
+    prompt_column = flags.first_sequence or "text"
+    image_column = flags.second_sequence or "imgbase64"
+    truth_path = truth_path_for(table, params["truth_file"])
+    has_images = image_column in names
+    if not has_images and not truth_path:
+        raise UserError(f"{table}: nothing to evaluate: the schema has no image column ({image_column}) for the "
+                        f"denoising loss and there is no ground-truth sidecar ({os.path.splitext(table)[0]}"
+                        f".truth.jsonl, or truth_file=...) for prompt-following accuracy")
     model = load_inference_model(flags.checkpoint_dir, flags)
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
-    cache = LatentCache(model, model.image_size)
-    table = index_table(tables[-1], schema, flags.first_sequence or "text", flags.second_sequence or "imgbase64",
-                        skip_first_line=flags.skip_first_line, policy=policy, on_image=cache.add)
-    if not len(table):
-        raise UserError(f"{tables[-1]}: no usable rows to evaluate")
-    metrics = {"rows": len(table), "val_loss": fixed_noise_loss(model, table.captions, cache.moments(), text_length)}
+    metrics: dict = {"table": table}
+    if has_images:
+        cache = LatentCache(model, model.image_size)
+        indexed = index_table(table, schema, prompt_column, image_column, skip_first_line=flags.skip_first_line,
+                              policy=policy, on_image=cache.add)
+        if not len(indexed):
+            raise UserError(f"{table}: no usable rows to evaluate")
+        metrics["rows"] = len(indexed)
+        metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), text_length)
+    if truth_path:
+        metrics["truth_file"] = truth_path
+        metrics["steps"] = params["ddim_steps"]
+        metrics["accuracy"] = prompt_following(model, table, schema, prompt_column, load_truth_by_idx(truth_path),
+                                               flags, params, text_length, policy)
     if policy.total:
         metrics["bad_rows"] = dict(policy.counts)
     print(json.dumps(metrics, ensure_ascii=False), flush=True)
     if flags.outputs:
         atomic_write_bytes(flags.outputs, json.dumps(metrics, ensure_ascii=False, indent=2).encode("utf-8"))
-    logger.info("evaluated %d rows of %s: validation loss %.5f", len(table), tables[-1], metrics["val_loss"])
+    for group, acc in metrics.get("accuracy", {}).items():
+        logger.info("%s (%d prompts): colour %.1f%%, shape %.1f%%, both %.1f%%", group, acc["n"],
+                    100 * acc["colour_acc"], 100 * acc["shape_acc"], 100 * acc["both_acc"])
+    if "val_loss" in metrics:
+        logger.info("denoising loss on %d rows of %s: %.5f", metrics["rows"], table, metrics["val_loss"])
     return 0

@@ -10,9 +10,12 @@ from easynlp_ldm.args import Param
 
 TRAIN = frozenset({"train"})
 GENERATE = frozenset({"predict", "serve"})
+SAMPLING = frozenset({"predict", "serve", "evaluate"})
 PREDICT = frozenset({"predict"})
 EVALUATE = frozenset({"evaluate"})
 READ_ROWS = frozenset({"train", "evaluate", "predict"})
+SERVE = frozenset({"serve"})
+EXPORT = frozenset({"export"})
 
 
 def _positive(value):
@@ -44,6 +47,17 @@ PARAMS: tuple[Param, ...] = (
     Param("skip_bad_rows", bool, False, "skip rows that cannot be used (counted per reason and reported) instead "
           "of stopping at the first one", modes=READ_ROWS),
     # Training recipe.
+    Param("train_target", str, "unet", "what to train: unet (the diffusion model; the usual fine-tuning), vae "
+          "(the autoencoder, reconstruction + KL), rrdb (the ESRGAN ×4 super-resolution net, on the table's images "
+          "as high-resolution targets)", modes=TRAIN, choices=("unet", "vae", "rrdb")),
+    Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
+          check=_non_negative),
+    Param("rrdb_nf", int, 32, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb)",
+          modes=TRAIN, check=_positive),
+    Param("rrdb_nb", int, 3, "RRDB blocks for a new super-resolution net", modes=TRAIN, check=_positive),
+    Param("rrdb_gc", int, 16, "RRDB growth channels for a new super-resolution net", modes=TRAIN, check=_positive),
+    Param("sr_patch", int, 128, "high-resolution crop size for train_target=rrdb (a multiple of 4)", modes=TRAIN,
+          check=lambda v: None if v > 0 and v % 4 == 0 else "must be a positive multiple of 4"),
     Param("resolution", int, 0, "training image size (0: the model's native size); images are resized so the "
           "short side matches, then cropped", modes=TRAIN, check=_multiple_of_8),
     Param("center_crop", bool, True, "crop the centre of each image (when random_crop is false)", modes=TRAIN),
@@ -69,19 +83,22 @@ PARAMS: tuple[Param, ...] = (
     Param("n_samples", int, 4, "images per prompt per iteration", modes=GENERATE, check=_positive),
     Param("n_iter", int, 1, "iterations; each prompt gets n_samples × n_iter images", modes=PREDICT,
           check=_positive),
-    Param("scale", float, 5.0, "classifier-free guidance scale (1: no guidance)", modes=GENERATE,
+    Param("scale", float, 5.0, "classifier-free guidance scale (1: no guidance)", modes=SAMPLING,
           aliases=("guidance_scale",), check=_non_negative),
-    Param("ddim_steps", int, 20, "sampler steps", modes=GENERATE | EVALUATE, aliases=("num_inference_steps",),
+    Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
           check=_positive),
-    Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=GENERATE, check=_unit),
+    Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=SAMPLING, check=_unit),
     Param("sampler", str, "", "sampler by short name: plms, ddim, dpm-solver++, dpm-solver, euler, "
-          "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=GENERATE),
+          "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=SAMPLING),
     Param("H", int, 0, "image height in pixels (0: the model's native size); a multiple of the model's "
-          "downsampling factor (8 for SD-style models)", modes=GENERATE, aliases=("height",), check=_non_negative),
+          "downsampling factor (8 for SD-style models)", modes=SAMPLING, aliases=("height",), check=_non_negative),
     Param("W", int, 0, "image width in pixels (0: the model's native size); a multiple of the model's "
-          "downsampling factor (8 for SD-style models)", modes=GENERATE, aliases=("width",), check=_non_negative),
+          "downsampling factor (8 for SD-style models)", modes=SAMPLING, aliases=("width",), check=_non_negative),
     Param("negative_prompt", str, "", "text the images should not look like (quote it if it has spaces)",
-          modes=GENERATE),
+          modes=SAMPLING),
+    Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
+          "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
+          modes=EVALUATE),
     Param("write_image", bool, False, "also write image files under image_prefix", modes=PREDICT),
     Param("image_prefix", str, "./", "folder for image files (write_image=True)", modes=PREDICT),
     Param("image_format", str, "png", "png or jpeg", modes=GENERATE, choices=("png", "jpeg", "jpg")),
@@ -92,4 +109,25 @@ PARAMS: tuple[Param, ...] = (
           modes=GENERATE, choices=("", "rgb", "bgr")),
     Param("sr_tile", int, 256, "super-resolution tile size in input pixels (0: whole image at once)",
           modes=GENERATE, check=_non_negative),
+    # Serving.
+    Param("max_batch_size", int, 8, "serve: images per model call; concurrent compatible requests share it",
+          modes=SERVE, check=_positive),
+    Param("max_wait_ms", float, 50.0, "serve: how long the first request of a batch waits for companions",
+          modes=SERVE, check=_non_negative),
+    Param("max_queue", int, 64, "serve: queued requests before answering 429 (EAS's default queue is 64)",
+          modes=SERVE, check=_positive),
+    Param("max_num_images", int, 8, "serve: largest num_images a request may ask for", modes=SERVE,
+          check=_positive),
+    Param("max_steps", int, 100, "serve: largest num_inference_steps a request may ask for", modes=SERVE,
+          check=_positive),
+    Param("max_size", int, 1024, "serve: largest width/height a request may ask for", modes=SERVE,
+          check=_positive),
+    Param("request_timeout", float, 300.0, "serve: seconds a request may take (queue + generation)", modes=SERVE,
+          check=_positive),
+    Param("keep_alive", int, 75, "serve: HTTP keep-alive seconds (image services need minutes, not EAS's 5 s)",
+          modes=SERVE, check=_positive),
+    # Export.
+    Param("export_format", str, "tar", "export: tar (a .tar.gz of config.json, pytorch_model.bin, vocab.txt and "
+          "RRDB_ESRGAN_x4.pth when present) or diffusers (a folder StableDiffusionPipeline.from_pretrained loads)",
+          modes=EXPORT, choices=("tar", "diffusers")),
 )

@@ -95,12 +95,19 @@ def plan_from_flags(flags, params) -> PredictPlan:
                        params["n_samples"] * params["n_iter"])
 
 
+def size_factor(model: LatentDiffusion) -> int:
+    """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
+    import math
+
+    return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
+
+
 def check_size(model: LatentDiffusion, height: int, width: int) -> None:
-    factor = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    factor = size_factor(model)
     for name, value in (("H", height), ("W", width)):
         if value % factor:
             raise UserError(f"{name}={value} must be a multiple of {factor} for this model (VAE factor "
-                            f"{model.vae_scale_factor} × UNet downsampling)")
+                            f"{model.vae_scale_factor} × UNet downsampling, and 8)")
 
 
 class SuperResolution:

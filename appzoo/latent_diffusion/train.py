@@ -241,6 +241,30 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
     return total / n
 
 
+def build_unet_task(model, tables_spec, flags, params, resolution: int, text_length: int) -> DiffusionTrainTask:
+    tables, schema, text_column, image_column, skip_first_line, policy = tables_spec
+    random_pixels = params["random_crop"] or params["random_flip"]
+    use_cache = params["cache_latents"] and not random_pixels
+    if params["cache_latents"] and random_pixels:
+        logger.warning("cache_latents is off: random_crop/random_flip change the pixels every epoch")
+    cache = LatentCache(model, resolution) if use_cache else None
+    logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
+    train = index_table(tables[0], schema, text_column, image_column, skip_first_line=skip_first_line,
+                        policy=policy, on_image=cache.add if cache else None)
+    val_captions, val_moments = [], None
+    if len(tables) == 2:
+        val_cache = LatentCache(model, resolution)
+        val = index_table(tables[1], schema, text_column, image_column, skip_first_line=skip_first_line,
+                          policy=policy, on_image=val_cache.add)
+        val_captions, val_moments = val.captions, val_cache.moments()
+    data_threads = flags.data_threads if not use_cache else 0
+    if use_cache and "data_threads" in flags.given:
+        logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
+    return DiffusionTrainTask(model, train, cache.moments() if cache else None, val_captions, val_moments,
+                              params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
+                              data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp)
+
+
 def run_train(app) -> int:
     """Resolve the model and tables, build the task and the trainer, train."""
     from appzoo.latent_diffusion.app import resolve_model_path
@@ -278,29 +302,16 @@ def run_train(app) -> int:
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
-    random_pixels = params["random_crop"] or params["random_flip"]
-    use_cache = params["cache_latents"] and not random_pixels
-    if params["cache_latents"] and random_pixels:
-        logger.warning("cache_latents is off: random_crop/random_flip change the pixels every epoch")
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
-    cache = LatentCache(model, resolution) if use_cache else None
-    logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
-    train = index_table(tables[0], schema, text_column, image_column, skip_first_line=flags.skip_first_line,
-                        policy=policy, on_image=cache.add if cache else None)
-    val_captions, val_moments = [], None
-    if len(tables) == 2:
-        val_cache = LatentCache(model, resolution)
-        val = index_table(tables[1], schema, text_column, image_column, skip_first_line=flags.skip_first_line,
-                          policy=policy, on_image=val_cache.add)
-        val_captions, val_moments = val.captions, val_cache.moments()
+    tables_spec = (tables, schema, text_column, image_column, flags.skip_first_line, policy)
+    if params["train_target"] == "unet":
+        task = build_unet_task(model, tables_spec, flags, params, resolution, text_length)
+    else:
+        from appzoo.latent_diffusion.train_components import build_component_task
+
+        task = build_component_task(params["train_target"], model, tables_spec, flags, params, resolution)
     if policy.total:
         logger.warning("%s", policy.summary())
-    data_threads = flags.data_threads if not use_cache else 0
-    if use_cache and "data_threads" in flags.given:
-        logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
-    task = DiffusionTrainTask(model, train, cache.moments() if cache else None, val_captions, val_moments,
-                              params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
-                              data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp)
     config = TrainerConfig(
         output_dir=out, learning_rate=flags.learning_rate, weight_decay=flags.weight_decay,
         max_grad_norm=flags.max_grad_norm, optimizer_type=flags.optimizer_type,

@@ -78,7 +78,7 @@ def test_output_schema_and_size_errors(tiny_model_dir, prompts_table, tmp_path, 
                                  "--output_schema=idx,image")) == 2
     assert "unknown column 'image'" in capsys.readouterr().err
     assert cli.main(predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir, udp="H=34")) == 2
-    assert "H=34 must be a multiple of 4" in capsys.readouterr().err
+    assert "H=34 must be a multiple of 8" in capsys.readouterr().err
     assert cli.main(predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir, udp="sampler=magic")) == 2
     assert "unknown sampler 'magic'" in capsys.readouterr().err
     assert cli.main(predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir, udp="do_sr=True")) == 2

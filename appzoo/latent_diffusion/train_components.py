@@ -1,0 +1,234 @@
+"""``train_target=vae`` and ``train_target=rrdb``: training the autoencoder and the ESRGAN ×4 net with the same
+trainer (optimiser, EMA, checkpoints, resume, logs) as the diffusion model. Per-sample randomness is seeded by
+(seed, epoch, index) as everywhere else."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from appzoo.latent_diffusion.data import (
+    PIXEL_STAGE,
+    TRAIN_STAGE,
+    IndexedTable,
+    index_table,
+    preprocess_image,
+    sample_generator,
+)
+from easynlp_ldm.errors import UserError
+from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
+
+logger = logging.getLogger("easynlp.train")
+
+SCALING_SAMPLE = 256  # images used to set the VAE's latent scaling factor (1 / std of the latents)
+VALIDATION_ROWS = 256
+
+
+def _freeze_all(model: LatentDiffusion) -> None:
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False).eval()
+
+
+class VAETrainTask:
+    """Reconstruction (L1 + MSE) plus a small KL term, with the posterior sampled per sample from seeded noise."""
+
+    def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
+                 seed: int, resolution: int):
+        self.model, self.train, self.val, self.params = model, train, val, params
+        self.seed, self.resolution = seed, resolution
+        _freeze_all(model)
+        model.vae.requires_grad_(True).train()
+        factor = model.vae_scale_factor
+        self.latent_shape = (model.vae.config.latent_channels, resolution // factor, resolution // factor)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.model.vae}
+
+    def num_examples(self) -> int:
+        return len(self.train)
+
+    def batches(self, order: list[list[int]], epoch: int):
+        for indices in order:
+            pixels = torch.stack([preprocess_image(
+                self.train.read_image(i), self.resolution, random_crop=self.params["random_crop"],
+                random_flip=self.params["random_flip"], generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE))
+                for i in indices])
+            eps = torch.stack([torch.randn(self.latent_shape, generator=sample_generator(self.seed, epoch, i,
+                                                                                         TRAIN_STAGE))
+                               for i in indices])
+            yield {"pixels": pixels, "eps": eps}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        vae = self.model.vae
+        x = batch["pixels"].to(vae.device)
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * batch["eps"].to(x.device)
+        reconstruction = vae.decode(z).sample.float()
+        kl = dist.kl().mean() / float(np.prod(self.latent_shape))
+        return F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + self.params["vae_kl_weight"] * kl
+
+    def _images(self, table: IndexedTable, count: int) -> torch.Tensor:
+        return torch.stack([preprocess_image(table.read_image(i), self.resolution)
+                            for i in range(min(count, len(table)))])
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if not self.val or not len(self.val):
+            return None
+        vae = self.model.vae
+        was_training = vae.training
+        vae.eval()
+        try:
+            x = self._images(self.val, VALIDATION_ROWS).to(vae.device)
+            total = 0.0
+            for start in range(0, len(x), 32):
+                chunk = x[start:start + 32]
+                reconstruction = vae.decode(vae.encode(chunk).latent_dist.mean).sample.float()
+                total += float(F.mse_loss(reconstruction, chunk)) * len(chunk)
+            return total / len(x)
+        finally:
+            vae.train(was_training)
+
+    @torch.no_grad()
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> None:
+        # The latent scaling factor makes the saved VAE's latents unit-variance for the diffusion model.
+        vae = copy.deepcopy(self.model.vae).eval()
+        vae.load_state_dict({k[len("vae."):]: v for k, v in weights.items()}, strict=False)
+        x = self._images(self.train, SCALING_SAMPLE).to(vae.device)
+        latents = torch.cat([vae.encode(x[i:i + 32]).latent_dist.mean for i in range(0, len(x), 32)])
+        scaling = float(1.0 / latents.float().std().clamp(min=1e-6))
+        self.model.vae.register_to_config(scaling_factor=scaling)
+        self.model.save_pretrained(folder, overrides=weights)
+
+    @torch.no_grad()
+    def sample_images(self) -> list[tuple[str, Any]]:
+        table = self.val if self.val and len(self.val) else self.train
+        vae = self.model.vae
+        was_training = vae.training
+        vae.eval()
+        try:
+            x = self._images(table, 2).to(vae.device)
+            reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample
+        finally:
+            vae.train(was_training)
+        pairs = torch.cat([x, reconstruction.clamp(-1, 1)], dim=3)  # original | reconstruction
+        arrays = ((pairs.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        return [(f"{table.captions[i]} (original | reconstruction)", Image.fromarray(a)) for i, a in enumerate(arrays)]
+
+
+class RRDBTrainTask:
+    """ESRGAN ×4 on (bicubic ×1/4, original) pairs cropped from the table's images; L1 in [0, 1]."""
+
+    def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
+                 seed: int):
+        from modelzoo.esrgan import RRDBNet, load_rrdbnet
+
+        self.model, self.train, self.val, self.params, self.seed = model, train, val, params, seed
+        _freeze_all(model)
+        if model.esrgan_path:
+            self.net = load_rrdbnet(model.esrgan_path)
+            logger.info("fine-tuning the model's super-resolution net %s", model.esrgan_path)
+        else:
+            torch.manual_seed(seed)
+            self.net = RRDBNet(nf=params["rrdb_nf"], nb=params["rrdb_nb"], gc=params["rrdb_gc"])
+            logger.info("training a new super-resolution net (nf=%d, nb=%d, gc=%d)", params["rrdb_nf"],
+                        params["rrdb_nb"], params["rrdb_gc"])
+        self.net.train()
+        self.patch = params["sr_patch"]
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"rrdb": self.net}
+
+    def num_examples(self) -> int:
+        return len(self.train)
+
+    def _pair(self, image: Image.Image, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        width, height = image.size
+        if min(width, height) < self.patch:
+            raise UserError(f"sr_patch={self.patch} is larger than an image of the table ({width}×{height}); "
+                            f"lower sr_patch or use larger images")
+        if generator is not None:
+            top = int(torch.randint(0, height - self.patch + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - self.patch + 1, (1,), generator=generator))
+        else:
+            top, left = (height - self.patch) // 2, (width - self.patch) // 2
+        hr = image.crop((left, top, left + self.patch, top + self.patch))
+        if generator is not None and float(torch.rand(1, generator=generator)) < 0.5:
+            hr = hr.transpose(Image.FLIP_LEFT_RIGHT)
+        lr = hr.resize((self.patch // 4, self.patch // 4), Image.BICUBIC)
+
+        def tensor(img):
+            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+        return tensor(lr), tensor(hr)
+
+    def batches(self, order: list[list[int]], epoch: int):
+        for indices in order:
+            pairs = [self._pair(self.train.read_image(i), sample_generator(self.seed, epoch, i, PIXEL_STAGE))
+                     for i in indices]
+            yield {"lr": torch.stack([p[0] for p in pairs]), "hr": torch.stack([p[1] for p in pairs])}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return F.l1_loss(self.net(batch["lr"]).float(), batch["hr"])
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if not self.val or not len(self.val):
+            return None
+        self.net.eval()
+        try:
+            pairs = [self._pair(self.val.read_image(i), None) for i in range(min(64, len(self.val)))]
+            lr = torch.stack([p[0] for p in pairs])
+            hr = torch.stack([p[1] for p in pairs])
+            return float(F.l1_loss(self.net(lr).clamp(0, 1), hr))
+        finally:
+            self.net.train()
+
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> None:
+        from modelzoo.esrgan import save_rrdbnet
+
+        os.makedirs(folder, exist_ok=True)
+        net = copy.deepcopy(self.net)
+        net.load_state_dict({k[len("rrdb."):]: v for k, v in weights.items()})
+        path = os.path.join(folder, ESRGAN_NAME)
+        save_rrdbnet(net, path)
+        self.model.esrgan_path = path
+        self.model.extra.setdefault("esrgan_channel_order", "rgb")
+        self.model.save_pretrained(folder)
+
+    @torch.no_grad()
+    def sample_images(self) -> list[tuple[str, Any]]:
+        from modelzoo.esrgan import upscale
+
+        table = self.val if self.val and len(self.val) else self.train
+        self.net.eval()
+        try:
+            images = []
+            for i in range(min(2, len(table))):
+                hr = table.read_image(i)
+                lr = hr.resize((hr.width // 4, hr.height // 4), Image.BICUBIC)
+                images.append((f"{table.captions[i]} (×4 from {lr.width}px)", upscale(self.net, lr, tile=0)))
+            return images
+        finally:
+            self.net.train()
+
+
+def build_component_task(target: str, model: LatentDiffusion, tables_spec, flags, params, resolution: int):
+    tables, schema, text_column, image_column, skip_first_line, policy = tables_spec
+    logger.info("reading %s (train_target=%s)", tables[0], target)
+    train = index_table(tables[0], schema, text_column, image_column, skip_first_line=skip_first_line,
+                        policy=policy)
+    val = None
+    if len(tables) == 2:
+        val = index_table(tables[1], schema, text_column, image_column, skip_first_line=skip_first_line,
+                          policy=policy)
+    if target == "vae":
+        return VAETrainTask(model, train, val, params, flags.random_seed, resolution)
+    return RRDBTrainTask(model, train, val, params, flags.random_seed)

@@ -1,0 +1,52 @@
+import json
+import os
+
+import pytest
+import torch
+
+from easynlp_ldm import cli
+from modelzoo.ldm import LatentDiffusion
+from tests.appzoo.conftest import train_argv
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
+
+
+def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, shapes_data, tmp_path):
+    out = str(tmp_path / "vae")
+    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2",
+                               "--learning_rate=1e-3", udp="train_target=vae")) == 0
+    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    trained = LatentDiffusion.from_pretrained(out)
+    assert any(not torch.equal(a, b) for a, b in zip(source.vae.state_dict().values(),
+                                                     trained.vae.state_dict().values()))
+    for a, b in zip(source.unet.state_dict().values(), trained.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    scaling = json.load(open(os.path.join(out, "config.json")))["vae"]["config"]["scaling_factor"]
+    assert scaling != source.vae.config.scaling_factor and scaling > 0
+
+
+def test_train_rrdb_adds_super_resolution_that_predict_uses(tiny_model_dir, shapes_data, tmp_path):
+    out = str(tmp_path / "sr")
+    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=1",
+                               udp="train_target=rrdb sr_patch=16 rrdb_nf=8 rrdb_nb=1 rrdb_gc=4")) == 0
+    assert os.path.isfile(os.path.join(out, "RRDB_ESRGAN_x4.pth"))
+    assert os.path.isfile(os.path.join(out, "last", "RRDB_ESRGAN_x4.pth"))
+    table = tmp_path / "p.tsv"
+    table.write_text("a\t红色的圆形\n", encoding="utf-8")
+    assert cli.main(["--mode=predict", f"--tables={table}", f"--outputs={tmp_path / 'o.tsv'}",
+                     f"--checkpoint_dir={out}", "--output_schema=image_path",
+                     f"--user_defined_parameters=n_samples=1 ddim_steps=2 do_sr=True write_image=True "
+                     f"image_prefix={tmp_path / 'img'}"]) == 0
+    from PIL import Image
+
+    path = open(tmp_path / "o.tsv", encoding="utf-8").read().strip()
+    assert Image.open(path).size == (128, 128)
+
+
+def test_rrdb_patch_larger_than_images_is_a_clear_error(tiny_model_dir, shapes_data, tmp_path, capsys):
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "sr"), tiny_model_dir, "--micro_batch_size=8",
+                               "--epoch_num=1", udp="train_target=rrdb sr_patch=64")) == 2
+    assert "sr_patch=64 is larger than an image" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""The web page in headless Chromium: type a prompt, click, see images (scripts/test.sh installs chromium)."""
+
+import base64
+import shutil
+
+import pytest
+
+from tests.appzoo.test_serve import InProcessServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and DRIVER):
+        if __import__("os").environ.get("CI"):
+            pytest.fail("chromium and chromedriver are required in CI (scripts/test.sh installs them)")
+        pytest.skip("chromium/chromedriver not installed (scripts/test.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_type_prompt_click_and_see_images(tiny_model_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = InProcessServer(tiny_model_dir)
+    try:
+        browser.get(server.url + "/")
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.send_keys("白色背景上有一个红色的圆形")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 2)
+        WebDriverWait(browser, 10).until(ec.text_to_be_present_in_element((By.ID, "status"), "完成"))
+        for image in browser.find_elements(By.CSS_SELECTOR, "#images img"):
+            src = image.get_attribute("src")
+            assert src.startswith("data:image/png;base64,")
+            assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+        # An error is shown in words: more steps than the service allows.
+        steps.clear()
+        steps.send_keys("100")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "请求有误"))
+        assert "num_inference_steps" in browser.find_element(By.ID, "status").text
+    finally:
+        server.stop()
