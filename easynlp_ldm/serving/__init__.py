@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, request batcher and web page; knows nothing of diffusion."""
