@@ -65,18 +65,31 @@ def seed_everything(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
 
 
-def run_command(command: Command) -> int:
+def run_command(command: Command, argv: Sequence[str] = ()) -> int:
     from appzoo import registry
+    from easynlp_ldm import distributed
 
+    flags = command.flags
+    if distributed.wants_launch(flags):
+        if command.mode not in ("train", "predict"):
+            raise UserError(f"--worker_gpu/--worker_count run several processes for train and predict only, not "
+                            f"--mode={command.mode}")
+        return distributed.launch(flags, list(argv))
     for note in command.notes:
-        logger.warning(note)
+        if not distributed.launched_by_launcher() or os.environ.get("RANK") == "0":
+            logger.warning(note)
+    if distributed.launched_by_launcher():
+        distributed.init_from_env(flags.distributed_backend, flags.collective_timeout)
     if command.flags.worker_cpu and command.flags.worker_cpu > 0:
         import torch
 
         torch.set_num_threads(command.flags.worker_cpu)
     app_class = registry.get_app_class(command.app_name)
     app = app_class(command.flags, command.params)
-    return app.run(command.mode) or 0
+    try:
+        return app.run(command.mode) or 0
+    finally:
+        distributed.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         command = parse_command(argv)
-        return run_command(command)
+        return run_command(command, argv)
     except UserError as err:
         print(f"easynlp: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

@@ -215,6 +215,7 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
+            "sample_position": self.micro_position * self.config.micro_batch_size * self.config.world_size,
             "best_loss": self.best_loss, "total_steps": self.total_steps,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -262,7 +263,9 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.micro_position = int(state["micro_position"])
+        global_micro = self.config.micro_batch_size * self.config.world_size
+        position = int(state.get("sample_position", state["micro_position"] * global_micro))
+        self.micro_position = position // global_micro
         self.best_loss = state["best_loss"]
         if int(state["total_steps"]) != self.total_steps:
             logger.warning("the run now has %d optimiser steps in all (the saved run had %d): the LR schedule "
@@ -297,6 +300,17 @@ class Trainer:
         self.writer = SummaryWriter(os.path.join(self.config.output_dir, "log"), purge_step=self.step or None)
 
     def _validate_and_save(self) -> float | None:
+        from easynlp_ldm import distributed
+
+        if not self.is_main:
+            distributed.barrier()  # rank 0 validates and writes; the others wait for it
+            return None
+        try:
+            return self._validate_and_save_main()
+        finally:
+            distributed.barrier()
+
+    def _validate_and_save_main(self) -> float | None:
         if self.ema is not None:  # judge (and show) the weights that get saved: the EMA
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
@@ -316,18 +330,18 @@ class Trainer:
                 self.writer.add_image(f"samples/{i}", array, self.step, dataformats="HWC")
                 self.writer.add_text(f"samples/{i}/caption", caption, self.step)
             self.writer.flush()
-        if self.is_main:
-            self.save_checkpoint(val_loss)
+        self.save_checkpoint(val_loss)
         return val_loss
 
     # ---------------------------------------------------------------------------------------------- loop
-    def _micro_batches(self, epoch: int) -> list[list[int]]:
+    def _micro_batches(self, epoch: int) -> list[tuple[list[int], int]]:
+        """(this rank's sample indices, the global micro-batch size) for every global micro-batch of the epoch:
+        the same global batches whatever the world size, each rank taking its slice."""
         order = epoch_order(self.task.num_examples(), self.config.seed, epoch)
         size = self.config.micro_batch_size * self.config.world_size
         batches = [order[i:i + size] for i in range(0, len(order), size)]
-        # Each rank takes its slice of every global micro-batch.
-        rank, _world, micro = self.config.rank, self.config.world_size, self.config.micro_batch_size
-        return [b[rank * micro:(rank + 1) * micro] for b in batches]
+        rank, micro = self.config.rank, self.config.micro_batch_size
+        return [(b[rank * micro:(rank + 1) * micro], len(b)) for b in batches]
 
     def train(self) -> dict:
         config = self.config
@@ -345,14 +359,15 @@ class Trainer:
         while self.step < self.total_steps:
             micro_batches = self._micro_batches(self.epoch)
             start = self.micro_position
-            batch_iter = iter(self.task.batches(micro_batches[start:], self.epoch))
+            batch_iter = iter(self.task.batches([m for m, _ in micro_batches[start:] if m], self.epoch))
             groups = [list(range(i, min(i + accum, len(micro_batches)))) for i in range(0, len(micro_batches), accum)]
             for group in groups:
                 if group[0] < start:
                     continue
                 if self.step >= self.total_steps:
                     break
-                batches = [(next(batch_iter), len(micro_batches[i])) for i in group]
+                batches = [(next(batch_iter) if micro_batches[i][0] else None, len(micro_batches[i][0]),
+                            micro_batches[i][1]) for i in group]
                 loss_value, images = self._optimiser_step(batches)
                 self.micro_position = group[-1] + 1
                 window_images += images * config.world_size
@@ -383,9 +398,16 @@ class Trainer:
             self.writer.close()
         return {"step": self.step, "val_loss": last_val, "best_val_loss": self.best_loss}
 
-    def _optimiser_step(self, micro_batches: list[tuple[Any, int]]) -> tuple[float, int]:
+    def _optimiser_step(self, micro_batches: list[tuple[Any, int, int]]) -> tuple[float, int]:
+        """One optimiser step over a group of micro-batches. Each rank's loss is weighted by its share of the global
+        micro-batch, so summing gradients over ranks gives exactly the single-process gradient."""
+        from easynlp_ldm import distributed
+
         total, images = 0.0, 0
-        for batch, size in micro_batches:
+        for batch, size, global_size in micro_batches:
+            if batch is None:  # this rank's slice of a short last batch is empty
+                continue
+            weight = size / global_size / len(micro_batches)
             with torch.autocast(self.params[0].device.type, dtype=self.amp_dtype,
                                 enabled=self.amp_dtype is not None):
                 loss = self.task.loss(batch)
@@ -393,13 +415,14 @@ class Trainer:
                 raise UserError(f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch}); stopped "
                                 f"without saving. Lower --learning_rate or check the data; the last good "
                                 f"checkpoint in {self.config.output_dir} is intact")
-            scaled = loss / len(micro_batches)
+            scaled = loss * weight
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
             total += loss.item() / len(micro_batches)
             images += size
+        distributed.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:

@@ -21,15 +21,23 @@ def resolve_model_path(name: str, flags: ParsedFlags, what: str) -> str:
     return resolve_model(name, embedded, flags.modelzoo_base_dir, what=what)
 
 
-def load_inference_model(name: str | None, flags: ParsedFlags):
-    """``--checkpoint_dir`` (own checkpoint or diffusers layout; default: the embedded model) → eval model."""
+def load_inference_model(name: str | None, flags: ParsedFlags, params: dict | None = None):
+    """``--checkpoint_dir`` (own checkpoint or diffusers layout; default: the embedded model) → eval model, with the
+    ``optimize``/``precision`` of ``params`` applied when given."""
+    import logging
+
     from modelzoo.ldm import LatentDiffusion, ModelFormatError
+    from modelzoo.optimize import prepare_for_inference
 
     path = resolve_model_path(name or "", flags, "--checkpoint_dir")
     try:
-        return LatentDiffusion.from_pretrained(path)
+        model = LatentDiffusion.from_pretrained(path)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
+    if params is not None and "optimize" in params:
+        done = prepare_for_inference(model, params["optimize"], params["precision"])
+        logging.getLogger("easynlp").info("inference: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+    return model
 
 
 class LatentDiffusionApp:

@@ -112,7 +112,7 @@ def run_evaluate(app) -> int:
         raise UserError(f"{table}: nothing to evaluate: the schema has no image column ({image_column}) for the "
                         f"denoising loss and there is no ground-truth sidecar ({os.path.splitext(table)[0]}"
                         f".truth.jsonl, or truth_file=...) for prompt-following accuracy")
-    model = load_inference_model(flags.checkpoint_dir, flags)
+    model = load_inference_model(flags.checkpoint_dir, flags, params)
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     metrics: dict = {"table": table}

@@ -48,7 +48,13 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     if settings.guidance_scale > 1:
         negative = model.encode_prompts([settings.negative_prompt] * len(prompts), prompt_embeds.shape[1])
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    # Each image's initial noise, drawn in fp32 from its own generator exactly as diffusers' randn_tensor draws it for
+    # a single image; the generators then go on to the sampler (ancestral samplers draw from them per step). Drawing
+    # here keeps the latents (and so the scheduler arithmetic) fp32 whatever the UNet's precision.
+    factor = model.vae_scale_factor
+    shape = (1, model.latent_channels, height // factor, width // factor)
+    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     output = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
-                  generator=generators, output_type="np")
+                  generator=generators, latents=latents.to(model.unet.device), output_type="np")
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]

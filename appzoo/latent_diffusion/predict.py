@@ -242,7 +242,50 @@ class ImageFiles:
         return path
 
 
+def merge_parts(outputs: str, parts: list[str]) -> int:
+    """Rank parts (each line prefixed with its input line number, in input order) → one output in input order."""
+    import heapq
+
+    def rows(path):
+        with open(path, "rb") as handle:
+            for line in handle:
+                number, _, rest = line.partition(b"\t")
+                yield int(number), rest
+
+    tmp = f"{outputs}.tmp.{os.getpid()}"
+    count = 0
+    with open(tmp, "wb") as out:
+        for _, rest in heapq.merge(*(rows(p) for p in parts), key=lambda item: item[0]):
+            out.write(rest)
+            count += 1
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, outputs)
+    return count
+
+
 def run_predict(app) -> int:
+    from easynlp_ldm import distributed
+
+    ctx = distributed.context()
+    if not ctx.enabled:
+        return predict_rows(app, app.flags.outputs)
+    # Rows are sharded by input line number; each rank writes (and can resume) its own part, rank 0 merges them.
+    part = f"{app.flags.outputs}.part{ctx.rank}of{ctx.world_size}"
+    predict_rows(app, part, shard=(ctx.rank, ctx.world_size))
+    distributed.barrier()
+    if ctx.is_main:
+        parts = [f"{app.flags.outputs}.part{r}of{ctx.world_size}" for r in range(ctx.world_size)]
+        count = merge_parts(app.flags.outputs, parts)
+        for path in parts:
+            os.unlink(path)
+            os.unlink(path + ".progress.json")
+        logger.info("merged %d rows from %d processes into %s", count, ctx.world_size, app.flags.outputs)
+    distributed.barrier()
+    return 0
+
+
+def predict_rows(app, outputs: str, shard: tuple[int, int] | None = None) -> int:
     import base64
 
     from tqdm import tqdm
@@ -251,28 +294,33 @@ def run_predict(app) -> int:
 
     flags, params = app.flags, app.params
     plan = plan_from_flags(flags, params)
-    model = load_inference_model(flags.checkpoint_dir, flags)
+    model = load_inference_model(flags.checkpoint_dir, flags, params)
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     generator = Generator(model, params, text_length)
-    fingerprint = run_fingerprint(plan, model, flags, params)
-    progress = Progress(flags.outputs, fingerprint)
-    resuming = progress.load_resumable(flags.outputs)
+    fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
+    progress = Progress(outputs, fingerprint)
+    resuming = progress.load_resumable(outputs)
     if resuming:
-        truncate_rows(flags.outputs, progress.rows)
+        truncate_rows(outputs, progress.rows)
         logger.info("resuming %s after input line %d (%d rows already written by the same input, model and "
-                    "settings)", flags.outputs, progress.last_line, progress.rows)
-    elif os.path.exists(flags.outputs):
-        logger.info("replacing %s: it was not written by this input, model and settings", flags.outputs)
+                    "settings)", outputs, progress.last_line, progress.rows)
+    elif os.path.exists(outputs):
+        logger.info("replacing %s: it was not written by this input, model and settings", outputs)
     files = ImageFiles(params["image_prefix"], params["image_format"]) if params["write_image"] else None
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     total = count_rows(plan.table, flags.skip_first_line)
-    writer = TsvWriter(flags.outputs, append=resuming)
+    writer = TsvWriter(outputs, append=resuming)
     progress.save()
     image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"
-    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, disable=os.environ.get("EASYNLP_PROGRESS") == "0")
+    if shard:
+        total = (total + shard[1] - 1) // shard[1]
+    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True,
+               disable=os.environ.get("EASYNLP_PROGRESS") == "0" or bool(shard and shard[0]))
     started, images_done, prompts_done = time.time(), 0, 0
     rows = read_table(plan.table, plan.schema, skip_first_line=flags.skip_first_line, policy=policy,
                       start_line=progress.last_line)
+    if shard:
+        rows = (row for row in rows if row.line_number % shard[1] == shard[0])
 
     def flush(batch) -> None:
         nonlocal images_done
@@ -291,7 +339,7 @@ def run_predict(app) -> int:
                 path = files.write(idx, row.line_number, prompt, sample, data) if files else ""
                 cells = {"idx": idx, "text": prompt, "gen_imgbase64": base64.b64encode(data).decode("ascii"),
                          "sample_id": sample, "seed": seed, "image_path": path}
-                out = [cells[c] for c in plan.output_columns]
+                out = ([row.line_number] if shard else []) + [cells[c] for c in plan.output_columns]
                 for column in plan.append_columns:
                     value = row[column]
                     out.append(",".join(map(str, value)) if isinstance(value, list) else value)
@@ -320,7 +368,7 @@ def run_predict(app) -> int:
         writer.close()
         bar.close()
     progress.save(done=True)
-    message = f"wrote {progress.rows} rows ({plan.samples_per_row} per prompt) to {flags.outputs}"
+    message = f"wrote {progress.rows} rows ({plan.samples_per_row} per prompt) to {outputs}"
     if files:
         message += f"; images under {os.path.abspath(params['image_prefix'])}"
     if policy.total:

@@ -156,7 +156,7 @@ def run_serve(app) -> int:
     source = flags.checkpoint_dir
     if source and os.path.isfile(source) and source.endswith((".tar.gz", ".tgz", ".tar")):
         source = extract_package(source)
-    model = load_inference_model(source, flags)
+    model = load_inference_model(source, flags, params)
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     token = flags.api_token or os.environ.get("EASYNLP_API_TOKEN") or None
     settings = ServiceSettings(max_batch_size=params["max_batch_size"], max_wait_ms=params["max_wait_ms"],

@@ -312,8 +312,12 @@ def run_train(app) -> int:
         task = build_component_task(params["train_target"], model, tables_spec, flags, params, resolution)
     if policy.total:
         logger.warning("%s", policy.summary())
+    from easynlp_ldm import distributed
+
+    ctx = distributed.context()
     config = TrainerConfig(
-        output_dir=out, learning_rate=flags.learning_rate, weight_decay=flags.weight_decay,
+        rank=ctx.rank, world_size=ctx.world_size, output_dir=out, learning_rate=flags.learning_rate,
+        weight_decay=flags.weight_decay,
         max_grad_norm=flags.max_grad_norm, optimizer_type=flags.optimizer_type,
         warmup_proportion=flags.warmup_proportion, epoch_num=flags.epoch_num, micro_batch_size=flags.micro_batch_size,
         gradient_accumulation_steps=flags.gradient_accumulation_steps, logging_steps=flags.logging_steps,

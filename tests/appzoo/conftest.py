@@ -1,31 +1,3 @@
-import os
+"""Fixtures live in tests/conftest.py; train_argv is re-exported for the app tests."""
 
-import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random model in PAI's diffusers layout (.bin weights), at the path PAI's tutorial names."""
-    from modelzoo.tiny import make_tiny_diffusers_model
-
-    root = tmp_path_factory.mktemp("models")
-    folder = root / "alibaba-pai" / "pai-diffusion-general-large-zh"
-    make_tiny_diffusers_model(str(folder), image_size=32)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def shapes_data(tmp_path_factory):
-    from appzoo.latent_diffusion.shapes import generate_dataset
-
-    folder = tmp_path_factory.mktemp("shapes")
-    generate_dataset(str(folder), seed=0, num_train=32, num_val=8, num_test=6, num_heldout=4, image_size=32)
-    return str(folder)
-
-
-def train_argv(data, out, model, *extra, udp=""):
-    return ["--mode=train", f"--tables={os.path.join(data, 'T2I_train.tsv')},{os.path.join(data, 'T2I_val.tsv')}",
-            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-            "--second_sequence=imgbase64", f"--checkpoint_dir={out}", "--random_seed=42", "--logging_steps=1",
-            "--app_name=latent_diffusion", *extra,
-            f"--user_defined_parameters=pretrain_model_name_or_path={model} {udp}"]
+from tests.conftest import train_argv  # noqa: F401

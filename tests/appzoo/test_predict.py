@@ -91,7 +91,8 @@ def test_parity_with_diffusers_pipeline(tiny_model_dir, prompts_table, tmp_path,
 
     out = str(tmp_path / "o.tsv")
     argv = predict_argv(prompts_table, out, tiny_model_dir, "--output_schema=text,seed,gen_imgbase64",
-                        udp=f"n_samples=1 ddim_steps=6 scale={guidance}" + (f" sampler={sampler}" if sampler else ""))
+                        udp=f"n_samples=1 ddim_steps=6 scale={guidance} optimize=none"
+                        + (f" sampler={sampler}" if sampler else ""))
     assert cli.main(argv) == 0
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     swap = {"euler-ancestral": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler}.get(sampler)

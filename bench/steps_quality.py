@@ -1,0 +1,59 @@
+"""Prompt-following accuracy against sampler steps, for choosing defaults: dpm-solver++, unipc, ddim, plms at
+10/15/20/30/50 steps on the embedded model (the issue-5 metric), plus seconds per image.
+
+    python bench/steps_quality.py --table DATA/T2I_test.tsv [--rows 200] [--samplers ...] [--steps 10,15,20,30,50]
+
+Prints a Markdown table (both-correct accuracy %, colour/shape in brackets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", required=True, help="a shapes split with its .truth.jsonl sidecar")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--samplers", default="dpm-solver++,unipc,ddim,plms")
+    parser.add_argument("--steps", default="10,15,20,30,50")
+    parser.add_argument("--optimize", default="auto")
+    parser.add_argument("--model", default="")
+    args = parser.parse_args()
+    from appzoo.latent_diffusion.app import load_inference_model
+    from appzoo.latent_diffusion.evaluate import load_truth_by_idx, prompt_following, truth_path_for
+    from appzoo.latent_diffusion.params import PARAMS
+    from easynlp_ldm.args import parse_flags
+    from easynlp_ldm.tables import BadRowPolicy, parse_schema
+
+    flags = parse_flags(["--micro_batch_size=50"])
+    params = {p.name: p.default for p in PARAMS}
+    params["optimize"] = args.optimize
+    model = load_inference_model(args.model, flags, params)
+    truth = load_truth_by_idx(truth_path_for(args.table, ""))
+    schema = parse_schema("idx:str:1,text:str:1")
+    steps_list = [int(s) for s in args.steps.split(",")]
+    print(f"model {model.source_path}, optimize={args.optimize}, first {args.rows} rows of {args.table}")
+    print("| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |")
+    print("|---|" + "---|" * len(steps_list))
+    for sampler in args.samplers.split(","):
+        cells = []
+        for steps in steps_list:
+            run = {**params, "sampler": sampler, "ddim_steps": steps}
+            start = time.perf_counter()
+            acc = prompt_following(model, args.table, schema, "text", truth, flags, run, model.text_max_length,
+                                   BadRowPolicy(), max_rows=args.rows)["all"]
+            per_image = (time.perf_counter() - start) / acc["n"]
+            cells.append(f"{100 * acc['both_acc']:.1f} ({100 * acc['colour_acc']:.0f}/{100 * acc['shape_acc']:.0f}) "
+                         f"{per_image:.2f}s")
+        print(f"| {sampler} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

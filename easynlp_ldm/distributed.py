@@ -1,0 +1,144 @@
+"""Processes: launching workers with torchrun's own machinery, joining a process group, rank-aware helpers.
+
+* ``--worker_gpu=N`` (N > 1) and/or ``--worker_count=M`` (M > 1): this command re-launches itself through
+  ``torch.distributed.run`` (torchrun) with N processes per node on M nodes; ``--master_addr``/``--master_port``/
+  ``--node_rank`` default to ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` from the environment, as PAI-DLC,
+  Kubernetes PyTorchJob and Slurm set them.
+* Started by torchrun or a cluster launcher already (``RANK`` and ``WORLD_SIZE`` set): it joins that group instead.
+* Backend: NCCL on CUDA, gloo on CPU; collectives time out after ``--collective_timeout`` seconds.
+* A worker that dies ends the whole job: torchrun's agent stops the others, and the error names the rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from easynlp_ldm.errors import UserError
+
+logger = logging.getLogger("easynlp.distributed")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+_CONTEXT = DistContext()
+
+
+def context() -> DistContext:
+    return _CONTEXT
+
+
+def launched_by_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def wants_launch(flags) -> bool:
+    return not launched_by_launcher() and (flags.worker_gpu > 1 or flags.worker_count > 1)
+
+
+def launch(flags, argv: list[str]) -> int:
+    """Run this same command in N×M workers with torchrun's machinery; returns the exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    nproc = max(1, flags.worker_gpu)
+    nnodes = max(1, flags.worker_count)
+    addr = flags.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    port = flags.master_port if "master_port" in flags.given else int(os.environ.get("MASTER_PORT",
+                                                                                      flags.master_port))
+    node_rank = flags.node_rank if flags.node_rank is not None else int(os.environ.get("NODE_RANK", "0"))
+    if nnodes > 1 and addr in ("127.0.0.1", "localhost") and node_rank == 0:
+        logger.warning("--worker_count=%d with master address %s: other nodes must reach this node's address; "
+                       "set MASTER_ADDR or --master_addr", nnodes, addr)
+    launcher_args = get_args_parser().parse_args([
+        f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={addr}",
+        f"--master_port={port}", "--max_restarts=0", "--monitor_interval=0.5", "-m", "easynlp_ldm.cli", *argv])
+    logger.info("launching %d worker(s) per node on %d node(s) (node rank %d, master %s:%d)", nproc, nnodes,
+                node_rank, addr, port)
+    try:
+        run(launcher_args)
+    except ChildFailedError as err:
+        # The root cause: the agent stops the surviving workers with SIGTERM, so a worker that failed otherwise
+        # (an exit code, SIGKILL, a segfault) is the one to name; among equals, the earliest.
+        import signal as _signal
+
+        def cause(item):
+            rank, failure = item
+            stopped = failure.exitcode == -_signal.SIGTERM
+            return (stopped, failure.timestamp, rank)
+
+        rank, failure = min(err.failures.items(), key=cause)
+        how = (f"signal {failure.signal_name()}" if failure.exitcode is not None and failure.exitcode < 0
+               else f"exit code {failure.exitcode}")
+        reason = f" ({failure.message})" if isinstance(failure.message, str) and failure.message else ""
+        raise UserError(f"worker rank {rank} failed with {how}{reason}; the other workers were stopped") from None
+    return 0
+
+
+def init_from_env(backend: str | None, timeout_s: float) -> DistContext:
+    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+    global _CONTEXT
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        _CONTEXT = DistContext(rank, world, local_rank, "cpu")
+        return _CONTEXT
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise UserError("--distributed_backend=nccl needs CUDA; use gloo on CPU")
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _CONTEXT = DistContext(rank, world, local_rank, device)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs progress
+    return _CONTEXT
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if _CONTEXT.enabled:
+        torch.distributed.barrier()
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in one flat all-reduce (the per-rank losses are pre-scaled so the sum is the global
+    mean): what DistributedDataParallel computes, once per optimiser step rather than per micro-batch."""
+    if not _CONTEXT.enabled:
+        return
+    grads = []
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for grad in grads:
+        count = grad.numel()
+        grad.copy_(flat[offset:offset + count].view_as(grad))
+        offset += count

@@ -1,0 +1,118 @@
+"""torch.distributed on CPU (gloo), 2 processes, through the real `easynlp` command and torchrun's machinery."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.appzoo.conftest import train_argv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def easynlp(argv, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(process, timeout=600):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def decode(cell):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(cell))), dtype=np.int16)
+
+
+def weights(folder):
+    return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
+
+
+def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp_path):
+    common = ("--epoch_num=2", "--learning_rate=1e-3", "--save_checkpoint_steps=3")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, _, err = finish(easynlp(train_argv(shapes_data, one, tiny_model_dir, "--micro_batch_size=8", *common,
+                                             udp="use_ema=False")))
+    assert code == 0, err
+    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=4",
+                                             "--worker_gpu=2", f"--master_port={free_port()}", *common,
+                                             udp="use_ema=False")))
+    assert code == 0, err
+    w1, w2 = weights(os.path.join(one, "last")), weights(os.path.join(two, "last"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+    assert os.listdir(os.path.join(two, "log"))  # rank 0 wrote TensorBoard
+    # Resume with another world size: the 2-process run's state continues in 1 process.
+    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=8",
+                                             "--epoch_num=3", "--learning_rate=1e-3", f"--resume_from_checkpoint={two}",
+                                             udp="use_ema=False")))
+    assert code == 0, err
+
+
+def test_sharded_predict_equals_single_process(tiny_model_dir, tmp_path):
+    table = tmp_path / "p.tsv"
+    table.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(["红色的圆形", "蓝色的正方形", "黄色的三角形",
+                                                                   "绿色的圆形", "紫色的正方形"])), encoding="utf-8")
+    base = ["--mode=predict", f"--tables={table}", f"--checkpoint_dir={tiny_model_dir}", "--micro_batch_size=2",
+            "--output_schema=idx,sample_id,seed,gen_imgbase64", "--user_defined_parameters=n_samples=2 ddim_steps=2"]
+    code, _, err = finish(easynlp(base + [f"--outputs={tmp_path / 'single.tsv'}"]))
+    assert code == 0, err
+    code, _, err = finish(easynlp(base + [f"--outputs={tmp_path / 'multi.tsv'}", "--worker_gpu=2",
+                                          f"--master_port={free_port()}"]))
+    assert code == 0, err
+    single = [r.split("\t") for r in (tmp_path / "single.tsv").read_text().splitlines()]
+    multi = [r.split("\t") for r in (tmp_path / "multi.tsv").read_text().splitlines()]
+    assert [r[:3] for r in multi] == [r[:3] for r in single] and len(single) == 10
+    for a, b in zip(single, multi):  # same seeds → same images, whatever the batch (±1 from matmul blocking)
+        assert np.abs(decode(a[3]) - decode(b[3])).max() <= 1
+    assert not any(".part" in name for name in os.listdir(tmp_path))  # parts merged and removed
+
+
+def _worker_pids(rank):
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"easynlp_ldm.cli" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_naming_it(tiny_model_dir, shapes_data, tmp_path):
+    process = easynlp(train_argv(shapes_data, str(tmp_path / "run"), tiny_model_dir, "--micro_batch_size=4",
+                                 "--epoch_num=200", "--worker_gpu=2", f"--master_port={free_port()}",
+                                 "--collective_timeout=60"))
+    deadline = time.time() + 120
+    victims = []
+    while time.time() < deadline and not victims:
+        time.sleep(0.5)
+        victims = _worker_pids(1)
+        assert process.poll() is None, process.communicate()[1]
+    time.sleep(5)  # let it get into training
+    os.kill(victims[0], signal.SIGKILL)
+    killed_at = time.time()
+    code, _, err = finish(process, timeout=120)
+    assert time.time() - killed_at < 60
+    assert code != 0
+    assert "worker rank 1 failed" in err and "SIGKILL" in err
