@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# A newcomer's first command: set up .venv, build a small Chinese shapes data set, and say where everything is.
+# A newcomer's first command: set up .venv, then generate images from a handful of Chinese prompts with the embedded
+# default model, and say where the PNGs and the output TSV are.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 OUT="${1:-$ROOT/quickstart_output}"
 mkdir -p "$OUT"
-echo "[quickstart] generating the Chinese shapes data set into $OUT/data"
-python scripts/make_shapes_dataset.py --output_dir "$OUT/data" --num_train 2000 --num_val 200 --num_test 50 \
-  --num_heldout 50 --seed 0
-echo "[quickstart] a few training rows (idx, caption):"
-head -n 5 "$OUT/data/T2I_train.tsv" | cut -f1,2
-echo "[quickstart] done. Data set: $OUT/data (T2I_train.tsv, T2I_val.tsv, T2I_test.tsv + *.truth.jsonl)"
+cat > "$OUT/prompts.tsv" <<'TSV'
+1	白色背景上有一个红色的圆形
+2	一个蓝色的正方形，背景是黑色
+3	灰色背景上画着一个大大的黄色三角形
+4	请画一个绿色的圆形
+5	左上角有一个紫色的正方形
+6	橙色的三角形在白色背景的中间
+TSV
+echo "[quickstart] generating 2 images for each of 6 prompts with the embedded model (CPU)"
+EASYNLP_PROGRESS=0 easynlp --mode=predict --tables="$OUT/prompts.tsv" --input_schema=idx:str:1,text:str:1 \
+  --first_sequence=text --outputs="$OUT/output.tsv" --output_schema=idx,text,seed,gen_imgbase64 \
+  --micro_batch_size=6 --random_seed=42 --app_name=latent_diffusion --user_defined_parameters="
+n_samples=2
+write_image=True
+image_prefix=$OUT/images/
+"
+echo "[quickstart] done."
+echo "  images (PNG, one folder per prompt with prompt.txt): $OUT/images/"
+echo "  output TSV (idx, text, seed, base64 PNG):            $OUT/output.tsv"
+echo "  super-resolution ×4: add do_sr=True to --user_defined_parameters"

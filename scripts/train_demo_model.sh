@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model (modelzoo/pretrained/shapes-ldm-zh) from scratch with fixed seeds, using this
-# toolkit's own `easynlp --mode=train`: generate data → train the VAE → train the LDM (UNet + text encoder) → train
-# the ×4 RRDB → evaluate → ship (fp16 weights). Usage: bash scripts/train_demo_model.sh [WORK_DIR]
+# toolkit's own `easynlp --mode=train`: generate data → train the VAE → train the ×4 RRDB → train the LDM (UNet +
+# text encoder) → evaluate → ship (fp16 weights). Usage: bash scripts/train_demo_model.sh [WORK_DIR]
 # Environment: LDM_EPOCHS (default 8), VAE_EPOCHS (2), RRDB_EPOCHS (3), SHIP=0 to skip copying into the package.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
@@ -30,17 +30,17 @@ easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" 
   --warmup_proportion=0.02 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=250 --use_amp \
   --user_defined_parameters="pretrain_model_name_or_path=$WORK/init train_target=vae ema_decay=0.99 reset_model_state_flag=True"
 
-echo "[demo] 4/6 LDM: UNet and text encoder"
-easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
-  --checkpoint_dir="$WORK/ldm" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
-  --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/vae train_text_encoder=True snr_gamma=5 ema_decay=0.999 reset_model_state_flag=True"
-
-echo "[demo] 5/6 RRDB x4 super-resolution"
+echo "[demo] 4/6 RRDB x4 super-resolution (independent of the UNet: trained on the VAE checkpoint)"
 easynlp --mode=train --tables="$WORK/data_sr/T2I_train.tsv,$WORK/data_sr/T2I_val.tsv" $SCHEMA \
-  --checkpoint_dir="$WORK/final" --micro_batch_size=16 --epoch_num="$RRDB_EPOCHS" --learning_rate=5e-4 \
+  --checkpoint_dir="$WORK/rrdb" --micro_batch_size=16 --epoch_num="$RRDB_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.02 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=100 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_target=rrdb sr_patch=128 ema_decay=0.99 reset_model_state_flag=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/vae train_target=rrdb sr_patch=128 ema_decay=0.99 reset_model_state_flag=True"
+
+echo "[demo] 5/6 LDM: UNet and text encoder (the RRDB rides along into every checkpoint)"
+easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
+  --checkpoint_dir="$WORK/final" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
+  --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=5 ema_decay=0.999 reset_model_state_flag=True"
 
 echo "[demo] 6/6 evaluate (20 steps, default sampler) and ship"
 for split in T2I_test T2I_heldout; do
