@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="")
+    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max"))
     args = parser.parse_args()
     import torch
 
@@ -34,8 +35,9 @@ def main() -> None:
     from appzoo.latent_diffusion.predict import Generator
     from easynlp_ldm.args import parse_flags
 
-    model = load_inference_model(args.model, parse_flags([]))
     params = {p.name: p.default for p in PARAMS}
+    params["optimize"] = args.optimize
+    model = load_inference_model(args.model, parse_flags([]), params)
     params["ddim_steps"] = args.steps
     generate = Generator(model, params)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
@@ -48,7 +50,8 @@ def main() -> None:
             generate(prompts, seeds)
             times.append(time.perf_counter() - start)
     best = min(times)
-    print(f"model {model.source_path}: {model.image_size}x{model.image_size}, {args.steps} steps, guidance "
+    print(f"optimize={args.optimize}; model {model.source_path}: {model.image_size}x{model.image_size}, "
+          f"{args.steps} steps, guidance "
           f"{params['scale']}, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"{best / args.batch:.3f} s per image ({best:.2f} s per batch; best of {args.repeats})")
 

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--model", default="")
+    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max"))
     args = parser.parse_args()
     import httpx
     import uvicorn
@@ -39,7 +40,8 @@ def main() -> None:
     from easynlp_ldm.serving.server import ServiceSettings, create_app
 
     params = {p.name: p.default for p in PARAMS}
-    model = load_inference_model(args.model, parse_flags([]))
+    params["optimize"] = args.optimize
+    model = load_inference_model(args.model, parse_flags([]), params)
     service = LatentDiffusionService(model, params)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +75,8 @@ def main() -> None:
     server.should_exit = True
     thread.join(30)
     seq_ips, conc_ips = args.requests / sequential, args.requests / concurrent
-    print(f"model {model.source_path}; {args.requests} requests of 1 image, {args.steps} steps, max_batch_size "
+    print(f"optimize={args.optimize}; model {model.source_path}; {args.requests} requests of 1 image, "
+          f"{args.steps} steps, max_batch_size "
           f"{args.max_batch_size}")
     print(f"sequential (1 client): {seq_ips:.2f} images/s")
     print(f"{args.clients} concurrent clients: {conc_ips:.2f} images/s")

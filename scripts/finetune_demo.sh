@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Fine-tuning tutorial: teach the embedded model a new shape, 星形 (star), which it has never seen.
-#   1. make 400 star images with captions (+ 400 images of the old shapes, mixed in so it does not forget)
+#   1. make 400 star images with captions (+ 800 images of the old shapes, mixed in so it does not forget)
 #   2. measure before: star accuracy and old-concept accuracy
 #   3. fine-tune the shipped model (UNet + text encoder) on the mix
 #   4. measure after
-# Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (EPOCHS=… to change the length of step 3)
+# Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (EPOCHS, OLD_TRAIN, LR change step 3)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/finetune_demo_work}"
-EPOCHS="${EPOCHS:-12}"
+EPOCHS="${EPOCHS:-20}"
+OLD_TRAIN="${OLD_TRAIN:-800}"
+LR="${LR:-3e-4}"
 export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
 mkdir -p "$WORK"
 SCHEMA="--input_schema=idx:str:1,text:str:1,imgbase64:str:1 --first_sequence=text --second_sequence=imgbase64"
 
-echo "[tutorial] 1/4 data: 400 stars (+50 val, 100 test) and 400 old shapes (+200 test)"
+echo "[tutorial] 1/4 data: 400 stars (+50 val, 100 test) and $OLD_TRAIN old shapes (+200 test)"
 python scripts/make_shapes_dataset.py --output_dir "$WORK/stars" --only_shape 星形 --seed 11 \
   --num_train 400 --num_val 50 --num_test 100
-python scripts/make_shapes_dataset.py --output_dir "$WORK/old" --seed 12 --num_train 400 --num_val 50 \
+python scripts/make_shapes_dataset.py --output_dir "$WORK/old" --seed 12 --num_train "$OLD_TRAIN" --num_val 50 \
   --num_test 200 --num_heldout 0
 cat "$WORK/stars/T2I_train.tsv" "$WORK/old/T2I_train.tsv" > "$WORK/mix_train.tsv"
 cat "$WORK/stars/T2I_val.tsv" "$WORK/old/T2I_val.tsv" > "$WORK/mix_val.tsv"
@@ -43,9 +45,9 @@ evaluate shapes-ldm-zh before
 echo "[tutorial] 3/4 fine-tuning the embedded model on stars + old shapes"
 start=$(date +%s)
 easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
-  --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate=2e-4 --warmup_proportion=0.05 --random_seed=0 \
+  --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
   --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=shapes-ldm-zh
-train_text_encoder=True snr_gamma=5 ema_decay=0.99 reset_model_state_flag=True"
+train_text_encoder=True snr_gamma=5 ema_decay=0.995 reset_model_state_flag=True"
 echo "[tutorial] fine-tuning took $(( $(date +%s) - start )) s"
 
 echo "[tutorial] 4/4 after fine-tuning"
