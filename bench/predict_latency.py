@@ -31,12 +31,11 @@ def main() -> None:
     import torch
 
     from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.predict import Generator
     from easynlp_ldm.args import parse_flags
 
-    params = {p.name: p.default for p in PARAMS}
-    params["optimize"] = args.optimize
+    params = default_params(optimize=args.optimize)
     model = load_inference_model(args.model, parse_flags([]), params)
     params["ddim_steps"] = args.steps
     generate = Generator(model, params)

@@ -34,13 +34,12 @@ def main() -> None:
     import uvicorn
 
     from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.serve import LatentDiffusionService
     from easynlp_ldm.args import parse_flags
     from easynlp_ldm.serving.server import ServiceSettings, create_app
 
-    params = {p.name: p.default for p in PARAMS}
-    params["optimize"] = args.optimize
+    params = default_params(optimize=args.optimize)
     model = load_inference_model(args.model, parse_flags([]), params)
     service = LatentDiffusionService(model, params)
     with socket.socket() as s:

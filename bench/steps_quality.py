@@ -28,13 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     from appzoo.latent_diffusion.app import load_inference_model
     from appzoo.latent_diffusion.evaluate import load_truth_by_idx, prompt_following, truth_path_for
-    from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.params import default_params
     from easynlp_ldm.args import parse_flags
     from easynlp_ldm.tables import BadRowPolicy, parse_schema
 
     flags = parse_flags(["--micro_batch_size=50"])
-    params = {p.name: p.default for p in PARAMS}
-    params["optimize"] = args.optimize
+    params = default_params(optimize=args.optimize)
     model = load_inference_model(args.model, flags, params)
     truth = load_truth_by_idx(truth_path_for(args.table, ""))
     schema = parse_schema("idx:str:1,text:str:1")

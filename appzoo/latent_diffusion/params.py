@@ -137,3 +137,13 @@ PARAMS: tuple[Param, ...] = (
           "RRDB_ESRGAN_x4.pth when present) or diffusers (a folder StableDiffusionPipeline.from_pretrained loads)",
           modes=EXPORT, choices=("tar", "diffusers")),
 )
+
+
+def default_params(**overrides) -> dict:
+    """Every parameter at its declared default, with ``overrides`` (for scripts and benchmarks)."""
+    values = {param.name: param.default for param in PARAMS}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise KeyError(f"unknown parameters: {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    return values
