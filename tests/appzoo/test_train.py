@@ -12,6 +12,7 @@ import torch
 from easynlp_ldm import cli
 from modelzoo.ldm import LatentDiffusion
 from tests.appzoo.conftest import train_argv
+from tests.easynlp_ldm.test_cli import SEED_TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,13 +32,7 @@ def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, sha
     shutil.copy(os.path.join(shapes_data, "T2I_val.tsv"), tmp_path)
     os.symlink(os.path.dirname(tiny_model_dir), tmp_path / "alibaba-pai")
     monkeypatch.chdir(tmp_path)
-    argv = ["--mode=train", "--worker_gpu=1", "--tables=T2I_train.tsv,T2I_val.tsv",
-            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-            "--second_sequence=imgbase64", "--checkpoint_dir=./finetuned_model", "--learning_rate=4e-5",
-            "--epoch_num=3", "--random_seed=42", "--logging_steps=100", "--save_checkpoint_steps=1000",
-            "--sequence_length=288", "--micro_batch_size=16", "--app_name=latent_diffusion",
-            "--user_defined_parameters=\npretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh\n"
-            "reset_model_state_flag=True\n"]
+    argv = SEED_TRAIN  # the tutorial command verbatim (shared with the CLI tests)
     assert cli.main(argv) == 0
     out = tmp_path / "finetuned_model"
     for name in ("config.json", "pytorch_model.bin", "vocab.txt"):
