@@ -43,7 +43,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modelzoo.optimize import choose_dtype
+    from modelzoo.optimize import choose_dtype, optimize_unet
 
     latent = args.size // 8
     x = torch.randn(2, 4, latent, latent)
@@ -57,7 +57,7 @@ def main() -> None:
     results = {}
     for level in args.levels.split(","):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        unet = UNet2DConditionModel(**{**SD15_UNET, "sample_size": latent}).eval()
         if flops is None:
             with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                 unet(x, t, encoder_hidden_states=context)
@@ -65,13 +65,8 @@ def main() -> None:
             print(f"SD-1.5 UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters, "
                   f"{flops / 1e9:.1f} GFLOP per step at {args.size}², batch 2")
         dtype = choose_dtype(level, "", torch.device("cpu"))
-        if level != "none":
-            unet.to(memory_format=torch.channels_last)
-            unet.fuse_qkv_projections()
-            unet.to(dtype)
+        done = optimize_unet(unet, level, dtype)
         step = unet
-        if level == "max":
-            step = torch.compile(unet, dynamic=False)
         xin, cin = x.to(dtype), context.to(dtype)
         with torch.inference_mode():
             start = time.perf_counter()
@@ -83,7 +78,8 @@ def main() -> None:
             per_step = (time.perf_counter() - start) / args.steps
         results[level] = per_step
         fraction = flops / per_step / peak
-        print(f"optimize={level:4s} ({str(dtype).replace('torch.', '')}): {per_step:.3f} s/step "
+        layout = ", ".join(k for k, v in done.items() if v) or "default layout"
+        print(f"optimize={level:4s} ({str(dtype).replace('torch.', '')}, {layout}): {per_step:.3f} s/step "
               f"(first call {warmup:.1f} s), {flops / per_step / 1e12:.2f} TFLOP/s = {fraction:.0%} of bf16 peak")
     if "none" in results:
         for level, value in results.items():

@@ -77,9 +77,35 @@ class TrainTask(Protocol):
 
     def validate(self) -> float | None: ...
 
-    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> None: ...
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str] | None: ...
+    # returns the files written (lets the trainer hard-link last/ to an identical checkpoint instead of rewriting)
 
     def sample_images(self) -> list[tuple[str, Any]]: ...  # (caption, PIL image) for TensorBoard
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """What ``--use_amp`` autocasts to: bf16 on CPU and on GPUs that have it, fp16 (with a grad scaler) otherwise."""
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _link_files(files: list[str] | None, folder: str) -> bool:
+    """Hard-link ``files`` into ``folder``, each replacing its namesake atomically. False (and nothing half done
+    that matters: the caller writes the folder in full) where the file system has no hard links."""
+    if not files:
+        return False
+    os.makedirs(folder, exist_ok=True)
+    try:
+        for path in files:
+            target = os.path.join(folder, os.path.basename(path))
+            tmp = f"{target}.link.{os.getpid()}"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            os.link(path, tmp)
+            os.replace(tmp, target)
+    except OSError as err:
+        logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
+        return False
+    return True
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -196,11 +222,7 @@ class Trainer:
         self.micro_position = 0  # micro-batches of the current epoch already consumed
         self.best_loss: float | None = None
         self.writer = None
-        self.amp_dtype = None
-        if config.use_amp:
-            device = self.params[0].device
-            self.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() \
-                else torch.float16
+        self.amp_dtype = amp_dtype(self.params[0].device) if config.use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     # --------------------------------------------------------------------------------------------- state
@@ -278,15 +300,18 @@ class Trainer:
     def save_checkpoint(self, val_loss: float | None) -> None:
         out = self.config.output_dir
         weights = self.ema_weights()
+        last = os.path.join(out, "last")
         try:
-            self.task.save_model(os.path.join(out, "last"), weights)
-            if self.config.save_all_checkpoints:
-                self.task.save_model(os.path.join(out, f"checkpoint-{self.step}"), weights)
             improved = val_loss is None or self.best_loss is None or val_loss < self.best_loss
-            if improved:
+            if improved:  # the best is also the last: written once, last/ gets hard links to the same files
                 if val_loss is not None:
                     self.best_loss = val_loss
-                self.task.save_model(out, weights)
+                if not _link_files(self.task.save_model(out, weights), last):
+                    self.task.save_model(last, weights)
+            else:
+                self.task.save_model(last, weights)
+            if self.config.save_all_checkpoints:
+                self.task.save_model(os.path.join(out, f"checkpoint-{self.step}"), weights)
             self.save_training_state()
         except OSError as err:
             raise _write_failure(err, f"the checkpoint at step {self.step}", out) from None

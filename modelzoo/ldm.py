@@ -149,9 +149,9 @@ class LatentDiffusion(torch.nn.Module):
         return state
 
     def save_pretrained(self, folder: str, overrides: dict[str, torch.Tensor] | None = None,
-                        dtype: torch.dtype | None = None) -> None:
+                        dtype: torch.dtype | None = None) -> list[str]:
         """Write the checkpoint folder. Each file is replaced atomically, weights last: a reader never sees a
-        half-written file, and config/vocab never change during a training run."""
+        half-written file, and config/vocab never change during a training run. Returns the checkpoint's files."""
         os.makedirs(folder, exist_ok=True)
         state = self.component_state_dict(overrides)
         if dtype is not None:
@@ -159,13 +159,16 @@ class LatentDiffusion(torch.nn.Module):
         atomic_write_text(os.path.join(folder, CONFIG_NAME),
                           json.dumps(self.config_dict(), ensure_ascii=False, indent=2, default=_json_default))
         atomic_write_text(os.path.join(folder, VOCAB_NAME), te.vocab_lines(self.tokenizer))
+        files = [os.path.join(folder, CONFIG_NAME), os.path.join(folder, VOCAB_NAME)]
         if self.esrgan_path:
             target = os.path.join(folder, ESRGAN_NAME)
             if os.path.abspath(self.esrgan_path) != os.path.abspath(target):
                 tmp = f"{target}.tmp.{os.getpid()}"
                 shutil.copyfile(self.esrgan_path, tmp)
                 os.replace(tmp, target)
+            files.append(target)
         atomic_torch_save(state, os.path.join(folder, WEIGHTS_NAME))
+        return files + [os.path.join(folder, WEIGHTS_NAME)]
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> LatentDiffusion:

@@ -2,8 +2,9 @@
 
 Levels (``optimize``):
 * ``none``: fp32 eager with diffusers' defaults — the reference every other level is measured against.
-* ``auto`` (default): the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), channels_last,
-  fused QKV projections, PyTorch SDPA attention. The numerically sensitive parts stay fp32: the scheduler arithmetic
+* ``auto`` (default): the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), PyTorch SDPA
+  attention, fused QKV projections, and the channels_last memory layout where it pays, which depends on size (see
+  ``layout_choices``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32: the scheduler arithmetic
   (latents stay fp32; the UNet casts its input down and its output back up), the initial noise draw (so seeds mean
   the same images as in fp32) and the whole VAE decoder.
 * ``max``: ``auto`` + ``torch.compile`` of the UNet and the VAE decoder (``dynamic=False``: each new batch size or
@@ -60,30 +61,55 @@ def _fp32_output_hook(module, args, kwargs, output):
     return output.float() if torch.is_tensor(output) else output
 
 
+# On CPU, oneDNN's channels_last convolutions only pay once the feature maps are large: on the embedded model's 16×16
+# latents they made a bf16 UNet call (batch 32, 2 threads) 1.35× slower (148 vs 110 ms); on 32×32 and larger latents
+# (SD-1.x at 256² and up) they are faster (bench/unet_speed.py). CUDA kernels prefer channels_last at every size.
+# Fused QKV projections measured the same as separate ones on the small UNet and are kept everywhere.
+CPU_LAYOUT_MIN_LATENT = 32
+
+
+def layout_choices(unet, device: torch.device) -> dict:
+    """Whether channels_last and fused QKV are worth it for this UNet on this device."""
+    large = device.type == "cuda" or int(unet.config.sample_size) >= CPU_LAYOUT_MIN_LATENT
+    return {"channels_last": large, "fused_qkv": True}
+
+
+def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
+    """The UNet part of a level (memory layout, fused projections, dtype, compilation), in place. Used by
+    ``prepare_for_inference`` and by ``bench/unet_speed.py``, so the bench measures what predict runs."""
+    done: dict = {"channels_last": False, "fused_qkv": False}
+    if level != "none":
+        choices = layout_choices(unet, unet.device)
+        if choices["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+            done["channels_last"] = True
+        if choices["fused_qkv"]:
+            try:
+                unet.fuse_qkv_projections()
+                done["fused_qkv"] = True
+            except Exception as err:  # some attention processors cannot be fused; nothing is lost
+                logger.info("QKV fusion skipped: %s", err)
+    if dtype != torch.float32:
+        unet.to(dtype)
+    if level == "max":
+        unet.forward = torch.compile(unet.forward, dynamic=False)
+    return done
+
+
 def prepare_for_inference(model, level: str = "auto", precision: str = "") -> dict:
     """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
     if level not in LEVELS:
         raise ValueError(f"optimize must be one of {', '.join(LEVELS)}")
     device = model.unet.device
     dtype = choose_dtype(level, precision, device)
-    done = {"level": level, "dtype": str(dtype).replace("torch.", "")}
     model.eval()
-    if level != "none":
-        model.unet.to(memory_format=torch.channels_last)
-        try:
-            model.unet.fuse_qkv_projections()
-            done["fused_qkv"] = True
-        except Exception as err:  # some attention processors cannot be fused; nothing is lost
-            logger.info("QKV fusion skipped: %s", err)
-        done["channels_last"] = True
+    done = {"level": level, "dtype": str(dtype).replace("torch.", ""), **optimize_unet(model.unet, level, dtype)}
     if dtype != torch.float32:
-        model.unet.to(dtype)
         model.text_encoder.to(dtype)
         # The scheduler works on fp32 latents: the UNet takes them down to `dtype` and gives fp32 back.
         model.unet.register_forward_pre_hook(_cast_inputs_hook(dtype), with_kwargs=True)
         model.unet.register_forward_hook(_fp32_output_hook, with_kwargs=True)
     if level == "max":
-        model.unet.forward = torch.compile(model.unet.forward, dynamic=False)
         model.vae.decoder.forward = torch.compile(model.vae.decoder.forward, dynamic=False)
         done["compiled"] = ["unet", "vae.decoder"]
     model.optimization = done

@@ -97,7 +97,7 @@ class VAETrainTask:
             vae.train(was_training)
 
     @torch.no_grad()
-    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> None:
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         # The latent scaling factor makes the saved VAE's latents unit-variance for the diffusion model.
         vae = copy.deepcopy(self.model.vae).eval()
         vae.load_state_dict({k[len("vae."):]: v for k, v in weights.items()}, strict=False)
@@ -105,7 +105,7 @@ class VAETrainTask:
         latents = torch.cat([vae.encode(x[i:i + 32]).latent_dist.mean for i in range(0, len(x), 32)])
         scaling = float(1.0 / latents.float().std().clamp(min=1e-6))
         self.model.vae.register_to_config(scaling_factor=scaling)
-        self.model.save_pretrained(folder, overrides=weights)
+        return self.model.save_pretrained(folder, overrides=weights)
 
     @torch.no_grad()
     def sample_images(self) -> list[tuple[str, Any]]:
@@ -191,7 +191,7 @@ class RRDBTrainTask:
         finally:
             self.net.train()
 
-    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> None:
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         from modelzoo.esrgan import save_rrdbnet
 
         os.makedirs(folder, exist_ok=True)
@@ -201,7 +201,7 @@ class RRDBTrainTask:
         save_rrdbnet(net, path)
         self.model.esrgan_path = path
         self.model.extra.setdefault("esrgan_channel_order", "rgb")
-        self.model.save_pretrained(folder)
+        return self.model.save_pretrained(folder)
 
     @torch.no_grad()
     def sample_images(self) -> list[tuple[str, Any]]:

@@ -183,8 +183,10 @@ def test_uncached_path_with_workers_and_text_encoder_training_and_extras(tiny_mo
     assert any(not torch.equal(saved[f"text_encoder.{k}"], v) for k, v in source.text_encoder.state_dict().items())
 
 
-def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_path):
-    common = ("--micro_batch_size=8", "--epoch_num=1", "--learning_rate=1e-3")
+@pytest.mark.parametrize("amp", [(), ("--use_amp",)], ids=["fp32", "amp"])
+def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_path, amp):
+    # with --use_amp the cache encodes under the same autocast as an uncached step does
+    common = ("--micro_batch_size=8", "--epoch_num=1", "--learning_rate=1e-3", *amp)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert cli.main(train_argv(shapes_data, a, tiny_model_dir, *common, udp="cache_latents=True")) == 0
     assert cli.main(train_argv(shapes_data, b, tiny_model_dir, *common, udp="cache_latents=False")) == 0

@@ -47,3 +47,27 @@ def test_max_is_close_to_none_and_does_not_recompile(tiny_model_dir, reference):
 def test_unknown_level_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="optimize must be one of"):
         prepare_for_inference(LatentDiffusion.from_pretrained(tiny_model_dir), "turbo")
+
+
+@pytest.mark.parametrize("latent", [16, 32])
+def test_layout_follows_latent_size_and_keeps_outputs(latent):
+    # channels_last only on latents of 32×32 and up on CPU (slower below, see optimize.layout_choices); fused QKV
+    # always; either way the UNet computes the same function.
+    from diffusers import UNet2DConditionModel
+
+    from modelzoo.optimize import optimize_unet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=latent, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8).eval()
+    x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([10, 900]), torch.randn(2, 7, 32)
+    with torch.inference_mode():
+        before = unet(x, t, encoder_hidden_states=context).sample
+        done = optimize_unet(unet, "auto", torch.float32)
+        after = unet(x, t, encoder_hidden_states=context).sample
+    assert done == {"channels_last": latent >= 32, "fused_qkv": True}
+    weight = unet.down_blocks[0].resnets[0].conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (latent >= 32)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,91 @@
+"""Quality guard for the speed levels: prompt-following accuracy (the issue-5 metric) of the embedded model with
+optimize=none, auto and max on the same prompts and seeds, and each level's PSNR against none, image by image.
+
+    python bench/optimize_quality.py --table DATA/T2I_test.tsv [--rows 200] [--levels none,auto,max] [--steps 20]
+
+Without --table a fresh shapes test split (seed 0, the data set's generator) is written to a temporary folder.
+Prints accuracy per level, the difference from none in points, and PSNR (mean and minimum over images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", default="", help="a shapes split with its .truth.jsonl sidecar")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--levels", default="none,auto,max")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--model", default="")
+    args = parser.parse_args()
+    import numpy as np
+
+    from appzoo.latent_diffusion.app import load_inference_model
+    from appzoo.latent_diffusion.evaluate import load_truth_by_idx, truth_path_for
+    from appzoo.latent_diffusion.params import default_params
+    from appzoo.latent_diffusion.predict import Generator, image_seed
+    from appzoo.latent_diffusion.shapes import generate_dataset, judge
+    from easynlp_ldm.args import parse_flags
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = args.table
+        if not table:
+            generate_dataset(tmp, seed=0, num_train=0, num_val=0, num_test=args.rows, num_heldout=0)
+            table = os.path.join(tmp, "T2I_test.tsv")
+        truth = load_truth_by_idx(truth_path_for(table, ""))
+        with open(table, encoding="utf-8") as handle:
+            rows = [line.rstrip("\n").split("\t")[:2] for line in handle][:args.rows]
+    prompts = [text for _, text in rows]
+    seeds = [image_seed(0, number, 0) for number in range(1, len(rows) + 1)]
+    flags = parse_flags([f"--micro_batch_size={args.batch}"])
+    results, reference = {}, None
+    for level in args.levels.split(","):
+        params = default_params(optimize=level, ddim_steps=args.steps)
+        model = load_inference_model(args.model, flags, params)
+        generate = Generator(model, params)
+        start = time.perf_counter()
+        images = []
+        for i in range(0, len(prompts), args.batch):
+            images += [np.asarray(im) for im in generate(prompts[i:i + args.batch], seeds[i:i + args.batch])]
+        seconds = time.perf_counter() - start
+        colour = shape = both = 0
+        for (idx, _), image in zip(rows, images):
+            verdict, record = judge(image), truth[idx]
+            colour += verdict.colour == record["colour"]
+            shape += verdict.shape == record["shape"]
+            both += verdict.colour == record["colour"] and verdict.shape == record["shape"]
+        n = len(images)
+        results[level] = (100 * colour / n, 100 * shape / n, 100 * both / n)
+        line = (f"optimize={level}: colour {results[level][0]:.1f} %, shape {results[level][1]:.1f} %, both "
+                f"{results[level][2]:.1f} % ({n} prompts, {seconds / n:.3f} s/image incl. warm-up)")
+        if reference is None:
+            reference = images
+        else:
+            values = [psnr(a, b) for a, b in zip(images, reference)]
+            finite = [v for v in values if v != float("inf")]
+            delta = results[level][2] - results[args.levels.split(",")[0]][2]
+            line += (f"; both {delta:+.1f} points vs {args.levels.split(',')[0]}; PSNR vs it: mean "
+                     f"{np.mean(finite) if finite else float('inf'):.1f} dB, min {min(values):.1f} dB, "
+                     f"{len(values) - len(finite)} identical")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
