@@ -4,9 +4,9 @@ Levels (``optimize``):
 * ``none``: fp32 eager with diffusers' defaults — the reference every other level is measured against.
 * ``auto`` (default): the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), PyTorch SDPA
   attention, fused QKV projections, and the channels_last memory layout where it pays, which depends on size (see
-  ``layout_choices``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32: the scheduler arithmetic
-  (latents stay fp32; the UNet casts its input down and its output back up), the initial noise draw (so seeds mean
-  the same images as in fp32) and the whole VAE decoder.
+  ``layout_choices``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32:
+  the scheduler arithmetic (latents stay fp32; the UNet casts its input down and its output back up), the initial
+  noise draw (so seeds mean the same images as in fp32) and the whole VAE decoder.
 * ``max``: ``auto`` + ``torch.compile`` of the UNet and the VAE decoder (``dynamic=False``: each new batch size or
   image size compiles once, then is cached; the inductor cache on disk makes later processes start warm).
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tuning tutorial: teach the embedded model a new shape, 星形 (star), which it has never seen.
-#   1. make 400 star images with captions (+ 800 images of the old shapes, mixed in so it does not forget)
+#   1. make 400 star images with captions (+ OLD_TRAIN=800 images of the old shapes, mixed in so it does not forget)
 #   2. measure before: star accuracy and old-concept accuracy
 #   3. fine-tune the shipped model (UNet + text encoder) on the mix
 #   4. measure after
@@ -9,7 +9,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/finetune_demo_work}"
-EPOCHS="${EPOCHS:-20}"
+EPOCHS="${EPOCHS:-30}"
 OLD_TRAIN="${OLD_TRAIN:-800}"
 LR="${LR:-3e-4}"
 export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
