@@ -1,0 +1,21 @@
+import os
+
+from easynlp_ldm.trainer import _link_files
+
+
+def test_last_folder_shares_the_best_files_instead_of_a_second_copy(tmp_path):
+    # when the final weights are also the best, last/ gets hard links to the files just written
+    out, last = tmp_path / "out", tmp_path / "out" / "last"
+    out.mkdir()
+    last.mkdir()
+    (last / "pytorch_model.bin").write_bytes(b"older weights")
+    files = []
+    for name, data in (("config.json", b"{}"), ("pytorch_model.bin", b"new weights")):
+        (out / name).write_bytes(data)
+        files.append(str(out / name))
+    assert _link_files(files, str(last))
+    for path in files:
+        assert os.path.samefile(path, last / os.path.basename(path))
+    assert (last / "pytorch_model.bin").read_bytes() == b"new weights"
+    assert sorted(os.listdir(last)) == ["config.json", "pytorch_model.bin"]  # no temporary names left behind
+    assert not _link_files([], str(last)) and not _link_files(None, str(last))  # nothing to link: caller writes
