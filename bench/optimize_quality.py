@@ -55,8 +55,9 @@ def main() -> None:
     prompts = [text for _, text in rows]
     seeds = [image_seed(0, number, 0) for number in range(1, len(rows) + 1)]
     flags = parse_flags([f"--micro_batch_size={args.batch}"])
+    levels = args.levels.split(",")
     results, reference = {}, None
-    for level in args.levels.split(","):
+    for level in levels:
         params = default_params(optimize=level, ddim_steps=args.steps)
         model = load_inference_model(args.model, flags, params)
         generate = Generator(model, params)
@@ -80,8 +81,8 @@ def main() -> None:
         else:
             values = [psnr(a, b) for a, b in zip(images, reference)]
             finite = [v for v in values if v != float("inf")]
-            delta = results[level][2] - results[args.levels.split(",")[0]][2]
-            line += (f"; both {delta:+.1f} points vs {args.levels.split(',')[0]}; PSNR vs it: mean "
+            delta = results[level][2] - results[levels[0]][2]
+            line += (f"; both {delta:+.1f} points vs {levels[0]}; PSNR vs it: mean "
                      f"{np.mean(finite) if finite else float('inf'):.1f} dB, min {min(values):.1f} dB, "
                      f"{len(values) - len(finite)} identical")
         print(line, flush=True)

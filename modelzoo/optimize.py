@@ -4,7 +4,7 @@ Levels (``optimize``):
 * ``none``: fp32 eager with diffusers' defaults — the reference every other level is measured against.
 * ``auto`` (default): the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), PyTorch SDPA
   attention, fused QKV projections, and the channels_last memory layout where it pays, which depends on size (see
-  ``layout_choices``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32:
+  ``prefers_channels_last``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32:
   the scheduler arithmetic (latents stay fp32; the UNet casts its input down and its output back up), the initial
   noise draw (so seeds mean the same images as in fp32) and the whole VAE decoder.
 * ``max``: ``auto`` + ``torch.compile`` of the UNet and the VAE decoder (``dynamic=False``: each new batch size or
@@ -68,10 +68,9 @@ def _fp32_output_hook(module, args, kwargs, output):
 CPU_LAYOUT_MIN_LATENT = 32
 
 
-def layout_choices(unet, device: torch.device) -> dict:
-    """Whether channels_last and fused QKV are worth it for this UNet on this device."""
-    large = device.type == "cuda" or int(unet.config.sample_size) >= CPU_LAYOUT_MIN_LATENT
-    return {"channels_last": large, "fused_qkv": True}
+def prefers_channels_last(unet, device: torch.device) -> bool:
+    """Whether the channels_last layout is worth it for this UNet on this device."""
+    return device.type == "cuda" or int(unet.config.sample_size) >= CPU_LAYOUT_MIN_LATENT
 
 
 def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
@@ -79,16 +78,14 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
     ``prepare_for_inference`` and by ``bench/unet_speed.py``, so the bench measures what predict runs."""
     done: dict = {"channels_last": False, "fused_qkv": False}
     if level != "none":
-        choices = layout_choices(unet, unet.device)
-        if choices["channels_last"]:
+        if prefers_channels_last(unet, unet.device):
             unet.to(memory_format=torch.channels_last)
             done["channels_last"] = True
-        if choices["fused_qkv"]:
-            try:
-                unet.fuse_qkv_projections()
-                done["fused_qkv"] = True
-            except Exception as err:  # some attention processors cannot be fused; nothing is lost
-                logger.info("QKV fusion skipped: %s", err)
+        try:
+            unet.fuse_qkv_projections()
+            done["fused_qkv"] = True
+        except Exception as err:  # some attention processors cannot be fused; nothing is lost
+            logger.info("QKV fusion skipped: %s", err)
     if dtype != torch.float32:
         unet.to(dtype)
     if level == "max":

@@ -51,7 +51,7 @@ def test_unknown_level_is_rejected(tiny_model_dir):
 
 @pytest.mark.parametrize("latent", [16, 32])
 def test_layout_follows_latent_size_and_keeps_outputs(latent):
-    # channels_last only on latents of 32×32 and up on CPU (slower below, see optimize.layout_choices); fused QKV
+    # channels_last only on latents of 32×32 and up on CPU (slower below, see optimize.prefers_channels_last); fused QKV
     # always; either way the UNet computes the same function.
     from diffusers import UNet2DConditionModel
 
