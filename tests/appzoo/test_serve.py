@@ -97,7 +97,9 @@ def test_eas_contract(server):
     assert all(png(b).size == (32, 32) for b in body["images_base64"])
     again = httpx.post(server.url + "/predict", json={"text": "测试文本", "num_inference_steps": 2, "num_images": 1,
                                                       "seed": body["seeds"][0]}, timeout=60).json()
-    assert again["images_base64"][0] == body["images_base64"][0]  # the seed reproduces the image
+    # the seed reproduces the image; alone vs in a batch of two may differ by 1/255 (matmul blocking, README "Seeds")
+    alone, in_pair = (np.asarray(png(b), dtype=np.int16) for b in (again["images_base64"][0], body["images_base64"][0]))
+    assert np.abs(alone - in_pair).max() <= 1
 
 
 @pytest.mark.parametrize("body,field", [
