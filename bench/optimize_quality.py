@@ -3,7 +3,8 @@ optimize=none, auto and max on the same prompts and seeds, and each level's PSNR
 
     python bench/optimize_quality.py --table DATA/T2I_test.tsv [--rows 200] [--levels none,auto,max] [--steps 20]
 
-Without --table a fresh shapes test split (seed 0, the data set's generator) is written to a temporary folder.
+A level may carry parameter overrides after '+', e.g. ``--levels none,auto,auto+guidance_cutoff=0.5``. Without
+--table a fresh shapes test split (seed 0, the data set's generator) is written to a temporary folder.
 Prints accuracy per level, the difference from none in points, and PSNR (mean and minimum over images).
 """
 
@@ -57,8 +58,15 @@ def main() -> None:
     flags = parse_flags([f"--micro_batch_size={args.batch}"])
     levels = args.levels.split(",")
     results, reference = {}, None
+    defaults = default_params()
     for level in levels:
-        params = default_params(optimize=level, ddim_steps=args.steps)
+        name, *extra = level.split("+")
+        overrides = {}
+        for item in extra:
+            key, _, value = item.partition("=")
+            kind = type(defaults[key])
+            overrides[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+        params = default_params(optimize=name, ddim_steps=args.steps, **overrides)
         model = load_inference_model(args.model, flags, params)
         generate = Generator(model, params)
         start = time.perf_counter()
@@ -74,7 +82,8 @@ def main() -> None:
             both += verdict.colour == record["colour"] and verdict.shape == record["shape"]
         n = len(images)
         results[level] = (100 * colour / n, 100 * shape / n, 100 * both / n)
-        line = (f"optimize={level}: colour {results[level][0]:.1f} %, shape {results[level][1]:.1f} %, both "
+        label = f"optimize={name}" + "".join(f" {k}={v}" for k, v in overrides.items())
+        line = (f"{label}: colour {results[level][0]:.1f} %, shape {results[level][1]:.1f} %, both "
                 f"{results[level][2]:.1f} % ({n} prompts, {seconds / n:.3f} s/image incl. warm-up)")
         if reference is None:
             reference = images

@@ -2,13 +2,17 @@
 # Fine-tuning tutorial: teach the embedded model a new shape, 星形 (star), which it has never seen.
 #   1. make 400 star images with captions (+ OLD_TRAIN=800 images of the old shapes, mixed in so it does not forget)
 #   2. measure before: star accuracy and old-concept accuracy
-#   3. fine-tune the shipped model (UNet + text encoder) on the mix
-#   4. measure after
-# Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (EPOCHS, OLD_TRAIN, LR change step 3)
+#   3. fine-tune the VAE's decoder on the mix (train_target=vae_decoder): the frozen decoder draws small stars as
+#      circles; the encoder stays frozen, so the latent space and the diffusion model stay valid
+#   4. fine-tune the diffusion model (UNet + text encoder) on the mix, starting from step 3's model
+#   5. measure after
+# Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (DEC_EPOCHS, DEC_LR change step 3; EPOCHS, OLD_TRAIN, LR step 4)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/finetune_demo_work}"
+DEC_EPOCHS="${DEC_EPOCHS:-12}"
+DEC_LR="${DEC_LR:-4e-4}"
 EPOCHS="${EPOCHS:-30}"
 OLD_TRAIN="${OLD_TRAIN:-800}"
 LR="${LR:-3e-4}"
@@ -16,9 +20,9 @@ export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
 mkdir -p "$WORK"
 SCHEMA="--input_schema=idx:str:1,text:str:1,imgbase64:str:1 --first_sequence=text --second_sequence=imgbase64"
 
-echo "[tutorial] 1/4 data: 400 stars (+50 val, 100 test) and $OLD_TRAIN old shapes (+200 test)"
+echo "[tutorial] 1/5 data: 400 stars (+50 val, 200 test) and $OLD_TRAIN old shapes (+200 test)"
 python scripts/make_shapes_dataset.py --output_dir "$WORK/stars" --only_shape 星形 --seed 11 \
-  --num_train 400 --num_val 50 --num_test 100
+  --num_train 400 --num_val 50 --num_test 200
 python scripts/make_shapes_dataset.py --output_dir "$WORK/old" --seed 12 --num_train "$OLD_TRAIN" --num_val 50 \
   --num_test 200 --num_heldout 0
 cat "$WORK/stars/T2I_train.tsv" "$WORK/old/T2I_train.tsv" > "$WORK/mix_train.tsv"
@@ -39,18 +43,27 @@ print(f"[tutorial] {label}: star shape {stars['shape_acc']:.1%}, star both {star
 PY
 }
 
-echo "[tutorial] 2/4 before fine-tuning"
+echo "[tutorial] 2/5 before fine-tuning"
 evaluate shapes-ldm-zh before
 
-echo "[tutorial] 3/4 fine-tuning the embedded model on stars + old shapes"
+echo "[tutorial] 3/5 fine-tuning the VAE decoder on stars + old shapes"
 start=$(date +%s)
+easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/decoder" \
+  --micro_batch_size=32 --epoch_num="$DEC_EPOCHS" --learning_rate="$DEC_LR" --warmup_proportion=0.05 \
+  --random_seed=0 --logging_steps=50 --use_amp --user_defined_parameters="pretrain_model_name_or_path=shapes-ldm-zh
+train_target=vae_decoder ema_decay=0.99 reset_model_state_flag=True"
+decoder_done=$(date +%s)
+echo "[tutorial] decoder fine-tuning took $(( decoder_done - start )) s"
+
+echo "[tutorial] 4/5 fine-tuning the diffusion model (UNet + text encoder) on stars + old shapes"
 easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
   --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
-  --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=shapes-ldm-zh
+  --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
 train_text_encoder=True snr_gamma=5 ema_decay=0.995 reset_model_state_flag=True"
-echo "[tutorial] fine-tuning took $(( $(date +%s) - start )) s"
+end=$(date +%s)
+echo "[tutorial] UNet fine-tuning took $(( end - decoder_done )) s; fine-tuning in all $(( end - start )) s"
 
-echo "[tutorial] 4/4 after fine-tuning"
+echo "[tutorial] 5/5 after fine-tuning"
 evaluate "$WORK/model" after
 echo "[tutorial] generate stars yourself:"
 echo "  printf '1\t黑色背景上有一个黄色的星形\n' > stars.tsv && easynlp --mode=predict --tables=stars.tsv \\"

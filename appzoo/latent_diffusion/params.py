@@ -48,8 +48,10 @@ PARAMS: tuple[Param, ...] = (
           "of stopping at the first one", modes=READ_ROWS),
     # Training recipe.
     Param("train_target", str, "unet", "what to train: unet (the diffusion model; the usual fine-tuning), vae "
-          "(the autoencoder, reconstruction + KL), rrdb (the ESRGAN ×4 super-resolution net, on the table's images "
-          "as high-resolution targets)", modes=TRAIN, choices=("unet", "vae", "rrdb")),
+          "(the autoencoder, reconstruction + KL), vae_decoder (only the decoder: the latent space and the diffusion "
+          "model stay valid, e.g. to teach it a new shape's details before fine-tuning the UNet), rrdb (the ESRGAN ×4 "
+          "super-resolution net, on the table's images as high-resolution targets)", modes=TRAIN,
+          choices=("unet", "vae", "vae_decoder", "rrdb")),
     Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
           check=_non_negative),
     Param("rrdb_nf", int, 32, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb)",
@@ -85,6 +87,9 @@ PARAMS: tuple[Param, ...] = (
           check=_positive),
     Param("scale", float, 5.0, "classifier-free guidance scale (1: no guidance)", modes=SAMPLING,
           aliases=("guidance_scale",), check=_non_negative),
+    Param("guidance_cutoff", float, 1.0, "fraction of the steps (the first ones) that use classifier-free "
+          "guidance; the rest run the prompt's pass alone, at half the cost (1: every step, as diffusers does)",
+          modes=SAMPLING, check=lambda v: None if 0 < v <= 1 else "must be within (0, 1]"),
     Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
           check=_positive),
     Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=SAMPLING, check=_unit),

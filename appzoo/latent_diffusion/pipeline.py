@@ -3,6 +3,7 @@ image (so an image depends on its seed alone, not on the batch it was generated 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,25 @@ class GenerationSettings:
     sampler: str = ""
     negative_prompt: str = ""
     eta: float = 0.0
+    guidance_cutoff: float = 1.0  # fraction of the steps (the first ones) run with classifier-free guidance
+
+
+def guided_steps(steps: int, cutoff: float) -> int:
+    """How many of ``steps`` UNet evaluations run with guidance: at least one, ``ceil(cutoff × steps)``."""
+    return max(1, min(steps, math.ceil(cutoff * steps - 1e-9)))
+
+
+def _guidance_cutoff_callback(cutoff: float):
+    """After the guided steps, drop the unconditional half of the batch: diffusers' own switch, as its
+    ``SDCFGCutoffCallback`` does (which keeps only the last prompt's embedding, so it breaks batches of several).
+    Counted over the sampler's UNet evaluations (``num_timesteps``: Heun-style samplers make two per step)."""
+    def callback(pipeline, step_index, timestep, tensors):
+        if step_index == guided_steps(pipeline.num_timesteps, cutoff) - 1:
+            pipeline._guidance_scale = 0.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+        return tensors
+
+    return callback
 
 
 def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusionPipeline:
@@ -54,7 +74,11 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     factor = model.vae_scale_factor
     shape = (1, model.latent_channels, height // factor, width // factor)
     latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-    output = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
+    cutoff = {}
+    if negative is not None and settings.guidance_cutoff < 1:
+        cutoff = {"callback_on_step_end": _guidance_cutoff_callback(settings.guidance_cutoff),
+                  "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    output = pipe(**cutoff, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
                   generator=generators, latents=latents.to(model.unet.device), output_type="np")
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]

@@ -137,7 +137,8 @@ class Generator:
         self.settings = GenerationSettings(
             steps=params["ddim_steps"], guidance_scale=params["scale"], height=params["H"] or model.image_size,
             width=params["W"] or model.image_size, sampler=params["sampler"],
-            negative_prompt=params["negative_prompt"], eta=params["ddim_eta"])
+            negative_prompt=params["negative_prompt"], eta=params["ddim_eta"],
+            guidance_cutoff=params["guidance_cutoff"])
         check_size(model, self.settings.height, self.settings.width)
         try:
             self.pipe = build_pipeline(model, self.settings.sampler)

@@ -1,6 +1,6 @@
-"""``train_target=vae`` and ``train_target=rrdb``: training the autoencoder and the ESRGAN ×4 net with the same
-trainer (optimiser, EMA, checkpoints, resume, logs) as the diffusion model. Per-sample randomness is seeded by
-(seed, epoch, index) as everywhere else."""
+"""``train_target=vae|vae_decoder`` and ``train_target=rrdb``: training the autoencoder (whole, or only its decoder)
+and the ESRGAN ×4 net with the same trainer (optimiser, EMA, checkpoints, resume, logs) as the diffusion model.
+Per-sample randomness is seeded by (seed, epoch, index) as everywhere else."""
 
 from __future__ import annotations
 
@@ -37,14 +37,21 @@ def _freeze_all(model: LatentDiffusion) -> None:
 
 
 class VAETrainTask:
-    """Reconstruction (L1 + MSE) plus a small KL term, with the posterior sampled per sample from seeded noise."""
+    """Reconstruction (L1 + MSE) plus a small KL term, with the posterior sampled per sample from seeded noise.
+
+    ``decoder_only``: the encoder (and ``quant_conv``) stay frozen, so the latent space — and with it the diffusion
+    model trained on it and the latent scaling factor — stays valid; only the decoder learns to draw what the latents
+    already encode (e.g. a new shape's details). No KL term then: the posterior does not change."""
 
     def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
-                 seed: int, resolution: int):
+                 seed: int, resolution: int, decoder_only: bool = False):
         self.model, self.train, self.val, self.params = model, train, val, params
-        self.seed, self.resolution = seed, resolution
+        self.seed, self.resolution, self.decoder_only = seed, resolution, decoder_only
         _freeze_all(model)
         model.vae.requires_grad_(True).train()
+        if decoder_only:
+            model.vae.encoder.requires_grad_(False).eval()
+            model.vae.quant_conv.requires_grad_(False).eval()
         factor = model.vae_scale_factor
         self.latent_shape = (model.vae.config.latent_channels, resolution // factor, resolution // factor)
 
@@ -68,11 +75,15 @@ class VAETrainTask:
     def loss(self, batch: dict) -> torch.Tensor:
         vae = self.model.vae
         x = batch["pixels"].to(vae.device)
-        dist = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * batch["eps"].to(x.device)
         reconstruction = vae.decode(z).sample.float()
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x)
+        if self.decoder_only:
+            return loss
         kl = dist.kl().mean() / float(np.prod(self.latent_shape))
-        return F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + self.params["vae_kl_weight"] * kl
+        return loss + self.params["vae_kl_weight"] * kl
 
     def _images(self, table: IndexedTable, count: int) -> torch.Tensor:
         return torch.stack([preprocess_image(table.read_image(i), self.resolution)
@@ -98,6 +109,8 @@ class VAETrainTask:
 
     @torch.no_grad()
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
+        if self.decoder_only:  # same encoder, same latent space: the diffusion model's scaling factor stays
+            return self.model.save_pretrained(folder, overrides=weights)
         # The latent scaling factor makes the saved VAE's latents unit-variance for the diffusion model.
         vae = copy.deepcopy(self.model.vae).eval()
         vae.load_state_dict({k[len("vae."):]: v for k, v in weights.items()}, strict=False)
@@ -229,6 +242,7 @@ def build_component_task(target: str, model: LatentDiffusion, tables_spec, flags
     if len(tables) == 2:
         val = index_table(tables[1], schema, text_column, image_column, skip_first_line=skip_first_line,
                           policy=policy)
-    if target == "vae":
-        return VAETrainTask(model, train, val, params, flags.random_seed, resolution)
+    if target in ("vae", "vae_decoder"):
+        return VAETrainTask(model, train, val, params, flags.random_seed, resolution,
+                            decoder_only=target == "vae_decoder")
     return RRDBTrainTask(model, train, val, params, flags.random_seed)

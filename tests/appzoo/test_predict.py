@@ -214,3 +214,33 @@ def test_trained_folder_predicts_alone_and_evaluate_reports_loss(tiny_model_dir,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["rows"] == 8 and 0 < printed["val_loss"] < 5
     assert json.load(open(tmp_path / "metrics.json")) == printed
+
+
+def test_guidance_cutoff_matches_diffusers_callback_and_halves_late_steps(tiny_model_dir, prompts_table, tmp_path):
+    """guidance_cutoff=0.75 of 4 steps: 3 guided UNet calls on 2×batch, then 1 on the batch alone — what diffusers'
+    SDCFGCutoffCallback(cutoff_step_ratio=0.5) does for a single prompt; and batches of several prompts work."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.predict import Generator
+    from modelzoo.ldm import LatentDiffusion
+
+    params = {p.name: p.default for p in PARAMS}
+    params.update(ddim_steps=4, guidance_cutoff=0.75, optimize="none")
+    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    batch_sizes = []
+    model.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    generate = Generator(model, params)
+    images = generate(PROMPTS[:3], [7, 8, 9])
+    assert batch_sizes == [6, 6, 6, 3]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for prompt, seed, image in zip(PROMPTS[:3], [7, 8, 9], images):
+        reference = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=4,
+                         guidance_scale=5.0, height=32, width=32,
+                         callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images[0]
+        assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max() <= 3
+    batch_sizes.clear()
+    Generator(model, {**params, "guidance_cutoff": 1.0})([PROMPTS[0]], [7])
+    assert batch_sizes == [2, 2, 2, 2]  # the default guides every step, as diffusers does

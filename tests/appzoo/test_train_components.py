@@ -28,6 +28,24 @@ def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, 
     assert scaling != source.vae.config.scaling_factor and scaling > 0
 
 
+def test_train_vae_decoder_keeps_the_latent_space(tiny_model_dir, shapes_data, tmp_path):
+    out = str(tmp_path / "decoder")
+    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2",
+                               "--learning_rate=1e-3", udp="train_target=vae_decoder")) == 0
+    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    trained = LatentDiffusion.from_pretrained(out)
+    before, after = source.vae.state_dict(), trained.vae.state_dict()
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)  # same latents for the same image
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
+    for a, b in zip(source.unet.state_dict().values(), trained.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    # the diffusion model was trained on latents scaled by this factor: it must not move
+    assert trained.vae.config.scaling_factor == source.vae.config.scaling_factor
+
+
 def test_train_rrdb_adds_super_resolution_that_predict_uses(tiny_model_dir, shapes_data, tmp_path):
     out = str(tmp_path / "sr")
     assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=1",
