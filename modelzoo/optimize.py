@@ -87,7 +87,9 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
         except Exception as err:  # some attention processors cannot be fused; nothing is lost
             logger.info("QKV fusion skipped: %s", err)
     if dtype != torch.float32:
-        unet.to(dtype)
+        # nn.Module.to, not ModelMixin.to: the latter warns about "modules to keep in float32" even when its list of
+        # them is empty; the parts that need fp32 (scheduler, latents, VAE) are kept outside the UNet here
+        torch.nn.Module.to(unet, dtype)
     if level == "max":
         unet.forward = torch.compile(unet.forward, dynamic=False)
     return done

@@ -41,8 +41,7 @@ def export_tar(model, destination: str) -> list[str]:
 
 
 def export_diffusers(model, destination: str) -> None:
-    from diffusers import StableDiffusionPipeline
-
+    from appzoo.latent_diffusion.pipeline import StableDiffusionPipeline
     from modelzoo import text_encoder as te
     from modelzoo.samplers import make_scheduler
 

@@ -8,11 +8,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.samplers import make_scheduler
+
+
+def _import_pipeline_class():
+    """diffusers' pipeline module imports transformers' CLIP image processor (for a safety checker we never use),
+    which without torchvision warns on every command; that line says nothing to our users."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline
+
+
+StableDiffusionPipeline = _import_pipeline_class()
 
 
 @dataclass
