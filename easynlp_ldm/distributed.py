@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -28,7 +29,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: str = "cpu"
+    device: str = ""  # "": not chosen yet (model_device() picks)
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +45,18 @@ _CONTEXT = DistContext()
 
 def context() -> DistContext:
     return _CONTEXT
+
+
+def model_device() -> torch.device:
+    """Where this process runs its model: its GPU (``cuda:LOCAL_RANK``) when it can see one, else the CPU.
+    ``CUDA_VISIBLE_DEVICES=""`` keeps a GPU machine's run on the CPU."""
+    global _CONTEXT
+    if not _CONTEXT.device:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(_CONTEXT.local_rank)
+        _CONTEXT = dataclasses.replace(_CONTEXT, device=f"cuda:{_CONTEXT.local_rank}" if cuda else "cpu")
+    return torch.device(_CONTEXT.device)
 
 
 def launched_by_launcher() -> bool:
@@ -99,7 +112,7 @@ def init_from_env(backend: str | None, timeout_s: float) -> DistContext:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
-        _CONTEXT = DistContext(rank, world, local_rank, "cpu")
+        _CONTEXT = DistContext(rank, world, local_rank)
         return _CONTEXT
     cuda = torch.cuda.is_available()
     device = f"cuda:{local_rank}" if cuda else "cpu"

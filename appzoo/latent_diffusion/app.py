@@ -26,6 +26,7 @@ def load_inference_model(name: str | None, flags: ParsedFlags, params: dict | No
     ``optimize``/``precision`` of ``params`` applied when given."""
     import logging
 
+    from easynlp_ldm import distributed
     from modelzoo.ldm import LatentDiffusion, ModelFormatError
     from modelzoo.optimize import prepare_for_inference
 
@@ -34,6 +35,7 @@ def load_inference_model(name: str | None, flags: ParsedFlags, params: dict | No
         model = LatentDiffusion.from_pretrained(path)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
+    model.to(distributed.model_device())
     if params is not None and "optimize" in params:
         done = prepare_for_inference(model, params["optimize"], params["precision"])
         logging.getLogger("easynlp").info("inference: %s", ", ".join(f"{k}={v}" for k, v in done.items()))

@@ -118,7 +118,7 @@ class SuperResolution:
         from modelzoo.esrgan import load_rrdbnet
 
         try:
-            self.net = load_rrdbnet(model.esrgan_path)
+            self.net = load_rrdbnet(model.esrgan_path).to(model.unet.device)
         except (ValueError, FileNotFoundError) as err:
             raise UserError(str(err)) from None
         self.tile, self.channel_order = tile, channel_order

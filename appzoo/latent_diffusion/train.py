@@ -306,6 +306,9 @@ def run_train(app) -> int:
         model = LatentDiffusion.from_pretrained(model_path)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
+    from easynlp_ldm import distributed
+
+    model.to(distributed.model_device())
     text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:
@@ -320,8 +323,6 @@ def run_train(app) -> int:
         task = build_component_task(params["train_target"], model, tables_spec, flags, params, resolution)
     if policy.total:
         logger.warning("%s", policy.summary())
-    from easynlp_ldm import distributed
-
     ctx = distributed.context()
     config = TrainerConfig(
         rank=ctx.rank, world_size=ctx.world_size, output_dir=out, learning_rate=flags.learning_rate,

@@ -116,3 +116,29 @@ def test_a_killed_rank_ends_the_job_with_an_error_naming_it(tiny_model_dir, shap
     assert time.time() - killed_at < 60
     assert code != 0
     assert "worker rank 1 failed" in err and "SIGKILL" in err
+
+
+def test_model_device_is_this_process_gpu_when_it_sees_one(monkeypatch):
+    from easynlp_ldm import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistContext(rank=3, world_size=4, local_rank=1))
+    assert distributed.model_device() == torch.device("cuda:1") and chosen == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistContext())
+    assert distributed.model_device() == torch.device("cpu")
+
+
+def test_inference_model_is_placed_on_the_model_device(tiny_model_dir, monkeypatch):
+    """predict, evaluate and serve load through load_inference_model: the model goes where model_device() says
+    (meta stands in for a GPU here), before the optimisation level casts it."""
+    from appzoo.latent_diffusion.app import load_inference_model
+    from appzoo.latent_diffusion.params import default_params
+    from easynlp_ldm import distributed
+    from easynlp_ldm.args import parse_flags
+
+    monkeypatch.setattr(distributed, "model_device", lambda: torch.device("meta"))
+    model = load_inference_model(tiny_model_dir, parse_flags([]), default_params(optimize="none"))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
