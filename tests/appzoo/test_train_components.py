@@ -14,12 +14,16 @@ def quiet(monkeypatch):
     monkeypatch.setenv("EASYNLP_PROGRESS", "0")
 
 
+def train_vae(target, model_dir, data, out):
+    """Two epochs of ``train_target=TARGET`` from ``model_dir``; (source model, trained model)."""
+    assert cli.main(train_argv(data, out, model_dir, "--micro_batch_size=16", "--epoch_num=2",
+                               "--learning_rate=1e-3", udp=f"train_target={target}")) == 0
+    return LatentDiffusion.from_pretrained(model_dir), LatentDiffusion.from_pretrained(out)
+
+
 def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, shapes_data, tmp_path):
     out = str(tmp_path / "vae")
-    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2",
-                               "--learning_rate=1e-3", udp="train_target=vae")) == 0
-    source = LatentDiffusion.from_pretrained(tiny_model_dir)
-    trained = LatentDiffusion.from_pretrained(out)
+    source, trained = train_vae("vae", tiny_model_dir, shapes_data, out)
     assert any(not torch.equal(a, b) for a, b in zip(source.vae.state_dict().values(),
                                                      trained.vae.state_dict().values()))
     for a, b in zip(source.unet.state_dict().values(), trained.unet.state_dict().values()):
@@ -29,11 +33,7 @@ def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, 
 
 
 def test_train_vae_decoder_keeps_the_latent_space(tiny_model_dir, shapes_data, tmp_path):
-    out = str(tmp_path / "decoder")
-    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2",
-                               "--learning_rate=1e-3", udp="train_target=vae_decoder")) == 0
-    source = LatentDiffusion.from_pretrained(tiny_model_dir)
-    trained = LatentDiffusion.from_pretrained(out)
+    source, trained = train_vae("vae_decoder", tiny_model_dir, shapes_data, str(tmp_path / "decoder"))
     before, after = source.vae.state_dict(), trained.vae.state_dict()
     encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
