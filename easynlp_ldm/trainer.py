@@ -282,6 +282,7 @@ class Trainer:
             if state["ema"] is None:
                 raise UserError(f"{folder}: saved without EMA; resume with use_ema=False or start afresh")
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(device=self.params[0].device)  # the state was read onto the CPU; the weights may be on a GPU
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
