@@ -84,6 +84,37 @@ def compile_options(device: torch.device) -> dict:
     return {"dynamic": False, "options": options}
 
 
+def _onednn_geglu(module, linear):
+    """GEGLU (``proj`` → chunk → ``h · gelu(gate)``) as two oneDNN linears with fused epilogues: ``gelu(x·W_g + b_g)``,
+    then ``(x·W_h + b_h) · that`` — the same arithmetic without the broadcast bias copies, the GELU pass and the
+    product pass eager PyTorch makes (on the embedded model's UNet: 1.08–1.24× per call in bf16, 2 cores)."""
+    weight_h, weight_g = (w.contiguous() for w in module.proj.weight.detach().chunk(2, dim=0))
+    bias_h, bias_g = (b.contiguous() for b in module.proj.bias.detach().chunk(2, dim=0))
+    approximate = getattr(module, "approximate", "none")
+
+    def forward(hidden_states, *args, **kwargs):
+        gate = linear(hidden_states, weight_g, bias_g, "gelu", [], approximate)
+        return linear.binary(hidden_states, gate, weight_h, bias_h, "mul")
+
+    return forward
+
+
+def fuse_geglu_cpu(unet) -> int:
+    """Swap every GEGLU of a CPU UNet for :func:`_onednn_geglu` (eager levels only: ``max``'s compiler fuses these
+    itself). Returns how many were swapped; 0 where oneDNN's fused linear is not available."""
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if unet.device.type != "cpu" or linear is None or not torch.backends.mkldnn.is_available():
+        return 0
+    from diffusers.models.activations import GEGLU
+
+    count = 0
+    for module in unet.modules():
+        if isinstance(module, GEGLU) and type(module.proj) is torch.nn.Linear and module.proj.bias is not None:
+            module.forward = _onednn_geglu(module, linear)
+            count += 1
+    return count
+
+
 def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
     """The UNet part of a level (memory layout, fused projections, dtype, compilation), in place. Used by
     ``prepare_for_inference`` and by ``bench/unet_speed.py``, so the bench measures what predict runs."""
@@ -101,6 +132,8 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
         # nn.Module.to, not ModelMixin.to: the latter warns about "modules to keep in float32" even when its list of
         # them is empty; the parts that need fp32 (scheduler, latents, VAE) are kept outside the UNet here
         torch.nn.Module.to(unet, dtype)
+    if level == "auto":
+        done["fused_geglu"] = fuse_geglu_cpu(unet)
     if level == "max":
         unet.forward = torch.compile(unet.forward, **compile_options(unet.device))
     return done

@@ -52,7 +52,7 @@ def test_unknown_level_is_rejected(tiny_model_dir):
 @pytest.mark.parametrize("latent", [16, 32])
 def test_layout_follows_latent_size_and_keeps_outputs(latent):
     # channels_last only on latents of 32×32 and up on CPU (slower below, see optimize.prefers_channels_last); fused QKV
-    # always; either way the UNet computes the same function.
+    # and oneDNN GEGLUs always; either way the UNet computes the same function.
     from diffusers import UNet2DConditionModel
 
     from modelzoo.optimize import optimize_unet
@@ -67,7 +67,10 @@ def test_layout_follows_latent_size_and_keeps_outputs(latent):
         before = unet(x, t, encoder_hidden_states=context).sample
         done = optimize_unet(unet, "auto", torch.float32)
         after = unet(x, t, encoder_hidden_states=context).sample
-    assert done == {"channels_last": latent >= 32, "fused_qkv": True}
+    from diffusers.models.activations import GEGLU
+
+    geglus = sum(isinstance(m, GEGLU) for m in unet.modules())
+    assert geglus and done == {"channels_last": latent >= 32, "fused_qkv": True, "fused_geglu": geglus}
     weight = unet.down_blocks[0].resnets[0].conv1.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) == (latent >= 32)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
