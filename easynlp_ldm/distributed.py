@@ -111,18 +111,14 @@ def init_from_env(backend: str | None, timeout_s: float) -> DistContext:
     global _CONTEXT
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _CONTEXT = DistContext(rank, world, local_rank)
     if world <= 1:
-        _CONTEXT = DistContext(rank, world, local_rank)
         return _CONTEXT
-    cuda = torch.cuda.is_available()
-    device = f"cuda:{local_rank}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(local_rank)
+    cuda = model_device().type == "cuda"
     backend = backend or ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise UserError("--distributed_backend=nccl needs CUDA; use gloo on CPU")
     torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    _CONTEXT = DistContext(rank, world, local_rank, device)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs progress
     return _CONTEXT

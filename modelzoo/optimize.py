@@ -101,7 +101,8 @@ def _onednn_geglu(module, linear):
 
 def fuse_geglu_cpu(unet) -> int:
     """Swap every GEGLU of a CPU UNet for :func:`_onednn_geglu` (eager levels only: ``max``'s compiler fuses these
-    itself). Returns how many were swapped; 0 where oneDNN's fused linear is not available."""
+    itself). The swapped modules hold copies of their weights taken now: inference only, like the other levels.
+    Returns how many were swapped; 0 where oneDNN's fused linear is not available."""
     linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if unet.device.type != "cpu" or linear is None or not torch.backends.mkldnn.is_available():
         return 0
