@@ -153,7 +153,8 @@ class RRDBTrainTask:
             self.net = RRDBNet(nf=params["rrdb_nf"], nb=params["rrdb_nb"], gc=params["rrdb_gc"])
             logger.info("training a new super-resolution net (nf=%d, nb=%d, gc=%d)", params["rrdb_nf"],
                         params["rrdb_nb"], params["rrdb_gc"])
-        self.net.to(model.unet.device).train()
+        self.device = model.unet.device
+        self.net.to(self.device).train()
         self.patch = params["sr_patch"]
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -189,8 +190,7 @@ class RRDBTrainTask:
             yield {"lr": torch.stack([p[0] for p in pairs]), "hr": torch.stack([p[1] for p in pairs])}
 
     def loss(self, batch: dict) -> torch.Tensor:
-        device = next(self.net.parameters()).device
-        return F.l1_loss(self.net(batch["lr"].to(device)).float(), batch["hr"].to(device))
+        return F.l1_loss(self.net(batch["lr"].to(self.device)).float(), batch["hr"].to(self.device))
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -199,9 +199,8 @@ class RRDBTrainTask:
         self.net.eval()
         try:
             pairs = [self._pair(self.val.read_image(i), None) for i in range(min(64, len(self.val)))]
-            device = next(self.net.parameters()).device
-            lr = torch.stack([p[0] for p in pairs]).to(device)
-            hr = torch.stack([p[1] for p in pairs]).to(device)
+            lr = torch.stack([p[0] for p in pairs]).to(self.device)
+            hr = torch.stack([p[1] for p in pairs]).to(self.device)
             return float(F.l1_loss(self.net(lr).clamp(0, 1), hr))
         finally:
             self.net.train()
