@@ -24,10 +24,6 @@ APPS: dict[str, AppEntry] = {
 }
 
 
-def register_app(name: str, entry: AppEntry) -> None:
-    APPS[name] = entry
-
-
 def _load(path: str):
     module_name, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module_name), attribute)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import shlex
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -374,7 +373,3 @@ def peek_flag(argv: Sequence[str], name: str) -> str | None:
 
 def wants_help(argv: Sequence[str]) -> bool:
     return any(token in ("-h", "--help") for token in argv)
-
-
-def print_line(message: str, stream=None) -> None:
-    print(message, file=stream or sys.stderr, flush=True)

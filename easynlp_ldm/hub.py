@@ -4,7 +4,16 @@
 1. a local folder (absolute, or relative to the working directory, e.g. ``alibaba-pai/pai-diffusion-general-large-zh``
    when such a folder exists there), then the same relative path under ``--modelzoo_base_dir``;
 2. an embedded model of this package, by name;
-3. a Hugging Face cache entry already on disk (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``);
+3. a Hugging Face cache entry already on disk, found by ``huggingface_hub.snapshot_download(local_files_only=True)``
+   (which never opens a connection) in ``$HF_HUB_CACHE``, ``$HUGGINGFACE_HUB_CACHE`` and ``$HF_HOME/hub`` (default
+   ``$XDG_CACHE_HOME/huggingface/hub`` or ``~/.cache/huggingface/hub``), read when the lookup runs, not at import:
+   a. the snapshot ``refs/main`` names, in any of these caches;
+   b. else, when no cache has ``main`` (the model was fetched at another branch such as ``fp16`` or at a commit),
+      the most recently written snapshot of the model: what the user downloaded last. huggingface_hub itself only
+      resolves named revisions, so this toolkit picks that snapshot and has huggingface_hub check it;
+   a snapshot that huggingface_hub knows to be incomplete (an interrupted download whose file listing, kept under
+   ``trees/`` by huggingface_hub >= 1.22, names files the snapshot lacks) is an error, never replaced by an older one;
+   without such a listing the folder is taken as it is;
 otherwise a one-line error naming the model and saying how to supply it.
 """
 
@@ -17,37 +26,58 @@ from easynlp_ldm.errors import UserError
 
 
 def hf_cache_dirs() -> list[str]:
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        dirs.append(os.environ["HUGGINGFACE_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    dirs.append(os.path.join(hf_home, "hub"))
-    return dirs
+    """The Hub caches to search, read from the environment now (``huggingface_hub.constants`` reads it once)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    dirs = (os.environ.get("HF_HUB_CACHE"), os.environ.get("HUGGINGFACE_HUB_CACHE"), os.path.join(home, "hub"))
+    return list(dict.fromkeys(os.path.expandvars(os.path.expanduser(d)) for d in dirs if d))
 
 
-def find_in_hf_cache(repo_id: str) -> str | None:
-    """The snapshot folder of ``repo_id`` in a local HF cache: the one ``refs/main`` names, else the newest."""
-    if repo_id.count("/") != 1:
+def find_in_hf_cache(repo_id: str, what: str = "model") -> str | None:
+    """The snapshot folder of ``repo_id`` in a local HF cache (see the module docstring for which one), or None.
+
+    An incomplete snapshot raises ``UserError``. Nothing here touches the network: ``local_files_only=True`` makes
+    ``snapshot_download`` read ``refs/`` and ``snapshots/`` only, whatever ``HF_HUB_OFFLINE`` says.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)  # 'name' or 'namespace/name'; a path that is no folder is not a repo id either
+    except HFValidationError:
         return None
-    folder_name = "models--" + repo_id.replace("/", "--")
-    for cache in hf_cache_dirs():
-        repo_dir = os.path.join(cache, folder_name)
-        snapshots = os.path.join(repo_dir, "snapshots")
-        if not os.path.isdir(snapshots):
+
+    def snapshot(cache: str, revision: str) -> str | None:
+        try:
+            return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        except IncompleteSnapshotError as err:
+            raise UserError(f"{what} '{repo_id}' is only partly in the Hugging Face cache ({err.snapshot_path} lacks "
+                            f"files of its download) and this toolkit never downloads. Finish the download elsewhere "
+                            f"(e.g. `hf download {repo_id} --local-dir DIR`), copy it here and pass the folder") \
+                from None
+        except LocalEntryNotFoundError:  # not cached at that revision
+            return None
+
+    caches = [cache for cache in hf_cache_dirs() if os.path.isdir(cache)]
+    for cache in caches:
+        found = snapshot(cache, "main")
+        if found:
+            return found
+    newest: list[tuple[float, str, str]] = []
+    for cache in caches:
+        try:
+            folder = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots")
+            with os.scandir(folder) as entries:
+                newest += [(e.stat().st_mtime, cache, e.name) for e in entries
+                           if e.is_dir() and REGEX_COMMIT_HASH.fullmatch(e.name)]
+        except OSError:
             continue
-        ref = os.path.join(repo_dir, "refs", "main")
-        if os.path.isfile(ref):
-            with open(ref, encoding="utf-8") as handle:
-                candidate = os.path.join(snapshots, handle.read().strip())
-            if os.path.isdir(candidate):
-                return candidate
-        entries = [os.path.join(snapshots, e) for e in os.listdir(snapshots)]
-        entries = [e for e in entries if os.path.isdir(e)]
-        if entries:
-            return max(entries, key=os.path.getmtime)
-    return None
+    if not newest:
+        return None
+    _, cache, commit = max(newest)
+    return snapshot(cache, commit)
 
 
 def resolve_model(name_or_path: str, embedded: Mapping[str, str] | None = None, modelzoo_base_dir: str = "",
@@ -67,10 +97,10 @@ def resolve_model(name_or_path: str, embedded: Mapping[str, str] | None = None, 
             return os.path.abspath(candidate)
     if name_or_path in embedded:
         return embedded[name_or_path]
-    cached = find_in_hf_cache(name_or_path)
+    cached = find_in_hf_cache(name_or_path, what)
     if cached:
         return cached
     known = f"; embedded models: {', '.join(sorted(embedded))}" if embedded else ""
     raise UserError(f"{what} '{name_or_path}' not found: no such local folder, embedded model or Hugging Face cache "
-                    f"entry, and this toolkit never downloads. Download it elsewhere (e.g. `huggingface-cli download "
+                    f"entry, and this toolkit never downloads. Download it elsewhere (e.g. `hf download "
                     f"{name_or_path} --local-dir DIR`), copy it here and pass the folder{known}")

@@ -41,7 +41,6 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
         self._thread = threading.Thread(target=self._loop, name="easynlp-batcher", daemon=True)
         self._thread.start()
 
@@ -95,7 +94,6 @@ class Batcher:
                 used += job.units
             for job in batch:
                 self._queue.remove(job)
-            self._busy = True
             return batch
 
     def _loop(self) -> None:
@@ -118,10 +116,6 @@ class Batcher:
                 for job in live:
                     if not job.future.done():
                         job.future.set_exception(err)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Finish queued and in-flight jobs, then stop the worker."""

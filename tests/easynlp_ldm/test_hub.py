@@ -1,5 +1,8 @@
+import json
 import os
+import socket
 
+import huggingface_hub.constants
 import pytest
 
 from easynlp_ldm.errors import UserError
@@ -31,6 +34,35 @@ def test_modelzoo_base_dir(tmp_path, monkeypatch):
     assert resolve_model("org/m", modelzoo_base_dir=str(tmp_path / "zoo")) == str(tmp_path / "zoo" / "org" / "m")
 
 
+MAIN = "a" * 40
+OLDER = "b" * 40
+NEWER = "c" * 40
+REPO = "alibaba-pai/pai-diffusion-general-large-zh"
+
+
+def _hf_env(monkeypatch, tmp_path, **env):
+    """Only the HF cache variables given here are set; set after huggingface_hub was imported, on purpose."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(tmp_path)
+
+
+def _snapshot(cache, commit, repo=REPO, main=False, mtime=None):
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    folder = repo_dir / "snapshots" / commit
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    if main:
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(commit)
+    if mtime is not None:
+        os.utime(folder, (mtime, mtime))
+    return str(folder)
+
+
 def test_hf_cache_entry_on_disk(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     repo = cache / "models--alibaba-pai--pai-diffusion-general-large-zh"
@@ -60,3 +92,83 @@ def test_file_instead_of_folder(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(UserError, match="is a file"):
         resolve_model(str(path))
+
+
+@pytest.mark.parametrize("variable, cache_of", [("HF_HUB_CACHE", lambda d: d), ("HUGGINGFACE_HUB_CACHE", lambda d: d),
+                                                ("HF_HOME", lambda d: d / "hub"), ("XDG_CACHE_HOME",
+                                                                                  lambda d: d / "huggingface" / "hub")])
+def test_cache_location_read_from_the_environment_at_lookup_time(tmp_path, monkeypatch, variable, cache_of):
+    folder = _snapshot(cache_of(tmp_path / "where"), MAIN, main=True)
+    _hf_env(monkeypatch, tmp_path, **{variable: tmp_path / "where"})
+    assert resolve_model(REPO) == folder
+
+
+def test_refs_main_wins_over_a_newer_snapshot_in_any_cache(tmp_path, monkeypatch):
+    _snapshot(tmp_path / "first", NEWER, mtime=2_000_000_000)
+    main = _snapshot(tmp_path / "home" / ".cache" / "huggingface" / "hub", MAIN, main=True, mtime=1_000_000_000)
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=tmp_path / "first")
+    assert resolve_model(REPO) == main
+
+
+def test_without_refs_main_the_newest_snapshot_is_used(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    _snapshot(cache, OLDER, mtime=1_000_000_000)
+    newer = _snapshot(cache, NEWER, mtime=2_000_000_000)
+    (cache / "models--alibaba-pai--pai-diffusion-general-large-zh" / "refs").mkdir()
+    (cache / "models--alibaba-pai--pai-diffusion-general-large-zh" / "refs" / "fp16").write_text(NEWER)
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=cache)
+    assert resolve_model(REPO) == newer
+
+
+def test_refs_main_naming_a_missing_snapshot_falls_back_to_the_newest(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    kept = _snapshot(cache, OLDER)
+    refs = cache / "models--alibaba-pai--pai-diffusion-general-large-zh" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(MAIN)
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=cache)
+    assert resolve_model(REPO) == kept
+
+
+def test_incomplete_snapshot_is_a_one_line_error_not_an_older_one(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    _snapshot(cache, OLDER, mtime=1_000_000_000)
+    _snapshot(cache, MAIN, main=True, mtime=2_000_000_000)
+    trees = cache / "models--alibaba-pai--pai-diffusion-general-large-zh" / "trees"
+    trees.mkdir()
+    listing = {name: {"size": 2, "blob_id": "0" * 40} for name in ("model_index.json", "unet/model.safetensors")}
+    (trees / f"{MAIN}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=cache)
+    with pytest.raises(UserError) as err:
+        resolve_model(REPO, what="--checkpoint_dir")
+    message = str(err.value)
+    assert message.startswith(f"--checkpoint_dir '{REPO}' is only partly in the Hugging Face cache")
+    assert "never downloads" in message and "pass the folder" in message and "\n" not in message
+
+
+def test_name_without_namespace_and_names_that_are_no_repo_id(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    folder = _snapshot(cache, MAIN, repo="demo", main=True)
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=cache)
+    assert resolve_model("demo") == folder
+    for name in ("a/b/c", "../demo", "./missing", "bad--name"):
+        with pytest.raises(UserError, match="not found"):
+            resolve_model(name)
+
+
+def test_no_network_even_when_offline_mode_is_off(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, refuse)
+    cache = tmp_path / "hub"
+    folder = _snapshot(cache, NEWER)
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=cache)
+    assert resolve_model(REPO) == folder
+    with pytest.raises(UserError, match="not found"):
+        resolve_model("someone/not-cached")
