@@ -42,8 +42,8 @@ def main() -> None:
     from appzoo.latent_diffusion.evaluate import load_truth_by_idx, truth_path_for
     from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.predict import Generator, image_seed
-    from appzoo.latent_diffusion.shapes import generate_dataset, judge
     from easynlp_ldm.args import parse_flags
+    from shapes_data import generate_dataset, judge
 
     with tempfile.TemporaryDirectory() as tmp:
         table = args.table

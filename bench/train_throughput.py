@@ -31,11 +31,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from appzoo.latent_diffusion.data import preprocess_image  # noqa: E402
-from appzoo.latent_diffusion.shapes import generate_dataset  # noqa: E402
 from easynlp_ldm.tables import parse_schema, read_table  # noqa: E402
 from modelzoo.ldm import LatentDiffusion  # noqa: E402
 from modelzoo.presets import build_from_preset  # noqa: E402
 from modelzoo.tiny import write_vocab  # noqa: E402
+from shapes_data import generate_dataset  # noqa: E402
 
 
 def baseline(model_dir: str, table: str, batch: int, epochs: int, lr: float) -> tuple[float, int]:

@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    from appzoo.latent_diffusion.shapes import generate_dataset
+    from shapes_data import generate_dataset
 
     folder = tmp_path_factory.mktemp("shapes")
     generate_dataset(str(folder), seed=0, num_train=32, num_val=8, num_test=6, num_heldout=4, image_size=32)

@@ -55,7 +55,7 @@ def summarise(counts: dict) -> dict:
 def prompt_following(model, table: str, schema, prompt_column: str, truth: dict[str, dict], flags, params,
                      text_length: int, policy: BadRowPolicy, max_rows: int = 0) -> dict:
     from appzoo.latent_diffusion.predict import Generator, image_seed
-    from appzoo.latent_diffusion.shapes import judge
+    from shapes_data import judge
 
     generate = Generator(model, {**params, "do_sr": False}, text_length)
     counts: dict = defaultdict(lambda: {"n": 0, "colour": 0, "shape": 0, "both": 0})

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from appzoo.latent_diffusion import predict, shapes
+import shapes_data as shapes
+from appzoo.latent_diffusion import predict
 from easynlp_ldm import cli
 
 

@@ -6,9 +6,9 @@ import pytest
 from appzoo.latent_diffusion.app import load_inference_model
 from appzoo.latent_diffusion.params import PARAMS
 from appzoo.latent_diffusion.predict import Generator
-from appzoo.latent_diffusion.shapes import judge
 from easynlp_ldm.args import parse_flags
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
+from shapes_data import judge
 
 # (prompt, colour, shape); the last four are worded unlike any template.
 PROMPTS = [

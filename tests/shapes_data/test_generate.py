@@ -1,84 +1,32 @@
-"""Tests for the Chinese shapes data set (appzoo.latent_diffusion.shapes) and its pixel judge."""
+"""Tests for the Chinese shapes data set generator (shapes_data.generate) and its command line."""
 
-import base64
-import io
-import json
 import os
 import random
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 
-from appzoo.latent_diffusion import shapes as S
+import shapes_data as S
+from tests.shapes_data.conftest import (
+    ALL_FILES,
+    BACKGROUND_NAMES,
+    COLOUR_NAMES,
+    COUNTS,
+    GRID,
+    LAYOUT,
+    POSITION_WORDS,
+    SHAPE_NAMES,
+    STAR_FILES,
+    TRUTH_KEYS,
+    decode_png,
+    read_rows,
+    read_truth,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "make_shapes_dataset.py")
-
-COUNTS = {"num_train": 300, "num_val": 400, "num_test": 200, "num_heldout": 200}
-ALL_FILES = {
-    "T2I_train.tsv", "T2I_val.tsv", "T2I_test.tsv", "T2I_heldout.tsv", "T2I_heldout_images.tsv",
-    "T2I_train.truth.jsonl", "T2I_val.truth.jsonl", "T2I_test.truth.jsonl", "T2I_heldout.truth.jsonl",
-}
-STAR_FILES = {"T2I_train.tsv", "T2I_val.tsv", "T2I_test.tsv",
-              "T2I_train.truth.jsonl", "T2I_val.truth.jsonl", "T2I_test.truth.jsonl"}
-# (file, number of columns, truth sidecar, expected rows key)
-LAYOUT = [
-    ("T2I_train.tsv", 3, "T2I_train.truth.jsonl", "num_train"),
-    ("T2I_val.tsv", 3, "T2I_val.truth.jsonl", "num_val"),
-    ("T2I_test.tsv", 2, "T2I_test.truth.jsonl", "num_test"),
-    ("T2I_heldout.tsv", 2, "T2I_heldout.truth.jsonl", "num_heldout"),
-    ("T2I_heldout_images.tsv", 3, "T2I_heldout.truth.jsonl", "num_heldout"),
-]
-TRUTH_KEYS = {"idx", "text", "colour", "shape", "background", "size", "position", "cx", "cy", "extent", "heldout"}
-
-# Written independently of the module's own phrase tables.
-COLOUR_NAMES = ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色"]
-SHAPE_NAMES = ["圆形", "正方形", "三角形", "星形"]
-BACKGROUND_NAMES = ["白色", "黑色", "灰色"]
-POSITION_WORDS = {
-    "左上角": "左上", "右上角": "右上", "左下角": "左下", "右下角": "右下",
-    "上方": "上方", "顶部": "上方", "下方": "下方", "底部": "下方",
-    "左边": "左边", "左侧": "左边", "右边": "右边", "右侧": "右边",
-    "正中间": "中间", "中间": "中间", "中央": "中间",
-}
-GRID = ["左上", "上方", "右上", "左边", "中间", "右边", "左下", "下方", "右下"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    S.generate_dataset(str(out), seed=0, image_size=64, **COUNTS)
-    return out
-
-
-@pytest.fixture(scope="module")
-def star_dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stars")
-    S.generate_dataset(str(out), seed=0, num_train=200, num_val=200, num_test=50, image_size=64, only_shape="星形")
-    return out
-
-
-def read_rows(path):
-    data = path.read_bytes()
-    assert data.endswith(b"\n") or data == b""
-    assert b"\r" not in data
-    return [line.split("\t") for line in data.decode("utf-8").split("\n")[:-1]]
-
-
-def read_truth(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def decode_png(b64):
-    raw = base64.b64decode(b64, validate=True)
-    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    img = Image.open(io.BytesIO(raw))
-    img.load()
-    return img
 
 
 # ----------------------------------------------------------------------------- file formats
@@ -232,87 +180,6 @@ def test_sample_spec_pairs_allowed():
     assert {(s.colour, s.shape) for s in (S.sample_spec(rng, pairs_allowed=only) for _ in range(20))} == only
     specs = [S.sample_spec(rng, pairs_allowed=lambda c, s: c == "蓝色") for _ in range(30)]
     assert {s.colour for s in specs} == {"蓝色"}
-
-
-# ----------------------------------------------------------------------------- the judge (independent check)
-
-
-def test_judge_agrees_on_validation_set(dataset):
-    res = S.judge_agreement(str(dataset / "T2I_val.tsv"), str(dataset / "T2I_val.truth.jsonl"))
-    assert res["n"] == COUNTS["num_val"] and res["missing"] == 0
-    assert res["both_acc"] >= 0.99, res
-    assert res["background_acc"] >= 0.99, res
-
-
-def test_judge_agrees_on_heldout_images(dataset):
-    res = S.judge_agreement(str(dataset / "T2I_heldout_images.tsv"), str(dataset / "T2I_heldout.truth.jsonl"))
-    assert res["n"] == COUNTS["num_heldout"]
-    assert res["both_acc"] >= 0.99, res
-
-
-def test_judge_agrees_on_stars(star_dataset):
-    res = S.judge_agreement(str(star_dataset / "T2I_val.tsv"), str(star_dataset / "T2I_val.truth.jsonl"))
-    assert res["n"] == 200 and res["both_acc"] >= 0.99, res
-
-
-def _specs(dataset, split="val", limit=None):
-    truth = read_truth(dataset / f"T2I_{split}.truth.jsonl")[:limit]
-    keys = ("colour", "shape", "background", "size", "position", "cx", "cy", "extent", "image_size")
-    return [S.ShapeSpec(**{k: t[k] for k in keys}) for t in truth]
-
-
-def _agreement(specs, images):
-    ok = sum(
-        (r.colour, r.shape, r.background) == (s.colour, s.shape, s.background)
-        for s, r in ((s, S.judge(im)) for s, im in zip(specs, images))
-    )
-    return ok / len(specs)
-
-
-def test_judge_at_256px(dataset, star_dataset):
-    specs = _specs(dataset, limit=100) + _specs(star_dataset, limit=50)
-    images = [S.render(s, image_size=256) for s in specs]
-    assert images[0].size == (256, 256)
-    assert _agreement(specs, images) >= 0.99
-
-
-def test_judge_tolerates_blur_and_noise(dataset, star_dataset):
-    specs = _specs(dataset) + _specs(star_dataset, limit=100)
-    rng = np.random.default_rng(0)
-    blurred, noisy, both = [], [], []
-    for s in specs:
-        img = S.render(s)
-        arr = np.asarray(img, dtype=np.float32)
-        blurred.append(img.filter(ImageFilter.GaussianBlur(0.8)))
-        noisy.append(np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8))
-        b = np.asarray(blurred[-1], dtype=np.float32)
-        both.append(np.clip(b + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
-    assert _agreement(specs, blurred) >= 0.99
-    assert _agreement(specs, noisy) >= 0.99
-    assert _agreement(specs, both) >= 0.99
-
-
-def test_judge_inputs_and_empty_image():
-    spec = S.ShapeSpec("绿色", "三角形", "黑色", "大", "中间", 32.0, 32.0, 36.0, 64)
-    img = S.render(spec)
-    expected = S.JudgeResult("绿色", "三角形", "黑色")
-    arr = np.asarray(img)
-    assert S.judge(img) == expected
-    assert S.judge(arr) == expected
-    assert S.judge(arr.astype(np.float32) / 255.0) == expected
-    assert S.judge(np.moveaxis(arr, -1, 0)) == expected  # CHW
-    assert S.judge(img.convert("RGBA")) == expected
-    blank = S.judge(Image.new("RGB", (64, 64), (128, 128, 128)))
-    assert blank.colour is None and blank.shape is None and blank.background == "灰色"
-
-
-def test_judge_each_colour_and_shape():
-    for colour in COLOUR_NAMES:
-        for shape in SHAPE_NAMES:
-            for bg in BACKGROUND_NAMES:
-                for size, extent in (("小", 16.0), ("大", 38.0)):
-                    spec = S.ShapeSpec(colour, shape, bg, size, "中间", 32.0, 32.0, extent, 64)
-                    assert S.judge(S.render(spec)) == (colour, shape, bg), spec
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,0 +1,105 @@
+"""Tests for the shapes pixel judge (shapes_data.judge): an independent check against the truth sidecars."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+import shapes_data as S
+from tests.shapes_data.conftest import BACKGROUND_NAMES, COLOUR_NAMES, COUNTS, SHAPE_NAMES, read_truth
+
+# ----------------------------------------------------------------------------- the judge (independent check)
+
+
+def test_judge_agrees_on_validation_set(dataset):
+    res = S.judge_agreement(str(dataset / "T2I_val.tsv"), str(dataset / "T2I_val.truth.jsonl"))
+    assert res["n"] == COUNTS["num_val"] and res["missing"] == 0
+    assert res["both_acc"] >= 0.99, res
+    assert res["background_acc"] >= 0.99, res
+
+
+def test_judge_agrees_on_heldout_images(dataset):
+    res = S.judge_agreement(str(dataset / "T2I_heldout_images.tsv"), str(dataset / "T2I_heldout.truth.jsonl"))
+    assert res["n"] == COUNTS["num_heldout"]
+    assert res["both_acc"] >= 0.99, res
+
+
+def test_judge_agrees_on_stars(star_dataset):
+    res = S.judge_agreement(str(star_dataset / "T2I_val.tsv"), str(star_dataset / "T2I_val.truth.jsonl"))
+    assert res["n"] == 200 and res["both_acc"] >= 0.99, res
+
+
+def _specs(dataset, split="val", limit=None):
+    truth = read_truth(dataset / f"T2I_{split}.truth.jsonl")[:limit]
+    keys = ("colour", "shape", "background", "size", "position", "cx", "cy", "extent", "image_size")
+    return [S.ShapeSpec(**{k: t[k] for k in keys}) for t in truth]
+
+
+def _agreement(specs, images):
+    ok = sum(
+        (r.colour, r.shape, r.background) == (s.colour, s.shape, s.background)
+        for s, r in ((s, S.judge(im)) for s, im in zip(specs, images))
+    )
+    return ok / len(specs)
+
+
+def test_judge_at_256px(dataset, star_dataset):
+    specs = _specs(dataset, limit=100) + _specs(star_dataset, limit=50)
+    images = [S.render(s, image_size=256) for s in specs]
+    assert images[0].size == (256, 256)
+    assert _agreement(specs, images) >= 0.99
+
+
+def test_judge_tolerates_blur_and_noise(dataset, star_dataset):
+    specs = _specs(dataset) + _specs(star_dataset, limit=100)
+    rng = np.random.default_rng(0)
+    blurred, noisy, both = [], [], []
+    for s in specs:
+        img = S.render(s)
+        arr = np.asarray(img, dtype=np.float32)
+        blurred.append(img.filter(ImageFilter.GaussianBlur(0.8)))
+        noisy.append(np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8))
+        b = np.asarray(blurred[-1], dtype=np.float32)
+        both.append(np.clip(b + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
+    assert _agreement(specs, blurred) >= 0.99
+    assert _agreement(specs, noisy) >= 0.99
+    assert _agreement(specs, both) >= 0.99
+
+
+def test_judge_inputs_and_empty_image():
+    spec = S.ShapeSpec("绿色", "三角形", "黑色", "大", "中间", 32.0, 32.0, 36.0, 64)
+    img = S.render(spec)
+    expected = S.JudgeResult("绿色", "三角形", "黑色")
+    arr = np.asarray(img)
+    assert S.judge(img) == expected
+    assert S.judge(arr) == expected
+    assert S.judge(arr.astype(np.float32) / 255.0) == expected
+    assert S.judge(np.moveaxis(arr, -1, 0)) == expected  # CHW
+    assert S.judge(img.convert("RGBA")) == expected
+    blank = S.judge(Image.new("RGB", (64, 64), (128, 128, 128)))
+    assert blank.colour is None and blank.shape is None and blank.background == "灰色"
+
+
+def test_judge_each_colour_and_shape():
+    for colour in COLOUR_NAMES:
+        for shape in SHAPE_NAMES:
+            for bg in BACKGROUND_NAMES:
+                for size, extent in (("小", 16.0), ("大", 38.0)):
+                    spec = S.ShapeSpec(colour, shape, bg, size, "中间", 32.0, 32.0, extent, 64)
+                    assert S.judge(S.render(spec)) == (colour, shape, bg), spec
+
+
+def test_accuracy_counter():
+    counter = S.AccuracyCounter(("colour", "shape", "both"))
+    counter.add("seen", colour=True, shape=True, both=True)
+    counter.add("seen", colour=True, shape=False, both=False)
+    counter.add("heldout", colour=False, shape=True, both=False)
+    assert counter.summary() == {
+        "heldout": {"n": 1, "colour_correct": 0, "colour_acc": 0.0, "shape_correct": 1, "shape_acc": 1.0,
+                    "both_correct": 0, "both_acc": 0.0},
+        "seen": {"n": 2, "colour_correct": 2, "colour_acc": 1.0, "shape_correct": 1, "shape_acc": 0.5,
+                 "both_correct": 1, "both_acc": 0.5},
+    }
+    assert counter.group("absent") == {"n": 0, "colour_correct": 0, "colour_acc": 0.0, "shape_correct": 0,
+                                       "shape_acc": 0.0, "both_correct": 0, "both_acc": 0.0}
+    with pytest.raises(ValueError, match="size"):
+        counter.add("seen", size=True)
