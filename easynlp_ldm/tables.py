@@ -276,24 +276,6 @@ def truncate_partial_tail(path: str) -> None:
         handle.truncate(0)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename over it: readers see the old or the new file, never a
-    half-written one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise UserError(f"{path}: cannot write ({err.strerror}); the previous version, if any, is intact") from None
-
-
 # --------------------------------------------------------------------------------------------- image codec
 
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as decompression bombs

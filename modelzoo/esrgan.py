@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from easynlp_ldm.files import WEIGHT_WRAPPERS, atomic_open, load_state_dict_file
+
 __all__ = [
     "SCALE",
     "ResidualDenseBlock",
@@ -192,7 +194,7 @@ def _unwrap(state_dict: Any) -> Mapping:
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a state dict (mapping of name -> tensor), got {type(state_dict).__name__}")
     # basicsr / Real-ESRGAN wrap the weights; prefer the EMA weights like their inference code does.
-    for wrapper in ("params_ema", "params", "state_dict"):
+    for wrapper in WEIGHT_WRAPPERS:
         inner = state_dict.get(wrapper)
         if isinstance(inner, Mapping):
             return inner
@@ -303,40 +305,19 @@ def infer_architecture(state_dict: Mapping) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_weights(path: str) -> Any:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"ESRGAN weights not found: {path!r}")
-    if path.lower().endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - safetensors is a dependency
-            raise ValueError(f"cannot read {path!r}: the safetensors package is not installed") from e
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:
-            raise ValueError(f"cannot read ESRGAN weights from {path!r}: not a valid safetensors file ({e})") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"cannot read ESRGAN weights from {path!r}: {type(e).__name__}: {reason} "
-            "(only plain tensor state dicts are accepted; arbitrary pickled objects are refused)"
-        ) from e
-
-
 def load_rrdbnet(path_or_state_dict: PathLike | Mapping) -> RRDBNet:
     """Build an :class:`RRDBNet` from a ``.pth``/``.safetensors`` file or an in-memory state dict.
 
     The layout is converted, the architecture inferred, and the weights loaded strictly. The returned
-    model is on CPU, float32, in eval mode. Unreadable or mismatching weights raise ``ValueError``
-    (with the path, when loading from a file); a missing file raises ``FileNotFoundError``.
+    model is on CPU, float32, in eval mode. A file is read by ``easynlp_ldm.files.load_state_dict_file`` (missing,
+    unreadable or unsafe files raise its ``WeightsError``, a ``ValueError`` naming the file, as for every other weight
+    file); mismatching weights raise ``ValueError`` with the path.
     """
     if isinstance(path_or_state_dict, Mapping):
         source, raw = "state dict", path_or_state_dict
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
-        raw = _read_weights(source)
+        raw = load_state_dict_file(source)
     else:
         raise TypeError(f"load_rrdbnet expects a path or a state dict, got {type(path_or_state_dict).__name__}")
     try:
@@ -351,7 +332,7 @@ def load_rrdbnet(path_or_state_dict: PathLike | Mapping) -> RRDBNet:
 
 
 def save_rrdbnet(model: RRDBNet, path: PathLike) -> None:
-    """Save the ORIGINAL-layout state dict atomically (``path + ".tmp"`` then ``os.replace``).
+    """Save the ORIGINAL-layout state dict atomically (``easynlp_ldm.files.atomic_open``).
 
     A path ending in ``.safetensors`` is written with safetensors; anything else with ``torch.save``
     of a plain ``dict`` of CPU tensors (loadable with ``weights_only=True``).
@@ -361,19 +342,13 @@ def save_rrdbnet(model: RRDBNet, path: PathLike) -> None:
     if parent:
         os.makedirs(parent, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    try:
+    with atomic_open(path, "wb") as handle:
         if path.lower().endswith(".safetensors"):
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file(sd, tmp)
+            handle.write(save(sd))
         else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            torch.save(sd, handle)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,19 +17,13 @@ import copy
 import json
 import logging
 import os
-import shutil
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from easynlp_ldm.files import WeightsError, atomic_copy, atomic_torch_save, atomic_write_text, load_state_dict_file
 from modelzoo import text_encoder as te
-from modelzoo.weights import (
-    WeightsError,
-    atomic_torch_save,
-    atomic_write_text,
-    load_component_weights,
-    load_state_dict_file,
-)
+from modelzoo.weights import load_component_weights
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +157,7 @@ class LatentDiffusion(torch.nn.Module):
         if self.esrgan_path:
             target = os.path.join(folder, ESRGAN_NAME)
             if os.path.abspath(self.esrgan_path) != os.path.abspath(target):
-                tmp = f"{target}.tmp.{os.getpid()}"
-                shutil.copyfile(self.esrgan_path, tmp)
-                os.replace(tmp, target)
+                atomic_copy(self.esrgan_path, target)
             files.append(target)
         atomic_torch_save(state, os.path.join(folder, WEIGHTS_NAME))
         return files + [os.path.join(folder, WEIGHTS_NAME)]

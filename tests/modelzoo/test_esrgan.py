@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from easynlp_ldm.files import WeightsError
 from modelzoo.esrgan import (
     RRDBNet,
     convert_state_dict,
@@ -233,7 +234,7 @@ def test_corrupt_files_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="corrupt.safetensors"):
         load_rrdbnet(bad_st)
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WeightsError, match="missing.pth: file not found"):  # as every weight loader says it
         load_rrdbnet(tmp_path / "missing.pth")
 
 

@@ -1,0 +1,176 @@
+"""Files that are never half written, and weights that are never unpickled: the one I/O module every writer and
+loader of the project uses.
+
+* ``atomic_open(path)``: a handle on a temporary file in ``path``'s own folder (so the rename cannot cross file
+  systems); on success it is flushed, fsynced and renamed over ``path``, on any failure it is removed. A reader sees
+  the old file or the new one, never a mix. ``atomic_write_bytes``/``_text``, ``atomic_torch_save`` and
+  ``atomic_copy`` are built on it.
+* ``atomic_folder(path)``: the same for a whole folder (a tar export, a diffusers export).
+* ``load_state_dict_file(path)``: safetensors, or ``torch.load(..., weights_only=True)``; a general unpickle never.
+
+A write that fails raises ``WriteFailed``, which is both an ``OSError`` (``errno`` kept, so callers can tell a full
+disk) and a ``UserError`` (the CLI prints its one line: which file, why, and that the previous version is intact).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from easynlp_ldm.errors import UserError
+
+
+class WriteFailed(UserError, OSError):
+    """Writing ``path`` failed; nothing was replaced."""
+
+    def __init__(self, path: str, err: OSError):
+        reason = err.strerror or str(err)
+        self.message = f"{path}: cannot write ({reason}); the previous version, if any, is intact"
+        super().__init__(self.message)
+        self.errno, self.strerror, self.filename = err.errno, reason, path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be read safely; the message names the file."""
+
+
+def _temporary_name(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (best effort: not every file system lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Write ``path`` through a temporary file beside it; renamed into place only when the block succeeds."""
+    if "w" not in mode:
+        raise ValueError("atomic_open writes whole files: use a 'w' mode")
+    tmp = _temporary_name(path)
+    try:
+        handle = open(tmp, mode, encoding=encoding if "b" not in mode else None)
+    except OSError as err:
+        raise WriteFailed(path, err) from None
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        if isinstance(err, WriteFailed):
+            raise
+        raise WriteFailed(path, err) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` of plain tensors/containers (readable with ``weights_only=True``), atomically."""
+    import torch
+
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def atomic_copy(source: str, path: str) -> None:
+    with atomic_open(path, "wb") as handle, open(source, "rb") as src:
+        shutil.copyfileobj(src, handle, 1 << 20)
+
+
+@contextmanager
+def atomic_folder(path: str, *, replace_empty: bool = True) -> Iterator[str]:
+    """A temporary folder beside ``path``, renamed to ``path`` when the block succeeds and removed when it fails.
+    ``path`` must not exist, or be an empty folder (``replace_empty``)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not (replace_empty and os.path.isdir(path) and not os.listdir(path)):
+        raise UserError(f"{path} exists and is not empty; choose a new folder")
+    tmp = _temporary_name(path)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WriteFailed):
+            raise
+        raise WriteFailed(path, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(os.path.dirname(path))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+
+
+WEIGHT_WRAPPERS = ("params_ema", "params", "state_dict")
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A plain ``{name: tensor}`` from ``.safetensors`` or a ``.bin``/``.pth``/``.ckpt`` pickle read with
+    ``weights_only=True``. The wrappers trainers put around weights (basicsr's ``params_ema``/``params``, Lightning's
+    ``state_dict``) are unwrapped, the EMA weights first. Raises ``WeightsError`` naming the file."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: file not found")
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        reason = str(err).strip().split("\n")[0][:200] or type(err).__name__
+        raise WeightsError(f"{path}: cannot read weights safely ({type(err).__name__}: {reason}; only plain "
+                           f"tensor state dicts are accepted, pickled objects are refused)") from None
+    for wrapper in WEIGHT_WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a plain state dict of tensors")
+    return state
