@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from appzoo.latent_diffusion.inputs import InputTables
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import BadRow, BadRowPolicy, Column, decode_image_base64, parse_line, read_table
 
@@ -73,14 +74,10 @@ class IndexedTable:
                             f"training)") from None
 
 
-def index_table(path: str, schema: list[Column], text_column: str, image_column: str, *, skip_first_line: bool,
-                policy: BadRowPolicy, on_image=None) -> IndexedTable:
-    """One validating pass: every image is decoded once (bad rows are found now, not mid-training).
-    ``on_image(index, image)`` sees each good image (for latent caching)."""
-    names = [c.name for c in schema]
-    for column, flag in ((text_column, "--first_sequence"), (image_column, "--second_sequence")):
-        if column not in names:
-            raise UserError(f"{flag}={column} is not a column of --input_schema ({', '.join(names)})")
+def index_table(path: str, inputs: InputTables, policy: BadRowPolicy, on_image=None) -> IndexedTable:
+    """One validating pass over ``path`` (one of ``inputs.tables``): every image is decoded once (bad rows are found
+    now, not mid-training). ``on_image(index, image)`` sees each good image (for latent caching)."""
+    schema, text_column, image_column = inputs.schema, inputs.text_column, inputs.image_column
     offsets: list[int] = []
     with open(path, "rb") as handle:
         position = 0
@@ -88,7 +85,7 @@ def index_table(path: str, schema: list[Column], text_column: str, image_column:
             offsets.append(position)
             position += len(raw)
     captions, kept_offsets, lines = [], [], []
-    for row in read_table(path, schema, skip_first_line=skip_first_line, policy=policy,
+    for row in read_table(path, schema, skip_first_line=inputs.skip_first_line, policy=policy,
                           image_columns=[image_column]):
         if on_image is not None:
             on_image(len(captions), row[image_column])

@@ -10,13 +10,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections import defaultdict
+from typing import Any
 
+from appzoo.latent_diffusion.data import index_table
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
+from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.losses import LatentCache, fixed_noise_loss
+from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.tables import BadRowPolicy, atomic_write_bytes, parse_schema, read_table, split_tables
+from easynlp_ldm.files import atomic_write_bytes
+from easynlp_ldm.tables import BadRowPolicy, read_table
 
 logger = logging.getLogger("easynlp.evaluate")
 
@@ -52,18 +61,19 @@ def summarise(counts: dict) -> dict:
     return out
 
 
-def prompt_following(model, table: str, schema, prompt_column: str, truth: dict[str, dict], flags, params,
-                     text_length: int, policy: BadRowPolicy, max_rows: int = 0) -> dict:
-    from appzoo.latent_diffusion.predict import Generator, image_seed
+def prompt_following(model, inputs: InputTables, truth: dict[str, dict], settings: GenerationSettings,
+                     random_seed: int, batch_size: int, text_length: int, policy: BadRowPolicy,
+                     max_rows: int = 0) -> dict:
     from shapes_data import judge
 
-    generate = Generator(model, {**params, "do_sr": False}, text_length)
+    table, prompt_column = inputs.table, inputs.text_column
+    generate = Generator(model, dataclasses.replace(settings, do_sr=False), text_length)
     counts: dict = defaultdict(lambda: {"n": 0, "colour": 0, "shape": 0, "both": 0})
     batch = []
 
     def flush():
         images = generate([str(r[prompt_column]) for r in batch],
-                          [image_seed(flags.random_seed, r.line_number, 0) for r in batch])
+                          [image_seed(random_seed, r.line_number, 0) for r in batch])
         for row, image in zip(batch, images):
             idx = str(row.values.get("idx", row.line_number))
             record = truth.get(idx)
@@ -80,10 +90,10 @@ def prompt_following(model, table: str, schema, prompt_column: str, truth: dict[
         batch.clear()
 
     seen_rows = 0
-    for row in read_table(table, schema, skip_first_line=flags.skip_first_line, policy=policy):
+    for row in read_table(table, inputs.schema, skip_first_line=inputs.skip_first_line, policy=policy):
         batch.append(row)
         seen_rows += 1
-        if len(batch) == flags.micro_batch_size:
+        if len(batch) == batch_size:
             flush()
         if max_rows and seen_rows >= max_rows:
             break
@@ -92,43 +102,33 @@ def prompt_following(model, table: str, schema, prompt_column: str, truth: dict[
     return summarise(counts)
 
 
-def run_evaluate(app) -> int:
-    from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.data import index_table
-    from appzoo.latent_diffusion.train import LatentCache, fixed_noise_loss
-
-    flags, params = app.flags, app.params
-    tables = split_tables(flags.tables)
-    if not tables:
-        raise UserError("--tables is required for --mode=evaluate")
-    table = tables[-1]
-    schema = parse_schema(flags.input_schema or "idx:str:1,text:str:1,imgbase64:str:1")
-    names = [c.name for c in schema]
-    prompt_column = flags.first_sequence or "text"
-    image_column = flags.second_sequence or "imgbase64"
+def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
+    inputs = input_tables(flags, "evaluate", default_schema=PAIR_SCHEMA)
+    table = inputs.table
     truth_path = truth_path_for(table, params["truth_file"])
-    has_images = image_column in names
-    if not has_images and not truth_path:
-        raise UserError(f"{table}: nothing to evaluate: the schema has no image column ({image_column}) for the "
-                        f"denoising loss and there is no ground-truth sidecar ({os.path.splitext(table)[0]}"
-                        f".truth.jsonl, or truth_file=...) for prompt-following accuracy")
-    model = load_inference_model(flags.checkpoint_dir, flags, params)
-    text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
+    if inputs.image_column is None and not truth_path:
+        raise UserError(f"{table}: nothing to evaluate: the schema has no image column "
+                        f"({flags.second_sequence or 'imgbase64'}) for the denoising loss and there is no ground-truth "
+                        f"sidecar ({os.path.splitext(table)[0]}.truth.jsonl, or truth_file=...) for prompt-following "
+                        f"accuracy")
+    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
+                       modelzoo_base_dir=flags.modelzoo_base_dir)
+    length = text_length(model, flags)
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     metrics: dict = {"table": table}
-    if has_images:
+    if inputs.image_column is not None:
         cache = LatentCache(model, model.image_size)
-        indexed = index_table(table, schema, prompt_column, image_column, skip_first_line=flags.skip_first_line,
-                              policy=policy, on_image=cache.add)
+        indexed = index_table(table, inputs, policy, on_image=cache.add)
         if not len(indexed):
             raise UserError(f"{table}: no usable rows to evaluate")
         metrics["rows"] = len(indexed)
-        metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), text_length)
+        metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), length)
     if truth_path:
         metrics["truth_file"] = truth_path
         metrics["steps"] = params["ddim_steps"]
-        metrics["accuracy"] = prompt_following(model, table, schema, prompt_column, load_truth_by_idx(truth_path),
-                                               flags, params, text_length, policy)
+        metrics["accuracy"] = prompt_following(model, inputs, load_truth_by_idx(truth_path),
+                                               GenerationSettings.from_params(params), flags.random_seed,
+                                               flags.micro_batch_size, length, policy)
     if policy.total:
         metrics["bad_rows"] = dict(policy.counts)
     print(json.dumps(metrics, ensure_ascii=False), flush=True)

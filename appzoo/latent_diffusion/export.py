@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
+from typing import Any
 
+from appzoo.latent_diffusion.generation import StableDiffusionPipeline
+from appzoo.latent_diffusion.loading import load_model
+from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.files import atomic_copy, atomic_folder, atomic_open, atomic_write_text
+from modelzoo import text_encoder as te
 from modelzoo.ldm import CHECKPOINT_FILES, ESRGAN_NAME
+from modelzoo.samplers import make_scheduler
 
 logger = logging.getLogger("easynlp.export")
 
@@ -26,56 +32,31 @@ def export_tar(model, destination: str) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         names = list(CHECKPOINT_FILES) + ([ESRGAN_NAME] if model.esrgan_path else [])
-        tmp = f"{destination}.tmp.{os.getpid()}"
-        try:
-            with tarfile.open(tmp, "w:gz") as archive:
-                for name in names:
-                    archive.add(os.path.join(folder, name), arcname=name)
-            os.replace(tmp, destination)
-        except OSError as err:
-            raise UserError(f"{destination}: cannot write the package ({err.strerror or err})") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(destination, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as archive:
+            for name in names:
+                archive.add(os.path.join(folder, name), arcname=name)
     return names
 
 
 def export_diffusers(model, destination: str) -> None:
-    from appzoo.latent_diffusion.pipeline import StableDiffusionPipeline
-    from modelzoo import text_encoder as te
-    from modelzoo.samplers import make_scheduler
-
-    if os.path.exists(destination) and os.listdir(destination):
-        raise UserError(f"{destination} exists and is not empty; choose a new folder for the diffusers export")
     encoder = model.text_encoder
     if type(encoder).__name__ == "BertModel":
         encoder.config.use_attention_mask = True  # diffusers then passes the mask, as our predict does
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder, tokenizer=model.tokenizer, unet=model.unet,
                                    scheduler=make_scheduler("", model.scheduler_config, model.scheduler_class),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(destination)) or ".")
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, "tokenizer", "vocab.txt"), "w", encoding="utf-8") as handle:
-            handle.write(te.vocab_lines(model.tokenizer))
+    with atomic_folder(destination) as folder:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        atomic_write_text(os.path.join(folder, "tokenizer", "vocab.txt"), te.vocab_lines(model.tokenizer))
         if model.esrgan_path:
-            shutil.copyfile(model.esrgan_path, os.path.join(tmp, ESRGAN_NAME))
-        if os.path.isdir(destination):
-            os.rmdir(destination)
-        os.replace(tmp, destination)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{destination}: cannot write the export ({err.strerror or err})") from None
+            atomic_copy(model.esrgan_path, os.path.join(folder, ESRGAN_NAME))
 
 
-def run_export(app) -> int:
-    from appzoo.latent_diffusion.app import load_inference_model
-
-    flags, params = app.flags, app.params
+def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=export (the .tar.gz path, or a folder for "
                         "export_format=diffusers)")
-    model = load_inference_model(flags.checkpoint_dir, flags)
+    model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir)
     if params["export_format"] == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s)", flags.outputs, ", ".join(names))

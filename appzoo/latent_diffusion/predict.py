@@ -7,7 +7,9 @@ batch; a progress record beside the output lets a rerun of the same command cont
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -17,31 +19,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from appzoo.latent_diffusion.pipeline import GenerationSettings, build_pipeline, generate
-from easynlp_ldm.errors import UserError
-from easynlp_ldm.tables import (
-    BadRowPolicy,
-    TsvWriter,
-    atomic_write_bytes,
-    count_rows,
-    encode_image,
-    parse_schema,
-    read_table,
-    split_tables,
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+from appzoo.latent_diffusion.inputs import (
+    PROMPT_SCHEMA,
+    input_tables,
+    output_columns,
+    requested_text_length,
+    text_length,
 )
+from appzoo.latent_diffusion.loading import load_model
+from easynlp_ldm import distributed
+from easynlp_ldm.args import ParsedFlags
+from easynlp_ldm.errors import UserError
+from easynlp_ldm.files import atomic_open, atomic_write_bytes
+from easynlp_ldm.tables import BadRowPolicy, TsvWriter, count_rows, encode_image, read_table
 from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp.predict")
-
-DEFAULT_OUTPUT_SCHEMA = "idx,text,gen_imgbase64"
-OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path")
-
-
-def image_seed(random_seed: int, line_number: int, sample: int) -> int:
-    """A 63-bit seed per image from (--random_seed, input line number, sample number); stable across versions."""
-    digest = hashlib.sha256(f"{random_seed}:{line_number}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 _UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
@@ -71,88 +67,13 @@ class PredictPlan:
     samples_per_row: int
 
 
-def plan_from_flags(flags, params) -> PredictPlan:
-    tables = split_tables(flags.tables)
-    if not tables:
-        raise UserError("--tables is required for --mode=predict (a TSV of prompts)")
+def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=predict (the output TSV path)")
-    schema = parse_schema(flags.input_schema or "idx:str:1,text:str:1")
-    names = [c.name for c in schema]
-    prompt_column = flags.first_sequence or ("text" if "text" in names else names[-1])
-    if prompt_column not in names:
-        raise UserError(f"--first_sequence={prompt_column} is not a column of --input_schema ({', '.join(names)})")
-    output_columns = [c.strip() for c in (flags.output_schema or DEFAULT_OUTPUT_SCHEMA).split(",") if c.strip()]
-    for column in output_columns:
-        if column not in OUTPUT_COLUMNS:
-            raise UserError(f"--output_schema: unknown column '{column}'; available: {', '.join(OUTPUT_COLUMNS)} "
-                            f"(use --append_cols for input columns)")
-    append_columns = [c.strip() for c in (flags.append_cols or "").split(",") if c.strip()]
-    for column in append_columns:
-        if column not in names:
-            raise UserError(f"--append_cols: '{column}' is not a column of --input_schema ({', '.join(names)})")
-    return PredictPlan(tables[-1], schema, prompt_column, output_columns, append_columns,
+    inputs = input_tables(flags, "predict", default_schema=PROMPT_SCHEMA)
+    generated, appended = output_columns(flags, inputs)
+    return PredictPlan(inputs.table, inputs.schema, inputs.text_column, generated, appended,
                        params["n_samples"] * params["n_iter"])
-
-
-def size_factor(model: LatentDiffusion) -> int:
-    """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
-    import math
-
-    return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
-
-
-def check_size(model: LatentDiffusion, height: int, width: int) -> None:
-    factor = size_factor(model)
-    for name, value in (("H", height), ("W", width)):
-        if value % factor:
-            raise UserError(f"{name}={value} must be a multiple of {factor} for this model (VAE factor "
-                            f"{model.vae_scale_factor} × UNet downsampling, and 8)")
-
-
-class SuperResolution:
-    def __init__(self, model: LatentDiffusion, tile: int, channel_order: str):
-        if not model.esrgan_path:
-            raise UserError("do_sr=True but the model has no RRDB_ESRGAN_x4.pth beside its weights; add the file to "
-                            "the model folder or drop do_sr")
-        from modelzoo.esrgan import load_rrdbnet
-
-        try:
-            self.net = load_rrdbnet(model.esrgan_path).to(model.unet.device)
-        except (ValueError, FileNotFoundError) as err:
-            raise UserError(str(err)) from None
-        self.tile, self.channel_order = tile, channel_order
-
-    def __call__(self, image):
-        from modelzoo.esrgan import upscale
-
-        return upscale(self.net, image, tile=self.tile, channel_order=self.channel_order)
-
-
-class Generator:
-    """Prompts + seeds → PIL images, with the model's settings; shared by predict, evaluate and serve."""
-
-    def __init__(self, model: LatentDiffusion, params: dict[str, Any], text_length: int | None = None):
-        self.model = model
-        self.settings = GenerationSettings(
-            steps=params["ddim_steps"], guidance_scale=params["scale"], height=params["H"] or model.image_size,
-            width=params["W"] or model.image_size, sampler=params["sampler"],
-            negative_prompt=params["negative_prompt"], eta=params["ddim_eta"],
-            guidance_cutoff=params["guidance_cutoff"])
-        check_size(model, self.settings.height, self.settings.width)
-        try:
-            self.pipe = build_pipeline(model, self.settings.sampler)
-        except ValueError as err:
-            raise UserError(f"--user_defined_parameters: sampler: {err}") from None
-        self.text_length = text_length
-        self.sr = SuperResolution(model, params["sr_tile"], params.get("sr_channel_order") or
-                                  model.extra.get("esrgan_channel_order", "rgb")) if params["do_sr"] else None
-
-    def __call__(self, prompts: list[str], seeds: list[int]):
-        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length)
-        if self.sr is not None:
-            images = [self.sr(image) for image in images]
-        return images
 
 
 def _file_fingerprint(path: str) -> dict:
@@ -171,7 +92,7 @@ def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) ->
     record = {"input": _file_fingerprint(plan.table), "model": [source, model_files], "params": params,
               "seed": flags.random_seed, "schema": flags.input_schema, "output": plan.output_columns,
               "append": plan.append_columns, "prompt": plan.prompt_column, "skip_first_line": flags.skip_first_line,
-              "sequence_length": flags.sequence_length if "sequence_length" in flags.given else None}
+              "sequence_length": requested_text_length(flags)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -245,59 +166,45 @@ class ImageFiles:
 
 def merge_parts(outputs: str, parts: list[str]) -> int:
     """Rank parts (each line prefixed with its input line number, in input order) → one output in input order."""
-    import heapq
-
     def rows(path):
         with open(path, "rb") as handle:
             for line in handle:
                 number, _, rest = line.partition(b"\t")
                 yield int(number), rest
 
-    tmp = f"{outputs}.tmp.{os.getpid()}"
     count = 0
-    with open(tmp, "wb") as out:
+    with atomic_open(outputs, "wb") as out:
         for _, rest in heapq.merge(*(rows(p) for p in parts), key=lambda item: item[0]):
             out.write(rest)
             count += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, outputs)
     return count
 
 
-def run_predict(app) -> int:
-    from easynlp_ldm import distributed
-
+def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     ctx = distributed.context()
     if not ctx.enabled:
-        return predict_rows(app, app.flags.outputs)
+        return predict_rows(flags, params, flags.outputs)
     # Rows are sharded by input line number; each rank writes (and can resume) its own part, rank 0 merges them.
-    part = f"{app.flags.outputs}.part{ctx.rank}of{ctx.world_size}"
-    predict_rows(app, part, shard=(ctx.rank, ctx.world_size))
+    part = f"{flags.outputs}.part{ctx.rank}of{ctx.world_size}"
+    predict_rows(flags, params, part, shard=(ctx.rank, ctx.world_size))
     distributed.barrier()
     if ctx.is_main:
-        parts = [f"{app.flags.outputs}.part{r}of{ctx.world_size}" for r in range(ctx.world_size)]
-        count = merge_parts(app.flags.outputs, parts)
+        parts = [f"{flags.outputs}.part{r}of{ctx.world_size}" for r in range(ctx.world_size)]
+        count = merge_parts(flags.outputs, parts)
         for path in parts:
             os.unlink(path)
             os.unlink(path + ".progress.json")
-        logger.info("merged %d rows from %d processes into %s", count, ctx.world_size, app.flags.outputs)
+        logger.info("merged %d rows from %d processes into %s", count, ctx.world_size, flags.outputs)
     distributed.barrier()
     return 0
 
 
-def predict_rows(app, outputs: str, shard: tuple[int, int] | None = None) -> int:
-    import base64
-
-    from tqdm import tqdm
-
-    from appzoo.latent_diffusion.app import load_inference_model
-
-    flags, params = app.flags, app.params
+def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
+                 shard: tuple[int, int] | None = None) -> int:
     plan = plan_from_flags(flags, params)
-    model = load_inference_model(flags.checkpoint_dir, flags, params)
-    text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
-    generator = Generator(model, params, text_length)
+    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
+                       modelzoo_base_dir=flags.modelzoo_base_dir)
+    generator = Generator(model, GenerationSettings.from_params(params), text_length(model, flags))
     fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
     progress = Progress(outputs, fingerprint)
     resuming = progress.load_resumable(outputs)
@@ -317,7 +224,7 @@ def predict_rows(app, outputs: str, shard: tuple[int, int] | None = None) -> int
         total = (total + shard[1] - 1) // shard[1]
     bar = tqdm(total=total, unit="prompt", dynamic_ncols=True,
                disable=os.environ.get("EASYNLP_PROGRESS") == "0" or bool(shard and shard[0]))
-    started, images_done, prompts_done = time.time(), 0, 0
+    started, images_done = time.time(), 0
     rows = read_table(plan.table, plan.schema, skip_first_line=flags.skip_first_line, policy=policy,
                       start_line=progress.last_line)
     if shard:
@@ -361,10 +268,8 @@ def predict_rows(app, outputs: str, shard: tuple[int, int] | None = None) -> int
                 batch.append(row)
                 if len(batch) == flags.micro_batch_size:
                     flush(batch)
-                    prompts_done += len(batch)
                     batch = []
             flush(batch)
-            prompts_done += len(batch)
     finally:
         writer.close()
         bar.close()

@@ -1,30 +1,28 @@
-"""``--mode=serve`` for latent_diffusion: request validation and batched generation through predict's
-``Generator`` (the same predict step, not a second pipeline)."""
+"""``--mode=serve`` for latent_diffusion: an HTTP request mapped to ``GenerationSettings`` (``REQUEST_FIELDS``),
+validated, and generated in batches by the same ``Generator`` predict uses (not a second pipeline)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import secrets
-import shutil
-import tarfile
-import tempfile
+from collections.abc import Callable
 from typing import Any
 
-from easynlp_ldm.errors import UserError
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator, size_factor
+from appzoo.latent_diffusion.inputs import text_length
+from appzoo.latent_diffusion.loading import load_model
+from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.serving.server import RequestError, ServiceSettings, serve
 from easynlp_ldm.tables import encode_image
 from modelzoo.samplers import canonical_name, sampler_names
 
 logger = logging.getLogger("easynlp.serve")
 
-FIELDS = ("text", "num_inference_steps", "num_images", "guidance_scale", "seed", "negative_prompt", "width",
-          "height", "sampler", "do_sr")
 
-
-def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name, default)
+def _integer(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"{name} must be an integer, got {type(value).__name__}", name)
     if not low <= value <= high:
@@ -32,17 +30,65 @@ def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def _steps(service: LatentDiffusionService, name: str, value: Any) -> int:
+    return _integer(name, value, 1, service.params["max_steps"])
+
+
+def _size(service: LatentDiffusionService, name: str, value: Any) -> int:
+    value = _integer(name, value, service.factor, service.params["max_size"])
+    if value % service.factor:
+        raise RequestError(f"{name} must be a multiple of {service.factor}, got {value}", name)
+    return value
+
+
+def _guidance(service: LatentDiffusionService, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 50:
+        raise RequestError(f"{name} must be a number between 0 and 50", name)
+    return float(value)
+
+
+def _text(service: LatentDiffusionService, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string", name)
+    return value
+
+
+def _sampler(service: LatentDiffusionService, name: str, value: Any) -> str:
+    if not isinstance(value, str) or (value and canonical_name(value) not in sampler_names()):
+        raise RequestError(f"{name} must be one of {', '.join(sampler_names())}", name)
+    return canonical_name(value) if value else ""
+
+
+def _do_sr(service: LatentDiffusionService, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false", name)
+    if value and not service.model.esrgan_path:
+        raise RequestError("this model has no super-resolution weights (RRDB_ESRGAN_x4.pth)", name)
+    return value
+
+
+# The HTTP request vocabulary → GenerationSettings: request field → (settings field, checker). The one mapping of a
+# request's sampling settings; an absent field keeps the service's default (its user_defined_parameters).
+REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any], Any]]] = {
+    "num_inference_steps": ("steps", _steps),
+    "width": ("width", _size),
+    "height": ("height", _size),
+    "guidance_scale": ("guidance_scale", _guidance),
+    "negative_prompt": ("negative_prompt", _text),
+    "sampler": ("sampler", _sampler),
+    "do_sr": ("do_sr", _do_sr),
+}
+FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS)
+
+
 class LatentDiffusionService:
-    """Implements ``easynlp_ldm.serving.server.ServiceHandler``."""
+    """Implements ``easynlp_ldm.serving.server.ServiceHandler``: requests whose settings are equal share a batch."""
 
     def __init__(self, model, params: dict[str, Any], text_length: int | None = None):
-        from appzoo.latent_diffusion.predict import Generator  # noqa: F401  (fail early if unavailable)
-
         self.model, self.params, self.text_length = model, params, text_length
-        from appzoo.latent_diffusion.predict import size_factor
-
         self.factor = size_factor(model)
-        self.generators: dict[tuple, Any] = {}
+        self.defaults = GenerationSettings.from_params(params).for_model(model)
+        self.generators: dict[GenerationSettings, Generator] = {}
 
     # -------------------------------------------------------------------------------------------- requests
     def parse(self, body: Any):
@@ -56,50 +102,25 @@ class LatentDiffusionService:
             raise RequestError("text is required and must be a string", "text")
         if not text.strip():
             raise RequestError("text must not be empty", "text")
-        params = self.params
-        steps = _int_field(body, "num_inference_steps", params["ddim_steps"], 1, params["max_steps"])
-        count = _int_field(body, "num_images", 1, 1, params["max_num_images"])
-        size = {}
-        for name in ("width", "height"):
-            value = _int_field(body, name, self.model.image_size, self.factor, params["max_size"])
-            if value % self.factor:
-                raise RequestError(f"{name} must be a multiple of {self.factor}, got {value}", name)
-            size[name] = value
-        guidance = body.get("guidance_scale", params["scale"])
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
-            raise RequestError("guidance_scale must be a number between 0 and 50", "guidance_scale")
-        negative = body.get("negative_prompt", params["negative_prompt"])
-        if not isinstance(negative, str):
-            raise RequestError("negative_prompt must be a string", "negative_prompt")
-        sampler = body.get("sampler", params["sampler"])
-        if not isinstance(sampler, str) or (sampler and canonical_name(sampler) not in sampler_names()):
-            raise RequestError(f"sampler must be one of {', '.join(sampler_names())}", "sampler")
-        do_sr = body.get("do_sr", params["do_sr"])
-        if not isinstance(do_sr, bool):
-            raise RequestError("do_sr must be true or false", "do_sr")
-        if do_sr and not self.model.esrgan_path:
-            raise RequestError("this model has no super-resolution weights (RRDB_ESRGAN_x4.pth)", "do_sr")
+        settings = dataclasses.replace(self.defaults, **{
+            setting: check(self, name, body[name]) for name, (setting, check) in REQUEST_FIELDS.items()
+            if name in body})
+        count = _integer("num_images", body.get("num_images", 1), 1, self.params["max_num_images"])
         seed = body.get("seed")
         if seed is None:
             seed = secrets.randbelow(2**62)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - count:
             raise RequestError("seed must be an integer between 0 and 2^63", "seed")
-        key = (steps, float(guidance), size["height"], size["width"], canonical_name(sampler) if sampler else "",
-               negative, do_sr)
-        return key, {"text": text, "seeds": [seed + i for i in range(count)], "key": key}, count
+        payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings}
+        return settings, payload, count
 
-    def _generator(self, key: tuple):
-        from appzoo.latent_diffusion.predict import Generator
-
-        if key not in self.generators:
-            steps, guidance, height, width, sampler, negative, do_sr = key
-            params = {**self.params, "ddim_steps": steps, "scale": guidance, "H": height, "W": width,
-                      "sampler": sampler, "negative_prompt": negative, "do_sr": do_sr}
-            self.generators[key] = Generator(self.model, params, self.text_length)
-        return self.generators[key]
+    def _generator(self, settings: GenerationSettings) -> Generator:
+        if settings not in self.generators:
+            self.generators[settings] = Generator(self.model, settings, self.text_length)
+        return self.generators[settings]
 
     def _run(self, payloads: list[dict]) -> list[dict]:
-        generate = self._generator(payloads[0]["key"])
+        generate = self._generator(payloads[0]["settings"])
         prompts = [p["text"] for p in payloads for _ in p["seeds"]]
         seeds = [seed for p in payloads for seed in p["seeds"]]
         images = iter(generate(prompts, seeds))
@@ -137,27 +158,9 @@ class LatentDiffusionService:
                 "super_resolution": bool(self.model.esrgan_path)}
 
 
-def extract_package(path: str) -> str:
-    """A .tar.gz from --mode=export → a temporary model folder (paths outside it refused)."""
-    target = tempfile.mkdtemp(prefix="easynlp-model-")
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            archive.extractall(target, filter="data")
-    except (tarfile.TarError, OSError) as err:
-        shutil.rmtree(target, ignore_errors=True)
-        raise UserError(f"{path}: cannot unpack the model package ({err})") from None
-    return target
-
-
-def run_serve(app) -> int:
-    from appzoo.latent_diffusion.app import load_inference_model
-
-    flags, params = app.flags, app.params
-    source = flags.checkpoint_dir
-    if source and os.path.isfile(source) and source.endswith((".tar.gz", ".tgz", ".tar")):
-        source = extract_package(source)
-    model = load_inference_model(source, flags, params)
-    text_length = model.clamp_text_length(flags.sequence_length if "sequence_length" in flags.given else None)
+def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
+    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
+                       modelzoo_base_dir=flags.modelzoo_base_dir)
     token = flags.api_token or os.environ.get("EASYNLP_API_TOKEN") or None
     settings = ServiceSettings(max_batch_size=params["max_batch_size"], max_wait_ms=params["max_wait_ms"],
                                max_queue=params["max_queue"], request_timeout_s=params["request_timeout"],
@@ -165,6 +168,7 @@ def run_serve(app) -> int:
     if flags.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("listening on %s without --api_token: anyone who can reach it can use it", flags.host)
     logger.info("serving %s on http://%s:%d (POST / or /predict, GET /health, /metrics, /docs; web page at /)",
-                getattr(model, "source_path", source), flags.host, flags.port)
-    serve(LatentDiffusionService(model, params, text_length), settings, flags.host, flags.port, params["keep_alive"])
+                getattr(model, "source_path", flags.checkpoint_dir), flags.host, flags.port)
+    serve(LatentDiffusionService(model, params, text_length(model, flags)), settings, flags.host, flags.port,
+          params["keep_alive"])
     return 0

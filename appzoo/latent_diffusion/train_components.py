@@ -22,7 +22,10 @@ from appzoo.latent_diffusion.data import (
     preprocess_image,
     sample_generator,
 )
+from appzoo.latent_diffusion.inputs import InputTables
+from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.tables import BadRowPolicy
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
@@ -234,15 +237,11 @@ class RRDBTrainTask:
             self.net.train()
 
 
-def build_component_task(target: str, model: LatentDiffusion, tables_spec, flags, params, resolution: int):
-    tables, schema, text_column, image_column, skip_first_line, policy = tables_spec
-    logger.info("reading %s (train_target=%s)", tables[0], target)
-    train = index_table(tables[0], schema, text_column, image_column, skip_first_line=skip_first_line,
-                        policy=policy)
-    val = None
-    if len(tables) == 2:
-        val = index_table(tables[1], schema, text_column, image_column, skip_first_line=skip_first_line,
-                          policy=policy)
+def build_component_task(target: str, model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
+                         policy: BadRowPolicy, resolution: int):
+    logger.info("reading %s (train_target=%s)", inputs.tables[0], target)
+    train = index_table(inputs.tables[0], inputs, policy)
+    val = index_table(inputs.tables[1], inputs, policy) if len(inputs.tables) == 2 else None
     if target in ("vae", "vae_decoder"):
         return VAETrainTask(model, train, val, params, flags.random_seed, resolution,
                             decoder_only=target == "vae_decoder")

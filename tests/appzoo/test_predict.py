@@ -107,15 +107,11 @@ def test_parity_with_diffusers_pipeline(tiny_model_dir, prompts_table, tmp_path,
 
 
 def test_image_depends_on_seed_not_batch(tiny_model_dir):
-    from appzoo.latent_diffusion.app import LatentDiffusionApp  # noqa: F401  (import path used by the CLI)
-    from appzoo.latent_diffusion.params import PARAMS
-    from appzoo.latent_diffusion.predict import Generator
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
     from modelzoo.ldm import LatentDiffusion
 
-    params = {p.name: p.default for p in PARAMS}
-    params["ddim_steps"] = 4
     model = LatentDiffusion.from_pretrained(tiny_model_dir)
-    generate = Generator(model, params)
+    generate = Generator(model, GenerationSettings(steps=4))
     alone = np.asarray(generate([PROMPTS[1]], [1234])[0], dtype=np.int16)
     crowd = generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [99, 1234, 5])
     assert np.abs(np.asarray(crowd[1], dtype=np.int16) - alone).max() <= 1
@@ -222,16 +218,14 @@ def test_guidance_cutoff_matches_diffusers_callback_and_halves_late_steps(tiny_m
     from diffusers import StableDiffusionPipeline
     from diffusers.callbacks import SDCFGCutoffCallback
 
-    from appzoo.latent_diffusion.params import PARAMS
-    from appzoo.latent_diffusion.predict import Generator
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
     from modelzoo.ldm import LatentDiffusion
 
-    params = {p.name: p.default for p in PARAMS}
-    params.update(ddim_steps=4, guidance_cutoff=0.75, optimize="none")
+    settings = GenerationSettings(steps=4, guidance_cutoff=0.75)
     model = LatentDiffusion.from_pretrained(tiny_model_dir)
     batch_sizes = []
     model.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    generate = Generator(model, params)
+    generate = Generator(model, settings)
     images = generate(PROMPTS[:3], [7, 8, 9])
     assert batch_sizes == [6, 6, 6, 3]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
@@ -242,5 +236,5 @@ def test_guidance_cutoff_matches_diffusers_callback_and_halves_late_steps(tiny_m
                          callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images[0]
         assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max() <= 3
     batch_sizes.clear()
-    Generator(model, {**params, "guidance_cutoff": 1.0})([PROMPTS[0]], [7])
+    Generator(model, GenerationSettings(steps=4))([PROMPTS[0]], [7])
     assert batch_sizes == [2, 2, 2, 2]  # the default guides every step, as diffusers does

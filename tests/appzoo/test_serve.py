@@ -46,17 +46,16 @@ class InProcessServer:
     def __init__(self, model_dir, **params):
         import uvicorn
 
-        from appzoo.latent_diffusion.app import load_inference_model
+        from appzoo.latent_diffusion.loading import load_model
         from appzoo.latent_diffusion.params import PARAMS
         from appzoo.latent_diffusion.serve import LatentDiffusionService
-        from easynlp_ldm.args import parse_flags
         from easynlp_ldm.serving.server import ServiceSettings, create_app
 
         values = {p.name: p.default for p in PARAMS}
         values.update(ddim_steps=2, max_steps=40, max_num_images=4, max_size=64)
         token = params.pop("api_token", None)
         values.update(params)
-        model = load_inference_model(model_dir, parse_flags([]))
+        model = load_model(model_dir)
         self.service = LatentDiffusionService(model, values)
         settings = ServiceSettings(max_batch_size=values["max_batch_size"], max_wait_ms=values["max_wait_ms"],
                                    max_queue=values["max_queue"], request_timeout_s=values["request_timeout"],

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from appzoo.latent_diffusion.params import PARAMS
-from appzoo.latent_diffusion.predict import Generator
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.optimize import prepare_for_inference
 
@@ -13,9 +12,7 @@ PROMPTS = ["红色的圆形", "蓝色的正方形", "黄色的三角形", "绿�
 def images(model_dir, level, steps=4):
     model = LatentDiffusion.from_pretrained(model_dir)
     done = prepare_for_inference(model, level)
-    params = {p.name: p.default for p in PARAMS}
-    params["ddim_steps"] = steps
-    generate = Generator(model, params)
+    generate = Generator(model, GenerationSettings(steps=steps))
     out = [np.asarray(im, dtype=np.float64) for im in generate(PROMPTS, [1, 2, 3, 4])]
     return out, done, generate
 

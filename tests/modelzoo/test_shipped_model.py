@@ -1,12 +1,12 @@
 """Regression guard for the embedded default model: it loads by name and still follows a fixed set of prompts
 (judged from pixels), including wordings the data set's templates never used."""
 
+import dataclasses
+
 import pytest
 
-from appzoo.latent_diffusion.app import load_inference_model
-from appzoo.latent_diffusion.params import PARAMS
-from appzoo.latent_diffusion.predict import Generator
-from easynlp_ldm.args import parse_flags
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+from appzoo.latent_diffusion.loading import load_model
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
 from shapes_data import judge
 
@@ -25,13 +25,12 @@ FLOOR_COLOUR, FLOOR_SHAPE = 10, 9  # measured 12 and 11 of 12 at release (bench 
 @pytest.fixture(scope="module")
 def model():
     assert DEFAULT_MODEL in embedded_models(), "the embedded default model is missing from modelzoo/pretrained"
-    params = {p.name: p.default for p in PARAMS}
-    return load_inference_model("", parse_flags([]), params), params
+    return load_model("", optimize="auto"), GenerationSettings()
 
 
 def test_follows_prompts_above_the_floor(model):
-    loaded, params = model
-    images = Generator(loaded, params)([p for p, _, _ in PROMPTS], [1000 + i for i in range(len(PROMPTS))])
+    loaded, settings = model
+    images = Generator(loaded, settings)([p for p, _, _ in PROMPTS], [1000 + i for i in range(len(PROMPTS))])
     verdicts = [judge(image) for image in images]
     colour = sum(v.colour == c for v, (_, c, _) in zip(verdicts, PROMPTS))
     shape = sum(v.shape == s for v, (_, _, s) in zip(verdicts, PROMPTS))
@@ -39,6 +38,6 @@ def test_follows_prompts_above_the_floor(model):
 
 
 def test_super_resolution_gives_256(model):
-    loaded, params = model
-    image = Generator(loaded, {**params, "do_sr": True, "ddim_steps": 10})(["红色的圆形"], [1])[0]
+    loaded, settings = model
+    image = Generator(loaded, dataclasses.replace(settings, do_sr=True, steps=10))(["红色的圆形"], [1])[0]
     assert image.size == (256, 256)

@@ -1,0 +1,203 @@
+"""Prompts + seeds → images: the one generation step predict, evaluate, serve and training's sample images share.
+
+* ``GenerationSettings`` is the one vocabulary of sampling settings. It is frozen and hashable: serve batches the
+  requests whose settings are equal. Each outside vocabulary is mapped to it in exactly one place —
+  ``GenerationSettings.from_params`` for ``--user_defined_parameters`` (EasyNLP's names, ``PARAM_NAMES``) and
+  ``serve.REQUEST_FIELDS`` for an HTTP request. Adding a sampling setting is its field here, its pass-through in
+  ``generate``, and one entry per vocabulary.
+* Images come from diffusers' own ``StableDiffusionPipeline`` over our components, with one seeded generator per image,
+  so an image depends on its seed alone, not on the batch it was generated in (up to matmul blocking: with bf16 a
+  pixel may differ by 1/255 between batch compositions).
+* ``image_seed``: each image's seed from (``--random_seed``, input line, sample number).
+* Size rules (``size_factor``) and ×4 super-resolution (``SuperResolution``) live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.utils import logging as transformers_logging
+
+from easynlp_ldm.errors import UserError
+from modelzoo.ldm import LatentDiffusion
+from modelzoo.samplers import make_scheduler
+
+
+def _import_pipeline_class():
+    """diffusers' pipeline module imports transformers' CLIP image processor (for a safety checker we never use),
+    which without torchvision warns on every command; that line says nothing to our users."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline
+
+
+StableDiffusionPipeline = _import_pipeline_class()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int = 20
+    guidance_scale: float = 5.0
+    height: int = 0  # pixels; 0: the model's native size (``for_model`` fills it in)
+    width: int = 0
+    sampler: str = ""  # a sampler's short name; "": the model's own scheduler
+    negative_prompt: str = ""
+    eta: float = 0.0  # DDIM's stochasticity
+    guidance_cutoff: float = 1.0  # fraction of the steps (the first ones) run with classifier-free guidance
+    do_sr: bool = False  # ESRGAN ×4 after decoding
+    sr_tile: int = 256  # super-resolution tile, input pixels (0: whole image)
+    sr_channel_order: str = ""  # rgb or bgr; "": the model's config, else rgb
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
+        """``--user_defined_parameters`` (EasyNLP's names) → settings."""
+        return cls(**{field: params[name] for field, name in PARAM_NAMES.items()})
+
+    def for_model(self, model: LatentDiffusion) -> GenerationSettings:
+        """The concrete settings for ``model``: native size and ESRGAN channel order filled in, size checked."""
+        settings = dataclasses.replace(self, height=self.height or model.image_size,
+                                       width=self.width or model.image_size, sr_channel_order=self.sr_channel_order or
+                                       model.extra.get("esrgan_channel_order", "rgb"))
+        check_size(model, settings.height, settings.width)
+        return settings
+
+
+# GenerationSettings field → its user_defined_parameter (declared in params.py).
+PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", "width": "W", "sampler": "sampler",
+               "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
+               "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
+
+
+def image_seed(random_seed: int, line_number: int, sample: int) -> int:
+    """A 63-bit seed per image from (--random_seed, input line number, sample number); stable across versions."""
+    digest = hashlib.sha256(f"{random_seed}:{line_number}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def size_factor(model: LatentDiffusion) -> int:
+    """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
+    return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
+
+
+def check_size(model: LatentDiffusion, height: int, width: int) -> None:
+    factor = size_factor(model)
+    for name, value in (("H", height), ("W", width)):
+        if value % factor:
+            raise UserError(f"{name}={value} must be a multiple of {factor} for this model (VAE factor "
+                            f"{model.vae_scale_factor} × UNet downsampling, and 8)")
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+def guided_steps(steps: int, cutoff: float) -> int:
+    """How many of ``steps`` UNet evaluations run with guidance: at least one, ``ceil(cutoff × steps)``."""
+    return max(1, min(steps, math.ceil(cutoff * steps - 1e-9)))
+
+
+def _guidance_cutoff_callback(cutoff: float):
+    """After the guided steps, drop the unconditional half of the batch: diffusers' own switch, as its
+    ``SDCFGCutoffCallback`` does (which keeps only the last prompt's embedding, so it breaks batches of several).
+    Counted over the sampler's UNet evaluations (``num_timesteps``: Heun-style samplers make two per step)."""
+    def callback(pipeline, step_index, timestep, tensors):
+        if step_index == guided_steps(pipeline.num_timesteps, cutoff) - 1:
+            pipeline._guidance_scale = 0.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+        return tensors
+
+    return callback
+
+
+def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusionPipeline:
+    scheduler = make_scheduler(sampler, model.scheduler_config, model.scheduler_class)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.inference_mode()
+def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+             pipe: StableDiffusionPipeline | None = None, max_length: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed), before super-resolution."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    pipe = pipe or build_pipeline(model, settings.sampler)
+    height = settings.height or model.image_size
+    width = settings.width or model.image_size
+    prompt_embeds = model.encode_prompts(list(prompts), max_length)
+    negative = None
+    if settings.guidance_scale > 1:
+        negative = model.encode_prompts([settings.negative_prompt] * len(prompts), prompt_embeds.shape[1])
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    # Each image's initial noise, drawn in fp32 from its own generator exactly as diffusers' randn_tensor draws it for
+    # a single image; the generators then go on to the sampler (ancestral samplers draw from them per step). Drawing
+    # here keeps the latents (and so the scheduler arithmetic) fp32 whatever the UNet's precision.
+    factor = model.vae_scale_factor
+    shape = (1, model.latent_channels, height // factor, width // factor)
+    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    cutoff = {}
+    if negative is not None and settings.guidance_cutoff < 1:
+        cutoff = {"callback_on_step_end": _guidance_cutoff_callback(settings.guidance_cutoff),
+                  "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    output = pipe(**cutoff, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
+                  num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
+                  generator=generators, latents=latents.to(model.unet.device), output_type="np")
+    return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
+
+
+# ----------------------------------------------------------------------------------------- super-resolution
+class SuperResolution:
+    """The model's ESRGAN ×4, loaded once per model and shared by every ``Generator`` that asks for it."""
+
+    def __init__(self, model: LatentDiffusion):
+        if not model.esrgan_path:
+            raise UserError("do_sr=True but the model has no RRDB_ESRGAN_x4.pth beside its weights; add the file to "
+                            "the model folder or drop do_sr")
+        from modelzoo.esrgan import load_rrdbnet
+
+        try:
+            self.net = load_rrdbnet(model.esrgan_path).to(model.unet.device)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    @classmethod
+    def of(cls, model: LatentDiffusion) -> SuperResolution:
+        if getattr(model, "_super_resolution", None) is None:
+            model._super_resolution = cls(model)
+        return model._super_resolution
+
+    def __call__(self, image: Image.Image, tile: int, channel_order: str) -> Image.Image:
+        from modelzoo.esrgan import upscale
+
+        return upscale(self.net, image, tile=tile, channel_order=channel_order)
+
+
+class Generator:
+    """Prompts + seeds → PIL images with one model and one ``GenerationSettings``."""
+
+    def __init__(self, model: LatentDiffusion, settings: GenerationSettings, text_length: int | None = None):
+        self.model = model
+        self.settings = settings.for_model(model)
+        try:
+            self.pipe = build_pipeline(model, self.settings.sampler)
+        except ValueError as err:
+            raise UserError(f"--user_defined_parameters: sampler: {err}") from None
+        self.text_length = text_length
+        self.sr = SuperResolution.of(model) if self.settings.do_sr else None
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length)
+        if self.sr is not None:
+            images = [self.sr(image, self.settings.sr_tile, self.settings.sr_channel_order) for image in images]
+        return images

@@ -1,0 +1,90 @@
+"""What a mode reads from the flags besides the model: its tables and their columns, predict's output columns, and
+the prompt length in tokens. One rule each, the same in every mode.
+
+Columns: the caption/prompt column is ``--first_sequence``, else ``text`` when the schema has it, else the last
+column that is not the image column; the image column is ``--second_sequence``, else ``imgbase64``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from easynlp_ldm.args import ParsedFlags
+from easynlp_ldm.errors import UserError
+from easynlp_ldm.tables import Column, parse_schema, split_tables
+from modelzoo.ldm import LatentDiffusion
+
+PROMPT_SCHEMA = "idx:str:1,text:str:1"
+PAIR_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
+OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path")
+DEFAULT_OUTPUT_SCHEMA = "idx,text,gen_imgbase64"
+TABLES_HINT = {"train": "train.tsv[,valid.tsv]", "predict": "a TSV of prompts",
+               "evaluate": "the table to evaluate on: prompts with a .truth.jsonl sidecar, or captions with images"}
+
+
+@dataclass(frozen=True)
+class InputTables:
+    tables: list[str]
+    schema: list[Column]
+    text_column: str
+    image_column: str | None  # None when the schema has no image column
+    skip_first_line: bool
+
+    @property
+    def table(self) -> str:
+        """The table predict and evaluate read: the last of ``--tables``, as EasyNLP did."""
+        return self.tables[-1]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.schema]
+
+
+def input_tables(flags: ParsedFlags, mode: str, *, default_schema: str | None, max_tables: int | None = None,
+                 need_image: bool = False) -> InputTables:
+    """``--tables``/``--input_schema``/``--first_sequence``/``--second_sequence`` → the tables and their columns.
+    ``default_schema`` None: ``--input_schema`` is required."""
+    tables = split_tables(flags.tables)
+    if not tables:
+        raise UserError(f"--tables is required for --mode={mode} ({TABLES_HINT[mode]})")
+    if max_tables and len(tables) > max_tables:
+        raise UserError(f"--tables: {mode} takes at most {max_tables} tables, got {len(tables)}")
+    if not flags.input_schema and default_schema is None:
+        raise UserError(f"--input_schema is required, e.g. {PAIR_SCHEMA}")
+    schema = parse_schema(flags.input_schema or default_schema)
+    names = [c.name for c in schema]
+    image = flags.second_sequence or "imgbase64"
+    if image not in names:
+        if need_image:
+            raise UserError(f"--second_sequence={image} is not a column of --input_schema ({', '.join(names)})")
+        image = None
+    others = [name for name in names if name != image]
+    text = flags.first_sequence or ("text" if "text" in names else (others[-1] if others else "text"))
+    if text not in names:
+        raise UserError(f"--first_sequence={text} is not a column of --input_schema ({', '.join(names)})")
+    return InputTables(tables, schema, text, image, flags.skip_first_line)
+
+
+def output_columns(flags: ParsedFlags, inputs: InputTables) -> tuple[list[str], list[str]]:
+    """``--output_schema`` (generated columns) and ``--append_cols`` (input columns copied to each output row)."""
+    generated = [c.strip() for c in (flags.output_schema or DEFAULT_OUTPUT_SCHEMA).split(",") if c.strip()]
+    for column in generated:
+        if column not in OUTPUT_COLUMNS:
+            raise UserError(f"--output_schema: unknown column '{column}'; available: {', '.join(OUTPUT_COLUMNS)} "
+                            f"(use --append_cols for input columns)")
+    appended = [c.strip() for c in (flags.append_cols or "").split(",") if c.strip()]
+    for column in appended:
+        if column not in inputs.names:
+            raise UserError(f"--append_cols: '{column}' is not a column of --input_schema "
+                            f"({', '.join(inputs.names)})")
+    return generated, appended
+
+
+def requested_text_length(flags: ParsedFlags) -> int | None:
+    """``--sequence_length`` when the user gave it; None lets the model use its own length."""
+    return flags.sequence_length if "sequence_length" in flags.given else None
+
+
+def text_length(model: LatentDiffusion, flags: ParsedFlags) -> int:
+    """Tokens per prompt: ``--sequence_length`` when given, clamped to the text encoder's positions."""
+    return model.clamp_text_length(requested_text_length(flags))

@@ -1,0 +1,76 @@
+"""Where a model comes from and how it is made ready: the one loading path of every mode, bench and test.
+
+``load_model(name_or_path, device=..., optimize=..., precision=...)`` takes plain arguments: a local folder (this
+toolkit's checkpoint or PAI's diffusers layout), an embedded model's name, a Hugging Face cache entry on disk, or a
+``.tar.gz`` package from ``--mode=export``; empty means the embedded default model. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+
+import torch
+
+from easynlp_ldm.errors import UserError
+from easynlp_ldm.hub import resolve_model
+from modelzoo.ldm import LatentDiffusion, ModelFormatError
+
+logger = logging.getLogger("easynlp")
+
+PACKAGE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def resolve_model_path(name: str, modelzoo_base_dir: str = "", what: str = "model") -> str:
+    """A model name or folder → a local folder; empty → the embedded default model."""
+    from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
+
+    embedded = embedded_models()
+    if not name:
+        if DEFAULT_MODEL not in embedded:
+            raise UserError(f"no {what} given and the embedded default model is not installed; pass a model folder")
+        name = DEFAULT_MODEL
+    return resolve_model(name, embedded, modelzoo_base_dir, what=what)
+
+
+def extract_package(path: str) -> str:
+    """A .tar.gz from --mode=export → a temporary model folder (paths outside it refused)."""
+    target = tempfile.mkdtemp(prefix="easynlp-model-")
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            archive.extractall(target, filter="data")
+    except (tarfile.TarError, OSError) as err:
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(f"{path}: cannot unpack the model package ({err})") from None
+    return target
+
+
+def load_model(name_or_path: str | None = "", *, device: torch.device | str | None = None, optimize: str | None = None,
+               precision: str = "", modelzoo_base_dir: str = "", what: str = "--checkpoint_dir") -> LatentDiffusion:
+    """The model in eval mode on ``device`` (default: this process's device — its GPU when it sees one, else the
+    CPU), prepared for inference at ``optimize`` level (``none``/``auto``/``max``; None: left as loaded, for
+    training and export). ``what`` names the setting in error messages."""
+    name = name_or_path or ""
+    if os.path.isfile(name) and name.endswith(PACKAGE_SUFFIXES):
+        path = extract_package(name)
+    else:
+        path = resolve_model_path(name, modelzoo_base_dir, what)
+    logger.info("loading %s", path)
+    try:
+        model = LatentDiffusion.from_pretrained(path)
+    except ModelFormatError as err:
+        raise UserError(str(err)) from None
+    if device is None:
+        from easynlp_ldm.distributed import model_device
+
+        device = model_device()
+    model.to(device)
+    if optimize is not None:
+        from modelzoo.optimize import prepare_for_inference
+
+        done = prepare_for_inference(model, optimize, precision)
+        logger.info("inference: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+    return model

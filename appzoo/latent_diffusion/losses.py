@@ -1,0 +1,118 @@
+"""The diffusion training objective and the latent cache, shared by train (its loss and validation loss) and evaluate
+(the denoising loss of a table with images).
+
+* ``LatentCache``: images encoded once by the frozen VAE; the latent distribution's moments (mean, logvar) kept.
+* ``DiffusionObjective``: noise → noisy latents → the target the model's scheduler config says the UNet predicts
+  (``epsilon`` or ``v_prediction``; anything else is an error, never silently treated as epsilon), MSE, optional
+  Min-SNR weighting.
+* ``fixed_noise_loss``: the plain objective with latent means, fixed noise and evenly spread timesteps — comparable
+  across steps, runs and machines' batch sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from appzoo.latent_diffusion.data import preprocess_image
+from easynlp_ldm.errors import UserError
+from modelzoo.ldm import LatentDiffusion
+
+VALIDATION_SEED = 20240601  # fixed noise and timesteps: validation losses compare across steps and runs
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class LatentCache:
+    """Encodes images with the frozen VAE in batches and keeps the latent distribution's moments (mean, logvar).
+    With ``use_amp`` the encoder runs under the same autocast as the training step, exactly as it would if the
+    latents were not cached (and ~1.7× faster on CPU at 256²)."""
+
+    def __init__(self, model: LatentDiffusion, resolution: int, batch_size: int = 32, use_amp: bool = False):
+        self.model, self.resolution, self.batch_size = model, resolution, batch_size
+        self.use_amp = use_amp
+        self.pending: list[torch.Tensor] = []
+        self.chunks: list[torch.Tensor] = []
+
+    def add(self, index: int, image) -> None:
+        self.pending.append(preprocess_image(image, self.resolution))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if self.pending:
+            from easynlp_ldm.trainer import amp_dtype
+
+            device = self.model.vae.device
+            pixels = torch.stack(self.pending).to(device, self.model.vae.dtype)
+            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=self.use_amp):
+                moments = self.model.vae.encode(pixels).latent_dist.parameters
+            self.chunks.append(moments.float().cpu())
+            self.pending = []
+
+    def moments(self) -> torch.Tensor:
+        self.flush()
+        return torch.cat(self.chunks) if self.chunks else torch.empty(0)
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A draw from the VAE posterior with the given noise, scaled for the diffusion model."""
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return (mean + std * eps.to(mean.device)) * scaling
+
+
+class DiffusionObjective:
+    """What the UNet is trained to predict under ``model``'s noise schedule, and the loss against it."""
+
+    def __init__(self, model: LatentDiffusion, snr_gamma: float = 0.0):
+        self.model, self.snr_gamma = model, snr_gamma
+        self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"the model's scheduler config has prediction_type={self.prediction_type!r}; training "
+                            f"and evaluation support {' and '.join(PREDICTION_TYPES)}")
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def per_sample_loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                        embeds: torch.Tensor, min_snr: bool = True) -> torch.Tensor:
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.model.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        target = self.target(latents, noise, timesteps)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma and min_snr:
+            snr = compute_snr(self.scheduler, timesteps)
+            weights = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+            weights = weights / (snr + 1) if self.prediction_type == "v_prediction" else weights / snr
+            loss = loss * weights
+        return loss
+
+
+@torch.no_grad()
+def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch.Tensor, text_length: int,
+                     batch_size: int = 32) -> float:
+    """Plain denoising MSE with latent means, fixed noise and timesteps spread evenly over the schedule."""
+    objective = DiffusionObjective(model)
+    steps = objective.num_timesteps
+    n = len(captions)
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
+    noise = torch.randn((n, *latent_shape), generator=g)
+    timesteps = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
+    device = model.unet.device
+    total = 0.0
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        mean, _ = torch.chunk(moments[start:stop], 2, dim=1)
+        latents = (mean * model.vae_scaling_factor).to(device)
+        embeds = model.encode_prompts(captions[start:stop], text_length)
+        loss = objective.per_sample_loss(latents, noise[start:stop].to(device), timesteps[start:stop].to(device),
+                                         embeds, min_snr=False)
+        total += float(loss.mean()) * (stop - start)
+    return total / n
