@@ -86,7 +86,7 @@ def run_baseline(args, model_dir: str) -> float:
     """diffusers' pipeline, fp16 on CUDA (fp32 on CPU), eager — what a diffusers user runs."""
     import torch
 
-    from appzoo.latent_diffusion.pipeline import build_pipeline
+    from appzoo.latent_diffusion.generation import build_pipeline
     from modelzoo.ldm import LatentDiffusion
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
@@ -105,15 +105,12 @@ def run_baseline(args, model_dir: str) -> float:
 def run_level(args, model_dir: str, level: str, base: float) -> None:
     import torch
 
-    from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.params import default_params
-    from appzoo.latent_diffusion.predict import Generator
-    from easynlp_ldm.args import parse_flags
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.loading import load_model
 
-    params = default_params(optimize=level, ddim_steps=args.steps, scale=args.guidance, H=args.size, W=args.size,
-                            n_samples=1)
-    model = load_inference_model(model_dir, parse_flags([]), params)
-    generate = Generator(model, params)
+    model = load_model(model_dir, optimize=level)
+    generate = Generator(model, GenerationSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size,
+                                                   width=args.size))
     unet_seconds = [0.0]
     forward = model.unet.forward
 

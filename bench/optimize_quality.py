@@ -38,11 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     import numpy as np
 
-    from appzoo.latent_diffusion.app import load_inference_model
     from appzoo.latent_diffusion.evaluate import load_truth_by_idx, truth_path_for
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+    from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
-    from appzoo.latent_diffusion.predict import Generator, image_seed
-    from easynlp_ldm.args import parse_flags
     from shapes_data import generate_dataset, judge
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +54,6 @@ def main() -> None:
             rows = [line.rstrip("\n").split("\t")[:2] for line in handle][:args.rows]
     prompts = [text for _, text in rows]
     seeds = [image_seed(0, number, 0) for number in range(1, len(rows) + 1)]
-    flags = parse_flags([f"--micro_batch_size={args.batch}"])
     levels = args.levels.split(",")
     results, reference = {}, None
     defaults = default_params()
@@ -67,8 +65,8 @@ def main() -> None:
             kind = type(defaults[key])
             overrides[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
         params = default_params(optimize=name, ddim_steps=args.steps, **overrides)
-        model = load_inference_model(args.model, flags, params)
-        generate = Generator(model, params)
+        model = load_model(args.model, optimize=params["optimize"], precision=params["precision"])
+        generate = Generator(model, GenerationSettings.from_params(params))
         start = time.perf_counter()
         images = []
         for i in range(0, len(prompts), args.batch):

@@ -30,15 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.params import default_params
-    from appzoo.latent_diffusion.predict import Generator
-    from easynlp_ldm.args import parse_flags
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.loading import load_model
 
-    params = default_params(optimize=args.optimize)
-    model = load_inference_model(args.model, parse_flags([]), params)
-    params["ddim_steps"] = args.steps
-    generate = Generator(model, params)
+    model = load_model(args.model, optimize=args.optimize)
+    settings = GenerationSettings(steps=args.steps)
+    generate = Generator(model, settings)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     seeds = list(range(args.batch))
     with torch.inference_mode():
@@ -51,7 +48,7 @@ def main() -> None:
     best = min(times)
     print(f"optimize={args.optimize}; model {model.source_path}: {model.image_size}x{model.image_size}, "
           f"{args.steps} steps, guidance "
-          f"{params['scale']}, batch {args.batch}, {torch.get_num_threads()} threads")
+          f"{settings.guidance_scale}, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"{best / args.batch:.3f} s per image ({best:.2f} s per batch; best of {args.repeats})")
 
 

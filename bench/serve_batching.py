@@ -33,14 +33,13 @@ def main() -> None:
     import httpx
     import uvicorn
 
-    from appzoo.latent_diffusion.app import load_inference_model
+    from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.serve import LatentDiffusionService
-    from easynlp_ldm.args import parse_flags
     from easynlp_ldm.serving.server import ServiceSettings, create_app
 
     params = default_params(optimize=args.optimize)
-    model = load_inference_model(args.model, parse_flags([]), params)
+    model = load_model(args.model, optimize=args.optimize)
     service = LatentDiffusionService(model, params)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

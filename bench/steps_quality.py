@@ -26,17 +26,15 @@ def main() -> None:
     parser.add_argument("--optimize", default="auto")
     parser.add_argument("--model", default="")
     args = parser.parse_args()
-    from appzoo.latent_diffusion.app import load_inference_model
     from appzoo.latent_diffusion.evaluate import load_truth_by_idx, prompt_following, truth_path_for
-    from appzoo.latent_diffusion.params import default_params
-    from easynlp_ldm.args import parse_flags
+    from appzoo.latent_diffusion.generation import GenerationSettings
+    from appzoo.latent_diffusion.inputs import PROMPT_SCHEMA, InputTables
+    from appzoo.latent_diffusion.loading import load_model
     from easynlp_ldm.tables import BadRowPolicy, parse_schema
 
-    flags = parse_flags(["--micro_batch_size=50"])
-    params = default_params(optimize=args.optimize)
-    model = load_inference_model(args.model, flags, params)
+    model = load_model(args.model, optimize=args.optimize)
     truth = load_truth_by_idx(truth_path_for(args.table, ""))
-    schema = parse_schema("idx:str:1,text:str:1")
+    inputs = InputTables([args.table], parse_schema(PROMPT_SCHEMA), "text", None, False)
     steps_list = [int(s) for s in args.steps.split(",")]
     print(f"model {model.source_path}, optimize={args.optimize}, first {args.rows} rows of {args.table}")
     print("| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |")
@@ -44,10 +42,10 @@ def main() -> None:
     for sampler in args.samplers.split(","):
         cells = []
         for steps in steps_list:
-            run = {**params, "sampler": sampler, "ddim_steps": steps}
+            settings = GenerationSettings(sampler=sampler, steps=steps)
             start = time.perf_counter()
-            acc = prompt_following(model, args.table, schema, "text", truth, flags, run, model.text_max_length,
-                                   BadRowPolicy(), max_rows=args.rows)["all"]
+            acc = prompt_following(model, inputs, truth, settings, 0, 50, model.text_max_length, BadRowPolicy(),
+                                   max_rows=args.rows)["all"]
             per_image = (time.perf_counter() - start) / acc["n"]
             cells.append(f"{100 * acc['both_acc']:.1f} ({100 * acc['colour_acc']:.0f}/{100 * acc['shape_acc']:.0f}) "
                          f"{per_image:.2f}s")

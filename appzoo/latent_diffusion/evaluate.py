@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-from collections import defaultdict
 from typing import Any
 
 from appzoo.latent_diffusion.data import index_table
@@ -53,22 +52,14 @@ def load_truth_by_idx(path: str) -> dict[str, dict]:
     return truth
 
 
-def summarise(counts: dict) -> dict:
-    out = {}
-    for group, c in sorted(counts.items()):
-        n = c["n"]
-        out[group] = {"n": n, "colour_acc": c["colour"] / n, "shape_acc": c["shape"] / n, "both_acc": c["both"] / n}
-    return out
-
-
 def prompt_following(model, inputs: InputTables, truth: dict[str, dict], settings: GenerationSettings,
                      random_seed: int, batch_size: int, text_length: int, policy: BadRowPolicy,
                      max_rows: int = 0) -> dict:
-    from shapes_data import judge
+    from shapes_data import AccuracyCounter, judge
 
     table, prompt_column = inputs.table, inputs.text_column
     generate = Generator(model, dataclasses.replace(settings, do_sr=False), text_length)
-    counts: dict = defaultdict(lambda: {"n": 0, "colour": 0, "shape": 0, "both": 0})
+    counter = AccuracyCounter(("colour", "shape", "both"))
     batch = []
 
     def flush():
@@ -83,10 +74,7 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
             group = "heldout" if record.get("heldout") else "seen"
             colour_ok, shape_ok = verdict.colour == record["colour"], verdict.shape == record["shape"]
             for key in (group, "all"):
-                counts[key]["n"] += 1
-                counts[key]["colour"] += colour_ok
-                counts[key]["shape"] += shape_ok
-                counts[key]["both"] += colour_ok and shape_ok
+                counter.add(key, colour=colour_ok, shape=shape_ok, both=colour_ok and shape_ok)
         batch.clear()
 
     seen_rows = 0
@@ -99,7 +87,7 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
             break
     if batch:
         flush()
-    return summarise(counts)
+    return counter.summary()
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:

@@ -47,7 +47,8 @@ def test_accuracy_is_one_for_true_images_and_split_by_heldout(tiny_model_dir, sh
                                                              monkeypatch):
     fake_generator(monkeypatch, os.path.join(shapes_data, "T2I_test.truth.jsonl"))
     metrics = evaluate(os.path.join(shapes_data, "T2I_test.tsv"), tiny_model_dir, tmp_path, capsys)
-    assert metrics["accuracy"]["seen"] == {"n": 6, "colour_acc": 1.0, "shape_acc": 1.0, "both_acc": 1.0}
+    assert metrics["accuracy"]["seen"] == {"n": 6, "colour_acc": 1.0, "shape_acc": 1.0, "both_acc": 1.0,
+                                           "colour_correct": 6, "shape_correct": 6, "both_correct": 6}
     fake_generator(monkeypatch, os.path.join(shapes_data, "T2I_heldout.truth.jsonl"))
     metrics = evaluate(os.path.join(shapes_data, "T2I_heldout.tsv"), tiny_model_dir, tmp_path, capsys)
     assert metrics["accuracy"]["heldout"]["both_acc"] == 1.0 and "seen" not in metrics["accuracy"]
