@@ -55,6 +55,7 @@ class GenerationSettings:
     negative_prompt: str = ""
     eta: float = 0.0  # DDIM's stochasticity
     guidance_cutoff: float = 1.0  # fraction of the steps (the first ones) run with classifier-free guidance
+    guidance_rescale: float = 0.0  # rescales the guided prediction's std to the text one's (Lin et al. 2023, §3.4)
     do_sr: bool = False  # ESRGAN ×4 after decoding
     sr_tile: int = 256  # super-resolution tile, input pixels (0: whole image)
     sr_channel_order: str = ""  # rgb or bgr; "": the model's config, else rgb
@@ -76,6 +77,7 @@ class GenerationSettings:
 # GenerationSettings field → its user_defined_parameter (declared in params.py).
 PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", "width": "W", "sampler": "sampler",
                "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
+               "guidance_rescale": "guidance_rescale",
                "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
 
 
@@ -152,6 +154,7 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
                   "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
     output = pipe(**cutoff, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
+                  guidance_rescale=settings.guidance_rescale,
                   generator=generators, latents=latents.to(model.unet.device), output_type="np")
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 

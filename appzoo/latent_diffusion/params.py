@@ -90,6 +90,9 @@ PARAMS: tuple[Param, ...] = (
     Param("guidance_cutoff", float, 1.0, "fraction of the steps (the first ones) that use classifier-free "
           "guidance; the rest run the prompt's pass alone, at half the cost (1: every step, as diffusers does)",
           modes=SAMPLING, check=lambda v: None if 0 < v <= 1 else "must be within (0, 1]"),
+    Param("guidance_rescale", float, 0.0, "rescale the guided prediction towards the text-only one's standard "
+          "deviation (0: off; 0.7 is the paper's choice against over-exposure at high guidance)", modes=SAMPLING,
+          check=_unit),
     Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
           check=_positive),
     Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=SAMPLING, check=_unit),

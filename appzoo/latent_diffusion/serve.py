@@ -47,6 +47,12 @@ def _guidance(service: LatentDiffusionService, name: str, value: Any) -> float:
     return float(value)
 
 
+def _unit(service: LatentDiffusionService, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise RequestError(f"{name} must be a number between 0 and 1", name)
+    return float(value)
+
+
 def _text(service: LatentDiffusionService, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise RequestError(f"{name} must be a string", name)
@@ -74,6 +80,7 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
     "width": ("width", _size),
     "height": ("height", _size),
     "guidance_scale": ("guidance_scale", _guidance),
+    "guidance_rescale": ("guidance_rescale", _unit),
     "negative_prompt": ("negative_prompt", _text),
     "sampler": ("sampler", _sampler),
     "do_sr": ("do_sr", _do_sr),
