@@ -12,7 +12,8 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    # diffusers refuses dpmsolver with final_sigmas_type="zero" (its default): end at sigma_min as it asks
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpm-solver-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "dpm-solver-single": ("DPMSolverSinglestepScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
@@ -51,4 +52,8 @@ def make_scheduler(name: str | None, model_scheduler_config: dict, model_schedul
     class_name, overrides = SAMPLERS[key]
     config = dict(model_scheduler_config)
     config.update(overrides)
-    return getattr(diffusers, class_name).from_config(config)
+    try:
+        return getattr(diffusers, class_name).from_config(config)
+    except ImportError as err:  # diffusers' placeholder for a scheduler whose backend (e.g. scipy for lms) is missing
+        reason = " ".join(str(err).split()).split(" You can install")[0]
+        raise ValueError(f"sampler '{name}' cannot be used here: {reason}") from None
