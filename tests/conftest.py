@@ -30,11 +30,3 @@ def shapes_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shapes")
     generate_dataset(str(folder), seed=0, num_train=32, num_val=8, num_test=6, num_heldout=4, image_size=32)
     return str(folder)
-
-
-def train_argv(data, out, model, *extra, udp=""):
-    return ["--mode=train", f"--tables={os.path.join(data, 'T2I_train.tsv')},{os.path.join(data, 'T2I_val.tsv')}",
-            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-            "--second_sequence=imgbase64", f"--checkpoint_dir={out}", "--random_seed=42", "--logging_steps=1",
-            "--app_name=latent_diffusion", *extra,
-            f"--user_defined_parameters=pretrain_model_name_or_path={model} {udp}"]

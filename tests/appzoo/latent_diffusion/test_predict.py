@@ -1,42 +1,12 @@
 import base64
-import io
 import json
 import os
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from easynlp_ldm import cli
-
-PROMPTS = ["红色的圆形", "蓝色正方形在白色背景上", "一个黄色的三角形", "请画一个绿色的圆形", "灰色背景上的紫色正方形"]
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
-
-
-@pytest.fixture
-def prompts_table(tmp_path):
-    path = tmp_path / "prompts.tsv"
-    path.write_text("".join(f"p{i}\t{p}\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
-    return str(path)
-
-
-def predict_argv(table, out, model, *extra, udp="ddim_steps=4"):
-    return ["--mode=predict", f"--tables={table}", "--input_schema=idx:str:1,text:str:1", f"--outputs={out}",
-            "--first_sequence=text", f"--checkpoint_dir={model}", "--random_seed=7", "--micro_batch_size=2",
-            "--app_name=latent_diffusion", *extra, f"--user_defined_parameters={udp}"]
-
-
-def read_rows(path):
-    return [line.split("\t") for line in open(path, encoding="utf-8").read().splitlines()]
-
-
-def decode(cell):
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB"), dtype=np.int16)
+from tests.helpers import PROMPTS, decode, predict_argv, read_rows
 
 
 def test_seed_predict_command_as_published(tiny_model_dir, tmp_path, monkeypatch):
@@ -83,39 +53,6 @@ def test_output_schema_and_size_errors(tiny_model_dir, prompts_table, tmp_path, 
     assert "unknown sampler 'magic'" in capsys.readouterr().err
     assert cli.main(predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir, udp="do_sr=True")) == 2
     assert "no RRDB_ESRGAN_x4.pth" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("sampler,guidance", [("", 5.0), ("euler-ancestral", 7.5), ("ddim", 3.0)])
-def test_parity_with_diffusers_pipeline(tiny_model_dir, prompts_table, tmp_path, sampler, guidance):
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
-    out = str(tmp_path / "o.tsv")
-    argv = predict_argv(prompts_table, out, tiny_model_dir, "--output_schema=text,seed,gen_imgbase64",
-                        udp=f"n_samples=1 ddim_steps=6 scale={guidance} optimize=none"
-                        + (f" sampler={sampler}" if sampler else ""))
-    assert cli.main(argv) == 0
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
-    swap = {"euler-ancestral": EulerAncestralDiscreteScheduler, "ddim": DDIMScheduler}.get(sampler)
-    if swap:  # the pipeline's constructor applies its scheduler fixes (e.g. DDIM's clip_sample=False for latents)
-        pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": swap.from_config(pipe.scheduler.config)})
-    pipe.set_progress_bar_config(disable=True)
-    for prompt, seed, cell in read_rows(out)[:2]:
-        reference = pipe(prompt, generator=torch.Generator("cpu").manual_seed(int(seed)), num_inference_steps=6,
-                         guidance_scale=guidance, height=32, width=32).images[0]
-        difference = np.abs(decode(cell) - np.asarray(reference, dtype=np.int16)).max()
-        assert difference <= 3, difference
-
-
-def test_image_depends_on_seed_not_batch(tiny_model_dir):
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
-
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
-    generate = Generator(model, GenerationSettings(steps=4))
-    alone = np.asarray(generate([PROMPTS[1]], [1234])[0], dtype=np.int16)
-    crowd = generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [99, 1234, 5])
-    assert np.abs(np.asarray(crowd[1], dtype=np.int16) - alone).max() <= 1
-    assert np.abs(np.asarray(crowd[0], dtype=np.int16) - alone).max() > 10
 
 
 def test_micro_batch_size_does_not_change_images(tiny_model_dir, prompts_table, tmp_path):
@@ -180,20 +117,8 @@ def test_bad_prompt_rows_stop_or_skip(tiny_model_dir, tmp_path, capsys):
     assert [r[0] for r in read_rows(out)] == ["a", "d"]
 
 
-def test_super_resolution_with_model_rrdb(tmp_path, prompts_table):
-    from modelzoo.esrgan import RRDBNet
-    from modelzoo.tiny import make_tiny_diffusers_model
-
-    torch.manual_seed(0)
-    rrdb = RRDBNet(nf=8, nb=1, gc=4).state_dict()
-    model = make_tiny_diffusers_model(str(tmp_path / "m"), esrgan_state=rrdb)
-    out = str(tmp_path / "o.tsv")
-    assert cli.main(predict_argv(prompts_table, out, model, udp="n_samples=1 ddim_steps=2 do_sr=True sr_tile=8")) == 0
-    assert decode(read_rows(out)[0][2]).shape == (128, 128, 3)
-
-
 def test_trained_folder_predicts_alone_and_evaluate_reports_loss(tiny_model_dir, shapes_data, tmp_path, capsys):
-    from tests.appzoo.conftest import train_argv
+    from tests.helpers import train_argv
 
     out = str(tmp_path / "run")
     assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=1")) == 0
@@ -210,31 +135,3 @@ def test_trained_folder_predicts_alone_and_evaluate_reports_loss(tiny_model_dir,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["rows"] == 8 and 0 < printed["val_loss"] < 5
     assert json.load(open(tmp_path / "metrics.json")) == printed
-
-
-def test_guidance_cutoff_matches_diffusers_callback_and_halves_late_steps(tiny_model_dir, prompts_table, tmp_path):
-    """guidance_cutoff=0.75 of 4 steps: 3 guided UNet calls on 2×batch, then 1 on the batch alone — what diffusers'
-    SDCFGCutoffCallback(cutoff_step_ratio=0.5) does for a single prompt; and batches of several prompts work."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.callbacks import SDCFGCutoffCallback
-
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
-
-    settings = GenerationSettings(steps=4, guidance_cutoff=0.75)
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
-    batch_sizes = []
-    model.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    generate = Generator(model, settings)
-    images = generate(PROMPTS[:3], [7, 8, 9])
-    assert batch_sizes == [6, 6, 6, 3]
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for prompt, seed, image in zip(PROMPTS[:3], [7, 8, 9], images):
-        reference = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=4,
-                         guidance_scale=5.0, height=32, width=32,
-                         callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images[0]
-        assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max() <= 3
-    batch_sizes.clear()
-    Generator(model, GenerationSettings(steps=4))([PROMPTS[0]], [7])
-    assert batch_sizes == [2, 2, 2, 2]  # the default guides every step, as diffusers does

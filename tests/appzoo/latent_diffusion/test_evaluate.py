@@ -1,16 +1,9 @@
 import json
 import os
 
-import pytest
-
 import shapes_data as shapes
 from appzoo.latent_diffusion import predict
 from easynlp_ldm import cli
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
 
 
 def truth_records(path):

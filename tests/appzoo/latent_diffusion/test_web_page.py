@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.appzoo.test_serve import InProcessServer
+from tests.helpers import InProcessServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -1,17 +1,11 @@
 import json
 import os
 
-import pytest
 import torch
 
 from easynlp_ldm import cli
 from modelzoo.ldm import LatentDiffusion
-from tests.appzoo.conftest import train_argv
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
+from tests.helpers import train_argv
 
 
 def train_vae(target, model_dir, data, out):

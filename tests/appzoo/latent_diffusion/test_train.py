@@ -11,19 +11,9 @@ import torch
 
 from easynlp_ldm import cli
 from modelzoo.ldm import LatentDiffusion
-from tests.appzoo.conftest import train_argv
 from tests.easynlp_ldm.test_cli import SEED_TRAIN
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
-
-
-def weights(folder):
-    return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
+from tests.helpers import ROOT, train_argv
+from tests.helpers import saved_weights as weights
 
 
 def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, shapes_data, tmp_path, monkeypatch):
@@ -207,20 +197,3 @@ def test_bad_training_rows_stop_or_skip(tiny_model_dir, shapes_data, tmp_path, c
     assert f"{table}, line 4: undecodable base64" in capsys.readouterr().err
     argv[-1] += " skip_bad_rows=True"
     assert cli.main(argv) == 0
-
-
-def test_safetensors_layout_and_unsafe_pickle_refused(tmp_path):
-    from modelzoo.tiny import make_tiny_diffusers_model
-
-    folder = make_tiny_diffusers_model(str(tmp_path / "m"), weights="safetensors")
-    LatentDiffusion.from_pretrained(folder)
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
-    bad = make_tiny_diffusers_model(str(tmp_path / "bad"))
-    torch.save({"x": Evil()}, os.path.join(bad, "unet", "diffusion_pytorch_model.bin"))
-    with pytest.raises(ValueError, match="cannot read weights safely"):
-        LatentDiffusion.from_pretrained(bad)
-    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,101 @@
+"""What several test modules share: servers, command lines, readers of outputs. Test modules import this, never
+each other; fixtures live in conftest.py."""
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["红色的圆形", "蓝色正方形在白色背景上", "一个黄色的三角形", "请画一个绿色的圆形", "灰色背景上的紫色正方形"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, timeout=120, process=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(process.stdout.read())
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready")
+
+
+class InProcessServer:
+    def __init__(self, model_dir, **params):
+        import uvicorn
+
+        from appzoo.latent_diffusion.loading import load_model
+        from appzoo.latent_diffusion.params import PARAMS
+        from appzoo.latent_diffusion.serve import LatentDiffusionService
+        from easynlp_ldm.serving.server import ServiceSettings, create_app
+
+        values = {p.name: p.default for p in PARAMS}
+        values.update(ddim_steps=2, max_steps=40, max_num_images=4, max_size=64)
+        token = params.pop("api_token", None)
+        values.update(params)
+        model = load_model(model_dir)
+        self.service = LatentDiffusionService(model, values)
+        settings = ServiceSettings(max_batch_size=values["max_batch_size"], max_wait_ms=values["max_wait_ms"],
+                                   max_queue=values["max_queue"], request_timeout_s=values["request_timeout"],
+                                   api_token=token)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(self.service, settings), host="127.0.0.1", port=self.port,
+                                log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_ready(self.url)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def png(b64):
+    data = base64.b64decode(b64, validate=True)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(io.BytesIO(data))
+
+
+def predict_argv(table, out, model, *extra, udp="ddim_steps=4"):
+    return ["--mode=predict", f"--tables={table}", "--input_schema=idx:str:1,text:str:1", f"--outputs={out}",
+            "--first_sequence=text", f"--checkpoint_dir={model}", "--random_seed=7", "--micro_batch_size=2",
+            "--app_name=latent_diffusion", *extra, f"--user_defined_parameters={udp}"]
+
+
+def read_rows(path):
+    return [line.split("\t") for line in open(path, encoding="utf-8").read().splitlines()]
+
+
+def decode(cell):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB"), dtype=np.int16)
+
+
+def train_argv(data, out, model, *extra, udp=""):
+    return ["--mode=train", f"--tables={os.path.join(data, 'T2I_train.tsv')},{os.path.join(data, 'T2I_val.tsv')}",
+            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+            "--second_sequence=imgbase64", f"--checkpoint_dir={out}", "--random_seed=42", "--logging_steps=1",
+            "--app_name=latent_diffusion", *extra,
+            f"--user_defined_parameters=pretrain_model_name_or_path={model} {udp}"]
+
+
+def saved_weights(folder):
+    return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)

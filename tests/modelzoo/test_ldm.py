@@ -1,0 +1,25 @@
+"""modelzoo/ldm.py: the model's two on-disk formats load, and a weight file never runs code."""
+
+import os
+
+import pytest
+import torch
+
+from modelzoo.ldm import LatentDiffusion
+
+
+def test_safetensors_layout_and_unsafe_pickle_refused(tmp_path):
+    from modelzoo.tiny import make_tiny_diffusers_model
+
+    folder = make_tiny_diffusers_model(str(tmp_path / "m"), weights="safetensors")
+    LatentDiffusion.from_pretrained(folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = make_tiny_diffusers_model(str(tmp_path / "bad"))
+    torch.save({"x": Evil()}, os.path.join(bad, "unet", "diffusion_pytorch_model.bin"))
+    with pytest.raises(ValueError, match="cannot read weights safely"):
+        LatentDiffusion.from_pretrained(bad)
+    assert not (tmp_path / "pwned").exists()
