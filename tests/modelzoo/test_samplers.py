@@ -38,5 +38,6 @@ def test_aliases_default_and_unknown_names():
     assert type(make_scheduler("k_euler", CONFIG, "PNDMScheduler")).__name__ == "EulerDiscreteScheduler"
     assert isinstance(make_scheduler("", CONFIG, "PNDMScheduler"), diffusers.PNDMScheduler)  # the model's own
     assert make_scheduler("dpm-solver++", CONFIG, "").config.algorithm_type == "dpmsolver++"
-    with pytest.raises(ValueError, match=re.escape("unknown sampler 'magic'; choose one of " + ", ".join(sampler_names()))):
+    expected = "unknown sampler 'magic'; choose one of " + ", ".join(sampler_names())
+    with pytest.raises(ValueError, match=re.escape(expected)):
         make_scheduler("magic", CONFIG, "")

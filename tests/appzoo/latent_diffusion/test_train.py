@@ -123,7 +123,7 @@ def test_existing_run_needs_resume_or_reset(tiny_model_dir, shapes_data, tmp_pat
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, shapes_data, tmp_path, capsys,
                                                            monkeypatch):
-    from appzoo.latent_diffusion import train as train_module
+    from appzoo.latent_diffusion import train_tasks as train_module
 
     out = str(tmp_path / "run")
     original = train_module.DiffusionTrainTask.loss

@@ -1,6 +1,7 @@
-"""``train_target=vae|vae_decoder`` and ``train_target=rrdb``: training the autoencoder (whole, or only its decoder)
-and the ESRGAN ×4 net with the same trainer (optimiser, EMA, checkpoints, resume, logs) as the diffusion model.
-Per-sample randomness is seeded by (seed, epoch, index) as everywhere else."""
+"""What ``--mode=train`` can train, each as a ``TrainTask`` for the framework trainer (optimiser, EMA, checkpoints,
+resume, logs): the diffusion model (``train_target=unet``: UNet, optionally the text encoder), the autoencoder
+(``vae``, or only its decoder with ``vae_decoder``) and the ESRGAN ×4 net (``rrdb``). Per-sample randomness is seeded
+by (seed, epoch, index) everywhere."""
 
 from __future__ import annotations
 
@@ -14,24 +15,153 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from appzoo.latent_diffusion.data import (
-    PIXEL_STAGE,
-    TRAIN_STAGE,
-    IndexedTable,
-    index_table,
-    preprocess_image,
-    sample_generator,
-)
-from appzoo.latent_diffusion.inputs import InputTables
-from easynlp_ldm.args import ParsedFlags
+from appzoo.latent_diffusion.data import PIXEL_STAGE, TRAIN_STAGE, IndexedTable, preprocess_image, sample_generator
+from appzoo.latent_diffusion.generation import GenerationSettings, generate
+from appzoo.latent_diffusion.losses import DiffusionObjective, fixed_noise_loss, sample_latents
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.tables import BadRowPolicy
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
 
 SCALING_SAMPLE = 256  # images used to set the VAE's latent scaling factor (1 / std of the latents)
 VALIDATION_ROWS = 256
+
+
+class _PixelDataset(torch.utils.data.Dataset):
+    def __init__(self, task: DiffusionTrainTask, epoch: int):
+        self.task, self.epoch = task, epoch
+
+    def __len__(self) -> int:
+        return len(self.task.train_table)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.task._pixels([index], self.epoch)[0]
+
+
+class DiffusionTrainTask:
+    def __init__(self, model: LatentDiffusion, train: IndexedTable, train_moments: torch.Tensor | None,
+                 val_captions: list[str], val_moments: torch.Tensor | None, *, params: dict[str, Any], seed: int,
+                 resolution: int, text_length: int, data_threads: int = 0, use_amp: bool = False):
+        self.model, self.train_table, self.train_moments = model, train, train_moments
+        self.val_captions, self.val_moments = val_captions, val_moments
+        self.params, self.seed, self.resolution = params, seed, resolution
+        self.text_length, self.data_threads = text_length, data_threads
+        self.objective = DiffusionObjective(model, params["snr_gamma"])
+        self.num_timesteps = self.objective.num_timesteps
+        factor = model.vae_scale_factor
+        self.latent_shape = (model.latent_channels, resolution // factor, resolution // factor)
+        self.train_text_encoder = bool(params["train_text_encoder"])
+        model.vae.requires_grad_(False).eval()
+        model.text_encoder.requires_grad_(self.train_text_encoder)
+        model.text_encoder.train(self.train_text_encoder)
+        model.unet.requires_grad_(True).train()
+        if use_amp and model.unet.device.type == "cpu":
+            from modelzoo.attention import Float32AttentionProcessor
+
+            model.unet.set_attn_processor(Float32AttentionProcessor())
+        if params["gradient_checkpointing"]:
+            model.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder and hasattr(model.text_encoder, "gradient_checkpointing_enable"):
+                model.text_encoder.gradient_checkpointing_enable()
+
+    # ---------------------------------------------------------------------------------------- the protocol
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.model.unet}
+        if self.train_text_encoder:
+            modules["text_encoder"] = self.model.text_encoder
+        return modules
+
+    def num_examples(self) -> int:
+        return len(self.train_table)
+
+    def _draws(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
+        dropout, timesteps, noise, eps, offsets = [], [], [], [], []
+        channels = self.latent_shape[0]
+        for index in indices:
+            g = sample_generator(self.seed, epoch, index, TRAIN_STAGE)
+            dropout.append(float(torch.rand(1, generator=g)) < self.params["caption_dropout"])
+            timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
+            noise.append(torch.randn(self.latent_shape, generator=g))
+            eps.append(torch.randn(self.latent_shape, generator=g))
+            offsets.append(torch.randn((channels, 1, 1), generator=g))
+        return {"dropout": dropout, "timesteps": torch.tensor(timesteps, dtype=torch.long),
+                "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets)}
+
+    def _pixels(self, indices: list[int], epoch: int) -> torch.Tensor:
+        params = self.params
+        return torch.stack([
+            preprocess_image(self.train_table.read_image(i), self.resolution, random_crop=params["random_crop"],
+                             random_flip=params["random_flip"],
+                             generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE)) for i in indices])
+
+    def _pixel_batches(self, order: list[list[int]], epoch: int):
+        """Decoded, cropped pixels per micro-batch; in ``--data_threads`` worker processes when above 0."""
+        if self.data_threads <= 0:
+            for indices in order:
+                yield self._pixels(indices, epoch)
+            return
+        dataset = _PixelDataset(self, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=self.data_threads)
+        yield from loader
+
+    def batches(self, order: list[list[int]], epoch: int):
+        pixel_iter = self._pixel_batches(order, epoch) if self.train_moments is None else None
+        for indices in order:
+            captions = [self.train_table.captions[i] for i in indices]
+            draws = self._draws(indices, epoch)
+            captions = ["" if drop else caption for drop, caption in zip(draws["dropout"], captions)]
+            batch = {"input_ids": self.model.tokenize(captions, self.text_length), **draws}
+            if self.train_moments is not None:
+                batch["moments"] = self.train_moments[indices]
+            else:
+                batch["pixels"] = next(pixel_iter)
+            yield batch
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        vae = self.model.vae
+        if "moments" in batch:
+            mean, logvar = torch.chunk(batch["moments"].to(vae.device), 2, dim=1)
+        else:
+            with torch.no_grad():
+                dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
+            mean, logvar = dist.mean.float(), dist.logvar.float()
+        return sample_latents(mean, logvar, batch["eps"], self.model.vae_scaling_factor)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        latents = self._latents(batch)
+        noise = batch["noise"]
+        if self.params["noise_offset"]:
+            noise = noise + self.params["noise_offset"] * batch["offsets"]
+        device = self.model.unet.device
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
+            embeds = self.model.encode_tokens(batch["input_ids"])
+        return self.objective.per_sample_loss(latents.to(device), noise.to(device), batch["timesteps"].to(device),
+                                              embeds).mean()
+
+    def validate(self) -> float | None:
+        if not self.val_captions:
+            return None
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        try:
+            return fixed_noise_loss(self.model, self.val_captions, self.val_moments, self.text_length)
+        finally:
+            self.model.unet.train(was_training)
+
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
+        return self.model.save_pretrained(folder, overrides=weights)
+
+    def sample_images(self) -> list[tuple[str, Any]]:
+        captions = self.val_captions[:2] or self.train_table.captions[:2]
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        try:
+            images = generate(self.model, captions, [self.seed + i for i in range(len(captions))],
+                              GenerationSettings(steps=10, height=self.resolution, width=self.resolution),
+                              max_length=self.text_length)
+        finally:
+            self.model.unet.train(was_training)
+        return list(zip(captions, images))
 
 
 def _freeze_all(model: LatentDiffusion) -> None:
@@ -235,14 +365,3 @@ class RRDBTrainTask:
             return images
         finally:
             self.net.train()
-
-
-def build_component_task(target: str, model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
-                         policy: BadRowPolicy, resolution: int):
-    logger.info("reading %s (train_target=%s)", inputs.tables[0], target)
-    train = index_table(inputs.tables[0], inputs, policy)
-    val = index_table(inputs.tables[1], inputs, policy) if len(inputs.tables) == 2 else None
-    if target in ("vae", "vae_decoder"):
-        return VAETrainTask(model, train, val, params, flags.random_seed, resolution,
-                            decoder_only=target == "vae_decoder")
-    return RRDBTrainTask(model, train, val, params, flags.random_seed)
