@@ -20,6 +20,7 @@ setup(
         "tqdm",
         "fastapi",
         "uvicorn",
+        "huggingface_hub>=1.23",  # offline snapshot lookup (easynlp_ldm/hub.py)
     ],
     entry_points={"console_scripts": ["easynlp=easynlp_ldm.cli:entry_point"]},
 )
