@@ -130,3 +130,14 @@ def test_bearer_token(tiny_model_dir):
                           headers={"Authorization": "Bearer s3cret"}).status_code == 200
     finally:
         running.stop()
+
+
+def test_fields_left_out_take_the_services_parameters(tiny_model_dir):
+    running = InProcessServer(tiny_model_dir, H=64, W=64, ddim_steps=2)
+    try:
+        response = httpx.post(running.url + "/", json={"text": "测试文本", "seed": 1}, timeout=60)
+        assert response.status_code == 200 and png(response.json()["images_base64"][0]).size == (64, 64)
+        response = httpx.post(running.url + "/", json={"text": "测试文本", "width": 32, "height": 32}, timeout=60)
+        assert png(response.json()["images_base64"][0]).size == (32, 32)
+    finally:
+        running.stop()
