@@ -4,7 +4,13 @@ TensorBoard. It knows nothing of diffusion: an app hands it a ``TrainTask``.
 Exactness: the data order of every epoch is a permutation drawn from (seed, epoch), and every per-sample random
 choice is the task's business, derived from (seed, epoch, sample index). The training state saved beside each
 checkpoint (raw weights, optimiser, LR schedule, EMA, step, epoch, position in the epoch, RNG states) lets
-``--resume_from_checkpoint`` continue exactly where the saved state left off.
+``--resume_from_checkpoint`` continue exactly where the saved state left off: before the loop starts, the saved
+(epoch, micro-batch position) becomes a plan of the remaining optimiser steps (``Trainer.plan``), which the loop
+then simply runs.
+
+Several processes: the trainable modules run inside one ``DistributedDataParallel`` (gradients all-reduced in
+buckets while the backward pass goes on, once per optimiser step); each rank trains on its slice of the same global
+micro-batches a single process would see, weighted so that the result is the single-process gradient.
 
 Checkpoint folder (``--checkpoint_dir``):
   config.json, pytorch_model.bin, vocab.txt, … — the best checkpoint by validation loss (the last one when there is
@@ -17,7 +23,7 @@ Checkpoint folder (``--checkpoint_dir``):
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
 import math
@@ -25,13 +31,16 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from easynlp_ldm.args import FLAGS_BY_DEST, ParsedFlags
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.files import _temporary_name, atomic_torch_save, atomic_write_text, is_disk_full
 
 logger = logging.getLogger("easynlp.trainer")
 
@@ -40,28 +49,43 @@ STATE_FILE = "state.pt"
 META_FILE = "trainer_meta.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
-    output_dir: str
-    learning_rate: float = 5e-5
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
-    optimizer_type: str = "AdamW"
-    warmup_proportion: float = 0.1
-    epoch_num: float = 3.0
-    micro_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    logging_steps: int = 100
-    save_checkpoint_steps: int | None = None
-    save_all_checkpoints: bool = False
-    use_amp: bool = False
-    seed: int = 1234
-    use_ema: bool = True
-    ema_decay: float = 0.999
-    resume_from: str | None = None
-    progress: bool = True
-    rank: int = 0
-    world_size: int = 1
+    """The trainer's settings. Fields named after a flag come from that flag (``from_flags``): their defaults are
+    declared once, in ``easynlp_ldm.args.FLAGS``; none is restated here."""
+
+    # From the flags.
+    checkpoint_dir: str
+    resume_from_checkpoint: str | None
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float
+    optimizer_type: str
+    warmup_proportion: float
+    epoch_num: float
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    logging_steps: int
+    save_checkpoint_steps: int | None
+    save_all_checkpoints: bool
+    use_amp: bool
+    random_seed: int
+    # From the app and the process group.
+    use_ema: bool
+    ema_decay: float
+    rank: int
+    world_size: int
+    progress: bool
+
+    @classmethod
+    def from_flags(cls, flags: ParsedFlags, **app_settings: Any) -> TrainerConfig:
+        """Every field named after a flag read from ``flags``; the others (use_ema, ema_decay, rank, world_size,
+        progress) given as keyword arguments. A missing or unknown one is a ``TypeError``, as for any call."""
+        from_flags = {f.name: getattr(flags, f.name) for f in fields(cls) if f.name in FLAGS_BY_DEST}
+        clash = sorted(set(from_flags) & set(app_settings))
+        if clash:
+            raise TypeError(f"TrainerConfig.from_flags: {', '.join(clash)} come from the flags")
+        return cls(**from_flags, **app_settings)
 
 
 class TrainTask(Protocol):
@@ -97,11 +121,13 @@ def _link_files(files: list[str] | None, folder: str) -> bool:
     try:
         for path in files:
             target = os.path.join(folder, os.path.basename(path))
-            tmp = f"{target}.link.{os.getpid()}"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
+            tmp = _temporary_name(target)  # files.py's naming: hidden, unique, beside the target
             os.link(path, tmp)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.unlink(tmp)
+                raise
     except OSError as err:
         logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
         return False
@@ -185,23 +211,58 @@ def find_training_state(path: str) -> str:
 
 
 def _write_failure(err: OSError, what: str, keep: str) -> UserError:
-    if err.errno == errno.ENOSPC:
+    if is_disk_full(err):
         return UserError(f"disk full while saving {what}; the last complete checkpoint in {keep} is intact — free "
                          f"space and rerun with --resume_from_checkpoint={keep}")
     return UserError(f"cannot save {what} ({err.strerror or err}); the last complete checkpoint in {keep} is intact")
 
 
+class TaskLoss(torch.nn.Module):
+    """The task's trainable modules as one module whose forward is the task's loss: what DistributedDataParallel
+    wraps, so that its hooks see every trainable parameter. The task itself is not a submodule (only its loss
+    method is kept): frozen parts (the VAE, a frozen text encoder) stay out of DDP."""
+
+    def __init__(self, task: TrainTask):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(task.trainable_modules())
+        self.task_loss = task.loss
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task_loss(batch)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """This rank's part of one global micro-batch: the sample indices it runs, how many of them count (``size``;
+    0 for a stand-in, see ``Trainer._micro_batches``) and the global micro-batch's size."""
+
+    indices: list[int]
+    size: int
+    global_size: int
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One optimiser step of the plan: its micro-batches, and the epoch's micro-batch position once it is done."""
+
+    micro_batches: list[MicroBatch]
+    end: int
+
+
 class Trainer:
     def __init__(self, config: TrainerConfig, task: TrainTask):
+        from easynlp_ldm import distributed
+
         self.config = config
         self.task = task
         self.is_main = config.rank == 0
-        modules = task.trainable_modules()
-        self.named_params = [(f"{prefix}.{n}", p) for prefix, module in modules.items()
-                             for n, p in module.named_parameters() if p.requires_grad]
+        self.net = TaskLoss(task)
+        self.named_params = [(name, p) for name, p in self.net.parts.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise UserError("nothing to train: every component is frozen")
         self.params = [p for _, p in self.named_params]
+        # Several processes: DDP all-reduces the gradients during the backward pass of each step's last micro-batch.
+        self.model = distributed.data_parallel(self.net) if config.world_size > 1 else self.net
         self.optimizer = build_optimizer(self.named_params, config)
         n = task.num_examples()
         if n == 0:
@@ -221,6 +282,7 @@ class Trainer:
         self.epoch = 0
         self.micro_position = 0  # micro-batches of the current epoch already consumed
         self.best_loss: float | None = None
+        self.last_grad_norm = 0.0
         self.writer = None
         self.amp_dtype = amp_dtype(self.params[0].device) if config.use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -247,19 +309,21 @@ class Trainer:
         }
 
     def save_training_state(self) -> None:
-        folder = os.path.join(self.config.output_dir, STATE_DIR)
-        tmp, old = folder + ".tmp", folder + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(self._state(), os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
-                       "total_steps": self.total_steps, "seed": self.config.seed}, handle)
-        # Swap: a kill between the renames leaves .old, which find_training_state also accepts.
+        """training_state/ as one unit: both files written (each fsynced, through files.py) into training_state.tmp,
+        then swapped in. A kill between the two renames leaves training_state.old, which find_training_state also
+        accepts; a kill before them leaves the previous training_state/ as it was."""
+        folder = os.path.join(self.config.checkpoint_dir, STATE_DIR)
+        staging, old = folder + ".tmp", folder + ".old"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        atomic_torch_save(self._state(), os.path.join(staging, STATE_FILE))
+        atomic_write_text(os.path.join(staging, META_FILE), json.dumps({
+            "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
+            "total_steps": self.total_steps, "seed": self.config.random_seed}))
         if os.path.isdir(folder):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(folder, old)
-        os.rename(tmp, folder)
+        os.rename(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
 
     def load_training_state(self, path: str) -> None:
@@ -288,7 +352,9 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         global_micro = self.config.micro_batch_size * self.config.world_size
         position = int(state.get("sample_position", state["micro_position"] * global_micro))
-        self.micro_position = position // global_micro
+        # Saved at the end of an epoch by a run of another world size: the end of the epoch here too.
+        self.micro_position = (self.micro_batches_per_epoch if position >= self.task.num_examples()
+                               else position // global_micro)
         self.best_loss = state["best_loss"]
         if int(state["total_steps"]) != self.total_steps:
             logger.warning("the run now has %d optimiser steps in all (the saved run had %d): the LR schedule "
@@ -299,7 +365,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, val_loss: float | None) -> None:
-        out = self.config.output_dir
+        out = self.config.checkpoint_dir
         weights = self.ema_weights()
         last = os.path.join(out, "last")
         try:
@@ -323,7 +389,7 @@ class Trainer:
     def _open_writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(self.config.output_dir, "log"), purge_step=self.step or None)
+        self.writer = SummaryWriter(os.path.join(self.config.checkpoint_dir, "log"), purge_step=self.step or None)
 
     def _validate_and_save(self) -> float | None:
         from easynlp_ldm import distributed
@@ -359,96 +425,118 @@ class Trainer:
         self.save_checkpoint(val_loss)
         return val_loss
 
+    def _report_step(self, bar, loss_value: float, speed: float) -> bool:
+        """Progress bar, TensorBoard and (every --logging_steps) a log line; True when the log line was written."""
+        lr = self.scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss_value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/grad_norm", self.last_grad_norm, self.step)
+            self.writer.add_scalar("train/images_per_sec", speed, self.step)
+        if self.step % self.config.logging_steps or not self.is_main:
+            return False
+        logger.info("step %d/%d epoch %d: loss %.5f lr %.3e grad_norm %.3f %.1f images/s", self.step,
+                    self.total_steps, self.epoch, loss_value, lr, self.last_grad_norm, speed)
+        return True
+
     # ---------------------------------------------------------------------------------------------- loop
-    def _micro_batches(self, epoch: int) -> list[tuple[list[int], int]]:
-        """(this rank's sample indices, the global micro-batch size) for every global micro-batch of the epoch:
-        the same global batches whatever the world size, each rank taking its slice."""
-        order = epoch_order(self.task.num_examples(), self.config.seed, epoch)
+    def _micro_batches(self, epoch: int) -> list[MicroBatch]:
+        """This rank's part of every global micro-batch of the epoch: the same global batches whatever the world
+        size, each rank taking its slice.
+
+        The epoch's last global micro-batch may be too short to give every rank a sample. A rank left without one
+        still has to run a backward pass, since that micro-batch is the last of its optimiser step and DDP's
+        all-reduce waits for every rank's gradients: it runs a stand-in, the global batch's first sample, with
+        ``size`` 0, i.e. weighted by 0 (exact zero gradients; see ``_optimiser_step``). A real sample, rather than
+        any cheaper pass, makes it the same computation graph as every other pass, so DDP sees the same parameters
+        used."""
+        order = epoch_order(self.task.num_examples(), self.config.random_seed, epoch)
         size = self.config.micro_batch_size * self.config.world_size
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         rank, micro = self.config.rank, self.config.micro_batch_size
-        return [(b[rank * micro:(rank + 1) * micro], len(b)) for b in batches]
+        return [MicroBatch(mine, len(mine), len(b)) if mine else MicroBatch(b[:1], 0, len(b))
+                for b in batches for mine in [b[rank * micro:(rank + 1) * micro]]]
+
+    def plan(self) -> Iterator[tuple[int, list[PlannedStep]]]:
+        """What is left of the run, from the current (epoch, micro_position) — 0, 0 or where a resumed state left
+        off — to ``total_steps``: per epoch, its remaining optimiser steps, each a group of up to
+        --gradient_accumulation_steps micro-batches counted from that position."""
+        accum = self.config.gradient_accumulation_steps
+        step, epoch, start = self.step, self.epoch, self.micro_position
+        while step < self.total_steps:
+            micro_batches = self._micro_batches(epoch)
+            steps = [PlannedStep(micro_batches[i:i + accum], min(i + accum, len(micro_batches)))
+                     for i in range(start, len(micro_batches), accum)][:self.total_steps - step]
+            yield epoch, steps
+            step, epoch, start = step + len(steps), epoch + 1, 0
 
     def train(self) -> dict:
         config = self.config
-        os.makedirs(config.output_dir, exist_ok=True)
-        if config.resume_from:
-            self.load_training_state(config.resume_from)
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        if config.resume_from_checkpoint:
+            self.load_training_state(config.resume_from_checkpoint)
         if self.is_main:
             self._open_writer()
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (config.progress and self.is_main),
                    unit="step", dynamic_ncols=True)
-        accum = config.gradient_accumulation_steps
         window_start, window_images = time.time(), 0
-        while self.step < self.total_steps:
-            micro_batches = self._micro_batches(self.epoch)
-            start = self.micro_position
-            batch_iter = iter(self.task.batches([m for m, _ in micro_batches[start:] if m], self.epoch))
-            groups = [list(range(i, min(i + accum, len(micro_batches)))) for i in range(0, len(micro_batches), accum)]
-            for group in groups:
-                if group[0] < start:
-                    continue
-                if self.step >= self.total_steps:
-                    break
-                batches = [(next(batch_iter) if micro_batches[i][0] else None, len(micro_batches[i][0]),
-                            micro_batches[i][1]) for i in group]
-                loss_value, images = self._optimiser_step(batches)
-                self.micro_position = group[-1] + 1
+        for epoch, steps in self.plan():
+            self.epoch = epoch
+            data = iter(self.task.batches([m.indices for step in steps for m in step.micro_batches], epoch))
+            for step in steps:
+                loss_value, images = self._optimiser_step([(next(data), m) for m in step.micro_batches])
+                self.micro_position = step.end
                 window_images += images * config.world_size
-                lr = self.scheduler.get_last_lr()[0]
-                elapsed = max(time.time() - window_start, 1e-9)
-                speed = window_images / elapsed
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-                if self.writer:
-                    self.writer.add_scalar("train/loss", loss_value, self.step)
-                    self.writer.add_scalar("train/lr", lr, self.step)
-                    self.writer.add_scalar("train/grad_norm", self.last_grad_norm, self.step)
-                    self.writer.add_scalar("train/images_per_sec", speed, self.step)
-                if self.step % config.logging_steps == 0 and self.is_main:
-                    logger.info("step %d/%d epoch %d: loss %.5f lr %.3e grad_norm %.3f %.1f images/s", self.step,
-                                self.total_steps, self.epoch, loss_value, lr, self.last_grad_norm, speed)
+                if self._report_step(bar, loss_value, window_images / max(time.time() - window_start, 1e-9)):
                     window_start, window_images = time.time(), 0
                 if config.save_checkpoint_steps and self.step % config.save_checkpoint_steps == 0 \
                         and self.step < self.total_steps:
                     self._validate_and_save()
-            if self.step >= self.total_steps and self.micro_position < len(micro_batches):
-                break
-            self.epoch += 1
-            self.micro_position = 0
+            if self.micro_position == self.micro_batches_per_epoch:
+                self.epoch, self.micro_position = epoch + 1, 0
         bar.close()
         last_val = self._validate_and_save()
         if self.writer:
             self.writer.close()
         return {"step": self.step, "val_loss": last_val, "best_val_loss": self.best_loss}
 
-    def _optimiser_step(self, micro_batches: list[tuple[Any, int, int]]) -> tuple[float, int]:
-        """One optimiser step over a group of micro-batches. Each rank's loss is weighted by its share of the global
-        micro-batch, so summing gradients over ranks gives exactly the single-process gradient."""
-        from easynlp_ldm import distributed
+    def _synchronising(self, last: bool):
+        """DDP all-reduces on the backward pass of a step's last micro-batch; the ones before accumulate locally."""
+        return contextlib.nullcontext() if last or self.model is self.net else self.model.no_sync()
 
+    def _optimiser_step(self, micro_batches: list[tuple[Any, MicroBatch]]) -> tuple[float, int]:
+        """One optimiser step over a group of micro-batches (each: the task's batch, what it is).
+
+        Exactness: a single process weights each micro-batch's mean loss by 1/len(group). Here rank r weights its
+        slice's mean loss by world_size × size_r / global_size / len(group), and DDP averages (÷ world_size) the
+        gradients over ranks: Σ_r size_r × (mean gradient over slice r) / global_size is the mean gradient over the
+        global micro-batch, so the result is the single-process gradient, a short last batch included; a stand-in
+        (size 0) adds exact zeros. The gradients are all-reduced once per step, during the backward pass of its last
+        micro-batch; the ones before accumulate locally (``no_sync``)."""
         total, images = 0.0, 0
-        for batch, size, global_size in micro_batches:
-            if batch is None:  # this rank's slice of a short last batch is empty
-                continue
-            weight = size / global_size / len(micro_batches)
-            with torch.autocast(self.params[0].device.type, dtype=self.amp_dtype,
-                                enabled=self.amp_dtype is not None):
-                loss = self.task.loss(batch)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch}); stopped "
-                                f"without saving. Lower --learning_rate or check the data; the last good "
-                                f"checkpoint in {self.config.output_dir} is intact")
-            scaled = loss * weight
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-            total += loss.item() / len(micro_batches)
-            images += size
-        distributed.average_gradients(self.params)
+        last = len(micro_batches) - 1
+        for i, (batch, micro) in enumerate(micro_batches):
+            weight = self.config.world_size * micro.size / micro.global_size / len(micro_batches)
+            with self._synchronising(i == last):
+                with torch.autocast(self.params[0].device.type, dtype=self.amp_dtype,
+                                    enabled=self.amp_dtype is not None):
+                    loss = self.model(batch)
+                if not torch.isfinite(loss):  # a stand-in's sample is also another rank's: it stops there as well
+                    raise UserError(f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch}); stopped "
+                                    f"without saving. Lower --learning_rate or check the data; the last good "
+                                    f"checkpoint in {self.config.checkpoint_dir} is intact")
+                scaled = loss * weight
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if micro.size:
+                total += loss.item() / len(micro_batches)
+                images += micro.size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:

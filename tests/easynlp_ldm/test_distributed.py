@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.appzoo.conftest import train_argv
+from tests.helpers import train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

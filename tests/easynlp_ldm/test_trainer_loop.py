@@ -1,0 +1,191 @@
+"""The trainer on a toy task (a small regression net): settings from the flags, the plan of the remaining steps,
+exact resume, the training state's files, DistributedDataParallel (2 processes, gloo) against one process. Fast;
+no diffusion model (test_distributed.py runs the real app through torchrun)."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from easynlp_ldm.args import FLAGS_BY_DEST, parse_flags
+from easynlp_ldm.trainer import META_FILE, STATE_DIR, STATE_FILE, Trainer, TrainerConfig
+from tests.helpers import free_port
+
+APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress"}
+
+
+class ToyTask:
+    def __init__(self, num_examples=13):
+        generator = torch.Generator().manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        with torch.no_grad():
+            for param in self.net.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        self.x = torch.randn(num_examples, 4, generator=generator)
+        self.y = self.x.sum(dim=1, keepdim=True).sin()
+        self.seen: list[list[int]] = []  # the micro-batches' sample indices, in the order they were trained on
+
+    def trainable_modules(self):
+        return {"net": self.net}
+
+    def num_examples(self):
+        return len(self.x)
+
+    def batches(self, order, epoch):
+        for indices in order:
+            self.seen.append(list(indices))
+            yield self.x[indices], self.y[indices]
+
+    def loss(self, batch):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def validate(self):
+        return None
+
+    def save_model(self, folder, weights):
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "weights.pt")
+        torch.save(weights, path)
+        return [path]
+
+    def sample_images(self):
+        return []
+
+
+def toy_config(out, *argv, **app):
+    settings = dict(use_ema=False, ema_decay=0.9, rank=0, world_size=1, progress=False)
+    settings.update(app)
+    flags = parse_flags(["--mode=train", f"--checkpoint_dir={out}", "--learning_rate=0.05", "--warmup_proportion=0",
+                         "--logging_steps=1", *argv])
+    return TrainerConfig.from_flags(flags, **settings)
+
+
+def train_toy(out, *argv, task=None, **app):
+    task = task or ToyTask()
+    trainer = Trainer(toy_config(out, *argv, **app), task)
+    trainer.train()
+    return trainer
+
+
+def saved_weights(out):
+    return torch.load(os.path.join(out, "last", "weights.pt"), weights_only=True)
+
+
+def test_config_is_read_from_the_flags_without_restated_defaults(tmp_path):
+    fields = dataclasses.fields(TrainerConfig)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    assert {f.name for f in fields} - set(FLAGS_BY_DEST) == APP_SETTINGS
+    config = toy_config(tmp_path, "--random_seed=7", "--train_batch_size=5", use_ema=True)
+    for field in fields:
+        if field.name not in APP_SETTINGS and field.name not in ("checkpoint_dir", "learning_rate", "random_seed",
+                                                                 "micro_batch_size", "warmup_proportion",
+                                                                 "logging_steps"):
+            assert getattr(config, field.name) == FLAGS_BY_DEST[field.name].default, field.name
+    assert (config.random_seed, config.micro_batch_size, config.checkpoint_dir) == (7, 5, str(tmp_path))
+    assert config.use_ema is True and config.world_size == 1
+    with pytest.raises(TypeError, match="come from the flags"):
+        TrainerConfig.from_flags(parse_flags([]), learning_rate=1.0, use_ema=False, ema_decay=0.9, rank=0,
+                                 world_size=1, progress=False)
+    with pytest.raises(TypeError):  # an app setting left out
+        TrainerConfig.from_flags(parse_flags([]), use_ema=False, rank=0, world_size=1, progress=False)
+
+
+def test_plan_continues_from_the_saved_position_up_to_the_total(tmp_path):
+    # 13 examples, micro-batch 2 → 7 micro-batches per epoch; accumulation 3 → steps of 3, 3, 1; 1.5 epochs → 5 steps
+    trainer = Trainer(toy_config(tmp_path, "--micro_batch_size=2", "--gradient_accumulation_steps=3",
+                                 "--epoch_num=1.5"), ToyTask())
+    assert trainer.total_steps == 5
+    plan = [(epoch, [(len(s.micro_batches), s.end) for s in steps]) for epoch, steps in trainer.plan()]
+    assert plan == [(0, [(3, 3), (3, 6), (1, 7)]), (1, [(3, 3), (3, 6)])]
+    trainer.step, trainer.epoch, trainer.micro_position = 2, 0, 6
+    plan = [(epoch, [(len(s.micro_batches), s.end) for s in steps]) for epoch, steps in trainer.plan()]
+    assert plan == [(0, [(1, 7)]), (1, [(3, 3), (3, 6)])]
+    trainer.step, trainer.epoch, trainer.micro_position = 3, 0, 7  # saved at the end of epoch 0
+    assert [(epoch, len(steps)) for epoch, steps in trainer.plan()] == [(0, 0), (1, 2)]
+    trainer.step = 5
+    assert list(trainer.plan()) == []
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
+    argv = ("--micro_batch_size=2", "--gradient_accumulation_steps=2", "--epoch_num=2.5", "--save_checkpoint_steps=3")
+    full = ToyTask()
+    train_toy(tmp_path / "full", *argv, task=full, use_ema=True)
+
+    class Crash(Exception):
+        pass
+
+    crashing = ToyTask()
+    original = crashing.loss
+    calls = {"n": 0}
+
+    def loss(batch):  # dies in step 8 (epoch 1), after the checkpoint at step 6
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise Crash
+        return original(batch)
+
+    crashing.loss = loss
+    with pytest.raises(Crash):
+        train_toy(tmp_path / "run", *argv, task=crashing, use_ema=True)
+    meta = json.loads((tmp_path / "run" / STATE_DIR / META_FILE).read_text())
+    assert (meta["step"], meta["epoch"], meta["micro_position"]) == (6, 1, 4)
+    resumed = ToyTask()
+    trainer = train_toy(tmp_path / "run", *argv, f"--resume_from_checkpoint={tmp_path / 'run'}", task=resumed,
+                        use_ema=True)
+    assert trainer.step == 10 and (trainer.epoch, trainer.micro_position) == (2, 4)
+    # 7 micro-batches an epoch: the state at step 6 is 4 into epoch 1; the resumed run goes on from there
+    assert crashing.seen[:11] == full.seen[:11] and resumed.seen == full.seen[11:]
+    expected, got = saved_weights(tmp_path / "full"), saved_weights(tmp_path / "run")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_training_state_folder_is_swapped_in_whole(tmp_path):
+    trainer = train_toy(tmp_path, "--micro_batch_size=4", "--epoch_num=1")
+    state = tmp_path / STATE_DIR
+    assert sorted(os.listdir(state)) == [STATE_FILE, META_FILE]
+    assert not (tmp_path / (STATE_DIR + ".tmp")).exists() and not (tmp_path / (STATE_DIR + ".old")).exists()
+    meta = json.loads((state / META_FILE).read_text())
+    assert meta == {"step": 4, "epoch": 1, "micro_position": 0, "total_steps": 4, "seed": 1234}
+    trainer.save_training_state()  # again over the existing one: still one complete folder, nothing left beside it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(STATE_DIR)) == [STATE_DIR]
+    saved = torch.load(state / STATE_FILE, weights_only=True)
+    assert saved["step"] == 4 and set(saved["weights"]) == {"net.0.weight", "net.0.bias", "net.2.weight",
+                                                            "net.2.bias"}
+
+
+def _toy_worker(rank, world_size, port, out, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from easynlp_ldm import distributed
+
+    context = distributed.init_from_env("gloo", 60)
+    try:
+        task = ToyTask()
+        train_toy(out, *argv, task=task, rank=context.rank, world_size=context.world_size)
+        torch.save(task.seen, os.path.join(out, f"seen-{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_short_last_batch_and_accumulation_train_like_one_process(tmp_path):
+    """13 examples in global micro-batches of 6 (2 ranks × 3): the last has 1 sample, so rank 1's slice is empty on
+    the micro-batch whose backward pass all-reduces (accumulation 2: steps of 2, 1 micro-batches) and it must still
+    join, adding nothing. With clipping, so the gradient's norm must be the global one."""
+    argv = ("--gradient_accumulation_steps=2", "--epoch_num=3", "--max_grad_norm=0.5", "--save_checkpoint_steps=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    task = ToyTask()
+    train_toy(one, "--micro_batch_size=6", *argv, task=task)
+    torch.multiprocessing.spawn(_toy_worker, args=(2, free_port(), str(two), ("--micro_batch_size=3", *argv)),
+                                nprocs=2)
+    w1, w2 = saved_weights(one), saved_weights(two)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-6
+    seen = [torch.load(two / f"seen-{rank}.pt") for rank in (0, 1)]
+    # 3 micro-batches an epoch; the last has 1 sample: rank 0's, which rank 1 runs as its zero-weighted stand-in
+    assert [len(b) for b in seen[0]] == [3, 3, 1] * 3 and seen[1][2::3] == seen[0][2::3]
+    trained = seen[0] + [b for i, b in enumerate(seen[1]) if i % 3 != 2]
+    assert sorted(i for b in trained for i in b) == sorted(i for b in task.seen for i in b)
