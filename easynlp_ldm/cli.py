@@ -54,15 +54,15 @@ def parse_command(argv: Sequence[str]) -> Command:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    try:
-        import numpy as np
+    """``--random_seed``: python's, numpy's and torch's global generators (CUDA's too), the same in every process
+    as EasyNLP did. Called as a mode starts; everything that must not depend on the world size draws from its own
+    generator seeded from (seed, epoch, sample) anyway."""
+    import numpy as np
+    import torch
 
-        np.random.seed(seed % (2**32))
-    except ImportError:
-        pass
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def run_command(command: Command, argv: Sequence[str] = ()) -> int:
@@ -84,6 +84,7 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
         import torch
 
         torch.set_num_threads(command.flags.worker_cpu)
+    seed_everything(flags.random_seed)
     app_class = registry.get_app_class(command.app_name)
     app = app_class(command.flags, command.params)
     try:

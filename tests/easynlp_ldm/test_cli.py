@@ -1,8 +1,11 @@
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from appzoo import registry
 from easynlp_ldm import cli
@@ -58,6 +61,22 @@ def test_seed_predict_command_parses_and_reaches_app(recording_app):
     mode, flags, params = recording_app.calls[0]
     assert mode == "predict" and flags.output_schema == "text" and flags.first_sequence == "text"
     assert params["n_samples"] == 2 and params["write_image"] is True and params["image_prefix"] == "./output/"
+
+
+def test_random_seed_seeds_python_numpy_and_torch_as_the_mode_starts(recording_app, monkeypatch):
+    def draw(self, mode):
+        recording_app.calls.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+        return 0
+
+    monkeypatch.setattr(recording_app, "run", draw)
+    argv = [a.replace("latent_diffusion", "recorder") for a in SEED_TRAIN]  # --random_seed=42
+    assert cli.main(argv) == 0 and cli.main(argv) == 0  # the second run draws the same again
+    assert cli.main([*argv, "--random_seed=43"]) == 0
+    random.seed(42)
+    np.random.seed(42)
+    torch.manual_seed(42)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    assert recording_app.calls[:2] == [expected, expected] and recording_app.calls[2] != expected
 
 
 def test_seed_commands_parse_for_the_real_app():
