@@ -9,23 +9,9 @@ import torch
 
 from appzoo import registry
 from easynlp_ldm import cli
+from tests.helpers import SEED_PREDICT, SEED_TRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-SEED_TRAIN = ["--mode=train", "--worker_gpu=1", "--tables=T2I_train.tsv,T2I_val.tsv",
-              "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
-              "--second_sequence=imgbase64", "--checkpoint_dir=./finetuned_model", "--learning_rate=4e-5",
-              "--epoch_num=3", "--random_seed=42", "--logging_steps=100", "--save_checkpoint_steps=1000",
-              "--sequence_length=288", "--micro_batch_size=16", "--app_name=latent_diffusion",
-              "--user_defined_parameters=\npretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh\n"
-              "reset_model_state_flag=True\n"]
-SEED_PREDICT = ["--mode=predict", "--worker_gpu=1", "--tables=T2I_test.tsv", "--input_schema=idx:str:1,text:str:1",
-                "--output_schema=text", "--outputs=./output.tsv", "--first_sequence=text",
-                "--checkpoint_dir=./finetuned_model", "--random_seed=42", "--logging_steps=100",
-                "--save_checkpoint_steps=500", "--sequence_length=32", "--micro_batch_size=16",
-                "--app_name=latent_diffusion",
-                "--user_defined_parameters=\nn_samples=2\nwrite_image=True\nimage_prefix=./output/\n"]
-
 
 class RecordingApp:
     calls = []

@@ -11,8 +11,7 @@ import torch
 
 from easynlp_ldm import cli
 from modelzoo.ldm import LatentDiffusion
-from tests.easynlp_ldm.test_cli import SEED_TRAIN
-from tests.helpers import ROOT, train_argv
+from tests.helpers import ROOT, SEED_TRAIN, train_argv
 from tests.helpers import saved_weights as weights
 
 
