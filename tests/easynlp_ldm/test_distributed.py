@@ -65,6 +65,23 @@ def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp
     assert code == 0, err
 
 
+def test_short_last_batch_with_accumulation_trains_like_one_process(tiny_model_dir, shapes_data, tmp_path):
+    """32 rows in global micro-batches of 6 (2 processes × 3): the last has 2 rows, both rank 0's, so rank 1 joins
+    that step's all-reduce with a zero-weighted stand-in; accumulation 2 (steps of 2, 2, 2 micro-batches)."""
+    common = ("--epoch_num=1", "--learning_rate=1e-3", "--gradient_accumulation_steps=2")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    code, _, err = finish(easynlp(train_argv(shapes_data, one, tiny_model_dir, "--micro_batch_size=6", *common,
+                                             udp="use_ema=False")))
+    assert code == 0, err
+    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=3",
+                                             "--worker_gpu=2", f"--master_port={free_port()}", *common,
+                                             udp="use_ema=False")))
+    assert code == 0, err
+    assert "step 3/3" in err
+    w1, w2 = weights(os.path.join(one, "last")), weights(os.path.join(two, "last"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+
+
 def test_sharded_predict_equals_single_process(tiny_model_dir, tmp_path):
     table = tmp_path / "p.tsv"
     table.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(["红色的圆形", "蓝色的正方形", "黄色的三角形",
@@ -132,13 +149,11 @@ def test_model_device_is_this_process_gpu_when_it_sees_one(monkeypatch):
 
 
 def test_inference_model_is_placed_on_the_model_device(tiny_model_dir, monkeypatch):
-    """predict, evaluate and serve load through load_inference_model: the model goes where model_device() says
-    (meta stands in for a GPU here), before the optimisation level casts it."""
-    from appzoo.latent_diffusion.app import load_inference_model
-    from appzoo.latent_diffusion.params import default_params
+    """predict, evaluate and serve load through load_model: the model goes where model_device() says (meta stands in
+    for a GPU here), before the optimisation level casts it."""
+    from appzoo.latent_diffusion.loading import load_model
     from easynlp_ldm import distributed
-    from easynlp_ldm.args import parse_flags
 
     monkeypatch.setattr(distributed, "model_device", lambda: torch.device("meta"))
-    model = load_inference_model(tiny_model_dir, parse_flags([]), default_params(optimize="none"))
+    model = load_model(tiny_model_dir, optimize="none")
     assert {p.device.type for p in model.parameters()} == {"meta"}
