@@ -45,18 +45,25 @@ def weights(folder):
     return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
 
 
-def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp_path):
-    common = ("--epoch_num=2", "--learning_rate=1e-3", "--save_checkpoint_steps=3")
+def train_one_and_two(data, model, tmp_path, micro_batch_size, *common):
+    """The same run in 1 process of ``2 × micro_batch_size`` and in 2 of ``micro_batch_size``: (the largest weight
+    difference of their last/ checkpoints, the 2-process run's folder and stderr)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    code, _, err = finish(easynlp(train_argv(shapes_data, one, tiny_model_dir, "--micro_batch_size=8", *common,
+    code, _, err = finish(easynlp(train_argv(data, one, model, f"--micro_batch_size={2 * micro_batch_size}", *common,
                                              udp="use_ema=False")))
     assert code == 0, err
-    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=4",
+    code, _, err = finish(easynlp(train_argv(data, two, model, f"--micro_batch_size={micro_batch_size}",
                                              "--worker_gpu=2", f"--master_port={free_port()}", *common,
                                              udp="use_ema=False")))
     assert code == 0, err
     w1, w2 = weights(os.path.join(one, "last")), weights(os.path.join(two, "last"))
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+    return max(float((w1[k] - w2[k]).abs().max()) for k in w1), two, err
+
+
+def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp_path):
+    difference, two, _ = train_one_and_two(shapes_data, tiny_model_dir, tmp_path, 4, "--epoch_num=2",
+                                           "--learning_rate=1e-3", "--save_checkpoint_steps=3")
+    assert difference <= 1e-4
     assert os.listdir(os.path.join(two, "log"))  # rank 0 wrote TensorBoard
     # Resume with another world size: the 2-process run's state continues in 1 process.
     code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=8",
@@ -68,18 +75,9 @@ def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp
 def test_short_last_batch_with_accumulation_trains_like_one_process(tiny_model_dir, shapes_data, tmp_path):
     """32 rows in global micro-batches of 6 (2 processes × 3): the last has 2 rows, both rank 0's, so rank 1 joins
     that step's all-reduce with a zero-weighted stand-in; accumulation 2 (steps of 2, 2, 2 micro-batches)."""
-    common = ("--epoch_num=1", "--learning_rate=1e-3", "--gradient_accumulation_steps=2")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    code, _, err = finish(easynlp(train_argv(shapes_data, one, tiny_model_dir, "--micro_batch_size=6", *common,
-                                             udp="use_ema=False")))
-    assert code == 0, err
-    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=3",
-                                             "--worker_gpu=2", f"--master_port={free_port()}", *common,
-                                             udp="use_ema=False")))
-    assert code == 0, err
-    assert "step 3/3" in err
-    w1, w2 = weights(os.path.join(one, "last")), weights(os.path.join(two, "last"))
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-4
+    difference, _, err = train_one_and_two(shapes_data, tiny_model_dir, tmp_path, 3, "--epoch_num=1",
+                                           "--learning_rate=1e-3", "--gradient_accumulation_steps=2")
+    assert difference <= 1e-4 and "step 3/3" in err
 
 
 def test_sharded_predict_equals_single_process(tiny_model_dir, tmp_path):
