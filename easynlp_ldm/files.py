@@ -4,7 +4,7 @@ loader of the project uses.
 * ``atomic_open(path)``: a handle on a temporary file in ``path``'s own folder (so the rename cannot cross file
   systems); on success it is flushed, fsynced and renamed over ``path``, on any failure it is removed. A reader sees
   the old file or the new one, never a mix. ``atomic_write_bytes``/``_text``, ``atomic_torch_save`` and
-  ``atomic_copy`` are built on it.
+  ``atomic_copy`` are built on it; ``atomic_link`` replaces a file by a hard link the same way.
 * ``atomic_folder(path)``: the same for a whole folder (a tar export, a diffusers export).
 * ``load_state_dict_file(path)``: safetensors, or ``torch.load(..., weights_only=True)``; a general unpickle never.
 
@@ -115,6 +115,18 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 def atomic_copy(source: str, path: str) -> None:
     with atomic_open(path, "wb") as handle, open(source, "rb") as src:
         shutil.copyfileobj(src, handle, 1 << 20)
+
+
+def atomic_link(source: str, path: str) -> None:
+    """``path`` becomes a hard link to ``source``, replacing its namesake atomically (``OSError`` where the file
+    system has no hard links; nothing is left behind)."""
+    tmp = _temporary_name(path)
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        _remove(tmp)
+        raise
 
 
 @contextmanager

@@ -40,7 +40,7 @@ import torch
 
 from easynlp_ldm.args import FLAGS_BY_DEST, ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.files import _temporary_name, atomic_torch_save, atomic_write_text, is_disk_full
+from easynlp_ldm.files import atomic_link, atomic_torch_save, atomic_write_text, is_disk_full
 
 logger = logging.getLogger("easynlp.trainer")
 
@@ -120,14 +120,7 @@ def _link_files(files: list[str] | None, folder: str) -> bool:
     os.makedirs(folder, exist_ok=True)
     try:
         for path in files:
-            target = os.path.join(folder, os.path.basename(path))
-            tmp = _temporary_name(target)  # files.py's naming: hidden, unique, beside the target
-            os.link(path, tmp)
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                os.unlink(tmp)
-                raise
+            atomic_link(path, os.path.join(folder, os.path.basename(path)))
     except OSError as err:
         logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
         return False

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import shapes_data as S
-from tests.shapes_data.conftest import (
+from tests.shapes_data.expected import (
     ALL_FILES,
     BACKGROUND_NAMES,
     COLOUR_NAMES,

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 import shapes_data as S
-from tests.shapes_data.conftest import BACKGROUND_NAMES, COLOUR_NAMES, COUNTS, SHAPE_NAMES, read_truth
+from tests.shapes_data.expected import BACKGROUND_NAMES, COLOUR_NAMES, COUNTS, SHAPE_NAMES, read_truth
 
 # ----------------------------------------------------------------------------- the judge (independent check)
 
