@@ -9,6 +9,8 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from easynlp_ldm.files import atomic_torch_save, atomic_write_bytes, atomic_write_text
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_CHARS = ("一个的是在有上下左右中间大小画图片背景红色绿色蓝色黄色紫色橙色白色黑色灰色圆形正方形三角形星形"
               "请只和张幅里面位于角落测试文本猫狗山水")
@@ -16,8 +18,7 @@ TINY_CHARS = ("一个的是在有上下左右中间大小画图片背景红色�
 
 def write_vocab(path: str, chars: str = TINY_CHARS) -> list[str]:
     vocab = SPECIAL_TOKENS + sorted(set(chars)) + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("".join(token + "\n" for token in vocab))
+    atomic_write_text(path, "".join(token + "\n" for token in vocab))
     return vocab
 
 
@@ -28,12 +29,11 @@ def make_tiny_diffusers_model(folder: str, *, seed: int = 0, image_size: int = 3
     torch.manual_seed(seed)
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     vocab = write_vocab(os.path.join(folder, "tokenizer", "vocab.txt"))
-    with open(os.path.join(folder, "tokenizer", "tokenizer_config.json"), "w", encoding="utf-8") as handle:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": text_positions},
-                  handle)
-    with open(os.path.join(folder, "tokenizer", "special_tokens_map.json"), "w", encoding="utf-8") as handle:
-        json.dump({"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                   "mask_token": "[MASK]"}, handle)
+    atomic_write_text(os.path.join(folder, "tokenizer", "tokenizer_config.json"), json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": text_positions}))
+    atomic_write_text(os.path.join(folder, "tokenizer", "special_tokens_map.json"), json.dumps(
+        {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+         "mask_token": "[MASK]"}))
     safe = weights == "safetensors"
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -52,15 +52,14 @@ def make_tiny_diffusers_model(folder: str, *, seed: int = 0, image_size: int = 3
     DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
                                 steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                   "feature_extractor": [None, None], "requires_safety_checker": False,
-                   "safety_checker": [None, None], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "BertTokenizer"],
-                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-                  handle, indent=2)
+    atomic_write_text(os.path.join(folder, "model_index.json"), json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "BertTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
     if esrgan_state is not None:
-        torch.save(esrgan_state, os.path.join(folder, "RRDB_ESRGAN_x4.pth"))
+        atomic_torch_save(esrgan_state, os.path.join(folder, "RRDB_ESRGAN_x4.pth"))
     return folder
 
 
@@ -68,12 +67,11 @@ def _save_transformers(model, folder: str, safe: bool) -> None:
     os.makedirs(folder, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
+    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if safe:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, os.path.join(folder, "model.safetensors"))
+        atomic_write_bytes(os.path.join(folder, "model.safetensors"), save(state))
     else:
-        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+        atomic_torch_save(state, os.path.join(folder, "pytorch_model.bin"))

@@ -51,13 +51,13 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    from easynlp_ldm.files import atomic_write_text
     from modelzoo.presets import build_from_preset
 
     os.makedirs(args.output, exist_ok=True)
     vocab_path = os.path.join(args.output, "vocab.txt")
     vocab = build_vocab(args.captions)
-    with open(vocab_path, "w", encoding="utf-8") as handle:
-        handle.write("".join(token + "\n" for token in vocab))
+    atomic_write_text(vocab_path, "".join(token + "\n" for token in vocab))
     model = build_from_preset(args.preset, vocab_path, seed=args.seed)
     model.save_pretrained(args.output)
     params = sum(p.numel() for p in model.parameters())
