@@ -16,11 +16,13 @@ from easynlp_ldm.errors import UserError
 class AppEntry:
     params: str  # "module:ATTRIBUTE" holding a sequence of easynlp_ldm.args.Param
     app: str  # "module:Class"; Class(flags, params).run(mode)
+    pipeline: str = ""  # "module:Class"; Class(model_path, params, **options)(inputs) — the Python API, if any
 
 
 APPS: dict[str, AppEntry] = {
     "latent_diffusion": AppEntry(params="appzoo.latent_diffusion.params:PARAMS",
-                                 app="appzoo.latent_diffusion.app:LatentDiffusionApp"),
+                                 app="appzoo.latent_diffusion.app:LatentDiffusionApp",
+                                 pipeline="appzoo.latent_diffusion.pipeline:LatentDiffusionPipeline"),
 }
 
 
@@ -43,3 +45,10 @@ def get_params(name: str):
 
 def get_app_class(name: str):
     return _load(get_entry(name).app)
+
+
+def get_pipeline_class(name: str):
+    entry = get_entry(name)
+    if not entry.pipeline:
+        raise UserError(f"app {name} has no Python pipeline")
+    return _load(entry.pipeline)

@@ -157,8 +157,8 @@ FLAGS: tuple[Flag, ...] = (
        modes=RUNS_MODEL),
     _f("--collective_timeout", float, 1800.0, "seconds before a stuck collective (e.g. a dead peer) fails the job",
        modes=RUNS_MODEL),
-    _f("--distributed_backend", str, None, "nccl or gloo (default: nccl on CUDA, gloo on CPU)", modes=RUNS_MODEL,
-       choices=("nccl", "gloo")),
+    _f("--distributed_backend", str, "nccl", "nccl or gloo for several processes (EasyNLP's default nccl; a process "
+       "without CUDA uses gloo instead, with a note)", modes=RUNS_MODEL, choices=("nccl", "gloo")),
     _f("--local_rank", int, None, "set by legacy launchers; accepted and read from LOCAL_RANK instead",
        modes=ALL_MODES),
     # EasyNLP/PAI-TF options with no meaning here: accepted at their defaults, refused otherwise.
@@ -169,16 +169,18 @@ FLAGS: tuple[Flag, ...] = (
     _f("--buckets", str, None, "OSS buckets", modes=frozenset(),
        unsupported="reads OSS buckets, which this toolkit does not do; copy the files locally"),
     _f("--odps_config", str, None, "ODPS config", modes=frozenset(), unsupported=_PAI_TF),
-    _f("--predict_slice_size", int, 4096, "EasyNLP predictor slice size", modes=frozenset(),
-       unsupported="tuned EasyNLP's threaded predictor, which this toolkit does not have; predict streams by "
-       "--micro_batch_size"),
-    _f("--predict_queue_size", int, 1024, "EasyNLP predictor queue size", modes=frozenset(),
-       unsupported="tuned EasyNLP's threaded predictor, which this toolkit does not have; predict streams by "
-       "--micro_batch_size"),
-    _f("--predict_thread_num", int, 2, "EasyNLP predictor threads", modes=frozenset(),
-       unsupported="tuned EasyNLP's threaded predictor, which this toolkit does not have; use --worker_cpu"),
-    _f("--predict_table_read_thread_num", int, 16, "EasyNLP predictor reader threads", modes=frozenset(),
-       unsupported="tuned EasyNLP's threaded predictor, which this toolkit does not have; use --worker_cpu"),
+    # EasyNLP's threaded predictor's tuning: accepted with any value, noted as having no effect (predict streams
+    # by --micro_batch_size; --worker_cpu sets threads).
+    _f("--predict_slice_size", int, 4096, "EasyNLP's predictor slice size; predict here streams by "
+       "--micro_batch_size", modes=frozenset()),
+    _f("--predict_queue_size", int, 1024, "EasyNLP's predictor queue size; predict here streams by "
+       "--micro_batch_size", modes=frozenset()),
+    _f("--predict_thread_num", int, 2, "EasyNLP's predictor threads; use --worker_cpu for threads here",
+       modes=frozenset()),
+    _f("--predict_table_read_thread_num", int, 16, "EasyNLP's predictor reader threads; use --worker_cpu for "
+       "threads here", modes=frozenset()),
+    _f("--mg_model", bool, False, "EasyNLP: the pretrained model was trained with Megatron/DeepSpeed; models here "
+       "load by their folder layout", modes=frozenset()),
     _f("--restore_works_dir", str, "./.easynlp_predict_restore_works_dir", "PAI-TF fail-over", modes=frozenset(),
        unsupported=_PAI_TF + " (predict resumes by itself)"),
     _f("--ps_hosts", str, "", "PAI-TF", modes=frozenset(), unsupported=_PAI_TF),
@@ -220,6 +222,8 @@ def build_parser(app_help: str = "") -> argparse.ArgumentParser:
         note = f" [default: {flag.default!r}]"
         if flag.unsupported:
             note += " [not supported here]"
+        elif not flag.modes:
+            note += " [accepted; no effect here]"
         kwargs: dict[str, Any] = {"dest": flag.dest, "help": flag.help + note}
         if flag.type is bool:
             # EasyNLP used store_true; scripts also write --flag=True/False. Accept both.
@@ -259,6 +263,8 @@ def parse_flags(argv: Sequence[str], app_help: str = "") -> ParsedFlags:
             if values[dest] != flag.default:
                 raise UserError(f"--{dest} {flag.unsupported}")
             notes.append(f"--{dest} is accepted at its default and has no effect here")
+        elif not flag.modes:
+            notes.append(f"--{dest} is accepted and has no effect here ({flag.help})")
         elif mode not in flag.modes:
             notes.append(f"--{dest} has no effect in --mode={mode}")
     for dest in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -294,7 +300,7 @@ class Param:
         names = self.name + "".join(f" / {alias}" for alias in self.aliases)
         kind = _TYPE_NAMES[self.type]
         choices = f" one of {', '.join(map(str, self.choices))};" if self.choices else ""
-        modes = ",".join(m for m in MODES if m in self.modes)
+        modes = ",".join(m for m in MODES if m in self.modes) or "accepted, no effect here"
         return f"  {names} ({kind}, default {self.default!r};{choices} {modes}): {self.help}"
 
 
@@ -318,6 +324,25 @@ def split_user_defined_parameters(text: str | None) -> list[tuple[str, str]]:
 def parse_user_defined_parameters(text: str | None, params: Iterable[Param], mode: str,
                                   app_name: str = "app") -> tuple[dict[str, Any], list[str]]:
     """Type and validate ``text`` against ``params``. Returns (values for every param, notes for the log)."""
+    return validate_parameters(split_user_defined_parameters(text), params, mode, app_name)
+
+
+def _typed_value(kind: type, value: Any) -> Any:
+    """A value from text (``--user_defined_parameters``) or from Python (the ``pipeline()`` API) as ``kind``."""
+    if isinstance(value, str):
+        return convert_value(kind, value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and isinstance(value, int | float) and not isinstance(value, bool) \
+            and (kind is float or float(value).is_integer()):
+        return kind(value)
+    raise ValueError(value)
+
+
+def validate_parameters(pairs: Iterable[tuple[str, Any]], params: Iterable[Param], mode: str, app_name: str = "app",
+                        source: str = "--user_defined_parameters") -> tuple[dict[str, Any], list[str]]:
+    """Type and validate (key, value) pairs against ``params``; values may be text or Python values. Returns
+    (values for every param, notes for the log); ``source`` names where the pairs came from in errors."""
     params = list(params)
     by_name: dict[str, Param] = {}
     for param in params:
@@ -327,29 +352,29 @@ def parse_user_defined_parameters(text: str | None, params: Iterable[Param], mod
     values = {param.name: param.default for param in params}
     seen: dict[str, str] = {}
     notes = []
-    for key, raw in split_user_defined_parameters(text):
+    for key, raw in pairs:
         param = by_name.get(key)
         if param is None:
             close = difflib.get_close_matches(key, list(by_name), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"--user_defined_parameters: unknown key '{key}'{hint} for app {app_name}; "
-                            f"valid keys: {valid}")
+            raise UserError(f"{source}: unknown key '{key}'{hint} for app {app_name}; valid keys: {valid}")
         if param.name in seen:
-            raise UserError(f"--user_defined_parameters: '{key}' given twice (also as '{seen[param.name]}')")
+            raise UserError(f"{source}: '{key}' given twice (also as '{seen[param.name]}')")
         seen[param.name] = key
         try:
-            value = convert_value(param.type, raw)
+            value = _typed_value(param.type, raw)
         except ValueError:
-            raise UserError(f"--user_defined_parameters: {key}={raw!r} is not a valid {_TYPE_NAMES[param.type]} "
+            raise UserError(f"{source}: {key}={raw!r} is not a valid {_TYPE_NAMES[param.type]} "
                             f"({param.help}); valid keys: {valid}") from None
         if param.choices and value not in param.choices:
-            raise UserError(f"--user_defined_parameters: {key}={raw!r} must be one of "
-                            f"{', '.join(map(str, param.choices))}")
+            raise UserError(f"{source}: {key}={raw!r} must be one of {', '.join(map(str, param.choices))}")
         if param.check is not None:
             problem = param.check(value)
             if problem:
-                raise UserError(f"--user_defined_parameters: {key}={raw!r}: {problem}")
-        if mode not in param.modes:
+                raise UserError(f"{source}: {key}={raw!r}: {problem}")
+        if not param.modes:
+            notes.append(f"user-defined parameter {key} is accepted and has no effect here ({param.help})")
+        elif mode not in param.modes:
             notes.append(f"user-defined parameter {key} has no effect in --mode={mode}")
         values[param.name] = value
     return values, notes

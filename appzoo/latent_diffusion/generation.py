@@ -130,8 +130,10 @@ def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusion
 
 @torch.inference_mode()
 def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
-             pipe: StableDiffusionPipeline | None = None, max_length: int | None = None) -> list[Image.Image]:
-    """One image per (prompt, seed), before super-resolution."""
+             pipe: StableDiffusionPipeline | None = None, max_length: int | None = None,
+             latents: torch.Tensor | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed), before super-resolution. ``latents`` (one per image, as diffusers' pipelines
+    take them) replace the initial noise the seeds would draw; the seeds still drive ancestral samplers."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     pipe = pipe or build_pipeline(model, settings.sampler)
@@ -147,7 +149,13 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     # here keeps the latents (and so the scheduler arithmetic) fp32 whatever the UNet's precision.
     factor = model.vae_scale_factor
     shape = (1, model.latent_channels, height // factor, width // factor)
-    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    if latents is None:
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    elif tuple(latents.shape) != (len(prompts), *shape[1:]):
+        raise UserError(f"latents must have shape {(len(prompts), *shape[1:])} (one per image), got "
+                        f"{tuple(latents.shape)}")
+    else:
+        latents = latents.float()
     cutoff = {}
     if negative is not None and settings.guidance_cutoff < 1:
         cutoff = {"callback_on_step_end": _guidance_cutoff_callback(settings.guidance_cutoff),
@@ -199,8 +207,8 @@ class Generator:
         self.text_length = text_length
         self.sr = SuperResolution.of(model) if self.settings.do_sr else None
 
-    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length)
+    def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None) -> list[Image.Image]:
+        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length, latents)
         if self.sr is not None:
             images = [self.sr(image, self.settings.sr_tile, self.settings.sr_channel_order) for image in images]
         return images
