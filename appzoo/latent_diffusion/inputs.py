@@ -7,6 +7,7 @@ column that is not the image column; the image column is ``--second_sequence``, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from easynlp_ldm.args import ParsedFlags
@@ -47,6 +48,8 @@ def input_tables(flags: ParsedFlags, mode: str, *, default_schema: str | None, m
     tables = split_tables(flags.tables)
     if not tables:
         raise UserError(f"--tables is required for --mode={mode} ({TABLES_HINT[mode]})")
+    for table in tables:
+        check_table(table)
     if max_tables and len(tables) > max_tables:
         raise UserError(f"--tables: {mode} takes at most {max_tables} tables, got {len(tables)}")
     if not flags.input_schema and default_schema is None:
@@ -63,6 +66,19 @@ def input_tables(flags: ParsedFlags, mode: str, *, default_schema: str | None, m
     if text not in names:
         raise UserError(f"--first_sequence={text} is not a column of --input_schema ({', '.join(names)})")
     return InputTables(tables, schema, text, image, flags.skip_first_line)
+
+
+def check_table(path: str) -> None:
+    """A table this toolkit can read: a local file (EasyNLP's ``odps://`` tables live in MaxCompute)."""
+    if path.startswith("odps://"):
+        raise UserError(f"--tables: {path} is a MaxCompute (ODPS) table; this toolkit reads local TSV files — "
+                        f"download it (e.g. with the odpscmd `tunnel download` command) and pass the file")
+    if not os.path.exists(path):
+        raise UserError(f"--tables: {path}: no such file")
+    if not os.path.isfile(path):
+        raise UserError(f"--tables: {path} is not a file (a TSV table is expected)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--tables: {path} cannot be read (permission denied)")
 
 
 def output_columns(flags: ParsedFlags, inputs: InputTables) -> tuple[list[str], list[str]]:

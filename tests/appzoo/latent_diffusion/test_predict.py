@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from easynlp_ldm import cli
@@ -135,3 +136,17 @@ def test_trained_folder_predicts_alone_and_evaluate_reports_loss(tiny_model_dir,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["rows"] == 8 and 0 < printed["val_loss"] < 5
     assert json.load(open(tmp_path / "metrics.json")) == printed
+
+
+@pytest.mark.parametrize("mode", ["predict", "evaluate", "train"])
+def test_missing_unreadable_or_odps_table_is_one_line(tmp_path, capsys, mode):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for table, message in ((str(tmp_path / "nope.tsv"), "nope.tsv: no such file"),
+                           ("odps://project/tables/t2i", "odps://project/tables/t2i is a MaxCompute (ODPS) table"),
+                           (str(folder), "a_folder is not a file")):
+        argv = [f"--mode={mode}", f"--tables={table}", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
+                f"--outputs={tmp_path / 'o.tsv'}", f"--checkpoint_dir={tmp_path / 'run'}"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
