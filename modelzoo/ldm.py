@@ -206,6 +206,16 @@ def _load_strict(module: torch.nn.Module, state: dict, where: str) -> None:
         raise ModelFormatError(f"{where}: weights do not match the config ({problem})")
 
 
+def _current_text_encoder_names(module: torch.nn.Module, state: dict) -> dict:
+    """transformers 4.x names CLIPTextModel's weights ``text_model.…`` (PAI's folders, our diffusers export); the
+    installed transformers has no such wrapper module (5.x dropped it), so the prefix goes, as transformers' own
+    loader renames it."""
+    prefix = "text_model."
+    if hasattr(module, "text_model"):
+        return state
+    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -228,7 +238,8 @@ def _load_diffusers(path: str) -> LatentDiffusion:
     text_class = (index.get("text_encoder") or [None, None])[1] or (text_config.get("architectures") or
                                                                      ["CLIPTextModel"])[0]
     text_encoder = te.build_text_encoder(text_class, text_config)
-    _load_strict(text_encoder, load_component_weights(os.path.join(path, "text_encoder")), f"{path}/text_encoder")
+    _load_strict(text_encoder, _current_text_encoder_names(text_encoder, load_component_weights(
+        os.path.join(path, "text_encoder"))), f"{path}/text_encoder")
     unet = UNet2DConditionModel.from_config(_read_json(os.path.join(path, "unet", "config.json")))
     _load_strict(unet, load_component_weights(os.path.join(path, "unet")), f"{path}/unet")
     vae = AutoencoderKL.from_config(_read_json(os.path.join(path, "vae", "config.json")))

@@ -1,5 +1,6 @@
 """export.py: the tar package EasyNLP's EAS deployment expects (and serve loads), and the diffusers folder."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from easynlp_ldm import cli
@@ -74,3 +76,55 @@ def test_diffusers_export_generates_the_same_image(tiny_model_dir, tmp_path):
     assert np.abs(ours - np.asarray(reference, dtype=np.int16)).max() <= 3
     # Our own loader reads the export too (a diffusers-layout folder).
     assert cli.main(["--mode=export", f"--checkpoint_dir={out}", f"--outputs={tmp_path / 'again.tar.gz'}"]) == 0
+
+
+@pytest.mark.parametrize("text_class", ["CLIPTextModel", "BertModel"])
+def test_diffusers_export_text_encoder_uses_the_names_transformers_4_reads(tiny_model_dir, tmp_path, text_class):
+    """transformers 5 saves CLIPTextModel without its 4.x ``text_model.`` prefix, which 4.x (e.g. 4.57, which
+    optimum's exporters pin) silently loads as random weights. The export writes the 4.x names, which the current
+    transformers maps on load: both get identical weights (checked with 4.57.6 and 4.51.3 in scratch venvs).
+    BertModel's names are the same in both."""
+    import transformers
+    from safetensors import safe_open
+
+    from appzoo.latent_diffusion.loading import load_model
+
+    model_dir = tiny_model_dir
+    if text_class == "BertModel":  # the tiny model with a BertModel text encoder
+        model_dir = str(tmp_path / "bert_model")
+        shutil.copytree(tiny_model_dir, model_dir)
+        shutil.rmtree(os.path.join(model_dir, "text_encoder"))
+        vocab_size = len(open(os.path.join(model_dir, "tokenizer", "vocab.txt"), encoding="utf-8").read().split())
+        transformers.BertModel(transformers.BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=32, pad_token_id=0)).save_pretrained(os.path.join(model_dir, "text_encoder"))
+        index_path = os.path.join(model_dir, "model_index.json")
+        index = json.load(open(index_path, encoding="utf-8"))
+        index["text_encoder"] = ["transformers", "BertModel"]
+        with open(index_path, "w", encoding="utf-8") as handle:
+            json.dump(index, handle)
+    out = str(tmp_path / "diffusers")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={model_dir}", f"--outputs={out}",
+                     "--user_defined_parameters=export_format=diffusers"]) == 0
+    expected = {name: value for name, value in load_model(model_dir).text_encoder.state_dict().items()
+                if not name.endswith("position_ids")}
+    folder = os.path.join(out, "text_encoder")
+    config = json.load(open(os.path.join(folder, "config.json"), encoding="utf-8"))
+    assert config["architectures"] == [text_class]
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as handle:
+        saved = {name: handle.get_tensor(name) for name in handle.keys()}
+    if text_class == "CLIPTextModel":  # 4.x: CLIPTextModel.text_model (CLIPTextTransformer) holds every module
+        assert config["model_type"] == "clip_text_model"
+        assert {"text_model.embeddings.token_embedding.weight", "text_model.final_layer_norm.weight",
+                "text_model.encoder.layers.0.self_attn.q_proj.weight"} <= set(saved)
+        legacy = {"text_model." + name: value for name, value in expected.items()}
+    else:  # 4.x BertModel: embeddings.…, encoder.layer.N.…, pooler.…
+        assert {"embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+                "pooler.dense.weight"} <= set(saved)
+        legacy = expected
+    assert set(saved) == set(legacy) and all(torch.equal(saved[name], legacy[name]) for name in legacy)
+    # The current transformers (and so diffusers' from_pretrained) loads them as the same weights.
+    loaded, info = getattr(transformers, text_class).from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = loaded.state_dict()
+    assert all(torch.equal(state[name], value) for name, value in expected.items())
