@@ -14,11 +14,15 @@
    a snapshot that huggingface_hub knows to be incomplete (an interrupted download whose file listing, kept under
    ``trees/`` by huggingface_hub >= 1.22, names files the snapshot lacks) is an error, never replaced by an older one;
    without such a listing the folder is taken as it is;
+4. EasyNLP's local model zoo, where EasyNLP itself unpacks a model name: ``$EASYNLP_CACHE_ROOT/modelzoo`` (default
+   ``~/.easynlp/modelzoo``), at the path its name map ``modelzoo_alibaba.json`` (in that folder, or in the working
+   directory, where EasyNLP reads it) gives, without ``.tgz``; else ``modelzoo/<name>``;
 otherwise a one-line error naming the model and saying how to supply it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -97,10 +101,34 @@ def resolve_model(name_or_path: str, embedded: Mapping[str, str] | None = None, 
             return os.path.abspath(candidate)
     if name_or_path in embedded:
         return embedded[name_or_path]
-    cached = find_in_hf_cache(name_or_path, what)
+    cached = find_in_hf_cache(name_or_path, what) or find_in_easynlp_modelzoo(name_or_path)
     if cached:
         return cached
     known = f"; embedded models: {', '.join(sorted(embedded))}" if embedded else ""
     raise UserError(f"{what} '{name_or_path}' not found: no such local folder, embedded model or Hugging Face cache "
                     f"entry, and this toolkit never downloads. Download it elsewhere (e.g. `hf download "
                     f"{name_or_path} --local-dir DIR`), copy it here and pass the folder{known}")
+
+
+def easynlp_modelzoo_dir() -> str:
+    root = os.environ.get("EASYNLP_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".easynlp")
+    return os.path.join(root, "modelzoo")
+
+
+def find_in_easynlp_modelzoo(name: str) -> str | None:
+    """The folder EasyNLP's ``get_pretrain_model_path`` would use for ``name``, when it exists on disk."""
+    zoo = easynlp_modelzoo_dir()
+    candidates = []
+    for mapping_file in (os.path.join(zoo, "modelzoo_alibaba.json"), "modelzoo_alibaba.json"):
+        try:
+            with open(mapping_file, encoding="utf-8") as handle:
+                mapping = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(mapping, dict) and isinstance(mapping.get(name), str):
+            candidates.append(os.path.join(zoo, mapping[name].removesuffix(".tgz")))
+    candidates.append(os.path.join(zoo, name))
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+    return None

@@ -9,6 +9,9 @@ Two on-disk formats, one ``save_pretrained`` ⇄ ``from_pretrained`` pair:
   scheduler config, format version), ``pytorch_model.bin`` (one plain state dict, keys prefixed ``text_encoder.``,
   ``unet.``, ``vae.``), ``vocab.txt`` and ``RRDB_ESRGAN_x4.pth`` when the model has one — the files EasyNLP's
   packaging command ``tar czf … config.json pytorch_model.bin RRDB_ESRGAN_x4.pth vocab.txt`` expects.
+
+and EasyNLP's own latent_diffusion checkpoint (the same file names, a CompVis ``config.json`` with a top-level
+``"model"`` key), read and written by ``modelzoo.formats.easynlp``: a model read from one is saved as one.
 """
 
 from __future__ import annotations
@@ -143,44 +146,65 @@ class LatentDiffusion(torch.nn.Module):
         return state
 
     def save_pretrained(self, folder: str, overrides: dict[str, torch.Tensor] | None = None,
-                        dtype: torch.dtype | None = None) -> list[str]:
+                        dtype: torch.dtype | None = None, format: str | None = None) -> list[str]:
         """Write the checkpoint folder. Each file is replaced atomically, weights last: a reader never sees a
-        half-written file, and config/vocab never change during a training run. Returns the checkpoint's files."""
-        os.makedirs(folder, exist_ok=True)
-        state = self.component_state_dict(overrides)
-        if dtype is not None:
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        atomic_write_text(os.path.join(folder, CONFIG_NAME),
-                          json.dumps(self.config_dict(), ensure_ascii=False, indent=2, default=_json_default))
-        atomic_write_text(os.path.join(folder, VOCAB_NAME), te.vocab_lines(self.tokenizer))
-        files = [os.path.join(folder, CONFIG_NAME), os.path.join(folder, VOCAB_NAME)]
-        if self.esrgan_path:
-            target = os.path.join(folder, ESRGAN_NAME)
-            if os.path.abspath(self.esrgan_path) != os.path.abspath(target):
-                atomic_copy(self.esrgan_path, target)
-            files.append(target)
-        atomic_torch_save(state, os.path.join(folder, WEIGHTS_NAME))
-        return files + [os.path.join(folder, WEIGHTS_NAME)]
+        half-written file, and config/vocab never change during a training run. Returns the checkpoint's files.
+        ``format``: ``easynlp-ldm`` (this toolkit's) or ``easynlp`` (EasyNLP's own); default: the format the model
+        was read from (this toolkit's for a diffusers-layout model)."""
+        from modelzoo.formats import easynlp
+
+        format = format or self.extra.get("source_format") or FORMAT_NAME
+        if format == easynlp.FORMAT:
+            return easynlp.save(self, folder, overrides, dtype)
+        if format != FORMAT_NAME:
+            raise ValueError(f"unknown checkpoint format {format!r} ({FORMAT_NAME}, {easynlp.FORMAT})")
+        config = self.config_dict()
+        config["extra"] = {k: v for k, v in config["extra"].items() if k != "source_format"}
+        return write_checkpoint(self, folder, config, self.component_state_dict(overrides), dtype)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> LatentDiffusion:
         if not os.path.isdir(path):
             raise ModelFormatError(f"{path}: not a folder")
+        from modelzoo.formats import easynlp
+
         try:
-            if is_own_checkpoint(path):
+            if easynlp.is_easynlp_checkpoint(path):
+                model = easynlp.load(path)
+            elif is_own_checkpoint(path):
                 model = _load_own(path)
             elif is_diffusers_layout(path):
                 model = _load_diffusers(path)
             else:
                 raise ModelFormatError(f"{path}: neither a diffusers-layout model (model_index.json, unet/, vae/, "
-                                       f"text_encoder/, tokenizer/) nor an easynlp-ldm checkpoint (config.json + "
-                                       f"pytorch_model.bin + vocab.txt)")
+                                       f"text_encoder/, tokenizer/) nor an easynlp-ldm or EasyNLP checkpoint "
+                                       f"(config.json + pytorch_model.bin + vocab.txt)")
         except WeightsError as err:
             raise ModelFormatError(str(err)) from None
         model.source_path = os.path.abspath(path)
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+def write_checkpoint(model: LatentDiffusion, folder: str, config: dict, state: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> list[str]:
+    """``config.json``, ``vocab.txt``, ``RRDB_ESRGAN_x4.pth`` (when the model has one) and ``pytorch_model.bin``
+    (``state``, floats cast to ``dtype``) in ``folder``, each replaced atomically, weights last. Returns the files."""
+    os.makedirs(folder, exist_ok=True)
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    atomic_write_text(os.path.join(folder, CONFIG_NAME),
+                      json.dumps(config, ensure_ascii=False, indent=2, default=_json_default))
+    atomic_write_text(os.path.join(folder, VOCAB_NAME), te.vocab_lines(model.tokenizer))
+    files = [os.path.join(folder, CONFIG_NAME), os.path.join(folder, VOCAB_NAME)]
+    if model.esrgan_path:
+        target = os.path.join(folder, ESRGAN_NAME)
+        if os.path.abspath(model.esrgan_path) != os.path.abspath(target):
+            atomic_copy(model.esrgan_path, target)
+        files.append(target)
+    atomic_torch_save(state, os.path.join(folder, WEIGHTS_NAME))
+    return files + [os.path.join(folder, WEIGHTS_NAME)]
 
 
 def _json_default(value):

@@ -113,3 +113,29 @@ def train_argv(data, out, model, *extra, udp=""):
 
 def saved_weights(folder):
     return torch.load(os.path.join(folder, "pytorch_model.bin"), weights_only=True)
+
+
+EASYNLP_DATA = os.path.join(ROOT, "tests", "data", "easynlp")
+
+
+def easynlp_checkpoint(folder, prefixed=False, drop_ema=False, use_ema=True):
+    """A copy of the committed tiny EasyNLP checkpoint in ``folder``: keys ``model.``-prefixed as EasyNLP's trainer
+    writes them without ``reset_model_state_flag``, without its ``model_ema.*`` weights, or with ``use_ema`` off."""
+    import json
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(os.path.join(EASYNLP_DATA, name), os.path.join(folder, name))
+    state = torch.load(os.path.join(EASYNLP_DATA, "pytorch_model.bin"), weights_only=True)
+    if drop_ema:
+        state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+    if prefixed:
+        state = {"model." + k: v for k, v in state.items()}
+    torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+    if not use_ema:
+        path = os.path.join(folder, "config.json")
+        config = json.load(open(path, encoding="utf-8"))
+        config["model"]["params"]["use_ema"] = False
+        json.dump(config, open(path, "w", encoding="utf-8"))
+    return str(folder)

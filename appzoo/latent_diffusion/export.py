@@ -8,6 +8,9 @@
   as predict for the same seed (``tokenizer/`` also carries ``vocab.txt``, as PAI's folders do). A
   ``CLIPTextModel`` text encoder is written under the weight names transformers 4.x uses (``text_model.…``), which
   the current transformers still maps on load, so both load the same weights (``legacy_text_encoder_weights``).
+* ``export_format=easynlp``: a folder in EasyNLP's own latent_diffusion format (CompVis ``config.json``,
+  ``pytorch_model.bin``, ``vocab.txt``, ``RRDB_ESRGAN_x4.pth``) that EasyNLP's ``LatentDiffusion`` loads; only for
+  models conditioned by EasyNLP's Wukong text encoder (``modelzoo.formats.easynlp``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_copy, atomic_folder, atomic_open, atomic_write_bytes, atomic_write_text
 from modelzoo import text_encoder as te
+from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
+from modelzoo.formats.easynlp import NotExpressible
 from modelzoo.ldm import CHECKPOINT_FILES, ESRGAN_NAME
 from modelzoo.samplers import make_scheduler
 from modelzoo.weights import find_weights
@@ -85,14 +90,25 @@ def legacy_text_encoder_weights(class_name: str, folder: str) -> None:
         atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def export_easynlp(model, destination: str) -> None:
+    try:
+        with atomic_folder(destination) as folder:
+            model.save_pretrained(folder, format=EASYNLP_FORMAT)
+    except NotExpressible as err:
+        raise UserError(f"export_format=easynlp: {err}") from None
+
+
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=export (the .tar.gz path, or a folder for "
-                        "export_format=diffusers)")
+                        "export_format=diffusers or easynlp)")
     model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir)
     if params["export_format"] == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s)", flags.outputs, ", ".join(names))
+    elif params["export_format"] == "easynlp":
+        export_easynlp(model, flags.outputs)
+        logger.info("wrote EasyNLP latent_diffusion folder %s", flags.outputs)
     else:
         export_diffusers(model, flags.outputs)
         logger.info("wrote diffusers folder %s (StableDiffusionPipeline.from_pretrained loads it)", flags.outputs)

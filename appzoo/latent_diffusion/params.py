@@ -142,8 +142,9 @@ PARAMS: tuple[Param, ...] = (
           modes=SERVE, check=_positive),
     # Export.
     Param("export_format", str, "tar", "export: tar (a .tar.gz of config.json, pytorch_model.bin, vocab.txt and "
-          "RRDB_ESRGAN_x4.pth when present) or diffusers (a folder StableDiffusionPipeline.from_pretrained loads)",
-          modes=EXPORT, choices=("tar", "diffusers")),
+          "RRDB_ESRGAN_x4.pth when present), diffusers (a folder StableDiffusionPipeline.from_pretrained loads) or "
+          "easynlp (a folder in EasyNLP's own latent_diffusion format; Wukong-conditioned models only)",
+          modes=EXPORT, choices=("tar", "diffusers", "easynlp")),
 )
 
 

@@ -172,3 +172,18 @@ def test_no_network_even_when_offline_mode_is_off(tmp_path, monkeypatch):
     assert resolve_model(REPO) == folder
     with pytest.raises(UserError, match="not found"):
         resolve_model("someone/not-cached")
+
+
+def test_easynlp_local_modelzoo(tmp_path, monkeypatch):
+    """EasyNLP unpacks a model name's archive under $EASYNLP_CACHE_ROOT/modelzoo at the path its name map gives."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("EASYNLP_CACHE_ROOT", str(tmp_path / "easynlp"))
+    monkeypatch.chdir(tmp_path)
+    zoo = tmp_path / "easynlp" / "modelzoo"
+    (zoo / "alibaba-pai" / "pai-painter-base-zh").mkdir(parents=True)
+    (zoo / "modelzoo_alibaba.json").write_text(json.dumps({"pai-painter-base-zh":
+                                                           "alibaba-pai/pai-painter-base-zh.tgz"}))
+    assert resolve_model("pai-painter-base-zh") == str(zoo / "alibaba-pai" / "pai-painter-base-zh")
+    assert resolve_model("alibaba-pai/pai-painter-base-zh") == str(zoo / "alibaba-pai" / "pai-painter-base-zh")
+    with pytest.raises(UserError):
+        resolve_model("pai-painter-large-zh")

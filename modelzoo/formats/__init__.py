@@ -1,0 +1,1 @@
+"""Other toolkits' checkpoint formats, read into (and written from) ``modelzoo.ldm.LatentDiffusion``."""
