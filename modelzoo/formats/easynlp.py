@@ -365,10 +365,19 @@ def build_config(model: LatentDiffusion) -> dict:
 
 
 def _source_state(model: LatentDiffusion) -> dict:
+    """The source checkpoint's tensors, memory-mapped where torch can (a trainer saves often; only the tensors
+    compared or copied are read)."""
     source = getattr(model, "source_path", None)
     if not source or not is_easynlp_checkpoint(source):
         return {}
-    return strip_model_prefix(load_state_dict_file(os.path.join(source, WEIGHTS_NAME)))
+    path = os.path.join(source, WEIGHTS_NAME)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not torch's zip format (mmap needs it), or anything load_state_dict_file reports better
+        state = load_state_dict_file(path)
+    if not isinstance(state, dict):
+        state = load_state_dict_file(path)
+    return strip_model_prefix(state)
 
 
 def easynlp_state(model: LatentDiffusion, config: dict, overrides: dict | None = None) -> dict[str, torch.Tensor]:

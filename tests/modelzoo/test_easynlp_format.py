@@ -48,6 +48,7 @@ def test_matches_easynlp_with_ema(tmp_path, reference, prefixed):
     prompts, ref = reference
     model = LatentDiffusion.from_pretrained(easynlp_checkpoint(tmp_path, prefixed=prefixed))
     assert isinstance(model.text_encoder, te.WukongTextEncoder) and model.extra["easynlp"]["ema"]
+    assert model.extra["esrgan_channel_order"] == "bgr" and model.image_size == 32 and model.text_max_length == 16
     ids, cond, eps, decoded = outputs(model, prompts, ref)
     # EasyNLP's tokenisation: [CLS] … [SEP], truncation, zero padding, "[SEP]" in a prompt is text, 200-character words
     assert torch.equal(ids, ref["prompt_ids"])

@@ -67,12 +67,20 @@ def test_fine_tune_saves_easynlp_format(shapes_data, tmp_path):
                        before["first_stage_model.decoder.conv_out.weight"])  # the VAE is frozen, as in EasyNLP
 
 
-def test_export_easynlp_round_trip_and_refusal(tmp_path, tiny_model_dir, capsys):
+def test_export_easynlp_round_trip_and_refusal(tmp_path, tiny_model_dir, table, capsys):
+    from modelzoo.esrgan import RRDBNet
+
     model = easynlp_checkpoint(tmp_path / "model", prefixed=True)
+    esrgan = os.path.join(model, "RRDB_ESRGAN_x4.pth")
+    torch.save(RRDBNet(nf=8, nb=1, gc=4).state_dict(), esrgan)
     out = str(tmp_path / "exported")
     assert cli.main(["--mode=export", f"--checkpoint_dir={model}", f"--outputs={out}",
                      "--user_defined_parameters=export_format=easynlp"]) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "vocab.txt"]
+    assert sorted(os.listdir(out)) == ["RRDB_ESRGAN_x4.pth", "config.json", "pytorch_model.bin", "vocab.txt"]
+    assert open(os.path.join(out, "RRDB_ESRGAN_x4.pth"), "rb").read() == open(esrgan, "rb").read()
+    predicted = str(tmp_path / "sr.tsv")
+    assert cli.main(predict_argv(table, predicted, out, udp="ddim_steps=2 n_samples=1 do_sr=True")) == 0
+    assert decode(read_rows(predicted)[0][-1]).shape == (128, 128, 3)  # ESRGAN ×4 (fed BGR, as EasyNLP did)
     written = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
     source = torch.load(os.path.join(EASYNLP_DATA, "pytorch_model.bin"), weights_only=True)
     assert list(written) == list(source) and all(torch.equal(written[k], source[k]) for k in source)
