@@ -30,7 +30,8 @@ Outputs (``--out``):
   (``apply_model`` on the first BATCH conditionings under ``ema_scope``, i.e. with the EMA UNet), ``eps_live``
   (without EMA), ``decoded`` (``decode_first_stage``),
   ``images`` (``decode_first_stage`` then EasyNLP's clamp to [0, 1]), ``noise``/``noisy`` (``q_sample``),
-  ``betas`` and ``alphas_cumprod``.
+  ``betas`` and ``alphas_cumprod``; ``plms_x_t``, ``plms_latents`` and ``plms_images``: EasyNLP's predictor's
+  sampling (PLMS, 20 steps, scale 5, EMA weights) of the first two prompts from ``plms_x_t``.
 """
 
 from __future__ import annotations
@@ -133,7 +134,26 @@ def build_model(config: dict, folder: str):
     return model
 
 
-def compute(model, latents, timesteps, noise) -> dict:
+def plms_sample(model, x_t):
+    """EasyNLP's predictor's sampling (easynlp/appzoo/latent_diffusion/model.py forward_predict): PLMS, 20 steps,
+    guidance scale 5 against the empty prompt, eta 0, under ``ema_scope``, for the first two PROMPTS from ``x_t``."""
+    import torch
+    from easynlp_ref.plms import PLMSSampler
+
+    def register_buffer(self, name, value):  # PLMSSampler's own moves every buffer to CUDA
+        setattr(self, name, value)
+
+    PLMSSampler.register_buffer = register_buffer
+    with torch.no_grad(), model.ema_scope():
+        uc = model.get_learned_conditioning(len(x_t) * [""])
+        c = model.get_learned_conditioning(PROMPTS[:len(x_t)])
+        samples, _ = PLMSSampler(model).sample(S=20, conditioning=c, batch_size=len(x_t), shape=list(x_t.shape[1:]),
+                                               verbose=False, unconditional_guidance_scale=5.0,
+                                               unconditional_conditioning=uc, eta=0.0, x_T=x_t)
+    return samples
+
+
+def compute(model, latents, timesteps, noise, x_t) -> dict:
     """EasyNLP's outputs on the given inputs (see the module docstring)."""
     import torch
 
@@ -146,7 +166,10 @@ def compute(model, latents, timesteps, noise) -> dict:
         decoded = model.decode_first_stage(latents)
         images = torch.clamp((decoded + 1.0) / 2.0, min=0.0, max=1.0)
         noisy = model.q_sample(x_start=latents, t=timesteps, noise=noise)
-    return {"prompt_ids": embedder.tokenize(embedder.tokenizer, PROMPTS, context_length=embedder.max_length),
+        plms = plms_sample(model, x_t)
+    return {"plms_x_t": x_t, "plms_latents": plms, "plms_images": torch.clamp((model.decode_first_stage(plms) + 1) / 2,
+                                                                              min=0.0, max=1.0),
+            "prompt_ids": embedder.tokenize(embedder.tokenizer, PROMPTS, context_length=embedder.max_length),
             "cond": cond, "latents": latents, "timesteps": timesteps, "eps": eps, "eps_live": eps_live,
             "decoded": decoded, "images": images, "noise": noise, "noisy": noisy, "betas": model.betas,
             "alphas_cumprod": model.alphas_cumprod}
@@ -164,8 +187,8 @@ def check(folder: str, reference: str) -> int:
     state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     ref = load_file(reference)
-    ours = compute(model, ref["latents"], ref["timesteps"], ref["noise"])
-    for key in ("prompt_ids", "cond", "eps", "eps_live", "decoded", "noisy", "betas"):
+    ours = compute(model, ref["latents"], ref["timesteps"], ref["noise"], ref["plms_x_t"])
+    for key in ("prompt_ids", "cond", "eps", "eps_live", "decoded", "noisy", "betas", "plms_latents", "plms_images"):
         print(f"{key}: max |difference| {float((ours[key].double() - ref[key].double()).abs().max()):.3g}")
     return 0
 
@@ -214,7 +237,8 @@ def main() -> int:
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(BATCH, 4, 16, 16, generator=g)
     noise = torch.randn(latents.shape, generator=g)
-    tensors = compute(model, latents, torch.tensor([0, 250, 600, 999]), noise)
+    x_t = torch.randn(2, *latents.shape[1:], generator=g)
+    tensors = compute(model, latents, torch.tensor([0, 250, 600, 999]), noise, x_t)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.path.join(out, "reference.safetensors"),
               metadata={"prompts": json.dumps(PROMPTS, ensure_ascii=False)})
     ids = tensors["prompt_ids"]

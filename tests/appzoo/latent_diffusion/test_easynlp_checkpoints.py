@@ -5,6 +5,7 @@ import json
 import os
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,29 @@ def test_predict_and_evaluate(tmp_path, table, shapes_data):
                      f"--checkpoint_dir={EASYNLP_DATA}", f"--outputs={metrics}"]) == 0
     loss = json.load(open(metrics))
     assert any("loss" in key and value > 0 for key, value in loss.items() if isinstance(value, float))
+
+
+def test_default_sampling_is_easynlp_predictors():
+    """GenerationSettings' defaults on an EasyNLP model (its PLMS, 20 steps, scale 5, native size, EMA weights)
+    reproduce EasyNLP's predictor's sampling from the same initial noise (reference made by its PLMSSampler)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from appzoo.latent_diffusion.generation import GenerationSettings, generate
+    from modelzoo.ldm import LatentDiffusion
+
+    path = os.path.join(EASYNLP_DATA, "reference.safetensors")
+    ref = load_file(path)
+    with safe_open(path, "pt") as handle:
+        prompts = json.loads(handle.metadata()["prompts"])[:2]
+    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    settings = GenerationSettings().for_model(model)
+    assert (settings.steps, settings.guidance_scale, settings.height, model.scheduler_class) == (20, 5.0, 32,
+                                                                                                 "PNDMScheduler")
+    images = generate(model, prompts, [0, 1], settings, latents=ref["plms_x_t"])
+    ours = torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+                        for image in images])
+    assert float((ours - ref["plms_images"]).abs().max()) <= 0.5 / 255 + 1e-4  # PNG rounding only
 
 
 def test_serve():
