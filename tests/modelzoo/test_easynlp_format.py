@@ -118,12 +118,14 @@ def test_changed_unet_is_written_as_live_and_ema_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
-def test_own_format_keeps_the_wukong_encoder_and_writes_back(tmp_path):
+def test_own_format_keeps_the_wukong_encoder_and_writes_back(tmp_path, reference):
+    prompts, ref = reference
     model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
     model.save_pretrained(str(tmp_path / "own"), format="easynlp-ldm")
     own = LatentDiffusion.from_pretrained(str(tmp_path / "own"))
     assert json.load(open(tmp_path / "own" / "config.json"))["format"] == "easynlp-ldm"
     assert isinstance(own.text_encoder, te.WukongTextEncoder) and own.text_encoder.settings["n_repeat"] == 2
+    assert torch.equal(own.tokenize(prompts), ref["prompt_ids"])  # EasyNLP's tokenizer settings kept
     assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), model.state_dict().values()))
     # Without the source's config (a model never read from EasyNLP's format), a config is built from the modules.
     own.extra.pop("easynlp")
