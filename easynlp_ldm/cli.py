@@ -79,7 +79,8 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
         if not distributed.launched_by_launcher() or os.environ.get("RANK") == "0":
             logger.warning(note)
     if distributed.launched_by_launcher():
-        distributed.init_from_env(flags.distributed_backend, flags.collective_timeout)
+        distributed.init_from_env(flags.distributed_backend, flags.collective_timeout,
+                                  explicit="distributed_backend" in flags.given)
     if command.flags.worker_cpu and command.flags.worker_cpu > 0:
         import torch
 

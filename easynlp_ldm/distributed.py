@@ -5,7 +5,8 @@
   ``--node_rank`` default to ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` from the environment, as PAI-DLC,
   Kubernetes PyTorchJob and Slurm set them.
 * Started by torchrun or a cluster launcher already (``RANK`` and ``WORLD_SIZE`` set): it joins that group instead.
-* Backend: NCCL on CUDA, gloo on CPU; collectives time out after ``--collective_timeout`` seconds.
+* Backend: ``--distributed_backend`` (EasyNLP's default nccl), gloo when there is no CUDA; collectives time out
+  after ``--collective_timeout`` seconds.
 * Training: the trainer's modules run inside ``DistributedDataParallel`` (``data_parallel``).
 * A worker that dies ends the whole job: torchrun's agent stops the others, and the error names the rank.
 """
@@ -108,8 +109,11 @@ def launch(flags, argv: list[str]) -> int:
     return 0
 
 
-def init_from_env(backend: str | None, timeout_s: float) -> DistContext:
-    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+def init_from_env(backend: str | None, timeout_s: float, explicit: bool = False) -> DistContext:
+    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    ``backend``: ``--distributed_backend`` (EasyNLP's default ``nccl``). A process without CUDA cannot use NCCL, so
+    it uses gloo instead, with a note (a warning when the user named nccl, ``explicit``)."""
     global _CONTEXT
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,7 +123,10 @@ def init_from_env(backend: str | None, timeout_s: float) -> DistContext:
     cuda = model_device().type == "cuda"
     backend = backend or ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
-        raise UserError("--distributed_backend=nccl needs CUDA; use gloo on CPU")
+        if rank == 0:
+            (logger.warning if explicit else logger.info)(
+                "--distributed_backend=nccl needs CUDA; this run is on the CPU, so it uses gloo")
+        backend = "gloo"
     torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs progress

@@ -23,9 +23,13 @@ def write_vocab(path: str, chars: str = TINY_CHARS) -> list[str]:
 
 
 def make_tiny_diffusers_model(folder: str, *, seed: int = 0, image_size: int = 32, text_positions: int = 32,
-                              weights: str = "bin", esrgan_state: dict | None = None) -> str:
-    """Write a tiny PAI-layout folder: BertTokenizer vocab.txt + CLIPTextModel + UNet + VAE (f=2) + DPM-Solver++
-    scheduler, weights as ``.bin`` (or ``safetensors``), built with the libraries' own ``save_pretrained``."""
+                              weights: str = "bin", esrgan_state: dict | None = None, vae_factor: int = 2) -> str:
+    """Write a tiny PAI-layout folder: BertTokenizer vocab.txt + CLIPTextModel + UNet + VAE (f=``vae_factor``, a
+    power of 2; SD's is 8, which keeps large training sizes cheap) + DPM-Solver++ scheduler, weights as ``.bin`` (or
+    ``safetensors``), built with the libraries' own ``save_pretrained``."""
+    vae_blocks = vae_factor.bit_length()  # one more block than downsamplings
+    if vae_factor < 2 or vae_factor & (vae_factor - 1):
+        raise ValueError(f"vae_factor must be a power of 2 of at least 2, got {vae_factor}")
     torch.manual_seed(seed)
     os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
     vocab = write_vocab(os.path.join(folder, "tokenizer", "vocab.txt"))
@@ -39,14 +43,15 @@ def make_tiny_diffusers_model(folder: str, *, seed: int = 0, image_size: int = 3
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=text_positions, pad_token_id=0, bos_token_id=2, eos_token_id=3))
     _save_transformers(text_encoder, os.path.join(folder, "text_encoder"), safe)
-    latent = image_size // 2
+    latent = image_size // vae_factor
     unet = UNet2DConditionModel(
         sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
     unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=safe)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+    vae = AutoencoderKL(block_out_channels=(16,) * (vae_blocks - 1) + (32,),
+                        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+                        up_block_types=("UpDecoderBlock2D",) * vae_blocks, latent_channels=4, norm_num_groups=8,
                         sample_size=image_size)
     vae.save_pretrained(os.path.join(folder, "vae"), safe_serialization=safe)
     DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

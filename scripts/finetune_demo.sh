@@ -51,7 +51,7 @@ start=$(date +%s)
 easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/decoder" \
   --micro_batch_size=32 --epoch_num="$DEC_EPOCHS" --learning_rate="$DEC_LR" --warmup_proportion=0.05 \
   --random_seed=0 --logging_steps=50 --use_amp --user_defined_parameters="pretrain_model_name_or_path=shapes-ldm-zh
-train_target=vae_decoder ema_decay=0.99 reset_model_state_flag=True"
+train_target=vae_decoder ema_decay=0.99 overwrite_checkpoint_dir=True"
 decoder_done=$(date +%s)
 echo "[tutorial] decoder fine-tuning took $(( decoder_done - start )) s"
 
@@ -59,7 +59,7 @@ echo "[tutorial] 4/5 fine-tuning the diffusion model (UNet + text encoder) on st
 easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
   --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
   --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
-train_text_encoder=True snr_gamma=5 ema_decay=0.995 reset_model_state_flag=True"
+train_text_encoder=True snr_gamma=5 ema_decay=0.995 overwrite_checkpoint_dir=True"
 end=$(date +%s)
 echo "[tutorial] UNet fine-tuning took $(( end - decoder_done )) s; fine-tuning in all $(( end - start )) s"
 

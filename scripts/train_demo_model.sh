@@ -30,19 +30,19 @@ echo "[demo] 3/7 VAE"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/vae" --micro_batch_size=32 --epoch_num="$VAE_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.02 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=250 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/init train_target=vae ema_decay=0.99 reset_model_state_flag=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/init train_target=vae ema_decay=0.99 overwrite_checkpoint_dir=True"
 
 echo "[demo] 4/7 RRDB x4 super-resolution (independent of the UNet: trained on the VAE checkpoint)"
 easynlp --mode=train --tables="$WORK/data_sr/T2I_train.tsv,$WORK/data_sr/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/rrdb" --micro_batch_size=16 --epoch_num="$RRDB_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.02 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=100 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/vae train_target=rrdb sr_patch=128 ema_decay=0.99 reset_model_state_flag=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/vae train_target=rrdb sr_patch=128 ema_decay=0.99 overwrite_checkpoint_dir=True"
 
 echo "[demo] 5/7 LDM: UNet and text encoder (the RRDB rides along into every checkpoint)"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/ldm" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=5 ema_decay=0.999 reset_model_state_flag=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=5 ema_decay=0.999 overwrite_checkpoint_dir=True"
 
 echo "[demo] 6/7 LDM, second phase: a fresh warm-up and decay from the first phase's EMA weights, with offset noise"
 echo "       (noise_offset=0.05 teaches the global colour/brightness the first phase still confused)"

@@ -4,6 +4,7 @@ each other; fixtures live in conftest.py."""
 import base64
 import io
 import os
+import shlex
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# EasyNLP's tutorial commands, verbatim (examples/latent_diffusion/README.md).
+# The tutorial commands of this project's seed README (EasyNLP's, with ./finetuned_model and output_schema=text).
 SEED_TRAIN = ["--mode=train", "--worker_gpu=1", "--tables=T2I_train.tsv,T2I_val.tsv",
               "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
               "--second_sequence=imgbase64", "--checkpoint_dir=./finetuned_model", "--learning_rate=4e-5",
@@ -28,6 +29,96 @@ SEED_PREDICT = ["--mode=predict", "--worker_gpu=1", "--tables=T2I_test.tsv", "--
                 "--save_checkpoint_steps=500", "--sequence_length=32", "--micro_batch_size=16",
                 "--app_name=latent_diffusion",
                 "--user_defined_parameters=\nn_samples=2\nwrite_image=True\nimage_prefix=./output/\n"]
+
+
+def shell_words(command: str) -> list[str]:
+    """A shell command's words after the program (line continuations joined, quotes removed), as bash passes them."""
+    return shlex.split(command.replace("\\\n", " "))[1:]
+
+
+# EasyNLP's own tutorial, copied verbatim: examples/latent_diffusion/run_latent_diffusion_appzoo_cli_local.sh (train
+# and predict through the easynlp command) and examples/latent_diffusion/README.md (the same flags to its main.py
+# under torch.distributed.launch, with the text-to-image keys size, text_len, img_len). Relative paths: run them in a
+# folder that holds the tables and alibaba-pai/pai-diffusion-general-large-zh.
+EASYNLP_SH_TRAIN = shell_words(r"""easynlp \
+    --mode=train \
+    --worker_gpu=1 \
+    --tables=T2I_train.tsv,T2I_val.tsv \
+    --input_schema=idx:str:1,text:str:1,imgbase64:str:1 \
+    --first_sequence=text \
+    --second_sequence=imgbase64 \
+    --checkpoint_dir=./finetune_model \
+    --learning_rate=4e-5 \
+    --epoch_num=3 \
+    --random_seed=42 \
+    --logging_steps=100 \
+    --save_checkpoint_steps=1000 \
+    --sequence_length=288 \
+    --micro_batch_size=16 \
+    --app_name=latent_diffusion \
+    --user_defined_parameters='
+        pretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh
+        reset_model_state_flag=True
+      '
+""")
+EASYNLP_SH_PREDICT = shell_words(r"""easynlp \
+      --mode=predict \
+      --worker_gpu=1 \
+      --tables=T2I_test.tsv \
+      --input_schema=idx:str:1,text:str:1 \
+      --output_schema=idx,text,gen_imgbase64 \
+      --outputs=./T2I_outputs.tsv \
+      --first_sequence=text \
+      --checkpoint_dir=./finetune_model \
+      --random_seed=42 \
+      --logging_steps=100 \
+      --save_checkpoint_steps=500 \
+      --sequence_length=32 \
+      --micro_batch_size=16 \
+      --app_name=latent_diffusion \
+      --user_defined_parameters="n_samples=2 write_image=True image_prefix=./output/"
+""")
+EASYNLP_README_TRAIN = shell_words(r"""./main.py \
+    --mode=train \
+    --worker_gpu=1 \
+    --tables=T2I_train.tsv,T2I_val.tsv \
+    --input_schema=idx:str:1,text:str:1,imgbase64:str:1 \
+    --first_sequence=text \
+    --second_sequence=imgbase64 \
+    --checkpoint_dir=./tmp/finetune_model \
+    --learning_rate=4e-5 \
+    --epoch_num=3 \
+    --random_seed=42 \
+    --logging_steps=100 \
+    --save_checkpoint_steps=1000 \
+    --sequence_length=288 \
+    --micro_batch_size=16 \
+    --app_name=latent_diffusion \
+    --user_defined_parameters='
+        pretrain_model_name_or_path=alibaba-pai/pai-diffusion-general-large-zh
+        size=256
+        text_len=32
+        img_len=256
+        reset_model_state_flag=True
+      '
+""")
+EASYNLP_README_PREDICT = shell_words(r"""./main.py \
+      --mode=predict \
+      --worker_gpu=1 \
+      --tables=T2I_test.tsv \
+      --input_schema=idx:str:1,text:str:1 \
+      --output_schema=idx,text,gen_imgbase64 \
+      --outputs=./tmp/T2I_outputs.tsv \
+      --first_sequence=text \
+      --checkpoint_dir=./tmp/finetune_model \
+      --random_seed=42 \
+      --logging_steps=100 \
+      --save_checkpoint_steps=500 \
+      --sequence_length=32 \
+      --micro_batch_size=2 \
+      --app_name=latent_diffusion \
+      --user_defined_parameters="n_samples=2 write_image=True image_prefix=./output/"
+""")
 PROMPTS = ["红色的圆形", "蓝色正方形在白色背景上", "一个黄色的三角形", "请画一个绿色的圆形", "灰色背景上的紫色正方形"]
 
 

@@ -40,10 +40,14 @@ PARAMS: tuple[Param, ...] = (
           "model to start from: a local folder (diffusers layout or this toolkit's checkpoint), an embedded "
           "model's name, or a Hugging Face cache entry on disk (default: the embedded default model)",
           modes=TRAIN),
-    Param("reset_model_state_flag", bool, False,
-          "start from the pretrained weights even if --checkpoint_dir already holds a checkpoint (EasyNLP's flag); "
-          "without it, an existing training state in --checkpoint_dir is an error unless "
+    Param("overwrite_checkpoint_dir", bool, False,
+          "start a new run from the pretrained model in a --checkpoint_dir that already holds a training run (its "
+          "files are replaced as the new run saves); without it such a folder is an error unless "
           "--resume_from_checkpoint names it", modes=TRAIN),
+    Param("reset_model_state_flag", bool, False,
+          "EasyNLP's trainer saved the fine-tuned weights without its wrapper's 'model.' key prefix with it, so they "
+          "load as a pretrained model again; checkpoints here always load in every mode. To start over in a folder "
+          "that holds a run, use overwrite_checkpoint_dir", modes=frozenset()),
     Param("skip_bad_rows", bool, False, "skip rows that cannot be used (counted per reason and reported) instead "
           "of stopping at the first one", modes=READ_ROWS),
     # Training recipe.
@@ -61,7 +65,15 @@ PARAMS: tuple[Param, ...] = (
     Param("sr_patch", int, 128, "high-resolution crop size for train_target=rrdb (a multiple of 4)", modes=TRAIN,
           check=lambda v: None if v > 0 and v % 4 == 0 else "must be a positive multiple of 4"),
     Param("resolution", int, 0, "training image size (0: the model's native size); images are resized so the "
-          "short side matches, then cropped", modes=TRAIN, check=_multiple_of_8),
+          "short side matches, then cropped (EasyNLP's text-to-image key: size)", modes=TRAIN, aliases=("size",),
+          check=_multiple_of_8),
+    Param("text_len", int, 0, "EasyNLP's text length in tokens: when given, training tokenises captions to it "
+          "instead of --sequence_length (clamped to the text encoder's positions); 0: --sequence_length",
+          modes=TRAIN, check=_non_negative),
+    Param("img_len", int, 256, "EasyNLP's number of image tokens of its VQGAN text-to-image app; latent diffusion "
+          "has no image tokens (the image size is resolution/size)", modes=frozenset(), check=_non_negative),
+    Param("do_eval", bool, True, "validate on the second table of --tables (EasyNLP's key; False: no validation, the "
+          "second table is not read, and the top-level checkpoint is the last one)", modes=TRAIN),
     Param("center_crop", bool, True, "crop the centre of each image (when random_crop is false)", modes=TRAIN),
     Param("random_crop", bool, False, "crop at a random position (seeded per sample)", modes=TRAIN),
     Param("random_flip", bool, False, "flip horizontally with probability 0.5 (seeded per sample); off by default "
@@ -79,6 +91,8 @@ PARAMS: tuple[Param, ...] = (
     Param("noise_offset", float, 0.0, "offset noise strength (helps very dark/bright images)", modes=TRAIN,
           check=_non_negative),
     Param("gradient_checkpointing", bool, False, "recompute activations in backward to save memory", modes=TRAIN),
+    Param("not_use_gradient_checkpoint", bool, None, "EasyNLP's inverse of gradient_checkpointing: True keeps it off "
+          "(the default here; EasyNLP's models had it on), False turns it on", modes=TRAIN),
     Param("cache_latents", bool, True, "encode each image with the frozen VAE once, not every epoch "
           "(ignored with random crops/flips, which change the pixels every epoch)", modes=TRAIN),
     # Generation.

@@ -137,7 +137,8 @@ def truncate_rows(path: str, rows: int) -> None:
 
 
 class ImageFiles:
-    """``image_prefix/<idx>/0000.png …`` plus ``prompt.txt`` (EasyNLP's layout), contained in image_prefix."""
+    """``image_prefix/<idx>/0000.png …`` plus ``prompt.txt``, contained in image_prefix: one folder per row, named by
+    its idx (EasyNLP numbered folders ``image_prefix + str(counter)``; see README "Image files")."""
 
     def __init__(self, prefix: str, image_format: str):
         self.prefix = prefix

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -56,6 +57,25 @@ def build_component_task(target: str, model: LatentDiffusion, inputs: InputTable
     return RRDBTrainTask(model, train, val, params, flags.random_seed)
 
 
+def easynlp_training_keys(params: dict[str, Any], inputs: InputTables) -> tuple[dict[str, Any], InputTables]:
+    """EasyNLP's training keys whose meaning differs from ours, mapped explicitly: ``do_eval=False`` drops the
+    validation table; ``not_use_gradient_checkpoint`` is the inverse of ``gradient_checkpointing``. (``size`` is an
+    alias of ``resolution``; ``text_len`` is read where the text length is chosen.)"""
+    params = dict(params)
+    if not params["do_eval"] and len(inputs.tables) == 2:
+        logger.warning("do_eval=False: no validation; %s is not read, and the top-level checkpoint is the last one",
+                       inputs.tables[1])
+        inputs = dataclasses.replace(inputs, tables=inputs.tables[:1])
+    not_use = params["not_use_gradient_checkpoint"]
+    if not_use is not None:
+        if not_use and params["gradient_checkpointing"]:
+            raise UserError("not_use_gradient_checkpoint=True contradicts gradient_checkpointing=True; give one")
+        if not_use:
+            logger.info("not_use_gradient_checkpoint=True: gradient checkpointing stays off (the default here)")
+        params["gradient_checkpointing"] = not not_use
+    return params, inputs
+
+
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     """Resolve the model and tables, build the task and the trainer, train."""
     if not flags.checkpoint_dir:
@@ -63,13 +83,20 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     inputs = input_tables(flags, "train", default_schema=None, max_tables=2, need_image=True)
     out = flags.checkpoint_dir
     existing_state = os.path.isdir(os.path.join(out, STATE_DIR))
-    if existing_state and not flags.resume_from_checkpoint and not params["reset_model_state_flag"]:
+    if existing_state and not flags.resume_from_checkpoint and not params["overwrite_checkpoint_dir"]:
         raise UserError(f"--checkpoint_dir={out} already holds a training run; pass --resume_from_checkpoint={out} "
-                        f"to continue it, reset_model_state_flag=True to start over from the pretrained model, or "
+                        f"to continue it, overwrite_checkpoint_dir=True to start over from the pretrained model, or "
                         f"choose another folder")
+    params, inputs = easynlp_training_keys(params, inputs)
     model = load_model(params["pretrain_model_name_or_path"], modelzoo_base_dir=flags.modelzoo_base_dir,
                        what="pretrain_model_name_or_path")
-    length = text_length(model, flags)
+    if params["text_len"]:  # EasyNLP's text length key: it decides over --sequence_length
+        if "sequence_length" in flags.given:
+            logger.info("text_len=%d is used instead of --sequence_length=%d", params["text_len"],
+                        flags.sequence_length)
+        length = model.clamp_text_length(params["text_len"])
+    else:
+        length = text_length(model, flags)
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")

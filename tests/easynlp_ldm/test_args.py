@@ -115,3 +115,49 @@ def test_flag_with_no_effect_in_mode_is_noted():
 def test_bad_flag_values(argv):
     with pytest.raises(UserError):
         parse_flags(argv)
+
+
+# EasyNLP's common parser (easynlp/utils/arguments.py, _add_easynlp_args): every flag with its aliases and default.
+EASYNLP_COMMON_FLAGS = {
+    "random_seed": 1234, "mode": "train", "user_script": None, "user_entry_file": None, "tables": None,
+    "user_defined_parameters": None, "skip_first_line": False, "outputs": None, "buckets": None, "odps_config": None,
+    "app_name": "text_classify", "distributed_backend": "nccl", "sequence_length": 16, "micro_batch_size": 2,
+    "local_rank": None, "checkpoint_dir": None, "modelzoo_base_dir": "", "do_lower_case": False, "epoch_num": 3,
+    "save_checkpoint_steps": None, "save_all_checkpoints": False, "learning_rate": 5e-5, "weight_decay": 1e-4,
+    "max_grad_norm": 1.0, "optimizer_type": "AdamW", "warmup_proportion": 0.1, "logging_steps": 100,
+    "gradient_accumulation_steps": 1, "resume_from_checkpoint": None, "input_schema": None, "first_sequence": None,
+    "second_sequence": None, "label_name": None, "label_enumerate_values": None, "output_schema": "",
+    "append_cols": None, "predict_slice_size": 4096, "predict_queue_size": 1024, "predict_thread_num": 2,
+    "predict_table_read_thread_num": 16, "worker_count": 1, "worker_gpu": -1, "master_port": 23456,
+    "worker_hosts": None, "use_amp": False, "use_torchacc": False, "data_threads": 10, "mg_model": False,
+}
+EASYNLP_ALIASES = {"train_batch_size": "micro_batch_size", "checkpoint_path": "checkpoint_dir", "wd": "weight_decay",
+                   "mn": "max_grad_norm", "optimizer": "optimizer_type"}
+# Accepted at their defaults only, with the reason: they need OSS/ODPS/PAI-TF, TorchAcc, user scripts or labels.
+REFUSED_OTHERWISE = {"user_script", "user_entry_file", "buckets", "odps_config", "worker_hosts", "use_torchacc",
+                     "label_name", "label_enumerate_values"}
+
+
+def test_every_easynlp_common_flag_is_accepted_with_its_default():
+    from easynlp_ldm.args import FLAGS_BY_DEST
+
+    defaults = parse_flags([]).values
+    for dest, default in EASYNLP_COMMON_FLAGS.items():
+        assert dest in FLAGS_BY_DEST, dest
+        if dest != "app_name":  # text_classify is not an app here; latent_diffusion is the default
+            assert defaults[dest] == default, dest
+        if default is not None:
+            written = str(default).lower() if isinstance(default, bool) else str(default)
+            parse_flags([f"--{dest}={written}"])  # its default, written out, is accepted
+        assert (FLAGS_BY_DEST[dest].unsupported is not None) == (dest in REFUSED_OTHERWISE), dest
+    for alias, dest in EASYNLP_ALIASES.items():
+        assert f"--{alias}" in FLAGS_BY_DEST[dest].names
+
+
+def test_mg_model_and_predictor_tuning_flags_take_any_value_and_are_noted():
+    flags = parse_flags(["--mode=predict", "--mg_model", "--predict_thread_num=8", "--predict_slice_size=1",
+                         "--predict_queue_size=2", "--predict_table_read_thread_num=3"])
+    assert flags.mg_model is True and flags.predict_thread_num == 8
+    for dest in ("mg_model", "predict_thread_num", "predict_slice_size", "predict_queue_size",
+                 "predict_table_read_thread_num"):
+        assert any(note.startswith(f"--{dest} is accepted and has no effect here") for note in flags.notes), dest

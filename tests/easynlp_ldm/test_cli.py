@@ -9,7 +9,14 @@ import torch
 
 from appzoo import registry
 from easynlp_ldm import cli
-from tests.helpers import SEED_PREDICT, SEED_TRAIN
+from tests.helpers import (
+    EASYNLP_README_PREDICT,
+    EASYNLP_README_TRAIN,
+    EASYNLP_SH_PREDICT,
+    EASYNLP_SH_TRAIN,
+    SEED_PREDICT,
+    SEED_TRAIN,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,6 +75,9 @@ def test_random_seed_seeds_python_numpy_and_torch_as_the_mode_starts(recording_a
 def test_seed_commands_parse_for_the_real_app():
     train = cli.parse_command(SEED_TRAIN)
     assert train.app_name == "latent_diffusion" and train.params["reset_model_state_flag"] is True
+    assert any(note.startswith("user-defined parameter reset_model_state_flag is accepted and has no effect here")
+               for note in train.notes)  # EasyNLP's key-prefix flag: checkpoints here always load
+    assert train.params["overwrite_checkpoint_dir"] is False
     predict = cli.parse_command(SEED_PREDICT)
     assert "--save_checkpoint_steps has no effect in --mode=predict" in predict.notes
 
@@ -92,3 +102,54 @@ def test_console_script_help_lists_app_parameters_and_errors_without_traceback()
     bad = subprocess.run([sys.executable, "-m", "easynlp_ldm.cli", "--no_such_flag=1"], capture_output=True,
                          text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("train,predict,out", [(EASYNLP_SH_TRAIN, EASYNLP_SH_PREDICT, "."),
+                                               (EASYNLP_README_TRAIN, EASYNLP_README_PREDICT, "tmp")],
+                         ids=["run_latent_diffusion_appzoo_cli_local.sh", "README.md"])
+def test_easynlp_tutorial_commands_verbatim(train, predict, out, tiny_model_dir, shapes_data, tmp_path, monkeypatch,
+                                            caplog):
+    """EasyNLP's own tutorial commands, word for word, in a folder holding the tables it downloads (small ones) and
+    alibaba-pai/pai-diffusion-general-large-zh: the tiny model, or for the README's size=256 a tiny one with SD's
+    f=8 VAE (64² native), since the f=2 one would attend over 128² latents: minutes on a CPU."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modelzoo.tiny import make_tiny_diffusers_model
+
+    monkeypatch.setenv("EASYNLP_PROGRESS", "0")
+    for name, rows in (("T2I_train.tsv", 2), ("T2I_val.tsv", 1), ("T2I_test.tsv", 2)):
+        lines = open(os.path.join(shapes_data, name), encoding="utf-8").readlines()[:rows]
+        (tmp_path / name).write_text("".join(lines), encoding="utf-8")
+    readme = "size=256" in train[-1]
+    if readme:
+        make_tiny_diffusers_model(str(tmp_path / "alibaba-pai" / "pai-diffusion-general-large-zh"), image_size=64,
+                                  vae_factor=8)
+    else:
+        os.symlink(os.path.dirname(tiny_model_dir), tmp_path / "alibaba-pai")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        assert cli.main(train) == 0
+    log = caplog.text
+    assert "user-defined parameter reset_model_state_flag is accepted and has no effect here" in log
+    model = tmp_path / out / "finetune_model"
+    for name in ("config.json", "pytorch_model.bin", "vocab.txt"):
+        assert (model / name).is_file()
+    events = EventAccumulator(str(model / "log"))
+    events.Reload()
+    image = events.Images(events.Tags()["images"][0])[0]  # validation's sample images, at the training size
+    if readme:  # EasyNLP's text-to-image keys: size is the training size, text_len the text length
+        assert (image.width, image.height) == (256, 256)
+        assert "text_len=32 is used instead of --sequence_length=288" in log
+        assert "user-defined parameter img_len is accepted and has no effect here" in log
+    else:
+        assert (image.width, image.height) == (32, 32)  # the model's native size
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert cli.main(predict) == 0
+    assert "--save_checkpoint_steps has no effect in --mode=predict" in caplog.text
+    rows = [line.split("\t") for line in (tmp_path / out / "T2I_outputs.tsv").read_text().splitlines()]
+    prompts = [line.split("\t") for line in (tmp_path / "T2I_test.tsv").read_text(encoding="utf-8").splitlines()]
+    assert [row[:2] for row in rows] == [p for p in prompts for _ in range(2)]  # idx,text,gen_imgbase64; n_samples=2
+    assert all(len(row) == 3 for row in rows)
+    for idx, _ in prompts:
+        assert sorted(os.listdir(tmp_path / "output" / idx)) == ["0000.png", "0001.png", "line.txt", "prompt.txt"]

@@ -155,3 +155,24 @@ def test_inference_model_is_placed_on_the_model_device(tiny_model_dir, monkeypat
     monkeypatch.setattr(distributed, "model_device", lambda: torch.device("meta"))
     model = load_model(tiny_model_dir, optimize="none")
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_easynlp_default_backend_nccl_falls_back_to_gloo_without_cuda(monkeypatch, caplog):
+    """--distributed_backend defaults to EasyNLP's nccl; a CPU process joins with gloo and says so (a warning when
+    the user named nccl), instead of failing."""
+    from easynlp_ldm import distributed
+    from easynlp_ldm.args import parse_flags
+
+    assert parse_flags([]).distributed_backend == "nccl"
+    backends = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: backends.append(backend))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    for explicit, level in ((False, "INFO"), (True, "WARNING")):
+        monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistContext())
+        caplog.clear()
+        with caplog.at_level("INFO", logger="easynlp.distributed"):
+            distributed.init_from_env("nccl", 60.0, explicit=explicit)
+        assert [(r.levelname, "uses gloo" in r.getMessage()) for r in caplog.records] == [(level, True)]
+    assert backends == ["gloo", "gloo"]

@@ -107,13 +107,16 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny_mo
     assert max(float((wf[k] - wk[k]).abs().max()) for k in wf) <= 1e-5
 
 
-def test_existing_run_needs_resume_or_reset(tiny_model_dir, shapes_data, tmp_path, capsys):
+def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, shapes_data, tmp_path, capsys):
     out = str(tmp_path / "run")
     argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=1")
     assert cli.main(argv) == 0
     assert cli.main(argv) == 2
     assert "already holds a training run" in capsys.readouterr().err
-    argv[-1] += " reset_model_state_flag=True"
+    # EasyNLP's reset_model_state_flag concerns the saved keys' prefix, not starting over: still refused.
+    assert cli.main([*argv[:-1], argv[-1] + " reset_model_state_flag=True"]) == 2
+    assert "overwrite_checkpoint_dir=True to start over" in capsys.readouterr().err
+    argv[-1] += " overwrite_checkpoint_dir=True"
     assert cli.main(argv) == 0
     assert cli.main(train_argv(shapes_data, str(tmp_path / "new"), tiny_model_dir,
                                f"--resume_from_checkpoint={tmp_path / 'nothing'}")) == 2
@@ -196,3 +199,33 @@ def test_bad_training_rows_stop_or_skip(tiny_model_dir, shapes_data, tmp_path, c
     assert f"{table}, line 4: undecodable base64" in capsys.readouterr().err
     argv[-1] += " skip_bad_rows=True"
     assert cli.main(argv) == 0
+
+
+def test_easynlp_training_keys_map_onto_ours(caplog):
+    """do_eval=False drops the validation table; not_use_gradient_checkpoint is gradient_checkpointing inverted;
+    size is resolution; text_len and img_len parse (text_len is applied where the text length is chosen)."""
+    from appzoo.latent_diffusion.inputs import InputTables
+    from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.train import easynlp_training_keys
+    from easynlp_ldm.args import parse_user_defined_parameters
+    from easynlp_ldm.errors import UserError
+
+    def keys(text):
+        return parse_user_defined_parameters(text, PARAMS, "train")
+
+    inputs = InputTables(["train.tsv", "val.tsv"], [], "text", "imgbase64", False)
+    params, notes = keys("size=256 text_len=32 img_len=256 do_eval=True")
+    assert params["resolution"] == 256 and params["text_len"] == 32
+    assert len(notes) == 1 and notes[0].startswith("user-defined parameter img_len is accepted and has no effect here")
+    mapped, kept = easynlp_training_keys(params, inputs)
+    assert kept.tables == ["train.tsv", "val.tsv"] and mapped["gradient_checkpointing"] is False
+    with caplog.at_level("WARNING"):
+        _, dropped = easynlp_training_keys(keys("do_eval=False")[0], inputs)
+    assert dropped.tables == ["train.tsv"] and "do_eval=False: no validation; val.tsv is not read" in caplog.text
+    assert easynlp_training_keys(keys("not_use_gradient_checkpoint=False")[0], inputs)[0]["gradient_checkpointing"]
+    assert not easynlp_training_keys(keys("not_use_gradient_checkpoint=True")[0], inputs)[0]["gradient_checkpointing"]
+    with pytest.raises(UserError, match="contradicts"):
+        easynlp_training_keys(keys("not_use_gradient_checkpoint=True gradient_checkpointing=True")[0], inputs)
+    _, notes = parse_user_defined_parameters("not_use_gradient_checkpoint=True do_eval=False", PARAMS, "predict")
+    assert notes == ["user-defined parameter not_use_gradient_checkpoint has no effect in --mode=predict",
+                     "user-defined parameter do_eval has no effect in --mode=predict"]
