@@ -18,7 +18,7 @@ from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import BadRowPolicy
 from easynlp_ldm.trainer import STATE_DIR, Trainer, TrainerConfig
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
 
@@ -118,4 +118,9 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if policy.total:
         summary += f"; {policy.summary()}"
     logger.info(summary)
+    if not os.path.isfile(os.path.join(out, ESRGAN_NAME)) and distributed.context().is_main:
+        logger.warning("%s has no %s: EasyNLP's packaging command (tar czf … config.json pytorch_model.bin %s "
+                       "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or train them with "
+                       "train_target=rrdb), or leave the file out of the tar command (do_sr is then unavailable)",
+                       out, ESRGAN_NAME, ESRGAN_NAME, out)
     return 0

@@ -15,7 +15,8 @@ from tests.helpers import ROOT, SEED_TRAIN, train_argv
 from tests.helpers import saved_weights as weights
 
 
-def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, shapes_data, tmp_path, monkeypatch):
+def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, shapes_data, tmp_path, monkeypatch,
+                                                            caplog):
     # The tutorial's command verbatim, run where alibaba-pai/pai-diffusion-general-large-zh is a local folder.
     shutil.copy(os.path.join(shapes_data, "T2I_train.tsv"), tmp_path)
     shutil.copy(os.path.join(shapes_data, "T2I_val.tsv"), tmp_path)
@@ -35,6 +36,8 @@ def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, sha
     assert config["format"] == "easynlp-ldm" and config["image_size"] == 32
     assert config["scheduler"]["class"] == "DPMSolverMultistepScheduler"
     assert os.listdir(out / "log")  # TensorBoard
+    # The tutorial packages RRDB_ESRGAN_x4.pth next; this model has none, and the end of training says so.
+    assert "has no RRDB_ESRGAN_x4.pth: EasyNLP's packaging command" in caplog.text
 
 
 def test_overfit_loss_falls_frozen_parts_unchanged_ema_saved(tiny_model_dir, shapes_data, tmp_path):
