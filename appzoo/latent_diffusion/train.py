@@ -120,7 +120,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     logger.info(summary)
     if not os.path.isfile(os.path.join(out, ESRGAN_NAME)) and distributed.context().is_main:
         logger.warning("%s has no %s: EasyNLP's packaging command (tar czf … config.json pytorch_model.bin %s "
-                       "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or train them with "
-                       "train_target=rrdb), or leave the file out of the tar command (do_sr is then unavailable)",
+                       "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or train them "
+                       "with train_target=rrdb), or leave the file out of the tar command (do_sr is then unavailable)",
                        out, ESRGAN_NAME, ESRGAN_NAME, out)
     return 0
