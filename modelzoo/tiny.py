@@ -73,7 +73,10 @@ def _save_transformers(model, folder: str, safe: bool) -> None:
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     atomic_write_text(os.path.join(folder, "config.json"), json.dumps(config, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # Weight names as PAI's folders hold them: saved by transformers 4.x, whose CLIPTextModel wraps everything in
+    # ``text_model.`` (5.x dropped the wrapper and maps the old names on load).
+    prefix = "text_model." if type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model") else ""
+    state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
     if safe:
         from safetensors.torch import save
 
