@@ -7,6 +7,7 @@ column that is not the image column; the image column is ``--second_sequence``, 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ PROMPT_SCHEMA = "idx:str:1,text:str:1"
 PAIR_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
 OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path")
 DEFAULT_OUTPUT_SCHEMA = "idx,text,gen_imgbase64"
+logger = logging.getLogger("easynlp")
+
 TABLES_HINT = {"train": "train.tsv[,valid.tsv]", "predict": "a TSV of prompts",
                "evaluate": "the table to evaluate on: prompts with a .truth.jsonl sidecar, or captions with images"}
 
@@ -101,6 +104,11 @@ def requested_text_length(flags: ParsedFlags) -> int | None:
     return flags.sequence_length if "sequence_length" in flags.given else None
 
 
-def text_length(model: LatentDiffusion, flags: ParsedFlags) -> int:
-    """Tokens per prompt: ``--sequence_length`` when given, clamped to the text encoder's positions."""
+def text_length(model: LatentDiffusion, flags: ParsedFlags, text_len: int = 0) -> int:
+    """Tokens per prompt: EasyNLP's ``text_len`` when a mode takes it (train), else ``--sequence_length`` when given,
+    else the model's own; clamped to the text encoder's positions."""
+    if text_len:
+        if "sequence_length" in flags.given:
+            logger.info("text_len=%d is used instead of --sequence_length=%d", text_len, flags.sequence_length)
+        return model.clamp_text_length(text_len)
     return model.clamp_text_length(requested_text_length(flags))

@@ -90,13 +90,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     params, inputs = easynlp_training_keys(params, inputs)
     model = load_model(params["pretrain_model_name_or_path"], modelzoo_base_dir=flags.modelzoo_base_dir,
                        what="pretrain_model_name_or_path")
-    if params["text_len"]:  # EasyNLP's text length key: it decides over --sequence_length
-        if "sequence_length" in flags.given:
-            logger.info("text_len=%d is used instead of --sequence_length=%d", params["text_len"],
-                        flags.sequence_length)
-        length = model.clamp_text_length(params["text_len"])
-    else:
-        length = text_length(model, flags)
+    length = text_length(model, flags, params["text_len"])  # EasyNLP's text_len decides over --sequence_length
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
