@@ -10,12 +10,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 REQS="$ROOT/requirements-dev.txt"
 STAMP="$VENV/.easynlp-installed"
-WANT="$(cat "$ROOT/requirements.txt" "$REQS" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements.txt" "$REQS" "$ROOT/requirements-sdk.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing dependencies (first run only)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -r "$REQS"
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-sdk.txt"
   "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   echo "$WANT" > "$STAMP"
 fi

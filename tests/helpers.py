@@ -143,28 +143,23 @@ def wait_ready(url, timeout=120, process=None):
 
 
 class InProcessServer:
-    def __init__(self, model_dir, **params):
-        import uvicorn
+    """The service as ``--mode=serve`` runs it (the same settings, the hardened uvicorn server), in a thread."""
 
+    def __init__(self, model_dir, **params):
         from appzoo.latent_diffusion.loading import load_model
         from appzoo.latent_diffusion.params import PARAMS
-        from appzoo.latent_diffusion.serve import LatentDiffusionService
-        from easynlp_ldm.serving.server import ServiceSettings, create_app
+        from appzoo.latent_diffusion.serve import LatentDiffusionService, service_settings
+        from easynlp_ldm.serving.server import build_server
 
         values = {p.name: p.default for p in PARAMS}
-        values.update(ddim_steps=2, max_steps=40, max_num_images=4, max_size=64)
+        values.update(ddim_steps=2, max_steps=40, max_num_images=4)
         token = params.pop("api_token", None)
+        model = params.pop("model", None) or load_model(model_dir)
         values.update(params)
-        model = load_model(model_dir)
         self.service = LatentDiffusionService(model, values)
-        settings = ServiceSettings(max_batch_size=values["max_batch_size"], max_wait_ms=values["max_wait_ms"],
-                                   max_queue=values["max_queue"], request_timeout_s=values["request_timeout"],
-                                   api_token=token)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.service, settings), host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = build_server(self.service, service_settings(values, token), "127.0.0.1", self.port, "warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_ready(self.url)

@@ -81,10 +81,13 @@ PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", 
                "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
 
 
+SEED_LIMIT = 2**53  # seeds handed out stay below it: a JSON number any client (a browser's double) holds exactly
+
+
 def image_seed(random_seed: int, line_number: int, sample: int) -> int:
-    """A 63-bit seed per image from (--random_seed, input line number, sample number); stable across versions."""
+    """A 53-bit seed per image from (--random_seed, input line number, sample number)."""
     digest = hashlib.sha256(f"{random_seed}:{line_number}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:8], "big") >> (64 - SEED_LIMIT.bit_length() + 1)
 
 
 def size_factor(model: LatentDiffusion) -> int:
@@ -106,12 +109,21 @@ def guided_steps(steps: int, cutoff: float) -> int:
     return max(1, min(steps, math.ceil(cutoff * steps - 1e-9)))
 
 
-def _guidance_cutoff_callback(cutoff: float):
-    """After the guided steps, drop the unconditional half of the batch: diffusers' own switch, as its
-    ``SDCFGCutoffCallback`` does (which keeps only the last prompt's embedding, so it breaks batches of several).
-    Counted over the sampler's UNet evaluations (``num_timesteps``: Heun-style samplers make two per step)."""
+class Stopped(Exception):
+    """``should_stop`` said True between two sampler steps: nobody wants these images any more."""
+
+
+def _step_callback(cutoff: float | None, should_stop):
+    """diffusers' ``callback_on_step_end``, run after every sampler step.
+
+    * ``cutoff``: after the guided steps, drop the unconditional half of the batch: diffusers' own switch, as its
+      ``SDCFGCutoffCallback`` does (which keeps only the last prompt's embedding, so it breaks batches of several).
+      Counted over the sampler's UNet evaluations (``num_timesteps``: Heun-style samplers make two per step).
+    * ``should_stop``: raise ``Stopped`` when it says True, so abandoned work ends between steps."""
     def callback(pipeline, step_index, timestep, tensors):
-        if step_index == guided_steps(pipeline.num_timesteps, cutoff) - 1:
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after sampler step {step_index + 1}")
+        if cutoff is not None and step_index == guided_steps(pipeline.num_timesteps, cutoff) - 1:
             pipeline._guidance_scale = 0.0
             tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
         return tensors
@@ -131,9 +143,10 @@ def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusion
 @torch.inference_mode()
 def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
              pipe: StableDiffusionPipeline | None = None, max_length: int | None = None,
-             latents: torch.Tensor | None = None) -> list[Image.Image]:
+             latents: torch.Tensor | None = None, should_stop=None) -> list[Image.Image]:
     """One image per (prompt, seed), before super-resolution. ``latents`` (one per image, as diffusers' pipelines
-    take them) replace the initial noise the seeds would draw; the seeds still drive ancestral samplers."""
+    take them) replace the initial noise the seeds would draw; the seeds still drive ancestral samplers.
+    ``should_stop()``, asked after every sampler step, ends the work with ``Stopped`` when it says True."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     pipe = pipe or build_pipeline(model, settings.sampler)
@@ -156,11 +169,12 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
                         f"{tuple(latents.shape)}")
     else:
         latents = latents.float()
-    cutoff = {}
-    if negative is not None and settings.guidance_cutoff < 1:
-        cutoff = {"callback_on_step_end": _guidance_cutoff_callback(settings.guidance_cutoff),
-                  "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
-    output = pipe(**cutoff, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
+    callback = {}
+    cutoff = settings.guidance_cutoff if negative is not None and settings.guidance_cutoff < 1 else None
+    if cutoff is not None or should_stop is not None:
+        callback = {"callback_on_step_end": _step_callback(cutoff, should_stop),
+                    "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
+    output = pipe(**callback, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
                   guidance_rescale=settings.guidance_rescale,
                   generator=generators, latents=latents.to(model.unet.device), output_type="np")
@@ -207,8 +221,15 @@ class Generator:
         self.text_length = text_length
         self.sr = SuperResolution.of(model) if self.settings.do_sr else None
 
-    def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None) -> list[Image.Image]:
-        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length, latents)
-        if self.sr is not None:
-            images = [self.sr(image, self.settings.sr_tile, self.settings.sr_channel_order) for image in images]
-        return images
+    def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None,
+                 should_stop=None) -> list[Image.Image]:
+        images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length, latents,
+                          should_stop)
+        if self.sr is None:
+            return images
+        upscaled = []
+        for image in images:
+            if should_stop is not None and should_stop():
+                raise Stopped("stopped before super-resolution")
+            upscaled.append(self.sr(image, self.settings.sr_tile, self.settings.sr_channel_order))
+        return upscaled

@@ -148,12 +148,38 @@ PARAMS: tuple[Param, ...] = (
           check=_positive),
     Param("max_steps", int, 100, "serve: largest num_inference_steps a request may ask for", modes=SERVE,
           check=_positive),
-    Param("max_size", int, 1024, "serve: largest width/height a request may ask for", modes=SERVE,
+    Param("max_size", int, 0, "serve: largest width/height a request may ask for (0: twice the model's native size)",
+          modes=SERVE, check=_non_negative),
+    Param("max_request_work", int, 400, "serve: largest num_images × num_inference_steps × (width×height ÷ native "
+          "size²) of one request, i.e. native-size image steps (400: 8 images × 50 steps, or 1 × 100 at twice the "
+          "size)", modes=SERVE, check=_positive),
+    Param("max_text_chars", int, 1000, "serve: longest text in characters (past the model's context in tokens the "
+          "rest is ignored, and the answer says so in 'warnings')", modes=SERVE, check=_positive),
+    Param("max_body_bytes", int, 1 << 20, "serve: largest request body in bytes (413 past it)", modes=SERVE,
           check=_positive),
     Param("request_timeout", float, 300.0, "serve: seconds a request may take (queue + generation)", modes=SERVE,
           check=_positive),
+    Param("body_timeout", float, 30.0, "serve: seconds for a request's body to arrive (408 past it)", modes=SERVE,
+          check=_positive),
+    Param("header_timeout", float, 10.0, "serve: seconds for a request's headers to arrive (408 and close past it)",
+          modes=SERVE, check=_positive),
+    Param("max_connections", int, 256, "serve: open connections at once (503 past it)", modes=SERVE,
+          check=_positive),
+    Param("shutdown_timeout", float, 30.0, "serve: on SIGTERM, seconds the running work may take to finish (queued "
+          "requests are answered 503 at once)", modes=SERVE, check=_positive),
+    Param("retry_grace", float, 1.0, "serve: seconds a request whose client went away keeps running when nothing "
+          "else waits, so that the client's identical retry (the EAS SDK retries after its timeout) takes it over",
+          modes=SERVE, check=_non_negative),
     Param("keep_alive", int, 75, "serve: HTTP keep-alive seconds (image services need minutes, not EAS's 5 s)",
           modes=SERVE, check=_positive),
+    Param("service_name", str, "", "serve: the EAS service name answered at /api/predict/<service_name> (empty: "
+          "any name)", modes=SERVE),
+    Param("auth_max_skew", float, 900.0, "serve: seconds the Date of an EAS-signed request may be off the server's "
+          "clock", modes=SERVE, check=_non_negative),
+    Param("auth_local_time", bool, True, "serve: also accept an EAS-signed Date that is off by a time-zone offset "
+          "(the EAS SDK stamps local time labelled GMT); False when every client runs in UTC", modes=SERVE),
+    Param("docs", bool, False, "serve: also serve /openapi.json and Swagger at /docs (the page loads Swagger's "
+          "scripts from a CDN, so it is blank offline)", modes=SERVE),
     # Export.
     Param("export_format", str, "tar", "export: tar (a .tar.gz of config.json, pytorch_model.bin, vocab.txt and "
           "RRDB_ESRGAN_x4.pth when present), diffusers (a folder StableDiffusionPipeline.from_pretrained loads) or "

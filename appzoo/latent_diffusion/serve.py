@@ -4,6 +4,7 @@ validated, and generated in batches by the same ``Generator`` predict uses (not 
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import logging
 import os
@@ -11,11 +12,12 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, size_factor
+from appzoo.latent_diffusion.generation import SEED_LIMIT, GenerationSettings, Generator, Stopped, size_factor
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_model
 from easynlp_ldm.args import ParsedFlags
-from easynlp_ldm.serving.server import RequestError, ServiceSettings, serve
+from easynlp_ldm.serving.batcher import Cancelled
+from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
 from easynlp_ldm.tables import encode_image
 from modelzoo.samplers import canonical_name, sampler_names
 
@@ -35,7 +37,7 @@ def _steps(service: LatentDiffusionService, name: str, value: Any) -> int:
 
 
 def _size(service: LatentDiffusionService, name: str, value: Any) -> int:
-    value = _integer(name, value, service.factor, service.params["max_size"])
+    value = _integer(name, value, service.factor, service.max_size)
     if value % service.factor:
         raise RequestError(f"{name} must be a multiple of {service.factor}, got {value}", name)
     return value
@@ -86,19 +88,24 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
     "do_sr": ("do_sr", _do_sr),
 }
 FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS)
+MAX_GENERATORS = 16
 
 
 class LatentDiffusionService:
     """Implements ``easynlp_ldm.serving.server.ServiceHandler``: requests whose settings are equal share a batch."""
 
     def __init__(self, model, params: dict[str, Any], text_length: int | None = None):
-        self.model, self.params, self.text_length = model, params, text_length
+        self.model, self.params = model, params
+        self.text_length = text_length or model.text_max_length
         self.factor = size_factor(model)
+        self.max_size = params["max_size"] or 2 * model.image_size
         self.defaults = GenerationSettings.from_params(params).for_model(model)
-        self.generators: dict[GenerationSettings, Generator] = {}
+        # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a
+        # scheduler; the model and the super-resolution net are shared by all).
+        self.generators: collections.OrderedDict[GenerationSettings, Generator] = collections.OrderedDict()
 
     # -------------------------------------------------------------------------------------------- requests
-    def parse(self, body: Any):
+    def parse(self, body: Any) -> Parsed:
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object like {\"text\": \"…\", \"num_images\": 1}")
         unknown = sorted(set(body) - set(FIELDS))
@@ -109,40 +116,63 @@ class LatentDiffusionService:
             raise RequestError("text is required and must be a string", "text")
         if not text.strip():
             raise RequestError("text must not be empty", "text")
+        if len(text) > self.params["max_text_chars"]:
+            raise RequestError(f"text is {len(text)} characters; at most {self.params['max_text_chars']} are "
+                               "accepted (max_text_chars)", "text")
         settings = dataclasses.replace(self.defaults, **{
             setting: check(self, name, body[name]) for name, (setting, check) in REQUEST_FIELDS.items()
             if name in body})
         count = _integer("num_images", body.get("num_images", 1), 1, self.params["max_num_images"])
+        work = count * settings.steps * settings.width * settings.height / self.model.image_size ** 2
+        if work > self.params["max_request_work"]:
+            raise RequestError(f"num_images × num_inference_steps × (width×height ÷ {self.model.image_size}²) is "
+                               f"{work:g}; at most {self.params['max_request_work']} per request (max_request_work): "
+                               "ask for fewer images or steps, or split the request", "num_images")
         seed = body.get("seed")
         if seed is None:
-            seed = secrets.randbelow(2**62)
+            seed = secrets.randbelow(SEED_LIMIT - count)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - count:
-            raise RequestError("seed must be an integer between 0 and 2^63", "seed")
+            raise RequestError("seed must be an integer between 0 and 2^53 − 1 (seeds up to 2^63 from earlier "
+                               "versions are accepted too)", "seed")
         payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings}
-        return settings, payload, count
+        tokens = len(self.model.tokenizer(text, verbose=False)["input_ids"])
+        warnings = ()
+        if tokens > self.text_length:
+            warnings = (f"text is {tokens} tokens; the model reads the first {self.text_length} (its context) and "
+                        "ignores the rest",)
+        return Parsed(settings, payload, count, deterministic="seed" in body, warnings=warnings)
 
     def _generator(self, settings: GenerationSettings) -> Generator:
-        if settings not in self.generators:
+        if settings in self.generators:
+            self.generators.move_to_end(settings)
+        else:
             self.generators[settings] = Generator(self.model, settings, self.text_length)
+            while len(self.generators) > MAX_GENERATORS:
+                self.generators.popitem(last=False)
         return self.generators[settings]
 
-    def _run(self, payloads: list[dict]) -> list[dict]:
+    def _run(self, payloads: list[dict], should_stop: Callable[[], bool] | None = None) -> list[dict]:
         generate = self._generator(payloads[0]["settings"])
         prompts = [p["text"] for p in payloads for _ in p["seeds"]]
         seeds = [seed for p in payloads for seed in p["seeds"]]
-        images = iter(generate(prompts, seeds))
+        try:
+            images = iter(generate(prompts, seeds, should_stop=should_stop))
+        except Stopped as stopped:
+            raise Cancelled(str(stopped)) from None
         results = []
         for payload in payloads:
             encoded = [base64.b64encode(encode_image(next(images), "png")).decode("ascii") for _ in payload["seeds"]]
             results.append({"text": payload["text"], "images_base64": encoded, "seeds": payload["seeds"]})
         return results
 
-    def run_batch(self, payloads: list[dict]) -> list[Any]:
+    def run_batch(self, payloads: list[dict], should_stop: Callable[[], bool] | None = None) -> list[Any]:
         import torch
 
         with torch.inference_mode():
             try:
-                return self._run(payloads)
+                return self._run(payloads, should_stop)
+            except Cancelled:
+                raise
             except Exception:
                 if len(payloads) == 1:
                     raise
@@ -150,32 +180,51 @@ class LatentDiffusionService:
             results = []
             for payload in payloads:
                 try:
-                    results.extend(self._run([payload]))
+                    results.extend(self._run([payload], should_stop))
                 except Exception as err:
                     results.append(err)
             return results
 
     def warmup(self) -> None:
         body = {"text": "白色背景上的红色圆形", "num_images": 1, "seed": 0}
-        key, payload, _ = self.parse(body)
-        self.run_batch([payload])
+        self.run_batch([self.parse(body).payload])
 
     def describe(self) -> dict:
-        return {"model": getattr(self.model, "source_path", ""), "image_size": self.model.image_size,
-                "super_resolution": bool(self.model.esrgan_path)}
+        """For /info: no file paths (the model's folder name only)."""
+        source = getattr(self.model, "source_path", "") or ""
+        return {"model": os.path.basename(os.path.normpath(source)) if source else "", "image_size":
+                self.model.image_size, "super_resolution": bool(self.model.esrgan_path),
+                "limits": {"max_num_images": self.params["max_num_images"], "max_steps": self.params["max_steps"],
+                           "max_size": self.max_size, "size_multiple": self.factor,
+                           "max_request_work": self.params["max_request_work"],
+                           "max_text_chars": self.params["max_text_chars"], "text_tokens": self.text_length}}
+
+
+def service_settings(params: dict[str, Any], api_token: str | None) -> ServiceSettings:
+    """The server's settings from the serve parameters (``SERVER_PARAMS``: ServiceSettings field → parameter)."""
+    return ServiceSettings(api_token=api_token, **{field: params[name] for field, name in SERVER_PARAMS.items()})
+
+
+# ServiceSettings field → its user_defined_parameter (declared in params.py).
+SERVER_PARAMS = {"max_batch_size": "max_batch_size", "max_wait_ms": "max_wait_ms", "max_queue": "max_queue",
+                 "request_timeout_s": "request_timeout", "service_name": "service_name",
+                 "max_body_bytes": "max_body_bytes", "body_timeout_s": "body_timeout",
+                 "retry_grace_s": "retry_grace", "auth_max_skew_s": "auth_max_skew",
+                 "auth_local_time": "auth_local_time", "docs": "docs", "keep_alive_s": "keep_alive",
+                 "header_timeout_s": "header_timeout", "max_connections": "max_connections",
+                 "shutdown_timeout_s": "shutdown_timeout"}
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
                        modelzoo_base_dir=flags.modelzoo_base_dir)
     token = flags.api_token or os.environ.get("EASYNLP_API_TOKEN") or None
-    settings = ServiceSettings(max_batch_size=params["max_batch_size"], max_wait_ms=params["max_wait_ms"],
-                               max_queue=params["max_queue"], request_timeout_s=params["request_timeout"],
-                               api_token=token)
+    settings = service_settings(params, token)
     if flags.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("listening on %s without --api_token: anyone who can reach it can use it", flags.host)
-    logger.info("serving %s on http://%s:%d (POST / or /predict, GET /health, /metrics, /docs; web page at /)",
-                getattr(model, "source_path", flags.checkpoint_dir), flags.host, flags.port)
-    serve(LatentDiffusionService(model, params, text_length(model, flags)), settings, flags.host, flags.port,
-          params["keep_alive"])
+    name = settings.service_name or "<service_name>"
+    logger.info("serving %s on http://%s:%d (POST /, /predict, /api/predict/%s, /v1/images/generations; GET /health, "
+                "/info, /metrics; web page at /)", getattr(model, "source_path", flags.checkpoint_dir), flags.host,
+                flags.port, name)
+    serve(LatentDiffusionService(model, params, text_length(model, flags)), settings, flags.host, flags.port)
     return 0

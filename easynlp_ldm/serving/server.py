@@ -1,56 +1,71 @@
-"""The HTTP service: a PAI-EAS-compatible JSON API with dynamic batching, limits, Prometheus metrics and a web page.
+"""The HTTP service: the PAI-EAS contract and OpenAI's images API over dynamic batching, with limits, cancellation,
+Prometheus metrics and a web page.
 
 It knows nothing of diffusion: an app hands it a ``ServiceHandler`` that turns a JSON body into a batchable job
 (or a ``RequestError`` naming the bad field) and runs batches of jobs with the app's own predict step.
 
-Status codes (EAS's in brackets where they differ): 200 ok; 400 bad request (JSON, field, limits); 401 missing or
-wrong token; 404; 405 wrong method; 408 the request waited past its time limit without starting; 429 queue full, with
-``Retry-After`` (EAS answers 450); 500 the model step failed for this request (EAS: 400 "processor exception");
-503 still warming up or shutting down; 504 the request started but did not finish within its time limit.
+Routes: ``POST /``, ``/predict``, ``/api/predict/<service_name>`` (the EAS contract; EAS's gateway path, so the
+official SDK works without ``custom_url``), ``POST /v1/images/generations`` (OpenAI), ``GET /`` (web page),
+``GET /health`` (liveness/readiness, public), ``GET /info``, ``GET /metrics``, ``GET /openapi.json`` and ``/docs``
+(with ``docs=True``). With a token, every route but ``/health``, the static page and ``/favicon.ico`` needs it.
+
+Status codes (EAS's): 200; 400 bad request (JSON, field, limits); 401 missing or wrong token; 404; 405; 408 the
+request waited in the queue past its time limit, or its body did not arrive in time; 413 body too large; 450 queue
+full, with ``Retry-After`` (the OpenAI route answers 429, which OpenAI clients retry); 500 the model step failed
+for this request; 503 warming up or shutting down, with ``Retry-After``; 504 the request started but did not finish
+in time. Every error body is ``{"error": "<one line>", "field": …}`` (the OpenAI route: OpenAI's error object).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from easynlp_ldm.serving.batcher import Batcher, Job, QueueFull
+from easynlp_ldm.serving import auth, openai_images
+from easynlp_ldm.serving.batcher import Batcher, Job, QueueFull, ShuttingDown
+from easynlp_ldm.serving.errors import Problem, RequestError
+from easynlp_ldm.serving.metrics import Metrics
+
+__all__ = ["Parsed", "Problem", "RequestError", "ServiceHandler", "ServiceSettings", "build_server", "create_app",
+           "serve"]
 
 logger = logging.getLogger("easynlp.serve")
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MAX_JSON_DEPTH = 32  # nesting of arrays/objects in a request body
+MAX_INT_DIGITS = 20  # digits of an integer in a request body (seeds are below 2^63: 19 digits)
+POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
 
-class RequestError(Exception):
-    """A client mistake; ``field`` names the offending JSON field (or None for the body as a whole)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+@dataclass(frozen=True)
+class Parsed:
+    key: Hashable  # requests with equal keys may share a model call
+    payload: Any
+    units: int  # images
+    deterministic: bool = False  # the result depends on the body alone (e.g. an explicit seed)
+    warnings: tuple[str, ...] = ()  # told to the client in the answer's "warnings"
 
 
 class ServiceHandler(Protocol):
-    def parse(self, body: Any) -> tuple[Hashable, Any, int]: ...  # (batch key, payload, units) or RequestError
+    def parse(self, body: Any) -> Parsed: ...  # or RequestError
 
-    def run_batch(self, payloads: list[Any]) -> list[Any]: ...  # a result or an Exception per payload
+    def run_batch(self, payloads: list[Any], should_stop: Callable[[], bool]) -> list[Any]: ...
 
     def warmup(self) -> None: ...
 
-    def describe(self) -> dict: ...
+    def describe(self) -> dict: ...  # for /info: nothing secret, no file paths
 
 
 @dataclass
@@ -60,170 +75,326 @@ class ServiceSettings:
     max_queue: int = 64
     request_timeout_s: float = 300.0
     api_token: str | None = None
+    service_name: str = ""  # "": any name at /api/predict/<name>
+    max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0
+    retry_grace_s: float = 1.0
+    auth_max_skew_s: float = 900.0
+    auth_local_time: bool = True
+    docs: bool = False
+    # Connections (``serve``): see easynlp_ldm/serving/connections.py.
+    keep_alive_s: float = 75.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 256
+    shutdown_timeout_s: float = 30.0
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-    def render(self, name: str) -> list[str]:
-        lines = [f"# TYPE {name} histogram"]
-        for bound, count in zip(self.buckets, self.counts):
-            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-        lines += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total}", f"{name}_count {self.count}"]
-        return lines
+# ------------------------------------------------------------------------------------------------------- bodies
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(f"an integer of {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
 
 
-class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[int, int] = {}
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.batch_sizes = Histogram(BATCH_BUCKETS)
+def _no_constant(name: str):
+    raise RequestError(f"{name} is not valid JSON")
 
-    def record(self, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            self.latency.observe(seconds)
 
-    def record_batch(self, units: int) -> None:
-        with self.lock:
-            self.batch_sizes.observe(units)
+def parse_json(raw: bytes) -> Any:
+    """A request body → a JSON value, or ``RequestError`` (never a RecursionError or a 5000-digit int)."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(f"malformed JSON body: {err}") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise RequestError(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
-    def render(self, queue_depth: int, ready: bool) -> str:
-        with self.lock:
-            lines = ["# TYPE easynlp_requests_total counter"]
-            lines += [f'easynlp_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += self.latency.render("easynlp_request_latency_seconds")
-            lines += self.batch_sizes.render("easynlp_batch_size_images")
-        lines += ["# TYPE easynlp_queue_depth gauge", f"easynlp_queue_depth {queue_depth}",
-                  "# TYPE easynlp_ready gauge", f"easynlp_ready {int(ready)}"]
-        return "\n".join(lines) + "\n"
+
+async def read_body(request: Request, settings: ServiceSettings) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise Problem(413, f"the body is {int(declared)} bytes; at most {settings.max_body_bytes} are accepted",
+                      headers={"Connection": "close"})
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.max_body_bytes:
+                    raise Problem(413, f"the body is over {settings.max_body_bytes} bytes", headers={"Connection":
+                                                                                                    "close"})
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Problem(408, f"the body did not arrive within {settings.body_timeout_s:g} s",
+                      headers={"Connection": "close"}) from None
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------------------- the app
+class _Responses:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes): counts
+    every answer by status, answers what ``gate`` answers before routing, and turns an unexpected exception into a
+    logged 500 with a one-line JSON body (never a traceback to the client)."""
+
+    def __init__(self, app, metrics: Metrics, gate: Callable[[Request], Response | None]):
+        self.app, self.metrics, self.gate = app, metrics, gate
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 0}
+        early = self.gate(Request(scope))
+        if early is not None:
+            self.metrics.record_response(early.status_code)
+            return await early(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            logger.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
+            if not status["code"]:
+                await JSONResponse({"error": "internal server error (see the service log)"}, 500)(scope, receive,
+                                                                                                     counting_send)
+            else:
+                status["code"] = 500
+        finally:
+            if status["code"]:
+                self.metrics.record_response(status["code"])
 
 
 def create_app(handler: ServiceHandler, settings: ServiceSettings):
-    state = {"ready": False, "batcher": None, "warmup_error": None}
+    state: dict[str, Any] = {"ready": False, "batcher": None, "warmup_error": None, "stopping": False}
     metrics = Metrics()
 
     def start() -> None:
         try:
             handler.warmup()
-            state["batcher"] = Batcher(handler_batch, max_batch_size=settings.max_batch_size,
-                                       max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                                       on_batch=metrics.record_batch)
+            state["batcher"] = Batcher(lambda jobs, stop: handler.run_batch([job.payload for job in jobs], stop),
+                                       max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                                       max_queue=settings.max_queue, retry_grace_s=settings.retry_grace_s,
+                                       on_batch=metrics.record_batch, on_drop=metrics.record_drop)
             state["ready"] = True
             logger.info("ready: warmed up, batching up to %d images, waiting up to %.0f ms",
                         settings.max_batch_size, settings.max_wait_ms)
-        except Exception as err:  # keep serving /health with the reason
-            state["warmup_error"] = f"{type(err).__name__}: {err}"
+        except Exception as err:  # keep answering /health with the reason
+            state["warmup_error"] = type(err).__name__
             logger.exception("warm-up failed")
 
-    def handler_batch(jobs: list[Job]) -> list[Any]:
-        return handler.run_batch([job.payload for job in jobs])
+    def begin_shutdown() -> None:
+        """Stop taking requests and answer the queued ones with 503; the running batch may finish."""
+        state["stopping"], state["ready"] = True, False
+        if state["batcher"] is not None:
+            threading.Thread(target=state["batcher"].close, name="easynlp-drain", daemon=True).start()
 
     @asynccontextmanager
     async def lifespan(app):
         threading.Thread(target=start, name="easynlp-warmup", daemon=True).start()
         yield
-        state["ready"] = False
-        if state["batcher"] is not None:
-            await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
+        begin_shutdown()
 
     app = FastAPI(title="easynlp-ldm text-to-image service", lifespan=lifespan,
+                  docs_url="/docs" if settings.docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if settings.docs else None,
                   description="PAI-EAS compatible: POST {\"text\", \"num_inference_steps\", \"num_images\"} → "
-                              "{\"text\", \"images_base64\"}")
+                              "{\"text\", \"images_base64\"}; OpenAI images API at /v1/images/generations")
+    app.state.begin_shutdown = begin_shutdown
 
-    def error(status: int, message: str, field: str | None = None, headers: dict | None = None):
-        body = {"error": message}
-        if field is not None:
-            body["field"] = field
-        return JSONResponse(body, status_code=status, headers=headers)
+    def answer(problem: Problem, openai: bool = False) -> JSONResponse:
+        if openai:
+            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(problem.status, "invalid_request_error"
+                                                                              if problem.status < 500 else
+                                                                              "server_error")
+            body: dict = {"error": {"message": str(problem), "type": kind,
+                                    "param": openai_images.field_name(problem.field), "code": None}}
+        else:
+            body = {"error": str(problem)}
+            if problem.field is not None:
+                body["field"] = problem.field
+        return JSONResponse(body, status_code=problem.status, headers=problem.headers)
 
-    def authorised(request: Request) -> bool:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}; POST / or /api/predict/<service>, GET /health",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
+        return JSONResponse({"error": message}, status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    # --------------------------------------------------------------------------------------------- access
+    def resource(request: Request) -> str:
+        path = request.url.path
+        if path.startswith("/api/predict/") or not settings.service_name:
+            return path
+        return f"/api/predict/{settings.service_name}"
+
+    def check_token(request: Request, body: bytes | None = None) -> None:
         if not settings.api_token:
-            return True
-        given = request.headers.get("authorization", "")
-        if given.lower().startswith("bearer "):
-            given = given[7:]
-        return hmac.compare_digest(given.strip().encode(), settings.api_token.encode())
+            return
+        if body is None and request.headers.get("authorization", "").startswith("EAS "):
+            body = b""  # a signature on a request without a body (GET)
+        reason = auth.check(request.headers, body or b"", settings.api_token, resource(request),
+                            max_skew_s=settings.auth_max_skew_s, allow_local_time=settings.auth_local_time)
+        if reason:
+            raise Problem(401, f"authentication failed: {reason}", headers={"WWW-Authenticate": "Bearer"})
 
-    async def generate(request: Request):
-        started = time.monotonic()
-        response = await _generate(request)
-        metrics.record(response.status_code, time.monotonic() - started)
-        return response
+    def guarded(route: Callable):
+        """A GET route that needs the token when one is configured."""
+        async def wrapper(request: Request):
+            try:
+                check_token(request)
+            except Problem as problem:
+                return answer(problem)
+            return route()
 
-    async def _generate(request: Request):
-        if not authorised(request):
-            return error(401, "authentication failed: send Authorization: Bearer <token>",
-                         headers={"WWW-Authenticate": "Bearer"})
-        if not state["ready"]:
-            reason = state["warmup_error"] or "the model is still warming up"
-            return error(503, reason, headers={"Retry-After": "5"})
-        raw = await request.body()
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return error(400, f"malformed JSON body: {err}")
-        try:
-            key, payload, units = handler.parse(body)
-        except RequestError as err:
-            return error(400, str(err), err.field)
-        if units > settings.max_batch_size:
-            units = settings.max_batch_size  # a large request runs alone rather than never
+        wrapper.__name__ = route.__name__
+        return wrapper
+
+    # ----------------------------------------------------------------------------------------- generation
+    async def wait_for(request: Request, batcher: Batcher, job: Job, started: float):
+        result = asyncio.wrap_future(job.future)
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when nobody waits
+        deadline = started + settings.request_timeout_s
+        while True:
+            await asyncio.wait({result}, timeout=POLL_S)
+            if result.done():
+                return result.result()
+            if await request.is_disconnected():
+                batcher.leave(job)
+                raise Problem(499, "the client went away")
+            if time.monotonic() > deadline:
+                batcher.leave(job)
+                if not batcher.started(job):
+                    raise Problem(408, f"the request waited more than {settings.request_timeout_s:g} s in the queue")
+                raise Problem(504, f"the request did not finish within {settings.request_timeout_s:g} s")
+
+    async def generate(request: Request, body: Any, openai: bool) -> dict:
+        if openai:
+            body = openai_images.to_contract(body)
+        parsed = handler.parse(body)
         batcher: Batcher = state["batcher"]
+        units = min(parsed.units, settings.max_batch_size)  # a large request runs alone rather than never
+        share_key = json.dumps(body, sort_keys=True, ensure_ascii=False)
         try:
-            job = batcher.submit(key, payload, units)
+            job = batcher.submit(parsed.key, parsed.payload, units, share_key, parsed.deterministic)
         except QueueFull as err:
-            return error(429, f"queue full ({err}); retry later", headers={"Retry-After": "1"})
+            raise Problem(429 if openai else 450, f"queue full ({err}); retry later",
+                          headers={"Retry-After": "1"}) from None
+        except ShuttingDown:
+            raise Problem(503, "the service is shutting down; retry", headers={"Retry-After": "1"}) from None
         try:
-            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
-                                            timeout=settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            if batcher.cancel(job):
-                return error(408, f"request waited more than {settings.request_timeout_s:g} s in the queue")
-            return error(504, f"request did not finish within {settings.request_timeout_s:g} s")
+            result = await wait_for(request, batcher, job, time.monotonic())
+        except ShuttingDown:
+            raise Problem(503, "the service is shutting down; retry", headers={"Retry-After": "1"}) from None
+        except Problem:
+            raise
         except Exception as err:
-            logger.exception("request failed")
-            return error(500, f"generation failed: {type(err).__name__}: {err}")
-        return JSONResponse(result)
+            logger.error("request failed: %s: %s", type(err).__name__, err)
+            raise Problem(500, f"generation failed: {type(err).__name__}: {err}") from None
+        if openai:
+            return openai_images.from_contract(result)
+        return {**result, "warnings": list(parsed.warnings)} if parsed.warnings else result
 
-    app.add_api_route("/", generate, methods=["POST"], summary="Generate images (EAS contract)")
-    app.add_api_route("/predict", generate, methods=["POST"], summary="Generate images (same as POST /)")
+    def route(openai: bool):
+        async def generation_route(request: Request):
+            started = time.monotonic()
+            try:
+                if state["stopping"] or not state["ready"]:
+                    reason = "shutting down" if state["stopping"] else (
+                        f"warm-up failed ({state['warmup_error']})" if state["warmup_error"] else "warming up")
+                    raise Problem(503, f"the service is {reason}; retry later", headers={"Retry-After": "5"})
+                signed = request.headers.get("authorization", "").startswith("EAS ")
+                if not signed:
+                    check_token(request)  # before reading a body nobody may send
+                raw = await read_body(request, settings)
+                if signed:
+                    check_token(request, raw)
+                response = JSONResponse(await generate(request, parse_json(raw), openai))
+            except RequestError as err:
+                response = answer(Problem(400, str(err), err.field), openai)
+            except Problem as problem:
+                response = answer(problem, openai)
+            metrics.record(response.status_code, time.monotonic() - started)
+            return response
 
-    @app.get("/health")
+        return generation_route
+
+    eas = route(openai=False)
+    for path in ("/", "/predict", "/api/predict/{service_name}"):
+        app.add_api_route(path, eas, methods=["POST"], summary="Generate images (the EAS contract)")
+    app.add_api_route("/v1/images/generations", route(openai=True), methods=["POST"],
+                      summary="Generate images (OpenAI's images API)")
+    def gate(request: Request) -> Response | None:
+        """Before routing: another service's name at /api/predict/ is a 404; FastAPI's docs routes need the token."""
+        path = request.url.path
+        if settings.service_name and path.startswith("/api/predict/") and \
+                path != f"/api/predict/{settings.service_name}":
+            return JSONResponse({"error": f"no service {path[len('/api/predict/'):]!r} here; this is "
+                                          f"{settings.service_name!r}"}, status_code=404)
+        if path in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
+            try:
+                check_token(request)
+            except Problem as problem:
+                return answer(problem)
+        return None
+
+    app.add_middleware(_Responses, metrics=metrics, gate=gate)
+
+    # ----------------------------------------------------------------------------------------- the rest
+    @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
     def health():
+        """Liveness and readiness; public, so it says nothing but the state."""
         if state["ready"]:
-            return {"status": "ready", **handler.describe()}
-        status = "failed: " + state["warmup_error"] if state["warmup_error"] else "warming up"
+            return {"status": "ready"}
+        status = "shutting down" if state["stopping"] else "failed" if state["warmup_error"] else "warming up"
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    def info():
+        limits = {name: getattr(settings, name) for name in ("max_batch_size", "max_queue", "request_timeout_s",
+                                                             "max_body_bytes", "body_timeout_s")}
+        return {**handler.describe(), "limits": {**limits, **handler.describe().get("limits", {})}}
+
     def prometheus():
         batcher = state["batcher"]
-        return metrics.render(batcher.depth if batcher else 0, state["ready"])
+        return PlainTextResponse(metrics.render(batcher.depth if batcher else 0, state["ready"]))
 
-    @app.get("/", response_class=HTMLResponse)
+    app.add_api_route("/info", guarded(info), methods=["GET"], summary="The model and the limits")
+    app.add_api_route("/metrics", guarded(prometheus), methods=["GET"], summary="Prometheus metrics")
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def page():
+        """The web page (static; with a token it asks for it and keeps it in the browser tab's session)."""
         with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as handle:
             return handle.read()
+
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
 
     return app
 
 
-def serve(handler: ServiceHandler, settings: ServiceSettings, host: str, port: int, keep_alive_s: int = 75) -> None:
-    import uvicorn
+def build_server(handler: ServiceHandler, settings: ServiceSettings, host: str, port: int,
+                 log_level: str | None = None):
+    """The app on the hardened uvicorn server (easynlp_ldm/serving/connections.py); ``.run()`` serves it."""
+    from easynlp_ldm.serving.connections import make_server
 
     app = create_app(handler, settings)
-    # Image requests take seconds: keep connections alive for minutes as EAS image services do.
-    uvicorn.run(app, host=host, port=port, timeout_keep_alive=keep_alive_s, timeout_graceful_shutdown=None,
-                log_level=os.environ.get("EASYNLP_LOG_LEVEL", "info").lower())
+    return make_server(app, host=host, port=port, keep_alive_s=settings.keep_alive_s,
+                       header_timeout_s=settings.header_timeout_s, limit_concurrency=settings.max_connections,
+                       graceful_timeout_s=settings.shutdown_timeout_s, on_exit=app.state.begin_shutdown,
+                       log_level=log_level or os.environ.get("EASYNLP_LOG_LEVEL", "info").lower())
+
+
+def serve(handler: ServiceHandler, settings: ServiceSettings, host: str, port: int) -> None:
+    build_server(handler, settings, host, port).run()

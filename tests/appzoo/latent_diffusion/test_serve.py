@@ -1,9 +1,15 @@
+import email.utils
+import hashlib
+import json
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
+from appzoo.latent_diffusion.serve import MAX_GENERATORS
 from tests.helpers import InProcessServer, png
 
 
@@ -36,7 +42,10 @@ def test_eas_contract(server):
     ({"text": "x", "guidance_scale": "high"}, "guidance_scale"), ({"text": "x", "sampler": "magic"}, "sampler"),
     ({"text": "x", "guidance_rescale": 1.5}, "guidance_rescale"),
     ({"text": "x", "do_sr": True}, "do_sr"), ({"text": "x", "seed": -1}, "seed"),
-    ({"text": "x", "num_imgs": 2}, "num_imgs"), (["text"], None)])
+    ({"text": "x", "num_imgs": 2}, "num_imgs"), (["text"], None),
+    # limits: text length, size relative to the native 32² (max 2×), images × steps × pixels (max 400 native steps)
+    ({"text": "字" * 1001}, "text"), ({"text": "x", "width": 96}, "width"),
+    ({"text": "x", "num_images": 4, "num_inference_steps": 40, "width": 64, "height": 64}, "num_images")])
 def test_bad_requests_are_400_naming_the_field(server, body, field):
     response = httpx.post(server.url + "/", json=body, timeout=30)
     assert response.status_code == 400
@@ -54,10 +63,60 @@ def test_guidance_rescale_request_field_changes_the_image(server):
     assert np.abs(image(guidance_rescale=0) - image()).max() <= 1
 
 
-def test_malformed_json_wrong_method_unknown_path(server):
-    assert httpx.post(server.url + "/", content=b"{not json", timeout=30).status_code == 400
-    assert httpx.get(server.url + "/predict", timeout=30).status_code == 405
-    assert httpx.get(server.url + "/nowhere", timeout=30).status_code == 404
+@pytest.mark.parametrize("raw", [b"{not json", b"[" * 100_000, b'{"text": "x", "seed": ' + b"9" * 5000 + b"}",
+                                 b'{"text": "x", "guidance_scale": NaN}', b'{"text": "x", "seed": 1' + b"0" * 30 + b"}",
+                                 b"\xff\xfe", b'{"text": ' + b"[" * 40 + b"]" * 40 + b"}"])
+def test_any_malformed_body_is_a_400_with_one_line(server, raw):
+    response = httpx.post(server.url + "/", content=raw, timeout=30)
+    assert response.status_code == 400 and "\n" not in response.json()["error"]
+
+
+def test_every_error_has_the_same_json_shape_and_is_counted(server):
+    for method, path, status in (("GET", "/predict", 405), ("GET", "/nowhere", 404), ("PUT", "/", 405),
+                                 ("GET", "/openapi.json", 404), ("GET", "/docs", 404)):
+        response = httpx.request(method, server.url + path, timeout=30)
+        assert response.status_code == status and set(response.json()) == {"error"}, (method, path)
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'easynlp_responses_total{status="404"}' in metrics and 'easynlp_responses_total{status="405"}' in metrics
+
+
+def test_body_size_limit_refuses_fast_without_reading_it(server):
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    chunk = b"x" * 65536
+    before = rss()
+    start = time.monotonic()
+    declared = httpx.post(server.url + "/", content=iter([chunk] * 800), timeout=30,
+                          headers={"Content-Length": str(800 * len(chunk))})  # 50 MB announced
+    streamed = httpx.post(server.url + "/", content=iter([chunk] * 800), timeout=30)  # 50 MB, chunked
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert time.monotonic() - start < 2.0  # both
+    assert rss() - before < 100 * 2**20
+    assert httpx.post(server.url + "/", json={"text": "测试", "num_inference_steps": 1}, timeout=30).status_code == 200
+
+
+def test_text_past_the_models_context_is_answered_with_a_warning(server):
+    response = httpx.post(server.url + "/", json={"text": "红色的圆形" * 20, "num_inference_steps": 1}, timeout=30)
+    assert response.status_code == 200
+    assert "the model reads the first" in response.json()["warnings"][0]
+    assert "warnings" not in httpx.post(server.url + "/", json={"text": "红色的圆形", "num_inference_steps": 1},
+                                        timeout=30).json()
+
+
+def test_seeds_handed_out_stay_below_2_53_and_old_large_seeds_still_work(server):
+    seeds = [httpx.post(server.url + "/", json={"text": "圆", "num_inference_steps": 1, "num_images": 4},
+                        timeout=30).json()["seeds"] for _ in range(5)]
+    assert all(0 <= seed < 2**53 for group in seeds for seed in group)
+    old = httpx.post(server.url + "/", json={"text": "圆", "num_inference_steps": 1, "seed": 2**62 + 5}, timeout=30)
+    assert old.status_code == 200 and old.json()["seeds"] == [2**62 + 5]
+
+
+def test_generators_for_distinct_settings_are_bounded(server):
+    for i in range(MAX_GENERATORS + 4):
+        body = {"text": "圆", "num_inference_steps": 1, "guidance_scale": 1 + i / 10}
+        assert httpx.post(server.url + "/", json=body, timeout=30).status_code == 200
+    assert len(server.service.generators) == MAX_GENERATORS
 
 
 def test_64_requests_from_8_clients_batched(server):
@@ -78,19 +137,21 @@ def test_64_requests_from_8_clients_batched(server):
     assert buckets["1"] < buckets["+Inf"]  # some model calls served several requests at once
 
 
-def test_web_page_and_docs(server):
+def test_web_page_head_and_favicon(server):
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "生成" in page.text and "<textarea" in page.text
-    assert httpx.get(server.url + "/openapi.json", timeout=10).status_code == 200
+    assert httpx.head(server.url + "/", timeout=10).status_code == 200
+    assert httpx.head(server.url + "/health", timeout=10).status_code == 200
+    assert httpx.get(server.url + "/favicon.ico", timeout=10).status_code == 204
 
 
 def test_one_failing_request_does_not_affect_others(server, monkeypatch):
     original = server.service._run
 
-    def flaky(payloads):
+    def flaky(payloads, should_stop=None):
         if any(p["text"] == "炸" for p in payloads):
             raise RuntimeError("boom")
-        return original(payloads)
+        return original(payloads, should_stop)
 
     monkeypatch.setattr(server.service, "_run", flaky)
 
@@ -101,6 +162,8 @@ def test_one_failing_request_does_not_affect_others(server, monkeypatch):
         statuses = list(pool.map(one, ["好", "炸", "好", "好"]))
     assert statuses.count(200) == 3 and statuses.count(500) == 1
     assert one("好") == 200
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'easynlp_requests_total{status="500"} 1' in metrics and 'easynlp_responses_total{status="500"} 1' in metrics
 
 
 def test_queue_full_429_and_timeout(tiny_model_dir):
@@ -113,21 +176,56 @@ def test_queue_full_429_and_timeout(tiny_model_dir):
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(slow, range(6)))
         statuses = [s for s, _ in results]
-        assert 429 in statuses and all(h == "1" for s, h in results if s == 429)
+        assert 450 in statuses and all(h == "1" for s, h in results if s == 450)  # EAS's queue-full status
         assert set(statuses) & {408, 504}
     finally:
         running.stop()
 
 
-def test_bearer_token(tiny_model_dir):
-    running = InProcessServer(tiny_model_dir, api_token="s3cret")
+def test_with_a_token_every_route_but_health_and_the_page_needs_it(tiny_model_dir):
+    running = InProcessServer(tiny_model_dir, api_token="s3cret", docs=True, service_name="t2i")
     try:
         body = {"text": "测试", "num_inference_steps": 2}
-        assert httpx.post(running.url + "/", json=body, timeout=30).status_code == 401
-        assert httpx.post(running.url + "/", json=body, timeout=30,
-                          headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.post(running.url + "/", json=body, timeout=30,
-                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        for token, status in ((None, 401), ("Bearer wrong", 401), ("s3cret", 200), ("Bearer s3cret", 200)):
+            headers = {"Authorization": token} if token else {}
+            for path in ("/", "/predict", "/api/predict/t2i"):
+                assert httpx.post(running.url + path, json=body, headers=headers, timeout=30).status_code == status
+            for path in ("/metrics", "/info", "/openapi.json", "/docs"):
+                assert httpx.get(running.url + path, headers=headers, timeout=30).status_code == status, path
+        assert httpx.post(running.url + "/api/predict/other", json=body, timeout=30).status_code == 404
+        health = httpx.get(running.url + "/health", timeout=10)
+        assert health.status_code == 200 and health.json() == {"status": "ready"}
+        info = httpx.get(running.url + "/info", headers={"Authorization": "s3cret"}, timeout=10).json()
+        assert os.sep not in json.dumps(info) and info["model"] == "pai-diffusion-general-large-zh"
+        assert info["limits"]["max_size"] == 64 and info["limits"]["max_body_bytes"] == 2**20
+        assert httpx.get(running.url + "/", timeout=10).status_code == 200  # the static page asks for the token
+    finally:
+        running.stop()
+
+
+def test_eas_signed_requests(tiny_model_dir):
+    from easynlp_ldm.serving.auth import eas_signature
+
+    running = InProcessServer(tiny_model_dir, api_token="s3cret")
+    try:
+        def post(body, date=None, token="s3cret", sent=None, md5=None):
+            date = date or email.utils.formatdate(usegmt=True)
+            headers = {"Date": date, "Content-Type": "application/octet-stream",
+                       "Content-MD5": md5 or hashlib.md5(body).hexdigest(),
+                       "Authorization": eas_signature(token, body, "application/octet-stream", date,
+                                                      "/api/predict/t2i")}
+            return httpx.post(running.url + "/api/predict/t2i", content=sent or body, headers=headers, timeout=30)
+
+        body = json.dumps({"text": "测试", "num_inference_steps": 2}).encode()
+        assert post(body).status_code == 200
+        assert post(body, token="wrong").status_code == 401
+        stale = email.utils.formatdate(time.time() - 3600 * 30, usegmt=True)
+        assert post(body, date=stale).status_code == 401
+        # the SDK stamps local time labelled GMT: a client at UTC+8 is accepted
+        assert post(body, date=email.utils.formatdate(time.time() + 8 * 3600, usegmt=True)).status_code == 200
+        tampered = json.dumps({"text": "别的", "num_inference_steps": 2}).encode()
+        assert post(body, sent=tampered).status_code == 401  # the body's MD5 no longer matches
+        assert post(body, sent=tampered, md5=hashlib.md5(tampered).hexdigest()).status_code == 401  # nor the signature
     finally:
         running.stop()
 

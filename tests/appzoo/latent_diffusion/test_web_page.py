@@ -59,3 +59,29 @@ def test_type_prompt_click_and_see_images(tiny_model_dir, browser):
         assert "num_inference_steps" in browser.find_element(By.ID, "status").text
     finally:
         server.stop()
+
+
+def test_with_a_token_the_page_asks_for_it_and_keeps_it_for_the_tab(tiny_model_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = InProcessServer(tiny_model_dir, api_token="s3cret")
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "prompt").send_keys("红色的圆形")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "status"), "访问令牌"))
+        token = browser.find_element(By.ID, "token")
+        assert token.is_displayed()
+        token.send_keys("s3cret")
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.ID, "status"), "完成"))
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#images img")) == 2
+        browser.refresh()  # kept for the tab's session
+        assert browser.find_element(By.ID, "token").get_attribute("value") == "s3cret"
+    finally:
+        server.stop()

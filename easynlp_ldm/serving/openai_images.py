@@ -1,0 +1,52 @@
+"""OpenAI's images API (``POST /v1/images/generations``) over the EAS contract, so OpenAI clients and tool frameworks
+can use the service: ``{"prompt", "n", "size": "WxH", "response_format": "b64_json"}`` →
+``{"created", "data": [{"b64_json"}]}``. The generation fields of the EAS contract (``seed``, ``negative_prompt``,
+``num_inference_steps``, ``guidance_scale``, …) may be sent as well (the ``openai`` package's ``extra_body``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from easynlp_ldm.serving.errors import RequestError
+
+IGNORED = ("model", "user")  # any model name is this service's model; user is the caller's own end-user id
+SUPPORTED = {"response_format": ("b64_json",), "output_format": ("png",), "quality": ("auto", "standard"),
+             "moderation": ("auto", "low")}
+
+
+def to_contract(body: Any) -> dict:
+    """An OpenAI images request → the EAS contract's body (``RequestError`` names the OpenAI field)."""
+    if not isinstance(body, dict):
+        raise RequestError('the body must be a JSON object like {"prompt": "…", "n": 1}')
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError("prompt is required and must be a string", "prompt")
+    contract = {name: value for name, value in body.items()
+                if name not in ("prompt", "n", "size", *IGNORED, *SUPPORTED)}
+    if "text" in contract or "num_images" in contract or "width" in contract or "height" in contract:
+        name = next(n for n in ("text", "num_images", "width", "height") if n in contract)
+        raise RequestError(f"{name} is not an images API field; use prompt, n and size", name)
+    contract.update(text=prompt, num_images=body.get("n", 1))
+    for name, allowed in SUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise RequestError(f"{name} must be one of {', '.join(allowed)} (this service returns base64 PNG)", name)
+    size = body.get("size", "auto")
+    if size not in ("auto", None):
+        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
+        if not match:
+            raise RequestError(f"size must be WIDTHxHEIGHT like 512x512, or auto; got {size!r}", "size")
+        contract.update(width=int(match.group(1)), height=int(match.group(2)))
+    return contract
+
+
+def field_name(contract_field: str | None) -> str | None:
+    """The OpenAI name of a contract field, for error messages."""
+    return {"text": "prompt", "num_images": "n", "width": "size", "height": "size"}.get(contract_field or "",
+                                                                                         contract_field)
+
+
+def from_contract(result: dict) -> dict:
+    return {"created": int(time.time()), "data": [{"b64_json": image} for image in result["images_base64"]]}
