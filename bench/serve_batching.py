@@ -22,7 +22,8 @@ including retries after a 429); abandoned requests sent. After the disconnect ru
 counted and the benchmark waits until the service is idle again (drain time: work done for nobody), so the next pair
 starts clean. Ratios: with disconnects / without, for useful images/s (1.0 = abandoned work costs nothing, lower is
 worse) and for p95 (higher is worse); --repeat N runs N pairs and prints min and median of the ratios. Last, the
-easynlp_cancel* / easynlp_abandon* lines of GET /metrics (the service's own count of abandoned work it dropped).
+easynlp_dropped_images_total and easynlp_requests_total lines of GET /metrics (the service's own count of the work it
+dropped: queued, running, unclaimed, shared; status 499: clients that went away).
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def run_disconnects(args, url: str, model) -> None:
           f"{statistics.median(ips_ratios):.2f}x; p95 latency min {min(p95_ratios):.2f}x median "
           f"{statistics.median(p95_ratios):.2f}x")
     lines = [line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines()
-             if line.startswith(("easynlp_cancel", "easynlp_abandon"))]
+             if line.startswith(("easynlp_dropped_images_total{", "easynlp_requests_total{"))]
     print("/metrics:", *(lines or ["(no cancellation metrics)"]), sep="\n  ")
 
 
@@ -236,14 +237,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="disconnects: pairs of runs (baseline, disconnects)")
     args = parser.parse_args()
     import httpx
-    import uvicorn
 
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
-    from appzoo.latent_diffusion.serve import LatentDiffusionService
-    from easynlp_ldm.serving.server import ServiceSettings, create_app
+    from appzoo.latent_diffusion.serve import LatentDiffusionService, service_settings
+    from easynlp_ldm.serving.server import build_server
 
-    params = default_params(optimize=args.optimize)
+    params = default_params(optimize=args.optimize, max_batch_size=args.max_batch_size, max_wait_ms=50.0)
     if args.scenario != "batching":
         if not 1 <= args.heavy_images <= params["max_num_images"]:
             parser.error(f"--heavy_images must be within 1..{params['max_num_images']} (the service's max_num_images)")
@@ -256,8 +256,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(service, ServiceSettings(max_batch_size=args.max_batch_size, max_wait_ms=50))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # The service exactly as --mode=serve runs it with these parameters (limits, cancellation, hardened server).
+    server = build_server(service, service_settings(params, None), "127.0.0.1", port, "warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

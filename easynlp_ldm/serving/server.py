@@ -217,8 +217,9 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
             kind = {401: "authentication_error", 429: "rate_limit_error"}.get(problem.status, "invalid_request_error"
                                                                               if problem.status < 500 else
                                                                               "server_error")
-            body: dict = {"error": {"message": str(problem), "type": kind,
-                                    "param": openai_images.field_name(problem.field), "code": None}}
+            param = openai_images.field_name(problem.field)
+            message = str(problem) if param == problem.field else f"{param}: {problem}"
+            body: dict = {"error": {"message": message, "type": kind, "param": param, "code": None}}
         else:
             body = {"error": str(problem)}
             if problem.field is not None:
