@@ -18,7 +18,9 @@ Checkpoint folder (``--checkpoint_dir``):
   last/                                        — the most recent checkpoint, same files
   checkpoint-STEP/                             — every checkpoint, with --save_all_checkpoints
   training_state/                              — what resume needs; swapped in atomically
-  log/                                         — TensorBoard event files
+  log/                                         — TensorBoard event files (losses, learning rate; at each
+                                                 checkpoint the config's sample_images images, unless they would
+                                                 take more than its sample_time_share of the wall time)
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_link, atomic_torch_save, atomic_write_text, is_disk_full
 
 logger = logging.getLogger("easynlp.trainer")
+
+_clock = time.monotonic  # what the sampling budget is measured with (tests substitute a fake clock)
 
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
@@ -76,11 +80,14 @@ class TrainerConfig:
     rank: int
     world_size: int
     progress: bool
+    sample_images: int  # images generated for TensorBoard at each checkpoint (0: none)
+    sample_time_share: float  # the largest share of the training wall time those images may take
 
     @classmethod
     def from_flags(cls, flags: ParsedFlags, **app_settings: Any) -> TrainerConfig:
         """Every field named after a flag read from ``flags``; the others (use_ema, ema_decay, rank, world_size,
-        progress) given as keyword arguments. A missing or unknown one is a ``TypeError``, as for any call."""
+        progress, sample_images, sample_time_share) given as keyword arguments. A missing or unknown one is a
+        ``TypeError``, as for any call."""
         from_flags = {f.name: getattr(flags, f.name) for f in fields(cls) if f.name in FLAGS_BY_DEST}
         clash = sorted(set(from_flags) & set(app_settings))
         if clash:
@@ -104,7 +111,7 @@ class TrainTask(Protocol):
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str] | None: ...
     # returns the files written (lets the trainer hard-link last/ to an identical checkpoint instead of rewriting)
 
-    def sample_images(self) -> list[tuple[str, Any]]: ...  # (caption, PIL image) for TensorBoard
+    def sample_images(self, count: int) -> list[tuple[str, Any]]: ...  # up to count (caption, PIL image), TensorBoard
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -125,6 +132,22 @@ def _link_files(files: list[str] | None, folder: str) -> bool:
         logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
         return False
     return True
+
+
+def sampling_refusal(spent: float, seconds_per_image: float | None, count: int, elapsed: float,
+                     share: float) -> str | None:
+    """Why ``count`` sample images are not generated now, or None when they are: they would take an estimated
+    ``seconds_per_image × count`` (measured at the last sampling; the first sampling, with nothing measured yet, is
+    always allowed) and bring the sampling time of the run, ``spent`` so far, above ``share`` of its wall time
+    ``elapsed`` (plus the estimate: the wall time once they are done)."""
+    if seconds_per_image is None:
+        return None
+    estimate = seconds_per_image * count
+    if spent + estimate <= share * (elapsed + estimate):
+        return None
+    return (f"{count} would take about {estimate:.1f} s ({seconds_per_image:.1f} s each last time), bringing the "
+            f"sampling time to {spent + estimate:.1f} s of {elapsed + estimate:.1f} s of training, over "
+            f"sample_time_share={share:g}")
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -277,6 +300,9 @@ class Trainer:
         self.best_loss: float | None = None
         self.last_grad_norm = 0.0
         self.writer = None
+        self.started = _clock()  # the run's wall time is counted from here (reset when train() starts)
+        self.sampling_seconds = 0.0  # spent generating sample images
+        self.seconds_per_image: float | None = None  # measured at the last sampling
         self.amp_dtype = amp_dtype(self.params[0].device) if config.use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
@@ -401,7 +427,7 @@ class Trainer:
             self.ema.copy_to(self.params)
         try:
             val_loss = self.task.validate()
-            samples = self.task.sample_images() if self.writer else []
+            samples = self._sample_images() if self.writer else []
         finally:
             if self.ema is not None:
                 self.ema.restore(self.params)
@@ -417,6 +443,25 @@ class Trainer:
             self.writer.flush()
         self.save_checkpoint(val_loss)
         return val_loss
+
+    def _sample_images(self) -> list[tuple[str, Any]]:
+        """The task's ``sample_images`` images, unless they would take more than ``sample_time_share`` of the wall
+        time so far (``sampling_refusal``; one log line then says why)."""
+        count = self.config.sample_images
+        if count <= 0:
+            return []
+        start = _clock()
+        refusal = sampling_refusal(self.sampling_seconds, self.seconds_per_image, count, start - self.started,
+                                   self.config.sample_time_share)
+        if refusal:
+            logger.info("step %d: no sample images for TensorBoard: %s", self.step, refusal)
+            return []
+        samples = self.task.sample_images(count)
+        took = _clock() - start
+        self.sampling_seconds += took
+        if samples:
+            self.seconds_per_image = took / len(samples)
+        return samples
 
     def _report_step(self, bar, loss_value: float, speed: float) -> bool:
         """Progress bar, TensorBoard and (every --logging_steps) a log line; True when the log line was written."""
@@ -470,6 +515,7 @@ class Trainer:
         os.makedirs(config.checkpoint_dir, exist_ok=True)
         if config.resume_from_checkpoint:
             self.load_training_state(config.resume_from_checkpoint)
+        self.started = _clock()
         if self.is_main:
             self._open_writer()
         from tqdm import tqdm

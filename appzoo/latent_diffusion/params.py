@@ -95,6 +95,15 @@ PARAMS: tuple[Param, ...] = (
           "(the default here; EasyNLP's models had it on), False turns it on", modes=TRAIN),
     Param("cache_latents", bool, True, "encode each image with the frozen VAE once, not every epoch "
           "(ignored with random crops/flips, which change the pixels every epoch)", modes=TRAIN),
+    Param("sample_images", int, 2, "sample images written to TensorBoard at each checkpoint (generated from the "
+          "first validation captions for train_target=unet, reconstructions for vae/vae_decoder, ×4 upscales for "
+          "rrdb); 0: none", modes=TRAIN, check=_non_negative),
+    Param("sample_steps", int, 10, "sampler steps of those sample images (train_target=unet)", modes=TRAIN,
+          check=_positive),
+    Param("sample_time_share", float, 0.1, "the largest share of the training wall time the sample images may "
+          "take: at a checkpoint they are skipped (with a log line saying why) when, at the last sampling's seconds "
+          "per image, generating them would bring the sampling time above this share (the first sampling always "
+          "runs; 1: no limit)", modes=TRAIN, check=_unit),
     # Generation.
     Param("n_samples", int, 4, "images per prompt per iteration", modes=GENERATE, check=_positive),
     Param("n_iter", int, 1, "iterations; each prompt gets n_samples × n_iter images", modes=PREDICT,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -57,6 +58,30 @@ def build_component_task(target: str, model: LatentDiffusion, inputs: InputTable
     return RRDBTrainTask(model, train, val, params, flags.random_seed)
 
 
+def record_native_size(model: LatentDiffusion, resolution: int) -> None:
+    """A diffusion model fine-tuned at another resolution is saved as native at that one, so that predict and serve
+    generate at the size it was trained for: ``image_size`` of the config, the UNet's ``sample_size`` (what a
+    diffusers export and EasyNLP's format derive the size from) and, for a model read from EasyNLP's format (saved
+    as one, from its own config), that config's latent ``image_size``."""
+    if resolution == model.image_size:
+        return
+    logger.info("resolution=%d differs from the model's native size %d: the checkpoint records %d as its native "
+                "size (predict and serve generate at %d×%d unless H/W say otherwise)", resolution, model.image_size,
+                resolution, resolution, resolution)
+    latent = resolution // model.vae_scale_factor
+    model.image_size = resolution
+    model.unet.register_to_config(sample_size=latent)
+    source = model.extra.get("easynlp", {}).get("config")
+    if source:
+        config = copy.deepcopy(source)
+        params = config["model"]["params"]
+        params["image_size"] = latent
+        unet_params = params.get("unet_config", {}).get("params")
+        if unet_params is not None and "image_size" in unet_params:
+            unet_params["image_size"] = latent
+        model.extra["easynlp"] = {**model.extra["easynlp"], "config": config}
+
+
 def easynlp_training_keys(params: dict[str, Any], inputs: InputTables) -> tuple[dict[str, Any], InputTables]:
     """EasyNLP's training keys whose meaning differs from ours, mapped explicitly: ``do_eval=False`` drops the
     validation table; ``not_use_gradient_checkpoint`` is the inverse of ``gradient_checkpointing``. (``size`` is an
@@ -96,6 +121,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     if params["train_target"] == "unet":
+        record_native_size(model, resolution)
         task = build_unet_task(model, inputs, flags, params, policy, resolution, length)
     else:
         task = build_component_task(params["train_target"], model, inputs, flags, params, policy, resolution)
@@ -103,7 +129,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         logger.warning("%s", policy.summary())
     ctx = distributed.context()
     config = TrainerConfig.from_flags(flags, rank=ctx.rank, world_size=ctx.world_size, use_ema=params["use_ema"],
-                                      ema_decay=params["ema_decay"],
+                                      ema_decay=params["ema_decay"], sample_images=params["sample_images"],
+                                      sample_time_share=params["sample_time_share"],
                                       progress=os.environ.get("EASYNLP_PROGRESS", "1") != "0")
     result = Trainer(config, task).train()
     summary = f"trained {result['step']} steps; model saved to {out}"

@@ -151,13 +151,14 @@ class DiffusionTrainTask:
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         return self.model.save_pretrained(folder, overrides=weights)
 
-    def sample_images(self) -> list[tuple[str, Any]]:
-        captions = self.val_captions[:2] or self.train_table.captions[:2]
+    def sample_images(self, count: int) -> list[tuple[str, Any]]:
+        captions = self.val_captions[:count] or self.train_table.captions[:count]
         was_training = self.model.unet.training
         self.model.unet.eval()
         try:
-            images = generate(self.model, captions, [self.seed + i for i in range(len(captions))],
-                              GenerationSettings(steps=10, height=self.resolution, width=self.resolution),
+            settings = GenerationSettings(steps=self.params["sample_steps"], height=self.resolution,
+                                          width=self.resolution)
+            images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], settings,
                               max_length=self.text_length)
         finally:
             self.model.unet.train(was_training)
@@ -254,13 +255,13 @@ class VAETrainTask:
         return self.model.save_pretrained(folder, overrides=weights)
 
     @torch.no_grad()
-    def sample_images(self) -> list[tuple[str, Any]]:
+    def sample_images(self, count: int) -> list[tuple[str, Any]]:
         table = self.val if self.val and len(self.val) else self.train
         vae = self.model.vae
         was_training = vae.training
         vae.eval()
         try:
-            x = self._images(table, 2).to(vae.device)
+            x = self._images(table, count).to(vae.device)
             reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample
         finally:
             vae.train(was_training)
@@ -351,14 +352,14 @@ class RRDBTrainTask:
         return self.model.save_pretrained(folder)
 
     @torch.no_grad()
-    def sample_images(self) -> list[tuple[str, Any]]:
+    def sample_images(self, count: int) -> list[tuple[str, Any]]:
         from modelzoo.esrgan import upscale
 
         table = self.val if self.val and len(self.val) else self.train
         self.net.eval()
         try:
             images = []
-            for i in range(min(2, len(table))):
+            for i in range(min(count, len(table))):
                 hr = table.read_image(i)
                 lr = hr.resize((hr.width // 4, hr.height // 4), Image.BICUBIC)
                 images.append((f"{table.captions[i]} (×4 from {lr.width}px)", upscale(self.net, lr, tile=0)))

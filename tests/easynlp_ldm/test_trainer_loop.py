@@ -6,15 +6,16 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from easynlp_ldm.args import FLAGS_BY_DEST, parse_flags
-from easynlp_ldm.trainer import META_FILE, STATE_DIR, STATE_FILE, Trainer, TrainerConfig
+from easynlp_ldm.trainer import META_FILE, STATE_DIR, STATE_FILE, Trainer, TrainerConfig, sampling_refusal
 from tests.helpers import free_port
 
-APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress"}
+APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress", "sample_images", "sample_time_share"}
 
 
 class ToyTask:
@@ -27,6 +28,7 @@ class ToyTask:
         self.x = torch.randn(num_examples, 4, generator=generator)
         self.y = self.x.sum(dim=1, keepdim=True).sin()
         self.seen: list[list[int]] = []  # the micro-batches' sample indices, in the order they were trained on
+        self.sampled: list[int] = []  # the count of each sample_images call
 
     def trainable_modules(self):
         return {"net": self.net}
@@ -52,12 +54,14 @@ class ToyTask:
         torch.save(weights, path)
         return [path]
 
-    def sample_images(self):
+    def sample_images(self, count):
+        self.sampled.append(count)
         return []
 
 
 def toy_config(out, *argv, **app):
-    settings = dict(use_ema=False, ema_decay=0.9, rank=0, world_size=1, progress=False)
+    settings = dict(use_ema=False, ema_decay=0.9, rank=0, world_size=1, progress=False, sample_images=2,
+                    sample_time_share=0.1)
     settings.update(app)
     flags = parse_flags(["--mode=train", f"--checkpoint_dir={out}", "--learning_rate=0.05", "--warmup_proportion=0",
                          "--logging_steps=1", *argv])
@@ -89,9 +93,10 @@ def test_config_is_read_from_the_flags_without_restated_defaults(tmp_path):
     assert config.use_ema is True and config.world_size == 1
     with pytest.raises(TypeError, match="come from the flags"):
         TrainerConfig.from_flags(parse_flags([]), learning_rate=1.0, use_ema=False, ema_decay=0.9, rank=0,
-                                 world_size=1, progress=False)
+                                 world_size=1, progress=False, sample_images=2, sample_time_share=0.1)
     with pytest.raises(TypeError):  # an app setting left out
-        TrainerConfig.from_flags(parse_flags([]), use_ema=False, rank=0, world_size=1, progress=False)
+        TrainerConfig.from_flags(parse_flags([]), use_ema=False, rank=0, world_size=1, progress=False,
+                                 sample_images=2, sample_time_share=0.1)
 
 
 def test_plan_continues_from_the_saved_position_up_to_the_total(tmp_path):
@@ -189,3 +194,89 @@ def test_ddp_short_last_batch_and_accumulation_train_like_one_process(tmp_path):
     assert [len(b) for b in seen[0]] == [3, 3, 1] * 3 and seen[1][2::3] == seen[0][2::3]
     trained = seen[0] + [b for i, b in enumerate(seen[1]) if i % 3 != 2]
     assert sorted(i for b in trained for i in b) == sorted(i for b in task.seen for i in b)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedToyTask(ToyTask):
+    """Each micro-batch's loss takes ``step_seconds`` and each sample image ``image_seconds`` of a fake clock."""
+
+    def __init__(self, clock, step_seconds, image_seconds):
+        super().__init__()
+        self.clock, self.step_seconds, self.image_seconds = clock, step_seconds, image_seconds
+        self.sampled_at: list[int] = []  # the optimiser step of each sampling
+
+    def loss(self, batch):
+        self.clock.now += self.step_seconds
+        return super().loss(batch)
+
+    def sample_images(self, count):
+        self.sampled.append(count)
+        self.sampled_at.append(self.trainer.step)
+        self.clock.now += self.image_seconds * count
+        return [(f"caption {i}", np.full((4, 6, 3), 40 * i, dtype=np.uint8)) for i in range(count)]
+
+
+def _images_logged(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "log"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+def _timed_run(out, monkeypatch, image_seconds, count, share, step_seconds=1.0):
+    """13 examples in micro-batches of 4: 4 steps an epoch, 3 epochs, checkpoints at steps 2, 4, … 12."""
+    from easynlp_ldm import trainer as trainer_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer_module, "_clock", clock)
+    task = TimedToyTask(clock, step_seconds, image_seconds)
+    trainer = Trainer(toy_config(out, "--micro_batch_size=4", "--epoch_num=3", "--save_checkpoint_steps=2",
+                                 sample_images=count, sample_time_share=share), task)
+    task.trainer = trainer
+    trainer.train()
+    return task, trainer
+
+
+def test_sample_images_count_and_none(tmp_path, monkeypatch):
+    task, _ = _timed_run(str(tmp_path / "one"), monkeypatch, image_seconds=0.0, count=1, share=0.1)
+    assert task.sampled_at == [2, 4, 6, 8, 10, 12]  # every checkpoint, the last one included
+    assert _images_logged(str(tmp_path / "one")) == {"samples/0": [2, 4, 6, 8, 10, 12]}
+    task, _ = _timed_run(str(tmp_path / "three"), monkeypatch, image_seconds=0.0, count=3, share=0.1)
+    assert set(task.sampled) == {3}
+    assert sorted(_images_logged(str(tmp_path / "three"))) == ["samples/0", "samples/1", "samples/2"]
+    task, _ = _timed_run(str(tmp_path / "none"), monkeypatch, image_seconds=0.0, count=0, share=0.1)
+    assert task.sampled == [] and _images_logged(str(tmp_path / "none")) == {}
+
+
+def test_sampling_skipped_beyond_its_share_of_the_training_time(tmp_path, monkeypatch, caplog):
+    # A step takes 1 s, an image 1 s; share 0.25. Step 2 (2 s in): the first sampling runs (nothing measured yet).
+    # Step 4 (5 s in): 1 s more would make 2 s of 6, over 1.5 → skipped. Step 6 (7 s): 2 of 8 → runs. Step 8 (10 s):
+    # 3 of 11, over 2.75 → skipped. Step 10 (12 s): 3 of 13 → runs. Step 12 (15 s): 4 of 16 → runs.
+    with caplog.at_level("INFO", logger="easynlp.trainer"):
+        task, trainer = _timed_run(str(tmp_path / "run"), monkeypatch, image_seconds=1.0, count=1, share=0.25)
+    assert task.sampled_at == [2, 6, 10, 12]
+    assert _images_logged(str(tmp_path / "run")) == {"samples/0": [2, 6, 10, 12]}
+    skipped = [r.getMessage() for r in caplog.records if "no sample images" in r.getMessage()]
+    assert len(skipped) == 2 and skipped[0].startswith("step 4: no sample images for TensorBoard: 1 would take "
+                                                       "about 1.0 s") and "over sample_time_share=0.25" in skipped[0]
+    assert trainer.sampling_seconds == 4.0
+    # Slow sampling (an image costs 20 steps): only the first sampling runs; share 1: no limit.
+    task, _ = _timed_run(str(tmp_path / "slow"), monkeypatch, image_seconds=20.0, count=2, share=0.1)
+    assert task.sampled_at == [2]
+    task, _ = _timed_run(str(tmp_path / "unlimited"), monkeypatch, image_seconds=20.0, count=2, share=1.0)
+    assert task.sampled_at == [2, 4, 6, 8, 10, 12]
+
+
+def test_sampling_refusal_rule():
+    assert sampling_refusal(0.0, None, 2, 0.0, 0.1) is None  # first time: allowed
+    assert sampling_refusal(10.0, 5.0, 2, 190.0, 0.1) is None  # 20 s of 200 s: exactly the share
+    assert "2 would take about 10.0 s (5.0 s each last time)" in sampling_refusal(10.0, 5.0, 2, 189.0, 0.1)
+    assert sampling_refusal(100.0, 1e6, 3, 100.0, 1.0) is None  # share 1: never refused (all of it was sampling)

@@ -11,7 +11,16 @@ import torch
 
 from easynlp_ldm import cli
 from modelzoo.ldm import LatentDiffusion
-from tests.helpers import ROOT, SEED_TRAIN, train_argv
+from tests.helpers import (
+    EASYNLP_DATA,
+    ROOT,
+    SEED_TRAIN,
+    decode,
+    easynlp_checkpoint,
+    predict_argv,
+    read_rows,
+    train_argv,
+)
 from tests.helpers import saved_weights as weights
 
 
@@ -232,3 +241,61 @@ def test_easynlp_training_keys_map_onto_ours(caplog):
     _, notes = parse_user_defined_parameters("not_use_gradient_checkpoint=True do_eval=False", PARAMS, "predict")
     assert notes == ["user-defined parameter not_use_gradient_checkpoint has no effect in --mode=predict",
                      "user-defined parameter do_eval has no effect in --mode=predict"]
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_sample_images_per_checkpoint_or_none(tiny_model_dir, shapes_data, tmp_path, monkeypatch, count):
+    # 32 rows in micro-batches of 16, 2 epochs: checkpoints at step 2 and (the end) step 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from appzoo.latent_diffusion import train_tasks
+
+    steps = []
+
+    def spy(model, captions, seeds, settings, **kwargs):
+        steps.append(settings.steps)
+        return generate(model, captions, seeds, settings, **kwargs)
+
+    generate = train_tasks.generate
+    monkeypatch.setattr(train_tasks, "generate", spy)
+    out = str(tmp_path / "run")
+    assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2",
+                               "--save_checkpoint_steps=2",
+                               udp=f"sample_images={count} sample_steps=3 sample_time_share=1")) == 0
+    events = EventAccumulator(os.path.join(out, "log"), size_guidance={"images": 0})
+    events.Reload()
+    images = {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    assert images == ({"samples/0": [(2, 32, 32), (4, 32, 32)]} if count else {})
+    assert steps == [3] * 2 * count
+    assert "val/loss" in events.Tags()["scalars"]  # validation still runs without samples
+
+
+def test_model_trained_at_another_resolution_is_saved_native_at_it(tiny_model_dir, shapes_data, tmp_path, caplog):
+    out = str(tmp_path / "run")
+    with caplog.at_level("INFO"):
+        assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=1",
+                                   udp="resolution=64 sample_images=0")) == 0
+    assert "resolution=64 differs from the model's native size 32" in caplog.text
+    for folder in (out, os.path.join(out, "last")):
+        config = json.loads(open(os.path.join(folder, "config.json"), encoding="utf-8").read())
+        assert config["image_size"] == 64 and config["unet"]["config"]["sample_size"] == 64 // config[
+            "vae_scale_factor"]
+    assert LatentDiffusion.from_pretrained(out).image_size == 64
+    table, predicted = tmp_path / "p.tsv", str(tmp_path / "o.tsv")
+    table.write_text("a\t红色的圆形\n", encoding="utf-8")
+    assert cli.main(predict_argv(str(table), predicted, out, "--output_schema=gen_imgbase64",
+                                 udp="n_samples=1 ddim_steps=2")) == 0  # no H/W: the model's native size
+    assert [decode(cell).shape for (cell,) in read_rows(predicted)] == [(64, 64, 3)]
+
+
+def test_easynlp_format_model_trained_at_another_resolution_records_it(shapes_data, tmp_path):
+    model = easynlp_checkpoint(tmp_path / "model")  # EasyNLP's format, 16 latent pixels = 32 px native
+    out = str(tmp_path / "run")
+    assert cli.main(train_argv(shapes_data, out, model, "--micro_batch_size=16", "--epoch_num=1",
+                               udp="size=64 sample_images=0")) == 0
+    expected = json.load(open(os.path.join(EASYNLP_DATA, "config.json"), encoding="utf-8"))
+    expected["model"]["params"]["image_size"] = 32  # latent pixels: 64 px
+    expected["model"]["params"]["unet_config"]["params"]["image_size"] = 32
+    assert json.load(open(os.path.join(out, "config.json"), encoding="utf-8")) == expected
+    assert LatentDiffusion.from_pretrained(out).image_size == 64
+    assert LatentDiffusion.from_pretrained(model).image_size == 32  # the source is left as it was

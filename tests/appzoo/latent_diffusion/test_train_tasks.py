@@ -8,16 +8,27 @@ from modelzoo.ldm import LatentDiffusion
 from tests.helpers import train_argv
 
 
-def train_vae(target, model_dir, data, out):
+def train_vae(target, model_dir, data, out, udp=""):
     """Two epochs of ``train_target=TARGET`` from ``model_dir``; (source model, trained model)."""
     assert cli.main(train_argv(data, out, model_dir, "--micro_batch_size=16", "--epoch_num=2",
-                               "--learning_rate=1e-3", udp=f"train_target={target}")) == 0
+                               "--learning_rate=1e-3", udp=f"train_target={target} {udp}")) == 0
     return LatentDiffusion.from_pretrained(model_dir), LatentDiffusion.from_pretrained(out)
+
+
+def logged_images(out):
+    """TensorBoard's sample images: tag → (step, width, height) of each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "log"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in events.Tags()["images"]}
 
 
 def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, shapes_data, tmp_path):
     out = str(tmp_path / "vae")
-    source, trained = train_vae("vae", tiny_model_dir, shapes_data, out)
+    source, trained = train_vae("vae", tiny_model_dir, shapes_data, out, udp="sample_images=3")
+    # 3 reconstructions (original | reconstruction side by side) at the one checkpoint, the end (step 4)
+    assert logged_images(out) == {f"samples/{i}": [(4, 64, 32)] for i in range(3)}
     assert any(not torch.equal(a, b) for a, b in zip(source.vae.state_dict().values(),
                                                      trained.vae.state_dict().values()))
     for a, b in zip(source.unet.state_dict().values(), trained.unet.state_dict().values()):
@@ -27,7 +38,9 @@ def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, 
 
 
 def test_train_vae_decoder_keeps_the_latent_space(tiny_model_dir, shapes_data, tmp_path):
-    source, trained = train_vae("vae_decoder", tiny_model_dir, shapes_data, str(tmp_path / "decoder"))
+    out = str(tmp_path / "decoder")
+    source, trained = train_vae("vae_decoder", tiny_model_dir, shapes_data, out, udp="sample_images=0")
+    assert logged_images(out) == {}
     before, after = source.vae.state_dict(), trained.vae.state_dict()
     encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
@@ -43,7 +56,9 @@ def test_train_vae_decoder_keeps_the_latent_space(tiny_model_dir, shapes_data, t
 def test_train_rrdb_adds_super_resolution_that_predict_uses(tiny_model_dir, shapes_data, tmp_path):
     out = str(tmp_path / "sr")
     assert cli.main(train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=1",
-                               udp="train_target=rrdb sr_patch=16 rrdb_nf=8 rrdb_nb=1 rrdb_gc=4")) == 0
+                               udp="train_target=rrdb sr_patch=16 rrdb_nf=8 rrdb_nb=1 rrdb_gc=4 "
+                                   "sample_images=1")) == 0
+    assert logged_images(out) == {"samples/0": [(4, 32, 32)]}  # one ×4 upscale of a 32 px image's 8 px reduction
     assert os.path.isfile(os.path.join(out, "RRDB_ESRGAN_x4.pth"))
     assert os.path.isfile(os.path.join(out, "last", "RRDB_ESRGAN_x4.pth"))
     table = tmp_path / "p.tsv"
