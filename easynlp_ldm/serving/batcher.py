@@ -97,6 +97,12 @@ class Batcher:
             self._cond.notify_all()
         return job
 
+    def waited_for(self, share_key: Hashable) -> bool:
+        """Whether a job with this ``share_key`` is in flight and somebody still waits for it."""
+        with self._cond:
+            job = self._shared.get(share_key)
+            return job is not None and not job.future.done() and job.waiters > 0
+
     def leave(self, job: Job) -> None:
         """A waiter of ``job`` has gone (disconnected, timed out); the job is orphaned when it was the last."""
         with self._cond:

@@ -286,6 +286,10 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         batcher: Batcher = state["batcher"]
         units = min(parsed.units, settings.max_batch_size)  # a large request runs alone rather than never
         share_key = json.dumps(body, sort_keys=True, ensure_ascii=False)
+        if not parsed.deterministic and batcher.waited_for(share_key):
+            # The same request is under way for a client that may just have given up and sent this one (the SDK
+            # retries at once): give its disconnect a poll or two to be seen, so that this request takes the work over.
+            await asyncio.sleep(3 * POLL_S)
         try:
             job = batcher.submit(parsed.key, parsed.payload, units, share_key, parsed.deterministic)
         except QueueFull as err:

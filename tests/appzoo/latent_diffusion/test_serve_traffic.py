@@ -17,7 +17,7 @@ LIGHT = {"text": "红色的圆形", "num_inference_steps": 2, "seed": 3}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     running = InProcessServer(tiny_model_dir, max_steps=2000, max_request_work=10**6, max_batch_size=4,
-                              request_timeout=3.0, retry_grace=0.5)
+                              retry_grace=0.5)
     yield running
     running.stop()
 
@@ -49,17 +49,21 @@ def test_a_request_whose_client_went_away_stops_and_does_not_delay_the_next(serv
     assert after["running"] - before["running"] == 4
 
 
-def test_a_request_past_its_deadline_is_answered_and_its_work_stopped(server):
-    before = dropped(server)
-    start = time.monotonic()
-    response = httpx.post(server.url + "/", json=HEAVY, timeout=60)
-    assert response.status_code == 504 and time.monotonic() - start < 3.0 + 1.0
-    assert "3 s" in response.json()["error"]
-    deadline = time.monotonic() + 5
-    while dropped(server)["running"] - before["running"] < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert dropped(server)["running"] - before["running"] == 4
-    assert latency(server) < 2.0
+def test_a_request_past_its_deadline_is_answered_and_its_work_stopped(tiny_model_dir):
+    server = InProcessServer(tiny_model_dir, max_steps=2000, max_request_work=10**6, max_batch_size=4,
+                             request_timeout=2.0, retry_grace=0.5)
+    try:
+        start = time.monotonic()
+        response = httpx.post(server.url + "/", json=HEAVY, timeout=60)
+        assert response.status_code == 504 and time.monotonic() - start < 2.0 + 1.0
+        assert "2 s" in response.json()["error"]
+        deadline = time.monotonic() + 10
+        while dropped(server)["running"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert dropped(server)["running"] == 4
+        assert latency(server) < 2.0
+    finally:
+        server.stop()
 
 
 def test_an_identical_retry_takes_over_the_work_under_way(server):
