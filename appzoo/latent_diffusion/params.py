@@ -65,7 +65,8 @@ PARAMS: tuple[Param, ...] = (
     Param("sr_patch", int, 128, "high-resolution crop size for train_target=rrdb (a multiple of 4)", modes=TRAIN,
           check=lambda v: None if v > 0 and v % 4 == 0 else "must be a positive multiple of 4"),
     Param("resolution", int, 0, "training image size (0: the model's native size); images are resized so the "
-          "short side matches, then cropped (EasyNLP's text-to-image key: size)", modes=TRAIN, aliases=("size",),
+          "short side matches, then cropped (EasyNLP's text-to-image key: size). With train_target=unet the saved "
+          "model's native size becomes it, so predict generates at that size", modes=TRAIN, aliases=("size",),
           check=_multiple_of_8),
     Param("text_len", int, 0, "EasyNLP's text length in tokens: when given, training tokenises captions to it "
           "instead of --sequence_length (clamped to the text encoder's positions); 0: --sequence_length",

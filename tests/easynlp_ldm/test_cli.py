@@ -1,3 +1,5 @@
+import base64
+import io
 import os
 import random
 import subprocess
@@ -6,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from appzoo import registry
 from easynlp_ldm import cli
@@ -151,5 +154,7 @@ def test_easynlp_tutorial_commands_verbatim(train, predict, out, tiny_model_dir,
     prompts = [line.split("\t") for line in (tmp_path / "T2I_test.tsv").read_text(encoding="utf-8").splitlines()]
     assert [row[:2] for row in rows] == [p for p in prompts for _ in range(2)]  # idx,text,gen_imgbase64; n_samples=2
     assert all(len(row) == 3 for row in rows)
+    size = Image.open(io.BytesIO(base64.b64decode(rows[0][2]))).size
+    assert size == ((256, 256) if readme else (32, 32))  # a model fine-tuned at size=256 generates at 256
     for idx, _ in prompts:
         assert sorted(os.listdir(tmp_path / "output" / idx)) == ["0000.png", "0001.png", "line.txt", "prompt.txt"]
