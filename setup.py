@@ -21,6 +21,7 @@ setup(
         "fastapi",
         "uvicorn",
         "huggingface_hub>=1.23",  # offline snapshot lookup (easynlp_ldm/hub.py)
+        "peft>=0.17",  # LoRA (modelzoo/lora.py)
     ],
     entry_points={"console_scripts": ["easynlp=easynlp_ldm.cli:entry_point"]},
 )

@@ -120,20 +120,25 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
     """The UNet part of a level (memory layout, fused projections, dtype, compilation), in place. Used by
     ``prepare_for_inference`` and by ``bench/unet_speed.py``, so the bench measures what predict runs."""
     done: dict = {"channels_last": False, "fused_qkv": False}
+    # Switchable LoRA adapters live on the projections: fused copies of them would bypass the adapters.
+    switchable = bool(getattr(unet, "peft_config", None))
     if level != "none":
         if prefers_channels_last(unet, unet.device):
             unet.to(memory_format=torch.channels_last)
             done["channels_last"] = True
-        try:
-            unet.fuse_qkv_projections()
-            done["fused_qkv"] = True
-        except Exception as err:  # some attention processors cannot be fused; nothing is lost
-            logger.info("QKV fusion skipped: %s", err)
+        if switchable:
+            done["fused_qkv"] = "no (switchable LoRA adapters)"
+        else:
+            try:
+                unet.fuse_qkv_projections()
+                done["fused_qkv"] = True
+            except Exception as err:  # some attention processors cannot be fused; nothing is lost
+                logger.info("QKV fusion skipped: %s", err)
     if dtype != torch.float32:
         # nn.Module.to, not ModelMixin.to: the latter warns about "modules to keep in float32" even when its list of
         # them is empty; the parts that need fp32 (scheduler, latents, VAE) are kept outside the UNet here
         torch.nn.Module.to(unet, dtype)
-    if level == "auto":
+    if level == "auto" and not switchable:
         done["fused_geglu"] = fuse_geglu_cpu(unet)
     if level == "max":
         unet.forward = torch.compile(unet.forward, **compile_options(unet.device))

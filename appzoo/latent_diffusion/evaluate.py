@@ -19,7 +19,7 @@ from typing import Any
 from appzoo.latent_diffusion.data import index_table
 from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
 from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
-from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.loading import load_for_inference
 from appzoo.latent_diffusion.losses import LatentCache, fixed_noise_loss
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -99,8 +99,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                         f"({flags.second_sequence or 'imgbase64'}) for the denoising loss and there is no ground-truth "
                         f"sidecar ({os.path.splitext(table)[0]}.truth.jsonl, or truth_file=...) for prompt-following "
                         f"accuracy")
-    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
-                       modelzoo_base_dir=flags.modelzoo_base_dir)
+    model = load_for_inference(flags, params)
     length = text_length(model, flags)
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     metrics: dict = {"table": table}

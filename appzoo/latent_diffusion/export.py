@@ -102,7 +102,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=export (the .tar.gz path, or a folder for "
                         "export_format=diffusers or easynlp)")
-    model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir)
+    model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=params["lora"])
     if params["export_format"] == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s)", flags.outputs, ", ".join(names))

@@ -27,6 +27,7 @@ from transformers.utils import logging as transformers_logging
 
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
+from modelzoo.lora import has_adapters, select_adapters
 from modelzoo.samplers import make_scheduler
 
 
@@ -59,6 +60,7 @@ class GenerationSettings:
     do_sr: bool = False  # ESRGAN ×4 after decoding
     sr_tile: int = 256  # super-resolution tile, input pixels (0: whole image)
     sr_channel_order: str = ""  # rgb or bgr; "": the model's config, else rgb
+    adapters: tuple[tuple[str, float], ...] = ()  # switchable LoRA adapters (serve's lora_library) and their scales
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
@@ -223,6 +225,8 @@ class Generator:
 
     def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None,
                  should_stop=None) -> list[Image.Image]:
+        if has_adapters(self.model.unet):
+            select_adapters(self.pipe, self.settings.adapters)
         images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length, latents,
                           should_stop)
         if self.sr is None:

@@ -49,10 +49,13 @@ def extract_package(path: str) -> str:
 
 
 def load_model(name_or_path: str | None = "", *, device: torch.device | str | None = None, optimize: str | None = None,
-               precision: str = "", modelzoo_base_dir: str = "", what: str = "--checkpoint_dir") -> LatentDiffusion:
+               precision: str = "", modelzoo_base_dir: str = "", what: str = "--checkpoint_dir",
+               lora: str = "", lora_library: str = "") -> LatentDiffusion:
     """The model in eval mode on ``device`` (default: this process's device — its GPU when it sees one, else the
-    CPU), prepared for inference at ``optimize`` level (``none``/``auto``/``max``; None: left as loaded, for
-    training and export). ``what`` names the setting in error messages."""
+    CPU), with the LoRA adapters ``lora`` (``path[:scale],…``) merged into its weights, prepared for inference at
+    ``optimize`` level (``none``/``auto``/``max``; None: left as loaded, for training and export), and the
+    ``lora_library`` adapters (``name=path,…``) loaded beside them, switchable per call. ``what`` names the setting
+    in error messages."""
     name = name_or_path or ""
     if os.path.isfile(name) and name.endswith(PACKAGE_SUFFIXES):
         path = extract_package(name)
@@ -68,9 +71,29 @@ def load_model(name_or_path: str | None = "", *, device: torch.device | str | No
 
         device = model_device()
     model.to(device)
+    if lora:
+        from modelzoo.lora import load_adapters, parse_specs
+
+        specs = parse_specs(lora)
+        load_adapters(model, specs, fuse=True)
+        logger.info("merged LoRA %s", ", ".join(f"{spec.path} × {spec.scale:g}" for spec in specs))
+    if lora_library:
+        from modelzoo.lora import load_adapters, parse_library
+
+        library = parse_library(lora_library)
+        load_adapters(model, tuple(library.values()), fuse=False, names=list(library))
+        logger.info("LoRA adapters to choose per request: %s", ", ".join(library))
     if optimize is not None:
         from modelzoo.optimize import prepare_for_inference
 
         done = prepare_for_inference(model, optimize, precision)
         logger.info("inference: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
     return model
+
+
+def load_for_inference(flags, params: dict) -> LatentDiffusion:
+    """The model of predict, evaluate and serve: ``--checkpoint_dir`` with their ``optimize``, ``precision`` and
+    ``lora`` parameters."""
+    return load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
+                      modelzoo_base_dir=flags.modelzoo_base_dir, lora=params["lora"],
+                      lora_library=params.get("lora_library", ""))

@@ -54,8 +54,19 @@ PARAMS: tuple[Param, ...] = (
     Param("train_target", str, "unet", "what to train: unet (the diffusion model; the usual fine-tuning), vae "
           "(the autoencoder, reconstruction + KL), vae_decoder (only the decoder: the latent space and the diffusion "
           "model stay valid, e.g. to teach it a new shape's details before fine-tuning the UNet), rrdb (the ESRGAN ×4 "
-          "super-resolution net, on the table's images as high-resolution targets)", modes=TRAIN,
-          choices=("unet", "vae", "vae_decoder", "rrdb")),
+          "super-resolution net, on the table's images as high-resolution targets), lora (a LoRA adapter of the "
+          "UNet — and of the text encoder with lora_text_encoder — on peft as diffusers does; the model stays frozen "
+          "and the checkpoint is pytorch_lora_weights.safetensors in diffusers' format)", modes=TRAIN,
+          choices=("unet", "vae", "vae_decoder", "rrdb", "lora")),
+    Param("lora_rank", int, 4, "LoRA rank (train_target=lora)", modes=TRAIN, check=_positive),
+    Param("lora_alpha", float, 0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, scale 1, "
+          "as diffusers' script)", modes=TRAIN, check=_non_negative),
+    Param("lora_dropout", float, 0.0, "dropout on the LoRA path during training", modes=TRAIN, check=_unit),
+    Param("lora_target_modules", str, "attention", "UNet modules that get a LoRA, separated by commas: attention "
+          "(to_q, to_k, to_v, to_out.0, as diffusers' script), ff (the feed-forward: ff.net.0.proj, ff.net.2), or "
+          "module names", modes=TRAIN),
+    Param("lora_text_encoder", bool, False, "also train a LoRA of the text encoder's attention (q/k/v/out_proj)",
+          modes=TRAIN),
     Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
           check=_non_negative),
     Param("rrdb_nf", int, 32, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb)",
@@ -131,6 +142,13 @@ PARAMS: tuple[Param, ...] = (
     Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
           "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
           modes=EVALUATE),
+    Param("lora", str, "", "LoRA adapters applied to the model, merged into its weights: path[:scale],path[:scale] "
+          "— a .safetensors file (diffusers', peft's or kohya-ss/WebUI format) or a folder holding "
+          "pytorch_lora_weights.safetensors (what train_target=lora writes); scale 1 by default",
+          modes=SAMPLING | EXPORT),
+    Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
+          "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
+          modes=EVALUATE),
     Param("optimize", str, "auto", "inference speed: none (fp32 eager, the reference diffusers computes), auto "
           "(bf16 on CPUs with bf16 / fp16 on CUDA for the UNet and text encoder, fp32 scheduler and VAE, "
           "channels_last, fused QKV, SDPA), max (auto + torch.compile of the UNet and VAE decoder)",
@@ -182,6 +200,9 @@ PARAMS: tuple[Param, ...] = (
           modes=SERVE, check=_non_negative),
     Param("keep_alive", int, 75, "serve: HTTP keep-alive seconds (image services need minutes, not EAS's 5 s)",
           modes=SERVE, check=_positive),
+    Param("lora_library", str, "", "serve: LoRA adapters loaded once beside the model, name=path,name=path; a "
+          "request chooses some with scales, \"lora\": {\"name\": 0.8}, switched without reloading anything (the "
+          "UNet's QKV/GEGLU projections then stay unfused)", modes=SERVE),
     Param("service_name", str, "", "serve: the EAS service name answered at /api/predict/<service_name> (empty: "
           "any name)", modes=SERVE),
     Param("auth_max_skew", float, 900.0, "serve: seconds the Date of an EAS-signed request may be off the server's "

@@ -26,7 +26,7 @@ class LatentDiffusionPipeline:
         self.params = params
         self.random_seed, self.batch_size = random_seed, batch_size
         self.model = load_model(model_path or "", device=device, optimize=params["optimize"],
-                                precision=params["precision"])
+                                precision=params["precision"], lora=params["lora"])
         self.generator = Generator(self.model, GenerationSettings.from_params(params))
 
     @property

@@ -29,7 +29,7 @@ from appzoo.latent_diffusion.inputs import (
     requested_text_length,
     text_length,
 )
-from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -203,8 +203,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
 def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                  shard: tuple[int, int] | None = None) -> int:
     plan = plan_from_flags(flags, params)
-    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
-                       modelzoo_base_dir=flags.modelzoo_base_dir)
+    model = load_for_inference(flags, params)
     generator = Generator(model, GenerationSettings.from_params(params), text_length(model, flags))
     fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
     progress = Progress(outputs, fingerprint)

@@ -14,7 +14,7 @@ from typing import Any
 
 from appzoo.latent_diffusion.generation import SEED_LIMIT, GenerationSettings, Generator, Stopped, size_factor
 from appzoo.latent_diffusion.inputs import text_length
-from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.serving.batcher import Cancelled
 from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
@@ -75,6 +75,20 @@ def _do_sr(service: LatentDiffusionService, name: str, value: Any) -> bool:
     return value
 
 
+def _adapters(service: LatentDiffusionService, name: str, value: Any) -> tuple[tuple[str, float], ...]:
+    known = service.adapter_names
+    if not isinstance(value, dict) or not all(
+            isinstance(scale, (int, float)) and not isinstance(scale, bool) and -4 <= scale <= 4
+            for scale in value.values()):
+        raise RequestError(f'{name} must be an object of adapter names and scales, like {{"style": 0.8}} (scales '
+                           "within ±4)", name)
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise RequestError(f"{name}: no adapter {unknown[0]!r} here; this service has: "
+                           f"{', '.join(known) or 'none (start it with lora_library=name=path)'}", name)
+    return tuple(sorted((key, float(scale)) for key, scale in value.items() if scale))
+
+
 # The HTTP request vocabulary → GenerationSettings: request field → (settings field, checker). The one mapping of a
 # request's sampling settings; an absent field keeps the service's default (its user_defined_parameters).
 REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any], Any]]] = {
@@ -86,6 +100,7 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
     "negative_prompt": ("negative_prompt", _text),
     "sampler": ("sampler", _sampler),
     "do_sr": ("do_sr", _do_sr),
+    "lora": ("adapters", _adapters),
 }
 FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS)
 MAX_GENERATORS = 16
@@ -98,6 +113,7 @@ class LatentDiffusionService:
         self.model, self.params = model, params
         self.text_length = text_length or model.text_max_length
         self.factor = size_factor(model)
+        self.adapter_names = sorted(getattr(model.unet, "peft_config", {}) or {})
         self.max_size = params["max_size"] or 2 * model.image_size
         self.defaults = GenerationSettings.from_params(params).for_model(model)
         # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a
@@ -194,6 +210,7 @@ class LatentDiffusionService:
         source = getattr(self.model, "source_path", "") or ""
         return {"model": os.path.basename(os.path.normpath(source)) if source else "", "image_size":
                 self.model.image_size, "super_resolution": bool(self.model.esrgan_path),
+                "lora_adapters": self.adapter_names,
                 "limits": {"max_num_images": self.params["max_num_images"], "max_steps": self.params["max_steps"],
                            "max_size": self.max_size, "size_multiple": self.factor,
                            "max_request_work": self.params["max_request_work"],
@@ -216,8 +233,7 @@ SERVER_PARAMS = {"max_batch_size": "max_batch_size", "max_wait_ms": "max_wait_ms
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
-    model = load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
-                       modelzoo_base_dir=flags.modelzoo_base_dir)
+    model = load_for_inference(flags, params)
     token = flags.api_token or os.environ.get("EASYNLP_API_TOKEN") or None
     settings = service_settings(params, token)
     if flags.host not in ("127.0.0.1", "localhost", "::1") and not token:

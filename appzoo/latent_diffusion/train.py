@@ -13,7 +13,7 @@ from appzoo.latent_diffusion.data import index_table
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.losses import LatentCache
-from appzoo.latent_diffusion.train_tasks import DiffusionTrainTask, RRDBTrainTask, VAETrainTask
+from appzoo.latent_diffusion.train_tasks import DiffusionTrainTask, LoraTrainTask, RRDBTrainTask, VAETrainTask
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -42,7 +42,8 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     data_threads = flags.data_threads if not use_cache else 0
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
-    return DiffusionTrainTask(model, train, cache.moments() if cache else None, val_captions, val_moments,
+    task_class = LoraTrainTask if params["train_target"] == "lora" else DiffusionTrainTask
+    return task_class(model, train, cache.moments() if cache else None, val_captions, val_moments,
                               params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
                               data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp)
 
@@ -120,8 +121,9 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
-    if params["train_target"] == "unet":
-        record_native_size(model, resolution)
+    if params["train_target"] in ("unet", "lora"):
+        if params["train_target"] == "unet":
+            record_native_size(model, resolution)
         task = build_unet_task(model, inputs, flags, params, policy, resolution, length)
     else:
         task = build_component_task(params["train_target"], model, inputs, flags, params, policy, resolution)
@@ -133,6 +135,11 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                                       sample_time_share=params["sample_time_share"],
                                       progress=os.environ.get("EASYNLP_PROGRESS", "1") != "0")
     result = Trainer(config, task).train()
+    if params["train_target"] == "lora":
+        logger.info("trained %d steps; LoRA adapter saved to %s (use it with lora=%s in predict, evaluate, serve or "
+                    "export, or diffusers' pipe.load_lora_weights)", result["step"],
+                    os.path.join(out, "pytorch_lora_weights.safetensors"), out)
+        return 0
     summary = f"trained {result['step']} steps; model saved to {out}"
     if result["best_val_loss"] is not None:
         summary += f" (best validation loss {result['best_val_loss']:.5f}; last/ holds the final weights)"

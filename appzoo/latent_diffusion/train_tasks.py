@@ -165,6 +165,34 @@ class DiffusionTrainTask:
         return list(zip(captions, images))
 
 
+class LoraTrainTask(DiffusionTrainTask):
+    """``train_target=lora``: the diffusion objective on a LoRA adapter of the UNet (and of the text encoder with
+    ``lora_text_encoder``); everything else frozen. Checkpoints are the adapter alone, in diffusers' LoRA format."""
+
+    def __init__(self, model: LatentDiffusion, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        from modelzoo import lora
+
+        params = self.params
+        if params["train_text_encoder"]:
+            raise UserError("train_text_encoder=True trains the whole text encoder; with train_target=lora use "
+                            "lora_text_encoder=True for a LoRA of it")
+        self.lora_text_encoder = bool(params["lora_text_encoder"])
+        trainable = lora.add_training_adapters(model, params["lora_rank"], params["lora_alpha"] or params["lora_rank"],
+                                               params["lora_dropout"], lora.target_modules(
+                                                   params["lora_target_modules"]), self.lora_text_encoder)
+        self.train_text_encoder = self.lora_text_encoder  # the text encoder's forward pass needs gradients then
+        model.text_encoder.train(self.lora_text_encoder)
+        total = sum(p.numel() for part in (model.unet, model.text_encoder) for p in part.parameters())
+        logger.info("train_target=lora: %d trainable parameters (%.2f %% of %d)", trainable, 100 * trainable / total,
+                    total)
+
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
+        from modelzoo import lora
+
+        return lora.save_adapters(folder, self.model, weights)
+
+
 def _freeze_all(model: LatentDiffusion) -> None:
     for module in (model.unet, model.text_encoder, model.vae):
         module.requires_grad_(False).eval()

@@ -1,0 +1,187 @@
+"""LoRA adapters, on peft as diffusers does: added for training, saved in diffusers' LoRA format
+(``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights`` loads as it is, with the adapter's config in
+the file's metadata), and applied for inference — one or several, each with its scale, merged into the weights
+(``fuse``) or kept switchable. diffusers reads kohya-ss / WebUI files too (it converts them)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from easynlp_ldm.errors import UserError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py
+FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "default"  # peft's name for the adapter being trained
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str  # a .safetensors file, or a folder holding pytorch_lora_weights.safetensors
+    scale: float = 1.0
+
+
+def parse_specs(text: str, what: str = "lora") -> tuple[LoraSpec, ...]:
+    """``path[:scale],path[:scale]`` → specs; a missing file or a bad scale is a ``UserError`` naming it."""
+    specs = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        path, scale = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head and not os.path.exists(item):
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise UserError(f"{what}: {item!r}: the scale after ':' must be a number") from None
+        if not os.path.exists(path):
+            raise UserError(f"{what}: {path} does not exist (give a LoRA .safetensors file or a folder with "
+                            f"{LORA_FILE})")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, LORA_FILE)):
+            raise UserError(f"{what}: {path} has no {LORA_FILE}")
+        if os.path.isfile(path) and not path.endswith(".safetensors"):
+            raise UserError(f"{what}: {path}: LoRA files are read as .safetensors only (never unpickled)")
+        specs.append(LoraSpec(path, scale))
+    return tuple(specs)
+
+
+def parse_library(text: str, what: str = "lora_library") -> dict[str, LoraSpec]:
+    """``name=path,name=path`` → {name: spec}: the adapters a service loads once and requests choose from."""
+    library: dict[str, LoraSpec] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise UserError(f"{what}: {item!r} is not name=path (names are letters, digits and _)")
+        if name in library:
+            raise UserError(f"{what}: the name {name!r} is given twice")
+        library[name] = parse_specs(path, what)[0]
+    return library
+
+
+# ------------------------------------------------------------------------------------------------- training
+def target_modules(text: str) -> tuple[str, ...]:
+    """``attention``, ``ff`` and module names, separated by commas → module names."""
+    groups = {"attention": ATTENTION_TARGETS, "ff": FEED_FORWARD_TARGETS}
+    names: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        names += [name for name in groups.get(item, (item,)) if name not in names]
+    if not names:
+        raise UserError("lora_target_modules is empty; use attention, ff or module names")
+    return tuple(names)
+
+
+def add_training_adapters(model, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
+                          text_encoder: bool) -> int:
+    """Freeze the model and add a trainable LoRA adapter to the UNet's ``targets`` (and the text encoder's attention
+    when ``text_encoder``); returns the number of trainable parameters."""
+    from peft import LoraConfig
+
+    model.unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+    config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian")
+    try:
+        model.unet.add_adapter(LoraConfig(target_modules=list(targets), **config))
+    except ValueError as err:
+        raise UserError(f"lora_target_modules: {err}") from None
+    if text_encoder:
+        if not hasattr(model.text_encoder, "add_adapter"):
+            raise UserError(f"lora_text_encoder=True: the text encoder ({type(model.text_encoder).__name__}) takes no "
+                            "peft adapter; train the UNet's LoRA alone")
+        model.text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **config))
+    return sum(p.numel() for module in (model.unet, model.text_encoder) for p in module.parameters()
+               if p.requires_grad)
+
+
+def _peft_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Trainer weights (``unet.<module>.lora_A.default.weight``) → peft's state dict of one component."""
+    return {name[len(prefix):].replace(f".{ADAPTER}.", "."): tensor.detach().cpu().contiguous()
+            for name, tensor in weights.items() if name.startswith(prefix)}
+
+
+def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[str]:
+    """``weights`` (the trainer's, EMA applied) → ``folder/pytorch_lora_weights.safetensors`` in diffusers' format,
+    written atomically; returns the files written."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    unet = convert_state_dict_to_diffusers(_peft_state(weights, "unet."))
+    text_state = _peft_state(weights, "text_encoder.")
+    text = convert_state_dict_to_diffusers(text_state) if text_state else None
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".lora-", dir=folder)  # written beside its place, then renamed into it
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            staging, unet_lora_layers=unet, text_encoder_lora_layers=text, safe_serialization=True,
+            unet_lora_adapter_metadata=model.unet.peft_config[ADAPTER].to_dict(),
+            text_encoder_lora_adapter_metadata=model.text_encoder.peft_config[ADAPTER].to_dict() if text else None)
+        with open(os.path.join(staging, LORA_FILE), "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(os.path.join(staging, LORA_FILE), os.path.join(folder, LORA_FILE))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [os.path.join(folder, LORA_FILE)]
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def _pipeline(model):
+    from diffusers import StableDiffusionPipeline
+
+    from modelzoo.samplers import make_scheduler
+
+    scheduler = make_scheduler("", model.scheduler_config, model.scheduler_class)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def load_adapters(model, specs: tuple[LoraSpec, ...], fuse: bool = True, names: list[str] | None = None) -> list[str]:
+    """Load ``specs`` into ``model`` (diffusers' loader: its own format, peft's, kohya-ss / WebUI), weighted by their
+    scales; ``fuse`` merges them into the weights and drops the adapter layers (the model is then a plain model:
+    every optimisation applies, nothing can be switched); otherwise they stay, named ``names``, for
+    ``set_adapters`` per request (and fused QKV/GEGLU projections are then left out). Returns the adapter names."""
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe = _pipeline(model)
+    names = list(names) if names else [f"merged{i}" for i in range(len(specs))]
+    for spec, name in zip(specs, names):
+        folder, weight = (spec.path, LORA_FILE) if os.path.isdir(spec.path) else os.path.split(spec.path)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": most adapters have none
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters
+                pipe.load_lora_weights(folder or ".", weight_name=weight, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            raise UserError(f"lora: {spec.path}: cannot load it as a LoRA for this model ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:300]})") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    if names and fuse:
+        pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()
+    elif names:
+        pipe.disable_lora()  # until a request chooses some (select_adapters)
+    return names
+
+
+def has_adapters(module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def select_adapters(pipe, chosen: tuple[tuple[str, float], ...]) -> None:
+    """Switch the switchable adapters of ``pipe``'s model to ``chosen`` ((name, scale), …; empty: none)."""
+    if not has_adapters(pipe.unet):
+        if chosen:
+            raise UserError("no LoRA adapters are loaded to choose from")
+        return
+    if not chosen:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([name for name, _ in chosen], adapter_weights=[scale for _, scale in chosen])

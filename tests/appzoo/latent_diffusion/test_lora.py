@@ -1,0 +1,204 @@
+"""LoRA: trained with train_target=lora, read by diffusers as it is, applied (stacked, scaled, merged) everywhere a
+model is loaded, and kohya-ss files read too."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator, build_pipeline
+from appzoo.latent_diffusion.loading import load_model
+from easynlp_ldm import cli
+from modelzoo.lora import LORA_FILE, load_adapters, parse_specs, select_adapters
+from tests.helpers import PROMPTS, decode, predict_argv, read_rows, train_argv
+
+STEPS, GUIDANCE = 4, 5.0
+
+
+def make_adapter(model_dir, folder, seed, rank=4, alpha=8):
+    """A LoRA of the tiny model with random (non-zero) up-projections, saved as train_target=lora saves one."""
+    from modelzoo.ldm import LatentDiffusion
+    from modelzoo.lora import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, add_training_adapters, save_adapters
+
+    model = LatentDiffusion.from_pretrained(model_dir)
+    add_training_adapters(model, rank, alpha, 0.0, ATTENTION_TARGETS + FEED_FORWARD_TARGETS, text_encoder=False)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, param in model.unet.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.3
+        if param.requires_grad:
+            weights["unet." + name] = param.detach()
+    save_adapters(folder, model, weights)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, str(tmp_path_factory.mktemp("lora") / "a"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, shapes_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=2",
+                      "--learning_rate=2e-2", "--warmup_proportion=0", "--save_checkpoint_steps=4",
+                      udp="train_target=lora lora_rank=4 lora_alpha=8 caption_dropout=0")
+    os.environ["EASYNLP_PROGRESS"] = "0"
+    assert cli.main(argv) == 0
+    return out
+
+
+def diffusers_pipe(model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference(pipe, prompt, seed):
+    image = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                 guidance_scale=GUIDANCE, height=32, width=32).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def ours(model, prompt, seed):
+    image = Generator(model, GenerationSettings(steps=STEPS, guidance_scale=GUIDANCE))([prompt], [seed])[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_training_writes_a_small_adapter_that_diffusers_loads(trained, tiny_model_dir):
+    files = sorted(os.listdir(trained))
+    assert LORA_FILE in files and "pytorch_model.bin" not in files and "config.json" not in files
+    assert os.path.isfile(os.path.join(trained, "last", LORA_FILE))
+    with safe_open(os.path.join(trained, LORA_FILE), "pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata()
+    assert keys and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys)
+    assert {k.split(".lora.")[0].rsplit(".", 1)[-1] for k in keys} == {"to_q", "to_k", "to_v", "0"}  # to_out.0
+    state = load_file(os.path.join(trained, LORA_FILE))
+    assert max(float(v.abs().max()) for k, v in state.items() if ".lora.up." in k) > 0  # it learned something
+    config = json.loads(metadata["lora_adapter_metadata"])  # the adapter's config, which diffusers reads back
+    assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 8
+    unet_bytes = sum(os.path.getsize(os.path.join(tiny_model_dir, "unet", f))
+                     for f in os.listdir(os.path.join(tiny_model_dir, "unet")))
+    assert os.path.getsize(os.path.join(trained, LORA_FILE)) < unet_bytes / 4
+    pipe = diffusers_pipe(tiny_model_dir)
+    before = reference(pipe, PROMPTS[0], 0)
+    pipe.load_lora_weights(trained)
+    assert np.abs(reference(pipe, PROMPTS[0], 0) - before).max() > 0
+
+
+def test_predict_with_lora_matches_diffusers_load_lora_weights(adapter, tiny_model_dir, prompts_table, tmp_path):
+    out = str(tmp_path / "o.tsv")
+    argv = predict_argv(prompts_table, out, tiny_model_dir, "--output_schema=text,seed,gen_imgbase64",
+                        udp=f"n_samples=1 ddim_steps={STEPS} scale={GUIDANCE} optimize=none lora={adapter}")
+    assert cli.main(argv) == 0
+    pipe = diffusers_pipe(tiny_model_dir)
+    rows = read_rows(out)[:2]
+    without = [reference(pipe, prompt, int(seed)) for prompt, seed, _ in rows]
+    pipe.load_lora_weights(adapter)
+    for (prompt, seed, cell), plain in zip(rows, without):
+        with_lora = reference(pipe, prompt, int(seed))
+        assert np.abs(decode(cell) - with_lora).max() <= 3
+        assert np.abs(with_lora - plain).max() > 10  # the adapter changes the image: the comparison means something
+
+
+def second_adapter(adapter, folder):
+    """Another adapter: the trained one with its up-projections permuted and rescaled, same metadata."""
+    path = os.path.join(adapter, LORA_FILE)
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    state = {k: (v.flip(0) * -1.5 if ".lora.up." in k else v) for k, v in load_file(path).items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "other.safetensors"), metadata=metadata)
+    return os.path.join(folder, "other.safetensors")
+
+
+def test_two_stacked_adapters_with_scales_match_diffusers_set_adapters(adapter, tiny_model_dir, tmp_path):
+    other = second_adapter(adapter, str(tmp_path))
+    model = load_model(tiny_model_dir, optimize="none", lora=f"{adapter}:0.7,{other}:0.4")
+    pipe = diffusers_pipe(tiny_model_dir)
+    pipe.load_lora_weights(adapter, adapter_name="a")
+    pipe.load_lora_weights(str(tmp_path), weight_name="other.safetensors", adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    for seed, prompt in enumerate(PROMPTS[:2]):
+        assert np.abs(ours(model, prompt, seed) - reference(pipe, prompt, seed)).max() <= 3
+
+
+def test_a_merged_export_equals_the_adapter_applied_at_scale_1(adapter, tiny_model_dir, tmp_path):
+    merged_dir = str(tmp_path / "merged")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={tiny_model_dir}", f"--outputs={merged_dir}",
+                     f"--user_defined_parameters=export_format=diffusers lora={adapter}"]) == 0
+    merged = load_model(merged_dir, optimize="none")
+    live = load_model(tiny_model_dir, optimize="none")
+    load_adapters(live, parse_specs(adapter), fuse=False, names=["a"])  # the adapter layers kept, run at call time
+    select_adapters(build_pipeline(live), (("a", 1.0),))
+    torch.manual_seed(0)
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
+    embeds = live.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        difference = (merged.unet(latents, t, embeds).sample - live.unet(latents, t, embeds).sample).abs().max()
+    assert difference <= 1e-5
+
+
+def test_a_kohya_format_file_loads(adapter, tiny_model_dir, tmp_path):
+    from diffusers.utils import convert_state_dict_to_kohya
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    diffusers_format = load_file(os.path.join(adapter, LORA_FILE))
+    peft = {"unet." + k: v for k, v in convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in diffusers_format.items()}).items()}
+    kohya = convert_state_dict_to_kohya(peft)
+    for key in [k for k in kohya if k.endswith("lora_down.weight")]:  # alpha 8 at rank 4, as trained
+        kohya[key.replace("lora_down.weight", "alpha")] = torch.tensor(8.0)
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    path = str(tmp_path / "kohya_style.safetensors")
+    save_file(kohya, path)
+    from_kohya = load_model(tiny_model_dir, optimize="none", lora=path)
+    from_diffusers = load_model(tiny_model_dir, optimize="none", lora=adapter)
+    assert np.abs(ours(from_kohya, PROMPTS[0], 3) - ours(from_diffusers, PROMPTS[0], 3)).max() <= 1
+
+
+@pytest.mark.parametrize("spec,message", [("missing.safetensors", "does not exist"), ("{adapter}:big", "scale"),
+                                          ("{model}", "has no pytorch_lora_weights.safetensors")])
+def test_bad_lora_specs_are_one_line_errors(adapter, tiny_model_dir, prompts_table, tmp_path, capsys, spec, message):
+    spec = spec.format(adapter=adapter, model=tiny_model_dir)
+    argv = predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir, udp=f"lora={spec}")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_the_service_switches_adapters_per_request_without_reloading(adapter, tiny_model_dir, tmp_path):
+    import httpx
+
+    from tests.helpers import InProcessServer, png
+
+    other = second_adapter(adapter, str(tmp_path))
+    model = load_model(tiny_model_dir, optimize="auto", precision="fp32", lora_library=f"a={adapter},b={other}")
+    server = InProcessServer(tiny_model_dir, model=model)
+    try:
+        def image(**fields):
+            body = {"text": PROMPTS[0], "num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "seed": 5, **fields}
+            response = httpx.post(server.url + "/", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return np.asarray(png(response.json()["images_base64"][0]), dtype=np.int16)
+
+        with_a, plain, stacked, with_a_again = image(lora={"a": 1}), image(), image(lora={"a": 0.7, "b": 0.4}), \
+            image(lora={"a": 1.0})
+        assert np.abs(with_a - with_a_again).max() <= 1
+        for got, spec in ((with_a, adapter), (plain, ""), (stacked, f"{adapter}:0.7,{other}:0.4")):
+            assert np.abs(got - ours(load_model(tiny_model_dir, optimize="none", lora=spec), PROMPTS[0], 5)).max() <= 3
+        assert np.abs(with_a - plain).max() > 10
+        bad = httpx.post(server.url + "/", json={"text": "x", "lora": {"zzz": 1}}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["field"] == "lora" and "a, b" in bad.json()["error"]
+        assert httpx.get(server.url + "/info", timeout=10).json()["lora_adapters"] == ["a", "b"]
+        assert model.optimization["fused_qkv"] != True  # noqa: E712 — switchable adapters keep projections unfused
+    finally:
+        server.stop()
