@@ -227,3 +227,14 @@ def test_lora_training_resumes_to_the_same_adapter(tiny_model_dir, shapes_data, 
                                udp=udp)) == 0
     a, b = (load_file(os.path.join(run, "last", LORA_FILE)) for run in (straight, resumed))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_lora_on_an_easynlp_format_model(tmp_path):
+    """EasyNLP's own latent_diffusion checkpoint (Wukong text encoder, CompVis UNet): an adapter of its UNet saves
+    and applies as on any other model."""
+    from tests.helpers import easynlp_checkpoint
+
+    model_dir = easynlp_checkpoint(str(tmp_path / "easynlp"))
+    folder = make_adapter(model_dir, str(tmp_path / "lora"), seed=2)
+    plain = ours(load_model(model_dir, optimize="none"), PROMPTS[0], 1)
+    assert np.abs(ours(load_model(model_dir, optimize="none", lora=folder), PROMPTS[0], 1) - plain).max() > 10
