@@ -4,9 +4,11 @@
 #   2. measure before: star accuracy and old-concept accuracy
 #   3. fine-tune the VAE's decoder on the mix (train_target=vae_decoder): the frozen decoder draws small stars as
 #      circles; the encoder stays frozen, so the latent space and the diffusion model stay valid
-#   4. fine-tune the diffusion model (UNet + text encoder) on the mix, starting from step 3's model
+#   4. fine-tune the diffusion model (UNet + text encoder) on the mix, starting from step 3's model — or, with
+#      UNET_MODE=lora, train a LoRA adapter of the UNet and the text encoder instead (LORA_RANK, default 16)
 #   5. measure after
 # Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (DEC_EPOCHS, DEC_LR change step 3; EPOCHS, OLD_TRAIN, LR step 4)
+#        UNET_MODE=lora bash scripts/finetune_demo.sh [WORK_DIR]   (LR defaults to 1e-3 there)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
@@ -15,7 +17,9 @@ DEC_EPOCHS="${DEC_EPOCHS:-12}"
 DEC_LR="${DEC_LR:-4e-4}"
 EPOCHS="${EPOCHS:-30}"
 OLD_TRAIN="${OLD_TRAIN:-800}"
-LR="${LR:-3e-4}"
+UNET_MODE="${UNET_MODE:-full}"
+LORA_RANK="${LORA_RANK:-16}"
+if [ "$UNET_MODE" = lora ]; then LR="${LR:-1e-3}"; else LR="${LR:-3e-4}"; fi
 export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
 mkdir -p "$WORK"
 SCHEMA="--input_schema=idx:str:1,text:str:1,imgbase64:str:1 --first_sequence=text --second_sequence=imgbase64"
@@ -28,10 +32,11 @@ python scripts/make_shapes_dataset.py --output_dir "$WORK/old" --seed 12 --num_t
 cat "$WORK/stars/T2I_train.tsv" "$WORK/old/T2I_train.tsv" > "$WORK/mix_train.tsv"
 cat "$WORK/stars/T2I_val.tsv" "$WORK/old/T2I_val.tsv" > "$WORK/mix_val.tsv"
 
-evaluate() {  # model, label
+evaluate() {  # model, label[, user_defined_parameters]
   for split in stars old; do
     easynlp --mode=evaluate --tables="$WORK/$split/T2I_test.tsv" --input_schema=idx:str:1,text:str:1 \
-      --checkpoint_dir="$1" --micro_batch_size=50 --outputs="$WORK/eval_$2_$split.json" >/dev/null
+      --checkpoint_dir="$1" --micro_batch_size=50 --outputs="$WORK/eval_$2_$split.json" \
+      --user_defined_parameters="${3:-}" >/dev/null
   done
   python - "$WORK" "$2" <<'PY'
 import json, sys
@@ -55,16 +60,27 @@ train_target=vae_decoder ema_decay=0.99 overwrite_checkpoint_dir=True"
 decoder_done=$(date +%s)
 echo "[tutorial] decoder fine-tuning took $(( decoder_done - start )) s"
 
-echo "[tutorial] 4/5 fine-tuning the diffusion model (UNet + text encoder) on stars + old shapes"
-easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
-  --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
-  --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
+if [ "$UNET_MODE" = lora ]; then
+  echo "[tutorial] 4/5 training a LoRA (rank $LORA_RANK) of the UNet and the text encoder on stars + old shapes"
+  easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/lora" \
+    --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
+    --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
+train_target=lora lora_rank=$LORA_RANK lora_target_modules=attention,ff lora_text_encoder=True snr_gamma=5
+ema_decay=0.995 overwrite_checkpoint_dir=True"
+  MODEL="$WORK/decoder" UDP="lora=$WORK/lora"
+else
+  echo "[tutorial] 4/5 fine-tuning the diffusion model (UNet + text encoder) on stars + old shapes"
+  easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
+    --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
+    --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
 train_text_encoder=True snr_gamma=5 ema_decay=0.995 overwrite_checkpoint_dir=True"
+  MODEL="$WORK/model" UDP=""
+fi
 end=$(date +%s)
-echo "[tutorial] UNet fine-tuning took $(( end - decoder_done )) s; fine-tuning in all $(( end - start )) s"
+echo "[tutorial] UNet fine-tuning ($UNET_MODE) took $(( end - decoder_done )) s; fine-tuning in all $(( end - start )) s"
 
 echo "[tutorial] 5/5 after fine-tuning"
-evaluate "$WORK/model" after
+evaluate "$MODEL" after "$UDP"
 echo "[tutorial] generate stars yourself:"
 echo "  printf '1\t黑色背景上有一个黄色的星形\n' > stars.tsv && easynlp --mode=predict --tables=stars.tsv \\"
-echo "    --outputs=stars_out.tsv --checkpoint_dir=$WORK/model --user_defined_parameters='write_image=True image_prefix=stars/'"
+echo "    --outputs=stars_out.tsv --checkpoint_dir=$MODEL --user_defined_parameters='write_image=True image_prefix=stars/ $UDP'"
