@@ -17,7 +17,10 @@ Checkpoint folder (``--checkpoint_dir``):
                                                  no validation table); what predict and serve load by default
   last/                                        — the most recent checkpoint, same files
   checkpoint-STEP/                             — every checkpoint, with --save_all_checkpoints
-  training_state/                              — what resume needs; swapped in atomically
+  training_state/                              — what resume needs; swapped in atomically. With
+                                                 save_optimizer=False no optimiser state, and the weights the
+                                                 checkpoint saved (EMA or raw) are a hard link to its weights file
+                                                 (model_weights.bin) instead of a second copy
   log/                                         — TensorBoard event files (losses, learning rate; at each
                                                  checkpoint the config's sample_images images, unless they would
                                                  take more than its sample_time_share of the wall time)
@@ -50,6 +53,7 @@ _clock = time.monotonic  # what the sampling budget is measured with (tests subs
 
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
+LINKED_WEIGHTS = "model_weights.bin"  # save_optimizer=False: a hard link to the saved model's weights file
 META_FILE = "trainer_meta.json"
 
 
@@ -82,11 +86,16 @@ class TrainerConfig:
     progress: bool
     sample_images: int  # images generated for TensorBoard at each checkpoint (0: none)
     sample_time_share: float  # the largest share of the training wall time those images may take
+    # Memory options (the app's user-defined parameters; easynlp_ldm/memory.py estimates what they save).
+    optimizer: str  # adamw: the one --optimizer_type names; adafactor: factored second moments, no first moment
+    save_optimizer: bool  # False: the training state holds no optimiser state (resume restarts the optimiser)
+    ema_device: str  # "": the EMA lives with the weights; "cpu": in RAM, whatever the training device
 
     @classmethod
     def from_flags(cls, flags: ParsedFlags, **app_settings: Any) -> TrainerConfig:
         """Every field named after a flag read from ``flags``; the others (use_ema, ema_decay, rank, world_size,
-        progress, sample_images, sample_time_share) given as keyword arguments. A missing or unknown one is a
+        progress, sample_images, sample_time_share, optimizer, save_optimizer, ema_device) given as keyword
+        arguments. A missing or unknown one is a
         ``TypeError``, as for any call."""
         from_flags = {f.name: getattr(flags, f.name) for f in fields(cls) if f.name in FLAGS_BY_DEST}
         clash = sorted(set(from_flags) & set(app_settings))
@@ -160,6 +169,15 @@ def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], config: 
     no_decay = [p for n, p in named_params if _no_decay(n, p)]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Factored second moments (a row and a column vector per matrix), no first moment (beta1=None), at the
+        # given learning rate and schedule: neither the relative step size nor the parameter-scale rescaling.
+        return Adafactor(groups, lr=config.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    if config.optimizer != "adamw":
+        raise UserError(f"optimizer={config.optimizer} is not supported (adamw, adafactor)")
     kind = config.optimizer_type
     # The fused kernels are several times faster than foreach on CPU; same update rule.
     fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for _, p in named_params)
@@ -294,6 +312,8 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=config.ema_decay, foreach=True)
+            if self._ema_on_host():
+                self.ema.to(device="cpu")
         self.step = 0
         self.epoch = 0
         self.micro_position = 0  # micro-batches of the current epoch already consumed
@@ -307,35 +327,88 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     # --------------------------------------------------------------------------------------------- state
+    def _ema_on_host(self) -> bool:
+        """``ema_device=cpu`` while the weights are elsewhere (on a CPU run the EMA is in RAM anyway)."""
+        return self.config.ema_device == "cpu" and self.params[0].device.type != "cpu"
+
+    def _ema_step(self) -> None:
+        if not self._ema_on_host():
+            self.ema.step(self.params)
+            return
+        # Shadow in RAM, weights on the GPU: one parameter at a time (no second copy of the weights on either side).
+        ema = self.ema
+        ema.optimization_step += 1
+        decay = ema.get_decay(ema.optimization_step)
+        ema.cur_decay_value = decay
+        with torch.no_grad():
+            for shadow, param in zip(ema.shadow_params, self.params):
+                shadow.lerp_(param.detach().to(shadow.device), 1 - decay)
+
+    # Views of the live tensors, not copies: they are only read (saved) before the next step changes them, and a
+    # copy would cost a second instance of the trained weights in memory at every checkpoint.
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.named_params}
+        return {name: p.detach() for name, p in self.named_params}
 
     def ema_weights(self) -> dict[str, torch.Tensor]:
         if self.ema is None:
             return self.weights()
-        return {name: shadow.detach().clone() for (name, _), shadow in zip(self.named_params, self.ema.shadow_params)}
+        return {name: shadow.detach() for (name, _), shadow in zip(self.named_params, self.ema.shadow_params)}
 
     def _state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
             "sample_position": self.micro_position * self.config.micro_batch_size * self.config.world_size,
             "best_loss": self.best_loss, "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.config.save_optimizer else None,
+            "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": _json_rng(_rng_state()),
             "weights": self.weights(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
-    def save_training_state(self) -> None:
+    def _link_saved_weights(self, model_files: list[str] | None, staging: str) -> str | None:
+        """save_optimizer=False: the weights the checkpoint just saved for inference (the EMA's, else the raw ones)
+        are already on disk in the model's weights file. When that file holds them under the trainer's names (this
+        toolkit's format), ``staging`` gets a hard link to it instead of a second copy — a snapshot: the next
+        checkpoint replaces the model's file by a new one and the link keeps this one. Returns which weights the link
+        holds (``ema`` or ``weights``), None when they have to be stored (another format, no hard links)."""
+        for path in model_files or []:
+            if not path.endswith((".bin", ".pt", ".pth")):
+                continue
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # not a torch file of plain tensors: not the weights
+                continue
+            if not isinstance(saved, dict) or not all(
+                    isinstance(saved.get(name), torch.Tensor) and saved[name].shape == p.shape
+                    and saved[name].dtype == p.dtype for name, p in self.named_params):
+                continue
+            try:
+                os.link(path, os.path.join(staging, LINKED_WEIGHTS))
+            except OSError as err:
+                logger.debug("no hard link to %s (%s): the training state stores the weights", path, err)
+                return None
+            return "ema" if self.ema is not None else "weights"
+        return None
+
+    def save_training_state(self, model_files: list[str] | None = None) -> None:
         """training_state/ as one unit: both files written (each fsynced, through files.py) into training_state.tmp,
         then swapped in. A kill between the two renames leaves training_state.old, which find_training_state also
-        accepts; a kill before them leaves the previous training_state/ as it was."""
+        accepts; a kill before them leaves the previous training_state/ as it was. ``model_files``: the checkpoint's
+        files just written (save_optimizer=False links its weights file instead of storing them again)."""
         folder = os.path.join(self.config.checkpoint_dir, STATE_DIR)
         staging, old = folder + ".tmp", folder + ".old"
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        atomic_torch_save(self._state(), os.path.join(staging, STATE_FILE))
+        state = self._state()
+        linked = None if self.config.save_optimizer else self._link_saved_weights(model_files, staging)
+        if linked == "weights":
+            state["weights"] = None
+        elif linked == "ema":
+            state["ema"] = {**state["ema"], "shadow_params": None}
+        state["linked"] = linked
+        atomic_torch_save(state, os.path.join(staging, STATE_FILE))
         atomic_write_text(os.path.join(staging, META_FILE), json.dumps({
             "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
             "total_steps": self.total_steps, "seed": self.config.random_seed}))
@@ -353,19 +426,38 @@ class Trainer:
             raise UserError(f"{folder}/{STATE_FILE}: cannot read the training state ({type(err).__name__})") \
                 from None
         names = {name for name, _ in self.named_params}
+        linked = state.get("linked")
+        if linked:  # save_optimizer=False: the weights the checkpoint saved for inference, hard-linked
+            try:
+                saved = torch.load(os.path.join(folder, LINKED_WEIGHTS), map_location="cpu", weights_only=True,
+                                   mmap=True)
+                tensors = {name: saved[name] for name, _ in self.named_params}
+            except Exception as err:
+                raise UserError(f"{folder}/{LINKED_WEIGHTS}: cannot read the checkpoint's weights "
+                                f"({type(err).__name__})") from None
+            if linked == "weights":
+                state["weights"] = tensors
+            else:
+                state["ema"]["shadow_params"] = [tensors[name].clone() for name, _ in self.named_params]
         if set(state["weights"]) != names:
             raise UserError(f"{folder}: the training state was saved for other trainable parts (e.g. a different "
                             f"train_text_encoder setting); resume with the same settings")
         with torch.no_grad():
             for name, param in self.named_params:
                 param.copy_(state["weights"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            logger.warning("%s was saved without the optimiser state (save_optimizer=False): the optimiser restarts "
+                           "at step %d (its moments from zero); the weights, LR schedule, EMA and data position "
+                           "continue", folder, int(state["step"]))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise UserError(f"{folder}: saved without EMA; resume with use_ema=False or start afresh")
             self.ema.load_state_dict(state["ema"])
-            self.ema.to(device=self.params[0].device)  # the state was read onto the CPU; the weights may be on a GPU
+            # The state was read onto the CPU; the weights may be on a GPU (and the EMA stays in RAM with ema_device).
+            self.ema.to(device="cpu" if self._ema_on_host() else self.params[0].device)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -392,13 +484,15 @@ class Trainer:
             if improved:  # the best is also the last: written once, last/ gets hard links to the same files
                 if val_loss is not None:
                     self.best_loss = val_loss
-                if not _link_files(self.task.save_model(out, weights), last):
-                    self.task.save_model(last, weights)
+                files = self.task.save_model(out, weights)
+                if not _link_files(files, last):
+                    files = self.task.save_model(last, weights)
             else:
-                self.task.save_model(last, weights)
+                files = self.task.save_model(last, weights)
             if self.config.save_all_checkpoints:
                 self.task.save_model(os.path.join(out, f"checkpoint-{self.step}"), weights)
-            self.save_training_state()
+            del weights
+            self.save_training_state(files)
         except OSError as err:
             raise _write_failure(err, f"the checkpoint at step {self.step}", out) from None
         logger.info("step %d: checkpoint saved to %s%s", self.step, out,
@@ -591,6 +685,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.params)
+            self._ema_step()
         self.step += 1
         return total, images

@@ -107,6 +107,24 @@ PARAMS: tuple[Param, ...] = (
           "(the default here; EasyNLP's models had it on), False turns it on", modes=TRAIN),
     Param("cache_latents", bool, True, "encode each image with the frozen VAE once, not every epoch "
           "(ignored with random crops/flips, which change the pixels every epoch)", modes=TRAIN),
+    # Memory plan (easynlp_ldm/memory.py): estimated before the first step, refused when it cannot fit.
+    Param("optimizer", str, "adamw", "adamw: the optimiser --optimizer_type names (AdamW by default: two fp32 "
+          "moments, 8 bytes per trained parameter); adafactor: transformers' Adafactor with factored second moments "
+          "and no first moment (a few % of that for linear layers, 2/3 of the weights for 3×3 convolutions), "
+          "scale_parameter=False, relative_step=False, at --learning_rate", modes=TRAIN,
+          choices=("adamw", "adafactor")),
+    Param("save_optimizer", bool, True, "save the optimiser state with each checkpoint's training state (False: "
+          "checkpoints about the model's size — the trained weights are hard links to the saved model's file when "
+          "they are its weights — and --resume_from_checkpoint restarts the optimiser, with a warning)",
+          modes=TRAIN),
+    Param("ema_device", str, "", "where the EMA weights live: empty, the training device; cpu keeps them in RAM "
+          "(frees 4 bytes per trained parameter of GPU memory, at the cost of a copy to the CPU every step)",
+          modes=TRAIN, choices=("", "cpu")),
+    Param("memory_limit_gb", float, 0.0, "memory the run may use, in GiB (0: what the machine has — the GPU's free "
+          "memory when training on one, else RAM, within the cgroup's memory.max): the estimated peak is checked "
+          "against it before the first step", modes=TRAIN, check=_non_negative),
+    Param("memory_check", bool, True, "refuse a run whose estimated peak memory exceeds the memory available, "
+          "naming the options that would make it fit (False: log a warning and try anyway)", modes=TRAIN),
     Param("sample_images", int, 2, "sample images written to TensorBoard at each checkpoint (generated from the "
           "first validation captions for train_target=unet, reconstructions for vae/vae_decoder, ×4 upscales for "
           "rrdb); 0: none", modes=TRAIN, check=_non_negative),
@@ -139,9 +157,6 @@ PARAMS: tuple[Param, ...] = (
           "downsampling factor (8 for SD-style models)", modes=SAMPLING, aliases=("width",), check=_non_negative),
     Param("negative_prompt", str, "", "text the images should not look like (quote it if it has spaces)",
           modes=SAMPLING),
-    Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
-          "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
-          modes=EVALUATE),
     Param("lora", str, "", "LoRA adapters applied to the model, merged into its weights: path[:scale],path[:scale] "
           "— a .safetensors file (diffusers', peft's or kohya-ss/WebUI format) or a folder holding "
           "pytorch_lora_weights.safetensors (what train_target=lora writes); scale 1 by default",

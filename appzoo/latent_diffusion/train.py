@@ -17,6 +17,7 @@ from appzoo.latent_diffusion.train_tasks import DiffusionTrainTask, LoraTrainTas
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.memory import MAX_ENCODE_BATCH, check_latent_diffusion_training
 from easynlp_ldm.tables import BadRowPolicy
 from easynlp_ldm.trainer import STATE_DIR, Trainer, TrainerConfig
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
@@ -30,13 +31,14 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     use_cache = params["cache_latents"] and not random_pixels
     if params["cache_latents"] and random_pixels:
         logger.warning("cache_latents is off: random_crop/random_flip change the pixels every epoch")
-    cache = LatentCache(model, resolution, use_amp=flags.use_amp) if use_cache else None
+    encode_batch = min(flags.micro_batch_size, MAX_ENCODE_BATCH)  # the memory plan counts this many per VAE call
+    cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp) if use_cache else None
     tables = inputs.tables
     logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
     train = index_table(tables[0], inputs, policy, on_image=cache.add if cache else None)
     val_captions, val_moments = [], None
     if len(tables) == 2:
-        val_cache = LatentCache(model, resolution, use_amp=flags.use_amp)
+        val_cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp)
         val = index_table(tables[1], inputs, policy, on_image=val_cache.add)
         val_captions, val_moments = val.captions, val_cache.moments()
     data_threads = flags.data_threads if not use_cache else 0
@@ -120,6 +122,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     resolution = params["resolution"] or model.image_size
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
+    check_latent_diffusion_training(model, flags, params, resolution, length)  # the memory plan, before any work
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     if params["train_target"] in ("unet", "lora"):
         if params["train_target"] == "unet":
@@ -133,6 +136,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     config = TrainerConfig.from_flags(flags, rank=ctx.rank, world_size=ctx.world_size, use_ema=params["use_ema"],
                                       ema_decay=params["ema_decay"], sample_images=params["sample_images"],
                                       sample_time_share=params["sample_time_share"],
+                                      optimizer=params["optimizer"], save_optimizer=params["save_optimizer"],
+                                      ema_device=params["ema_device"],
                                       progress=os.environ.get("EASYNLP_PROGRESS", "1") != "0")
     result = Trainer(config, task).train()
     if params["train_target"] == "lora":

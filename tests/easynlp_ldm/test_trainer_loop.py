@@ -15,7 +15,8 @@ from easynlp_ldm.args import FLAGS_BY_DEST, parse_flags
 from easynlp_ldm.trainer import META_FILE, STATE_DIR, STATE_FILE, Trainer, TrainerConfig, sampling_refusal
 from tests.helpers import free_port
 
-APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress", "sample_images", "sample_time_share"}
+APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress", "sample_images", "sample_time_share",
+                "optimizer", "save_optimizer", "ema_device"}
 
 
 class ToyTask:
@@ -61,7 +62,7 @@ class ToyTask:
 
 def toy_config(out, *argv, **app):
     settings = dict(use_ema=False, ema_decay=0.9, rank=0, world_size=1, progress=False, sample_images=2,
-                    sample_time_share=0.1)
+                    sample_time_share=0.1, optimizer="adamw", save_optimizer=True, ema_device="")
     settings.update(app)
     flags = parse_flags(["--mode=train", f"--checkpoint_dir={out}", "--learning_rate=0.05", "--warmup_proportion=0",
                          "--logging_steps=1", *argv])
@@ -93,10 +94,12 @@ def test_config_is_read_from_the_flags_without_restated_defaults(tmp_path):
     assert config.use_ema is True and config.world_size == 1
     with pytest.raises(TypeError, match="come from the flags"):
         TrainerConfig.from_flags(parse_flags([]), learning_rate=1.0, use_ema=False, ema_decay=0.9, rank=0,
-                                 world_size=1, progress=False, sample_images=2, sample_time_share=0.1)
+                                 world_size=1, progress=False, sample_images=2, sample_time_share=0.1,
+                                 optimizer="adamw", save_optimizer=True, ema_device="")
     with pytest.raises(TypeError):  # an app setting left out
         TrainerConfig.from_flags(parse_flags([]), use_ema=False, rank=0, world_size=1, progress=False,
-                                 sample_images=2, sample_time_share=0.1)
+                                 sample_images=2, sample_time_share=0.1, optimizer="adamw", save_optimizer=True,
+                                 ema_device="")
 
 
 def test_plan_continues_from_the_saved_position_up_to_the_total(tmp_path):
@@ -280,3 +283,80 @@ def test_sampling_refusal_rule():
     assert sampling_refusal(10.0, 5.0, 2, 190.0, 0.1) is None  # 20 s of 200 s: exactly the share
     assert "2 would take about 10.0 s (5.0 s each last time)" in sampling_refusal(10.0, 5.0, 2, 189.0, 0.1)
     assert sampling_refusal(100.0, 1e6, 3, 100.0, 1.0) is None  # share 1: never refused (all of it was sampling)
+
+
+# ----------------------------------------------------------------------------------------------- memory options
+def _losses(trainer_cls_task, out, *argv, **app):
+    task = trainer_cls_task
+    trainer = Trainer(toy_config(out, *argv, **app), task)
+    losses = []
+    original = trainer._optimiser_step
+
+    def step(micro_batches):
+        result = original(micro_batches)
+        losses.append(result[0])
+        return result
+
+    trainer._optimiser_step = step
+    trainer.train()
+    return trainer, losses
+
+
+def test_adafactor_is_transformers_factored_and_trains(tmp_path):
+    from transformers.optimization import Adafactor
+
+    trainer, losses = _losses(ToyTask(), tmp_path, "--micro_batch_size=4", "--epoch_num=20",
+                              "--learning_rate=0.01", optimizer="adafactor")
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, Adafactor)
+    assert optimizer.defaults["relative_step"] is False and optimizer.defaults["scale_parameter"] is False
+    state = optimizer.state[trainer.net.parts["net"][0].weight]
+    assert set(state) >= {"exp_avg_sq_row", "exp_avg_sq_col"} and "exp_avg" not in state  # factored, no 1st moment
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+
+
+def test_save_optimizer_false_links_the_saved_weights_and_resume_restarts_the_optimiser(tmp_path, caplog):
+    argv = ("--micro_batch_size=2", "--epoch_num=2", "--save_checkpoint_steps=3")
+    for use_ema, linked in ((False, "weights"), (True, "ema")):
+        out = tmp_path / f"ema{use_ema}"
+        trainer = train_toy(out, *argv, save_optimizer=False, use_ema=use_ema)
+        state_dir = out / STATE_DIR
+        state = torch.load(state_dir / STATE_FILE, weights_only=True)
+        assert state["optimizer"] is None and state["linked"] == linked
+        # no second copy on disk: the training state's weights are the checkpoint's file, hard-linked
+        assert os.path.samefile(state_dir / "model_weights.bin", out / "last" / "weights.pt")
+        assert (state["weights"] is None) == (not use_ema)
+        with caplog.at_level("WARNING", logger="easynlp.trainer"):
+            resumed = train_toy(out, "--micro_batch_size=2", "--epoch_num=3", "--save_checkpoint_steps=3",
+                                f"--resume_from_checkpoint={out}", save_optimizer=False, use_ema=use_ema)
+        assert "saved without the optimiser state (save_optimizer=False): the optimiser restarts at step 14" \
+            in caplog.text
+        assert resumed.step == 21
+        raw = {name: p.detach() for name, p in trainer.named_params}
+        if use_ema:  # raw weights stored, EMA read back from the link
+            assert all(torch.equal(state["weights"][k], v) for k, v in raw.items())
+        caplog.clear()
+    # save_optimizer=True (the default): the optimiser state is saved, nothing linked
+    out = tmp_path / "default"
+    train_toy(out, *argv)
+    state = torch.load(out / STATE_DIR / STATE_FILE, weights_only=True)
+    assert state["optimizer"]["state"] and state["linked"] is None
+    assert not (out / STATE_DIR / "model_weights.bin").exists()
+
+
+def test_ema_in_ram_updates_like_the_ema_on_the_device(tmp_path, monkeypatch):
+    # ema_device=cpu with weights on a GPU updates the shadow one parameter at a time; forced here on CPU tensors
+    base = train_toy(tmp_path / "a", "--micro_batch_size=4", "--epoch_num=2", use_ema=True)
+    monkeypatch.setattr(Trainer, "_ema_on_host", lambda self: True)
+    host = train_toy(tmp_path / "b", "--micro_batch_size=4", "--epoch_num=2", use_ema=True, ema_device="cpu")
+    for a, b in zip(base.ema.shadow_params, host.ema.shadow_params):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert host.ema.optimization_step == base.ema.optimization_step
+
+
+def test_checkpoint_weights_are_not_copied_in_memory(tmp_path):
+    trainer = Trainer(toy_config(tmp_path, use_ema=True), ToyTask())
+    for name, param in trainer.named_params:
+        assert trainer.weights()[name].data_ptr() == param.data_ptr()
+    for (name, _), shadow in zip(trainer.named_params, trainer.ema.shadow_params):
+        assert trainer.ema_weights()[name].data_ptr() == shadow.data_ptr()

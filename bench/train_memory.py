@@ -1,0 +1,182 @@
+"""Training memory: the measured peak RSS and s/step of real training runs beside the memory plan's estimate.
+
+For an architecture config (random weights), each recipe runs ``easynlp --mode=train`` in its own child process for a
+few optimiser steps at a resolution and micro-batch, checkpoint at the end (the save is part of the peak), without
+TensorBoard sample images. The child's peak RSS comes from ``os.wait4`` (its ``ru_maxrss``); s/step from the
+trainer's per-step log lines (images/s at --logging_steps=1, the first step left out: it allocates the optimiser
+state); the estimate is the one the run logs before its first step (``easynlp_ldm/memory.py``). A recipe whose
+estimate exceeds the RAM refuses itself (exit 2, the estimate printed) instead of being killed, unless ``--force``.
+
+    python bench/train_memory.py                                   # SD-1.5 size (1 031 M parameters) at 512²
+    python bench/train_memory.py --resolution 256 --recipes default,memory
+    python bench/train_memory.py --preset configs/pai_diffusion_arch.json --resolution 256
+    python bench/train_memory.py --preset configs/shapes_ldm_small.json --steps 3
+
+Prints one row per recipe: measured peak, estimate, estimate/measured, s/step, the checkpoint's size and its
+training state's size beside the model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GIB = 1024 ** 3
+
+# Recipe name → (extra flags, user-defined parameters). Every recipe also gets the common settings of ``run``.
+RECIPES: dict[str, tuple[list[str], str]] = {
+    # Full fine-tuning as the seed's command does it: AdamW, fp32, EMA on the training device, optimiser saved.
+    "default": ([], ""),
+    # Full fine-tuning, the best memory recipe: gradient checkpointing, bf16 autocast, Adafactor, no EMA, checkpoints
+    # without optimiser state.
+    "memory": (["--use_amp"], "gradient_checkpointing=True optimizer=adafactor use_ema=False save_optimizer=False"),
+    # The same with the EMA kept (on a GPU it would live in RAM with ema_device=cpu).
+    "memory+ema": (["--use_amp"], "gradient_checkpointing=True optimizer=adafactor ema_device=cpu "
+                                  "save_optimizer=False"),
+    # Calibration of the activation coefficients: the fixed parts small (Adafactor, no EMA), no checkpointing, so
+    # the peak is the training step's and the activations a large part of it; fp32 and bf16 autocast.
+    "act-fp32": ([], "optimizer=adafactor use_ema=False save_optimizer=False"),
+    "act-amp": (["--use_amp"], "optimizer=adafactor use_ema=False save_optimizer=False"),
+    # LoRA recipes (train_target=lora, lora_rank=4/16) go here, e.g.
+    # "lora4": (["--use_amp"], "train_target=lora lora_rank=4 gradient_checkpointing=True"),
+}
+
+STEP_LINE = re.compile(r"(\d\d):(\d\d):(\d\d) \S+ easynlp.trainer: step (\d+)/\d+ epoch \d+: loss \S+ lr \S+ "
+                       r"grad_norm \S+ (\S+) images/s")
+PLAN_LINE = re.compile(r"memory plan: estimated peak ([\d.]+) GiB")
+
+
+def folder_bytes(path: str, seen: set | None = None) -> int:
+    """Bytes of the files under ``path``, each inode counted once (hard links are shared, not copies)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for base, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(base, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def run_recipe(name: str, model_dir: str, data: str, out: str, args) -> dict:
+    extra, udp = RECIPES[name]
+    rows = args.micro_batch * args.steps
+    argv = [sys.executable, "-m", "easynlp_ldm.cli", "--mode=train", f"--tables={os.path.join(data, 'T2I_train.tsv')}",
+            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1", "--first_sequence=text",
+            "--second_sequence=imgbase64", f"--checkpoint_dir={out}", f"--micro_batch_size={args.micro_batch}",
+            "--epoch_num=1", "--learning_rate=1e-5", "--logging_steps=1", "--random_seed=0", *extra,
+            f"--user_defined_parameters=pretrain_model_name_or_path={model_dir} resolution={args.resolution} "
+            f"sample_images=0 memory_check={not args.force} {udp}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _pid, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    plan = PLAN_LINE.search(output)
+    steps = [(int(m.group(4)), 3600 * int(m.group(1)) + 60 * int(m.group(2)) + int(m.group(3)), float(m.group(5)))
+             for m in STEP_LINE.finditer(output)]
+    # Seconds per step after the first (which allocates the optimiser state): from the logged images/s when it has
+    # digits to spare, else from the log lines' clock (1 s resolution; these steps take much longer).
+    later = [args.micro_batch / speed for step, _, speed in steps if step > 1 and speed >= 0.5]
+    if not later and len(steps) > 1:
+        later = [(b[1] - a[1]) % 86400 for a, b in zip(steps, steps[1:])]
+    result = {"recipe": name, "rc": process.returncode, "peak": usage.ru_maxrss * 1024, "wall": wall,
+              "estimate": float(plan.group(1)) * GIB if plan else None,
+              "s_step": sorted(later)[len(later) // 2] if later else None, "rows": rows}
+    if process.returncode == 0:
+        seen: set = set()
+        result["model_bytes"] = folder_bytes(os.path.join(out, "last"), seen)
+        result["state_bytes"] = folder_bytes(os.path.join(out, "training_state"), seen)
+    result["tail"] = output[-3000:]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default=os.path.join(ROOT, "configs", "sd15_arch.json"))
+    parser.add_argument("--resolution", type=int, default=0, help="0: the preset's image_size")
+    parser.add_argument("--micro_batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--recipes", default="default,memory", help=f"comma-separated: {', '.join(RECIPES)}")
+    parser.add_argument("--force", action="store_true", help="run recipes whose estimate exceeds the RAM")
+    parser.add_argument("--workdir", default="", help="where the model, data and checkpoints go (default: a "
+                        "temporary folder, removed at the end)")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    import torch
+
+    from easynlp_ldm.memory import available_memory, check_latent_diffusion_training  # noqa: F401
+    from modelzoo.presets import build_from_preset
+    from modelzoo.tiny import write_vocab
+    from shapes_data import generate_dataset
+
+    with open(args.preset, encoding="utf-8") as handle:
+        preset = json.load(handle)
+    args.resolution = args.resolution or int(preset.get("image_size", 512))
+    work = args.workdir or tempfile.mkdtemp(prefix="train-memory-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        data, model_dir = os.path.join(work, "data"), os.path.join(work, "model")
+        if not os.path.isfile(os.path.join(data, "T2I_train.tsv")):
+            generate_dataset(data, seed=0, num_train=args.micro_batch * args.steps, num_val=0, num_test=0,
+                             num_heldout=0, image_size=args.resolution)
+        if not os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
+            vocab = os.path.join(work, "vocab.txt")
+            write_vocab(vocab)
+            model = build_from_preset(args.preset, vocab)
+            model.save_pretrained(model_dir)
+            del model
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
+            json.load(handle)
+        model_file = os.path.getsize(os.path.join(model_dir, "pytorch_model.bin"))
+        ram, source = available_memory("cpu")
+        print(f"preset {os.path.relpath(args.preset, ROOT)}, {args.resolution}², micro-batch {args.micro_batch}, "
+              f"{args.steps} steps + checkpoint; model file {model_file / GIB:.2f} GiB; {ram / GIB:.1f} GiB {source}; "
+              f"{torch.get_num_threads()} threads", flush=True)
+        rows = []
+        for name in args.recipes.split(","):
+            out = os.path.join(work, f"out-{name}")
+            shutil.rmtree(out, ignore_errors=True)
+            row = run_recipe(name, model_dir, data, out, args)
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append(row)
+            print(format_row(row), flush=True)
+            if row["rc"] != 0:
+                print(row["tail"], flush=True)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(rows, handle, indent=1)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def format_row(row: dict) -> str:
+    estimate = row["estimate"]
+    text = f"{row['recipe']:<11} exit {row['rc']:>3}  peak RSS {row['peak'] / GIB:6.2f} GiB  estimate "
+    text += f"{estimate / GIB:6.2f} GiB  ratio {estimate / row['peak']:.2f}" if estimate else "     n/a"
+    text += f"  {row['s_step']:.1f} s/step" if row["s_step"] else "  s/step n/a"
+    text += f"  wall {row['wall']:.0f} s"
+    if "model_bytes" in row:
+        whole = (row["model_bytes"] + row["state_bytes"]) / row["model_bytes"]
+        text += (f"  checkpoint: model {row['model_bytes'] / GIB:.2f} GiB + training state "
+                 f"{row['state_bytes'] / GIB:.2f} GiB ({whole:.2f}× the model)")
+    return text
+
+
+if __name__ == "__main__":
+    main()

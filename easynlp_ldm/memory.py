@@ -1,0 +1,451 @@
+"""The memory plan of a training run: its peak memory estimated before the first step, logged, and checked against
+the memory available, so that a run that cannot fit stops with a one-line error naming the options that would make
+it fit, instead of being killed by the kernel (exit 137, no message) minutes into its first step.
+
+What a run holds (bytes; ``MemoryEstimate.parts``):
+
+  weights      every component's parameters, trained and frozen, in their dtype
+  gradients    one fp32 gradient per trained parameter
+  optimizer    AdamW/Adam: two moments per trained parameter; SGD: one; Adafactor (``optimizer=adafactor``): a row
+               and a column vector per matrix (for a 3×3 convolution that is 2/3 of its weights: transformers
+               factors the last two dimensions), a full second moment for vectors, no first moment
+  ema          one copy of the trained weights (``use_ema``), on the training device or in RAM (``ema_device=cpu``)
+  amp_copies   ``--use_amp``: autocast keeps a half-precision copy of each trained weight during the step (the
+               part alive at the peak: the backward pass frees them as it allocates the gradients)
+  activations  what the backward pass keeps: counted per UNet block from the architecture (feature-map elements ×
+               saved tensors per block), × micro-batch × bytes per element; with gradient checkpointing, the blocks'
+               inputs and one block's recomputation. The coefficients are calibrated on measured peaks
+               (``bench/train_memory.py``)
+  text_activations  a trained text encoder's activations (``train_text_encoder``)
+  overhead     allocator slack and temporaries of a step, per trained parameter (measured)
+  runtime      the interpreter, torch and the libraries, their thread pools (RAM only)
+  save_copy    at each checkpoint the model's state dict is copied once into RAM before it is written
+  encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
+
+Phases: ``encode`` (before the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
+activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
+gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("easynlp.memory")
+
+GIB = 1024 ** 3
+
+# Calibrated on bench/train_memory.py's peak RSS of SD-1.5's architecture on CPU (1 031 M parameters, micro-batch 1):
+# fp32 and bf16 autocast without checkpointing at 512², the memory recipe (checkpointing + autocast) at 256² and
+# 512², AdamW + EMA fp32 at 256²; full fine-tuning AdamW + EMA fp32 at 512² was held out to check the result.
+RUNTIME_BYTES = int(0.55 * GIB)  # interpreter + torch/diffusers/transformers + oneDNN/OpenMP buffers, CPU runs
+STEP_OVERHEAD_PER_PARAM = 1.1  # bytes per trained parameter on top of the counted parts during a step: allocator
+#                               slack and temporaries (measured ~0.9 GiB for SD-1.5's UNet, whatever the resolution)
+RESNET_TENSORS = 10.0  # feature maps a ResNet block keeps for backward (norms, activations, convs, skip), × C·H·W
+ATTENTION_TENSORS = 32.0  # a transformer block: norms, q/k/v/out of two attentions, GEGLU feed-forward (8×), …
+SAMPLER_TENSORS = 2.0  # down/up-sampling convolution
+CHECKPOINT_TENSORS = 2.0  # per checkpointed block with gradient checkpointing: its input (+ the skip it keeps)
+ACTIVATION_SCALE = 0.46  # measured / counted, without gradient checkpointing (0.87 GiB at 512², fp32)
+CHECKPOINT_SCALE = 0.38  # measured / counted, with gradient checkpointing
+AMP_ACTIVATION_BYTES = 3.26  # bytes per saved element under bf16 autocast (norms, softmax, attention stay fp32)
+AMP_COPY_BYTES = 0.42  # bytes per trained parameter of autocast's half-precision weight copies alive at the peak
+#                        (2 bytes each, but the backward pass frees them as it allocates the gradients)
+VAE_ENCODE_TENSORS = 6.5  # live full-resolution feature maps of the VAE encoder's first level (no gradients)
+MAX_ENCODE_BATCH = 32  # latents are cached at min(micro-batch, this) images per VAE call
+FIT_MARGIN = 0.9  # the options proposed bring the estimate under this share of the memory available
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The run's settings that decide its memory."""
+
+    micro_batch_size: int
+    resolution: int  # pixels (square)
+    gradient_checkpointing: bool
+    use_amp: bool
+    optimizer: str  # adamw (also Adam), sgd, adafactor
+    use_ema: bool
+    ema_device: str  # "": the training device; "cpu"
+    save_optimizer: bool  # disk only: the optimiser state is saved from where it lives, without a copy
+    device: str  # "cpu" or "cuda"
+    cache_latents: bool = True
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the estimate needs to know of the model: parameter shapes per component, trained or frozen, and the
+    architectures whose activations it counts."""
+
+    trained: dict[str, list[tuple[int, ...]]]  # component → shapes of its trained parameters
+    frozen: dict[str, int]  # component → number of frozen parameters
+    param_bytes: int = 4
+    unet_config: dict[str, Any] | None = None  # trained diffusion UNet (activations counted); None: not counted
+    vae_config: dict[str, Any] | None = None  # the VAE that encodes images for the cache
+    vae_scale_factor: int = 8
+    text_config: dict[str, Any] | None = None  # a trained text encoder's config (hidden_size, layers, …)
+    text_length: int = 77
+
+    @property
+    def trained_count(self) -> int:
+        return sum(math.prod(s) for shapes in self.trained.values() for s in shapes)
+
+    @property
+    def frozen_count(self) -> int:
+        return sum(self.frozen.values())
+
+
+@dataclass
+class MemoryEstimate:
+    settings: MemorySettings
+    footprint: ModelFootprint
+    parts: dict[str, int]  # bytes of each part (see the module docstring)
+    device: dict[str, int] = field(default_factory=dict)  # peak per phase on the training device (GPU runs)
+    host: dict[str, int] = field(default_factory=dict)  # peak per phase in RAM
+
+    @property
+    def peak(self) -> int:
+        """The peak of the memory that decides: the GPU's on a GPU run, RAM on a CPU run."""
+        return max((self.device if self.settings.device != "cpu" else self.host).values())
+
+    @property
+    def host_peak(self) -> int:
+        return max(self.host.values())
+
+    def phase(self) -> str:
+        phases = self.device if self.settings.device != "cpu" else self.host
+        return max(phases, key=phases.get)
+
+    def describe(self) -> str:
+        """One line: the total and its main parts."""
+        s, f = self.settings, self.footprint
+        names = {"weights": "weights", "gradients": "gradients", "optimizer": f"optimizer ({s.optimizer})",
+                 "ema": "EMA" + (" in RAM" if s.ema_device == "cpu" and s.device != "cpu" else ""),
+                 "amp_copies": "AMP weight copies", "activations": "activations",
+                 "text_activations": "text-encoder activations", "overhead": "step overhead", "runtime": "runtime",
+                 "save_copy": "checkpoint copy",
+                 "encode": "VAE encode"}
+        parts = ", ".join(f"{names[k]} {v / GIB:.2f}" for k, v in self.parts.items() if v)
+        where = "GPU" if s.device != "cpu" else "RAM"
+        checkpointing = "gradient checkpointing, " if s.gradient_checkpointing else ""
+        text = (f"{self.peak / GIB:.1f} GiB of {where} at the {self.phase()} (parts, GiB: {parts}; "
+                f"{f.trained_count / 1e6:.0f} M parameters trained, {f.frozen_count / 1e6:.0f} M frozen; micro-batch "
+                f"{s.micro_batch_size} at {s.resolution}², {checkpointing}{'AMP' if s.use_amp else 'fp32'})")
+        if s.device != "cpu":
+            text += f"; RAM {self.host_peak / GIB:.1f} GiB"
+        return text
+
+
+# ------------------------------------------------------------------------------------------------------ the parts
+def optimizer_state_elements(shapes: list[tuple[int, ...]], optimizer: str) -> int:
+    if optimizer in ("adamw", "adam"):
+        return 2 * sum(math.prod(s) for s in shapes)
+    if optimizer == "sgd":
+        return sum(math.prod(s) for s in shapes)
+    if optimizer == "adafactor":  # transformers' Adafactor, beta1=None: factored over the last two dimensions
+        total = 0
+        for shape in shapes:
+            if len(shape) >= 2:
+                total += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+            else:
+                total += math.prod(shape)
+        return total
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def _unet_blocks(config: dict[str, Any], latent: int) -> list[tuple[str, int, int]]:
+    """(kind, channels, side) of every block of a diffusers UNet2DConditionModel at a latent side."""
+    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    layers = config.get("layers_per_block", 2)
+    down = config.get("down_block_types", ())
+    up = config.get("up_block_types", ())
+    levels = len(channels)
+    blocks = [("sampler", channels[0], latent)]  # conv_in
+    for i, kind in enumerate(down):
+        side = max(1, latent >> i)
+        for _ in range(layers):
+            blocks.append(("resnet", channels[i], side))
+            if "CrossAttn" in kind or "Attn" in kind:
+                blocks.append(("attention", channels[i], side))
+        if i < levels - 1:
+            blocks.append(("sampler", channels[i], max(1, side // 2)))
+    side = max(1, latent >> (levels - 1))
+    blocks += [("resnet", channels[-1], side), ("attention", channels[-1], side), ("resnet", channels[-1], side)]
+    for j, kind in enumerate(up):
+        i = levels - 1 - j
+        side = max(1, latent >> i)
+        for _ in range(layers + 1):
+            blocks.append(("resnet", channels[i], side))
+            if "CrossAttn" in kind or "Attn" in kind:
+                blocks.append(("attention", channels[i], side))
+        if i > 0:
+            blocks.append(("sampler", channels[i], side * 2))
+    blocks.append(("sampler", channels[0], latent))  # norm_out, conv_out
+    return blocks
+
+
+_TENSORS = {"resnet": RESNET_TENSORS, "attention": ATTENTION_TENSORS, "sampler": SAMPLER_TENSORS}
+
+
+def unet_activation_bytes(config: dict[str, Any], latent: int, micro_batch: int, checkpointing: bool,
+                          amp: bool) -> int:
+    """What the UNet's backward pass keeps for ``micro_batch`` samples at a latent side (see the module docstring)."""
+    per_element = AMP_ACTIVATION_BYTES if amp else 4.0
+    blocks = _unet_blocks(config, latent)
+    counted = [_TENSORS[kind] * c * side * side for kind, c, side in blocks]
+    if not checkpointing:
+        elements = ACTIVATION_SCALE * sum(counted)
+    else:  # each block's input kept, one block's activations alive during its recomputation
+        kept = sum(CHECKPOINT_TENSORS * c * side * side for kind, c, side in blocks)
+        elements = CHECKPOINT_SCALE * (kept + max(counted))
+    return int(elements * per_element * micro_batch)
+
+
+def vae_encode_bytes(config: dict[str, Any] | None, resolution: int, batch: int, amp: bool) -> int:
+    if not config:
+        return 0
+    first = list(config.get("block_out_channels", (128,)))[0]
+    return int(VAE_ENCODE_TENSORS * first * resolution * resolution * (2.6 if amp else 4.0) * batch)
+
+
+def text_activation_bytes(config: dict[str, Any] | None, length: int, micro_batch: int, amp: bool) -> int:
+    if not config:
+        return 0
+    hidden = config.get("hidden_size", 768)
+    layers = config.get("num_hidden_layers", 12)
+    inner = config.get("intermediate_size", 4 * hidden)
+    heads = config.get("num_attention_heads", 12)
+    per_layer = length * (12 * hidden + 2 * inner) + 3 * heads * length * length
+    return int(layers * per_layer * (AMP_ACTIVATION_BYTES if amp else 4.0) * micro_batch)
+
+
+def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstimate:
+    s, f = settings, footprint
+    pb = f.param_bytes
+    trained = f.trained_count
+    trained_shapes = [shape for shapes in f.trained.values() for shape in shapes]
+    optimizer = s.optimizer if s.optimizer != "adam" else "adamw"
+    latent = s.resolution // f.vae_scale_factor
+    parts = {
+        "weights": (trained + f.frozen_count) * pb,
+        "gradients": trained * 4,
+        "optimizer": optimizer_state_elements(trained_shapes, optimizer) * 4,
+        "ema": trained * pb if s.use_ema else 0,
+        "amp_copies": int(trained * AMP_COPY_BYTES) if s.use_amp else 0,
+        "activations": (unet_activation_bytes(f.unet_config, latent, s.micro_batch_size, s.gradient_checkpointing,
+                                              s.use_amp) if f.unet_config else 0),
+        "text_activations": text_activation_bytes(f.text_config, f.text_length, s.micro_batch_size, s.use_amp),
+        "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
+        "runtime": RUNTIME_BYTES,
+        "save_copy": (trained + f.frozen_count) * pb,
+        "encode": (vae_encode_bytes(f.vae_config, s.resolution, min(s.micro_batch_size, MAX_ENCODE_BATCH), s.use_amp)
+                   if s.cache_latents else 0),
+    }
+    if not s.cache_latents:  # the VAE encodes every micro-batch during the step instead
+        parts["activations"] += vae_encode_bytes(f.vae_config, s.resolution, s.micro_batch_size, s.use_amp)
+    p = parts
+    ema_with_weights = p["ema"] if (s.ema_device != "cpu" or s.device == "cpu") else 0
+    on_device = {
+        "encode": p["weights"] + p["encode"],
+        "step": (p["weights"] + p["gradients"] + p["optimizer"] + ema_with_weights + p["amp_copies"]
+                 + p["activations"] + p["text_activations"] + p["overhead"]),
+        "save": p["weights"] + p["optimizer"] + ema_with_weights,
+    }
+    result = MemoryEstimate(settings, footprint, parts)
+    if s.device == "cpu":
+        result.host = {k: v + p["runtime"] + (p["save_copy"] if k == "save" else 0) for k, v in on_device.items()}
+    else:
+        result.device = on_device
+        host_ema = p["ema"] - ema_with_weights
+        result.host = {"encode": p["runtime"], "step": p["runtime"] + host_ema,
+                       "save": p["runtime"] + host_ema + p["save_copy"]}
+    return result
+
+
+# --------------------------------------------------------------------------------------------- what is available
+def _cgroup_limit() -> tuple[int, str] | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path, encoding="ascii").read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):
+            return int(text), f"cgroup {path}"
+    return None
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """(bytes, where from) the run may use: on a GPU its free memory plus what this process's torch already
+    holds; on a CPU the machine's RAM (``os.sysconf``) or the cgroup's limit when lower, shared by the training
+    processes of this machine (``LOCAL_WORLD_SIZE``, set by torchrun)."""
+    if device != "cpu":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved(), f"free GPU memory of {torch.cuda.get_device_name()}"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        source = "RAM"
+    except (ValueError, OSError):
+        ram, source = 1 << 62, "RAM (unknown)"
+    limit = _cgroup_limit()
+    if limit and limit[0] < ram:
+        ram, source = limit
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if processes > 1:
+        return ram // processes, f"{source}, shared by {processes} processes"
+    return ram, source
+
+
+# ------------------------------------------------------------------------------------------------ what would fit
+def _ema_option(settings: MemorySettings) -> tuple[str, dict] | None:
+    if not settings.use_ema:
+        return None
+    if settings.device != "cpu" and settings.ema_device != "cpu":
+        return "ema_device=cpu (or use_ema=False)", {"ema_device": "cpu"}
+    return "use_ema=False", {"use_ema": False}
+
+
+def fitting_options(footprint: ModelFootprint, settings: MemorySettings, limit: int,
+                    effective_batch: int | None = None) -> tuple[list[str], MemoryEstimate | None]:
+    """The options, cheapest first, that bring the estimate within ``limit``, each taken only if it lowers it:
+    a smaller micro-batch (with gradient accumulation keeping ``effective_batch``), gradient checkpointing, AMP,
+    Adafactor, the EMA in RAM (GPU) or off. Returns them and the estimate with them; ([...], None) when even all
+    of them do not fit."""
+    chosen: list[str] = []
+    current = settings
+    effective = effective_batch or settings.micro_batch_size
+
+    def smallest_batch_that_fits(base: MemorySettings) -> MemorySettings | None:
+        size = base.micro_batch_size
+        while size >= 1:
+            candidate = dataclasses.replace(base, micro_batch_size=size)
+            if estimate(footprint, candidate).peak <= limit and (
+                    base.device == "cpu" or estimate(footprint, candidate).host_peak <= limit_host):
+                return candidate
+            if size == 1:
+                return None
+            size = max(1, size // 2)
+        return None
+
+    limit_host = _host_limit(settings)
+    steps = [("gradient_checkpointing=True", {"gradient_checkpointing": True}),
+             ("--use_amp", {"use_amp": True}),
+             ("optimizer=adafactor", {"optimizer": "adafactor"})]
+    ema = _ema_option(settings)
+    if ema:
+        steps.append(ema)
+    for text, change in [(None, None), *steps]:
+        if text is not None:
+            candidate = dataclasses.replace(current, **change)
+            if candidate == current or estimate(footprint, candidate).peak >= estimate(footprint, current).peak:
+                continue
+            current = candidate
+            chosen.append(text)
+        fits = smallest_batch_that_fits(current)
+        if fits is not None:
+            if fits.micro_batch_size < settings.micro_batch_size:
+                accumulation = max(1, math.ceil(effective / fits.micro_batch_size))
+                chosen.insert(0, f"--micro_batch_size={fits.micro_batch_size}"
+                              + (f" --gradient_accumulation_steps={accumulation}" if accumulation > 1 else ""))
+            return chosen, estimate(footprint, fits)
+    return chosen, None
+
+
+def _host_limit(settings: MemorySettings) -> int:
+    return available_memory("cpu")[0] if settings.device != "cpu" else 1 << 62
+
+
+def check(footprint: ModelFootprint, settings: MemorySettings, *, limit_gb: float = 0.0, enforce: bool = True,
+          effective_batch: int | None = None) -> MemoryEstimate:
+    """Estimate, log one line, and raise a one-line ``UserError`` naming what would fit when the estimate exceeds
+    the memory available (``limit_gb`` > 0 lowers it; ``enforce=False`` logs a warning instead)."""
+    from easynlp_ldm.errors import UserError
+
+    result = estimate(footprint, settings)
+    available, source = available_memory(settings.device)
+    if limit_gb > 0 and limit_gb * GIB < available:
+        available, source = int(limit_gb * GIB), f"memory_limit_gb={limit_gb:g}"
+    logger.info("memory plan: estimated peak %s; %.1f GiB available (%s)", result.describe(), available / GIB,
+                source)
+    over_device = result.peak > available
+    over_host = settings.device != "cpu" and result.host_peak > _host_limit(settings)
+    if not (over_device or over_host):
+        return result
+    options, fitted = fitting_options(footprint, settings, int(FIT_MARGIN * available), effective_batch)
+    head = f"the estimated peak memory of this run, {result.describe()}, exceeds the {available / GIB:.1f} GiB " \
+           f"available ({source})"
+    if fitted is not None:
+        advice = f"it fits with {', '.join(options)} (estimated {fitted.peak / GIB:.1f} GiB, with a 10 % margin)"
+    else:
+        floor = estimate(footprint, dataclasses.replace(settings, micro_batch_size=1, gradient_checkpointing=True,
+                                                        use_amp=True, optimizer="adafactor", use_ema=False))
+        advice = (f"it does not fit even with micro-batch 1, gradient_checkpointing=True, --use_amp, "
+                  f"optimizer=adafactor, use_ema=False (estimated {floor.peak / GIB:.1f} GiB): train fewer parameters "
+                  f"or use a machine with more memory")
+    message = f"{head}; {advice}; memory_check=False tries anyway"
+    if enforce:
+        raise UserError(message)
+    logger.warning("memory_check=False: %s", message)
+    return result
+
+
+# -------------------------------------------------------------------------------------------- the diffusion app
+def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
+                               text_length: int = 77) -> ModelFootprint:
+    """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts)."""
+    components = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
+    if train_target == "unet":
+        trained_names = {"unet"} | ({"text_encoder"} if train_text_encoder else set())
+    elif train_target == "lora":  # the adapters, added later, are a few M parameters: the backward pass counts
+        trained_names = set()
+    elif train_target in ("vae", "vae_decoder"):
+        trained_names = {"vae"}
+    else:
+        trained_names = set()
+    trained: dict[str, list[tuple[int, ...]]] = {}
+    frozen: dict[str, int] = {}
+    for name, module in components.items():
+        for pname, param in module.named_parameters():
+            is_trained = name in trained_names and not (
+                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv.")))
+            if is_trained:
+                trained.setdefault(name, []).append(tuple(param.shape))
+            else:
+                frozen[name] = frozen.get(name, 0) + param.numel()
+    first = next(model.unet.parameters())
+    diffusion = train_target in ("unet", "lora")
+    unet_config = dict(model.unet.config) if diffusion else None
+    text_config = None
+    if train_target == "unet" and train_text_encoder:
+        text_config = dict(getattr(model.text_encoder, "config", {}).to_dict()) \
+            if hasattr(getattr(model.text_encoder, "config", None), "to_dict") else {}
+    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), unet_config=unet_config,
+                          vae_config=dict(model.vae.config) if diffusion else None,
+                          vae_scale_factor=model.vae_scale_factor, text_config=text_config, text_length=text_length)
+
+
+def check_latent_diffusion_training(model, flags, params: dict[str, Any], resolution: int,
+                                    text_length: int) -> MemoryEstimate:
+    """The memory plan of ``--mode=train`` for the latent_diffusion app: called once the model is loaded, before
+    latents are cached and the optimiser is built."""
+    device = next(model.unet.parameters()).device.type
+    random_pixels = params["random_crop"] or params["random_flip"]
+    optimizer = params["optimizer"]
+    if optimizer == "adamw":
+        optimizer = {"SGD": "sgd", "Adam": "adam"}.get(flags.optimizer_type, "adamw")
+    settings = MemorySettings(
+        micro_batch_size=flags.micro_batch_size, resolution=resolution,
+        gradient_checkpointing=bool(params["gradient_checkpointing"]), use_amp=bool(flags.use_amp),
+        optimizer=optimizer, use_ema=bool(params["use_ema"]), ema_device=params["ema_device"],
+        save_optimizer=bool(params["save_optimizer"]), device="cpu" if device == "cpu" else "cuda",
+        cache_latents=bool(params["cache_latents"]) and not random_pixels)
+    footprint = latent_diffusion_footprint(model, train_target=params["train_target"],
+                                           train_text_encoder=bool(params["train_text_encoder"]),
+                                           text_length=text_length)
+    return check(footprint, settings, limit_gb=params["memory_limit_gb"], enforce=params["memory_check"],
+                 effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)
