@@ -14,6 +14,27 @@ estimate exceeds the RAM refuses itself (exit 2, the estimate printed) instead o
 
 Prints one row per recipe: measured peak, estimate, estimate/measured, s/step, the checkpoint's size and its
 training state's size beside the model's.
+
+Measured 2026-11-25 on the project's CPU machine (2 shared cores, 23.5 GiB RAM; other jobs ran beside, so s/step is
+noisy), random weights, 3 steps of micro-batch 1 (2 for the last block) + the checkpoint at the end:
+
+    recipe      arch / size        peak RSS   estimate  est/meas  s/step  checkpoint (model + training state)
+    default     SD-1.5 512²        18.75 GiB  18.90     1.01      16      3.83 + 12.81 GiB (4.34× the model)
+    memory      SD-1.5 512²        10.61 GiB  10.60     1.00      21      3.83 + 0.00 GiB (1.00×)
+    act-fp32    SD-1.5 512²        11.06 GiB  11.00     0.99      23      3.83 + 0.00 GiB
+    act-amp     SD-1.5 512²        11.34 GiB  11.20     0.99      20      3.83 + 0.00 GiB
+    default     SD-1.5 256²        18.21 GiB  18.30     1.01       9      3.83 + 12.81 GiB
+    memory      SD-1.5 256²        10.56 GiB  10.50     0.99      14      3.83 + 0.00 GiB
+    default     PAI-Diffusion 256²  6.00 GiB   5.90     0.98       1.4    1.45 + 3.28 GiB (3.26×)
+    memory      PAI-Diffusion 256²  4.09 GiB   3.90     0.95       3.0    1.45 + 0.00 GiB
+    default     SD-1.5 512², mb 2  20.10 GiB  19.80     0.99      27      3.83 + 12.81 GiB
+    memory      SD-1.5 512², mb 2  10.79 GiB  10.70     0.99      26      3.83 + 0.00 GiB
+
+The coefficients of easynlp_ldm/memory.py were fitted on the first six rows' first run (SD-1.5, micro-batch 1); the
+PAI-Diffusion and micro-batch-2 rows were not used to fit them. "memory" is full fine-tuning with gradient
+checkpointing + bf16 autocast + Adafactor + no EMA + save_optimizer=False: 10.6 GiB for SD-1.5 at 512² (target
+≤ 16 GB), checkpoint 1.00× the model (its training state hard-links the model's weights). On this CPU it is slower
+per step than the default (recomputation, bf16 on CPU).
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ GIB = 1024 ** 3
 
 # Calibrated on bench/train_memory.py's peak RSS of SD-1.5's architecture on CPU (1 031 M parameters, micro-batch 1):
 # fp32 and bf16 autocast without checkpointing at 512², the memory recipe (checkpointing + autocast) at 256² and
-# 512², AdamW + EMA fp32 at 256²; full fine-tuning AdamW + EMA fp32 at 512² was held out to check the result.
+# 512², AdamW + EMA fp32 at 256². Held out: AdamW + EMA fp32 at 512², micro-batch 2, PAI-Diffusion's architecture —
+# 0.95-1.01 of the measured peak (table in bench/train_memory.py). On an H100 (SD-1.5's UNet alone, 512²) the same
+# coefficients gave 1.07-1.11 × torch.cuda.max_memory_allocated.
 RUNTIME_BYTES = int(0.55 * GIB)  # interpreter + torch/diffusers/transformers + oneDNN/OpenMP buffers, CPU runs
 STEP_OVERHEAD_PER_PARAM = 1.1  # bytes per trained parameter on top of the counted parts during a step: allocator
 #                               slack and temporaries (measured ~0.9 GiB for SD-1.5's UNet, whatever the resolution)
