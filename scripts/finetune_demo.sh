@@ -5,10 +5,10 @@
 #   3. fine-tune the VAE's decoder on the mix (train_target=vae_decoder): the frozen decoder draws small stars as
 #      circles; the encoder stays frozen, so the latent space and the diffusion model stay valid
 #   4. fine-tune the diffusion model (UNet + text encoder) on the mix, starting from step 3's model — or, with
-#      UNET_MODE=lora, train a LoRA adapter of the UNet and the text encoder instead (LORA_RANK, default 16)
+#      UNET_MODE=lora, train a LoRA adapter of the UNet and the text encoder instead (LORA_RANK, default 32)
 #   5. measure after
 # Usage: bash scripts/finetune_demo.sh [WORK_DIR]     (DEC_EPOCHS, DEC_LR change step 3; EPOCHS, OLD_TRAIN, LR step 4)
-#        UNET_MODE=lora bash scripts/finetune_demo.sh [WORK_DIR]   (LR defaults to 1e-3 there)
+#        UNET_MODE=lora bash scripts/finetune_demo.sh [WORK_DIR]   (LR defaults to 3e-3 there)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
@@ -18,8 +18,8 @@ DEC_LR="${DEC_LR:-4e-4}"
 EPOCHS="${EPOCHS:-30}"
 OLD_TRAIN="${OLD_TRAIN:-800}"
 UNET_MODE="${UNET_MODE:-full}"
-LORA_RANK="${LORA_RANK:-16}"
-if [ "$UNET_MODE" = lora ]; then LR="${LR:-1e-3}"; else LR="${LR:-3e-4}"; fi
+LORA_RANK="${LORA_RANK:-32}"
+if [ "$UNET_MODE" = lora ]; then LR="${LR:-3e-3}"; else LR="${LR:-3e-4}"; fi
 export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
 mkdir -p "$WORK"
 SCHEMA="--input_schema=idx:str:1,text:str:1,imgbase64:str:1 --first_sequence=text --second_sequence=imgbase64"
