@@ -68,8 +68,9 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # the peak is the training step's and the activations a large part of it; fp32 and bf16 autocast.
     "act-fp32": ([], "optimizer=adafactor use_ema=False save_optimizer=False"),
     "act-amp": (["--use_amp"], "optimizer=adafactor use_ema=False save_optimizer=False"),
-    # LoRA recipes (train_target=lora, lora_rank=4/16) go here, e.g.
-    # "lora4": (["--use_amp"], "train_target=lora lora_rank=4 gradient_checkpointing=True"),
+    # LoRA adapters of the UNet's attention (the model frozen), with checkpointing and bf16 autocast.
+    "lora4": (["--use_amp"], "train_target=lora lora_rank=4 gradient_checkpointing=True"),
+    "lora16": (["--use_amp"], "train_target=lora lora_rank=16 gradient_checkpointing=True"),
 }
 
 STEP_LINE = re.compile(r"(\d\d):(\d\d):(\d\d) \S+ easynlp.trainer: step (\d+)/\d+ epoch \d+: loss \S+ lr \S+ "

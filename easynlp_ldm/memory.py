@@ -19,10 +19,12 @@ What a run holds (bytes; ``MemoryEstimate.parts``):
   text_activations  a trained text encoder's activations (``train_text_encoder``)
   overhead     allocator slack and temporaries of a step, per trained parameter (measured)
   runtime      the interpreter, torch and the libraries, their thread pools (RAM only)
-  save_copy    at each checkpoint the model's state dict is copied once into RAM before it is written
+  save_copy    at each checkpoint of a GPU run the model's state dict is copied into RAM before it is written (on a CPU
+               the state dict holds the live weights: no copy)
   encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
 
-Phases: ``encode`` (before the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
+Phases: ``load`` (reading the weights file beside the built modules: twice the weights, in RAM), ``encode`` (before
+the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
 activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
 """
@@ -243,7 +245,8 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         "text_activations": text_activation_bytes(f.text_config, f.text_length, s.micro_batch_size, s.use_amp),
         "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
         "runtime": RUNTIME_BYTES,
-        "save_copy": (trained + f.frozen_count) * pb,
+        # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
+        "save_copy": (trained + f.frozen_count) * pb if s.device != "cpu" else 0,
         "encode": (vae_encode_bytes(f.vae_config, s.resolution, min(s.micro_batch_size, MAX_ENCODE_BATCH), s.use_amp)
                    if s.cache_latents else 0),
     }
@@ -258,12 +261,16 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         "save": p["weights"] + p["optimizer"] + ema_with_weights,
     }
     result = MemoryEstimate(settings, footprint, parts)
+    # Loading reads the whole weights file into RAM beside the freshly built modules: twice the weights, in RAM,
+    # before anything else (the largest phase of a LoRA run).
+    load = 2 * p["weights"] + p["runtime"]
     if s.device == "cpu":
         result.host = {k: v + p["runtime"] + (p["save_copy"] if k == "save" else 0) for k, v in on_device.items()}
+        result.host["load"] = load
     else:
         result.device = on_device
         host_ema = p["ema"] - ema_with_weights
-        result.host = {"encode": p["runtime"], "step": p["runtime"] + host_ema,
+        result.host = {"load": load, "encode": p["runtime"], "step": p["runtime"] + host_ema,
                        "save": p["runtime"] + host_ema + p["save_copy"]}
     return result
 

@@ -134,15 +134,17 @@ class LatentDiffusion(torch.nn.Module):
         }
 
     def component_state_dict(self, overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """One plain state dict of all components; ``overrides`` (e.g. EMA weights) replace matching keys."""
+        """One plain state dict of all components; ``overrides`` (e.g. EMA weights) replace matching keys. CPU
+        tensors are the live weights, not copies (a save of a real-size model would otherwise hold a second model in
+        memory): write them out before the weights change again."""
         state = {}
         for name in COMPONENTS:
             for key, value in getattr(self, name).state_dict().items():
-                state[f"{name}.{key}"] = value.detach().cpu().clone()
+                state[f"{name}.{key}"] = value.detach().cpu()
         for key, value in (overrides or {}).items():
             if key not in state:
                 raise KeyError(f"override {key} is not a weight of the model")
-            state[key] = value.detach().cpu().to(state[key].dtype).clone()
+            state[key] = value.detach().cpu().to(state[key].dtype)
         return state
 
     def save_pretrained(self, folder: str, overrides: dict[str, torch.Tensor] | None = None,

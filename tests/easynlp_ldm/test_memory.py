@@ -58,7 +58,7 @@ def test_estimate_shrinks_with_each_memory_option(sd15):
     # on a GPU the EMA in RAM frees the GPU's memory and costs RAM
     gpu = memory.estimate(sd15, dataclasses.replace(BASE, device="cuda"))
     ema_host = memory.estimate(sd15, dataclasses.replace(BASE, device="cuda", ema_device="cpu"))
-    assert ema_host.peak == gpu.peak - gpu.parts["ema"] and ema_host.host_peak > gpu.host_peak
+    assert ema_host.peak == gpu.peak - gpu.parts["ema"] and ema_host.host["step"] > gpu.host["step"]
     # save_optimizer=False is a disk option: the state is saved from where it lives either way
     assert peak(sd15, save_optimizer=False) == default
 
@@ -152,3 +152,11 @@ def test_memory_recipe_trains_saves_without_optimiser_and_resumes(tiny_model_dir
                                    f"--resume_from_checkpoint={out}", udp=recipe)) == 0
     assert "saved without the optimiser state (save_optimizer=False): the optimiser restarts at step 4" in caplog.text
     assert "step 6/6" in caplog.text
+
+
+def test_loading_counts_the_weights_twice_in_ram(sd15):
+    """Reading the weights file beside the built modules: the largest phase of a LoRA-sized run (measured on
+    SD-1.5: 8.04 GiB peak RSS for a LoRA run whose step needs under 5 GiB)."""
+    small = memory.estimate(sd15, dataclasses.replace(BASE, micro_batch_size=1, gradient_checkpointing=True,
+                                                      use_amp=True, optimizer="adafactor", use_ema=False))
+    assert small.host["load"] >= 2 * small.parts["weights"]
