@@ -174,7 +174,14 @@ def load_state_dict_file(path: str) -> dict:
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped (zip files, what torch.save writes): the tensors stay in the page cache until used, so a
+        # model loaded with assign=True holds one copy of its weights, not the file's and its own.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err).lower() and "zip" not in str(err).lower():
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
         reason = str(err).strip().split("\n")[0][:200] or type(err).__name__
         raise WeightsError(f"{path}: cannot read weights safely ({type(err).__name__}: {reason}; only plain "

@@ -23,7 +23,8 @@ What a run holds (bytes; ``MemoryEstimate.parts``):
                the state dict holds the live weights: no copy)
   encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
 
-Phases: ``load`` (reading the weights file beside the built modules: twice the weights, in RAM), ``encode`` (before
+Phases: ``load`` (the built modules, then the memory-mapped file's tensors in their place: the weights, in RAM),
+``encode`` (before
 the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
 activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
@@ -261,9 +262,9 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         "save": p["weights"] + p["optimizer"] + ema_with_weights,
     }
     result = MemoryEstimate(settings, footprint, parts)
-    # Loading reads the whole weights file into RAM beside the freshly built modules: twice the weights, in RAM,
-    # before anything else (the largest phase of a LoRA run).
-    load = 2 * p["weights"] + p["runtime"]
+    # Loading: the freshly built modules, whose weights are then replaced by the memory-mapped file's tensors
+    # (modelzoo/ldm.py, assign=True): one copy of the weights, in RAM, before anything else.
+    load = p["weights"] + p["runtime"]
     if s.device == "cpu":
         result.host = {k: v + p["runtime"] + (p["save_copy"] if k == "save" else 0) for k, v in on_device.items()}
         result.host["load"] = load

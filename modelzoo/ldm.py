@@ -223,7 +223,12 @@ def _esrgan_file(path: str) -> str | None:
 
 
 def _load_strict(module: torch.nn.Module, state: dict, where: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """``state`` becomes the module's weights (``assign``: the loaded tensors, in the module's dtypes, replace the
+    freshly initialised ones, so loading never holds two copies of the weights)."""
+    reference = module.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference and v.dtype != reference[k].dtype else v
+             for k, v in state.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     # Position-id buffers are recomputed by transformers and absent from some files.
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]

@@ -154,9 +154,8 @@ def test_memory_recipe_trains_saves_without_optimiser_and_resumes(tiny_model_dir
     assert "step 6/6" in caplog.text
 
 
-def test_loading_counts_the_weights_twice_in_ram(sd15):
-    """Reading the weights file beside the built modules: the largest phase of a LoRA-sized run (measured on
-    SD-1.5: 8.04 GiB peak RSS for a LoRA run whose step needs under 5 GiB)."""
+def test_loading_counts_one_copy_of_the_weights_in_ram(sd15):
+    """The built modules' weights are replaced by the memory-mapped file's (modelzoo/ldm.py): one copy, not two."""
     small = memory.estimate(sd15, dataclasses.replace(BASE, micro_batch_size=1, gradient_checkpointing=True,
                                                       use_amp=True, optimizer="adafactor", use_ema=False))
-    assert small.host["load"] >= 2 * small.parts["weights"]
+    assert small.parts["weights"] <= small.host["load"] < 1.5 * small.parts["weights"]
