@@ -278,8 +278,30 @@ def truncate_partial_tail(path: str) -> None:
 
 # --------------------------------------------------------------------------------------------- image codec
 
-MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as decompression bombs
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "MPO"}  # MPO: multi-picture JPEG from phone cameras
+MAX_IMAGE_PIXELS = 200_000_000  # the one pixel limit (a 16k × 12k photo passes); EASYNLP_MAX_IMAGE_PIXELS changes it
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "MPO", "BMP", "TIFF"}  # MPO: multi-picture JPEG from phone cameras
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("EASYNLP_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(value) if value else MAX_IMAGE_PIXELS
+    except ValueError:
+        raise UserError(f"EASYNLP_MAX_IMAGE_PIXELS={value!r} must be a whole number of pixels") from None
+
+
+def _to_8bit(image):
+    """16-bit and 32-bit grayscale (I;16*, I, F) → 8-bit L by scaling, not clipping (Pillow's convert clips: a 16-bit
+    PNG came out white)."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), "L")
 
 
 def decode_base64(text: str) -> bytes:
@@ -287,6 +309,8 @@ def decode_base64(text: str) -> bytes:
     cleaned = "".join(text.split())
     if cleaned.startswith(("b'", 'b"')) and cleaned.endswith(("'", '"')):
         cleaned = cleaned[2:-1]  # EasyNLP's predictor wrote Python bytes literals: b'iVBOR...'
+    if cleaned.startswith("data:") and "," in cleaned:
+        cleaned = cleaned.split(",", 1)[1]  # a data URI: data:image/jpeg;base64,/9j/...
     if not cleaned:
         raise BadRow("undecodable base64", "empty image cell")
     cleaned = cleaned.replace("-", "+").replace("_", "/")
@@ -301,22 +325,24 @@ def decode_image(data: bytes):
     """Bytes → RGB PIL image: EXIF orientation applied, alpha composited on white, first frame of a GIF."""
     from PIL import Image, ImageOps
 
+    limit = max_image_pixels()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the one limit is ours, checked below
         previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
         try:
             image = Image.open(io.BytesIO(data))
             if image.format not in ALLOWED_FORMATS:
-                raise BadRow("not an image", f"format {image.format} (use PNG, JPEG, WebP or GIF)")
+                raise BadRow("not an image", f"format {image.format} (use PNG, JPEG, WebP, GIF, BMP or TIFF)")
+            if image.width * image.height > limit:
+                raise BadRow("image too large", f"{image.width}×{image.height} = {image.width * image.height / 1e6:.0f}"
+                             f" M pixels; the limit is {limit / 1e6:.0f} M (set EASYNLP_MAX_IMAGE_PIXELS to raise it)")
             image.seek(0)
             image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise BadRow("decompression bomb", str(err).split(".")[0]) from None
         except BadRow:
             raise
         except Image.UnidentifiedImageError:
-            raise BadRow("not an image", "bytes are not a PNG, JPEG, WebP or GIF image") from None
+            raise BadRow("not an image", "bytes are not a PNG, JPEG, WebP, GIF, BMP or TIFF image") from None
         except (OSError, SyntaxError, ValueError) as err:
             raise BadRow("truncated or corrupt image", str(err)) from None
         finally:
@@ -325,6 +351,8 @@ def decode_image(data: bytes):
         image = ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block must not lose an otherwise good image
         pass
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")

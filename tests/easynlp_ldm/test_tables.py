@@ -91,7 +91,7 @@ def test_exif_orientation_applied():
 
 def _bomb_b64():
     buffer = io.BytesIO()
-    Image.new("1", (9000, 9000)).save(buffer, format="PNG")  # 81 M pixels, ~10 kB compressed
+    Image.new("1", (15000, 15000)).save(buffer, format="PNG")  # 225 M pixels, a few kB compressed
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -105,7 +105,7 @@ BAD_LINES = {
     "undecodable base64": "2\t文本\t@@@not base64@@@",
     "not an image": "3\t文本\t" + base64.b64encode(b"hello, this is text, not a picture").decode(),
     "truncated or corrupt image": "4\t文本\t" + _truncated_b64(),
-    "decompression bomb": "5\t文本\t" + _bomb_b64(),
+    "image too large": "5\t文本\t" + _bomb_b64(),
     "not UTF-8": b"6\t\xff\xfe bad\t" + png_b64().encode() + b"\n",
 }
 
@@ -185,3 +185,50 @@ def test_reading_streams_without_loading_the_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) == 20000
     assert int(out[1]) < 50_000  # kB of growth while reading; the file is ~200 MB
+
+
+def _encoded(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,value,expected", [("I;16", 32896, 128), ("I;16", 65535, 255), ("I", 40000, 156),
+                                                 ("F", 0.5, 128)])
+def test_high_bit_depth_grayscale_is_scaled_not_clipped(mode, value, expected):
+    import numpy as np
+
+    from easynlp_ldm.tables import decode_image
+
+    image = Image.new(mode, (8, 4), value)
+    fmt = "PNG" if mode == "I;16" else "TIFF"  # PNG holds 16-bit gray; 32-bit int and float come as TIFF
+    decoded = np.asarray(decode_image(_encoded(image, fmt)))
+    assert decoded.shape == (4, 8, 3) and (decoded == decoded[0, 0]).all()
+    assert abs(int(decoded[0, 0, 0]) - expected) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_bmp_and_tiff_are_read(fmt):
+    from easynlp_ldm.tables import decode_image
+
+    decoded = decode_image(_encoded(Image.new("RGB", (6, 6), (200, 30, 40)), fmt))
+    assert decoded.getpixel((2, 2)) == (200, 30, 40)
+
+
+def test_a_data_uri_prefix_is_accepted():
+    from easynlp_ldm.tables import decode_image_base64
+
+    assert decode_image_base64("data:image/png;base64," + png_b64(color=(1, 2, 3))).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_one_pixel_limit_stated_once_and_configurable(monkeypatch):
+    from easynlp_ldm.tables import BadRow, decode_image
+
+    data = _encoded(Image.new("L", (100, 100)))
+    monkeypatch.setenv("EASYNLP_MAX_IMAGE_PIXELS", "5000")
+    with pytest.raises(BadRow) as err:
+        decode_image(data)
+    assert err.value.reason == "image too large"
+    assert "100×100" in err.value.detail and "EASYNLP_MAX_IMAGE_PIXELS" in err.value.detail
+    monkeypatch.setenv("EASYNLP_MAX_IMAGE_PIXELS", "10000")
+    assert decode_image(data).size == (100, 100)
