@@ -290,17 +290,18 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
             # The same request is under way for a client that may just have given up and sent this one (the SDK
             # retries at once): give its disconnect a poll or two to be seen, so that this request takes the work over.
             await asyncio.sleep(3 * POLL_S)
+        stopping = Problem(503, "the service is shutting down; retry", headers={"Retry-After": "1"})
         try:
             job = batcher.submit(parsed.key, parsed.payload, units, share_key, parsed.deterministic)
         except QueueFull as err:
             raise Problem(429 if openai else 450, f"queue full ({err}); retry later",
                           headers={"Retry-After": "1"}) from None
         except ShuttingDown:
-            raise Problem(503, "the service is shutting down; retry", headers={"Retry-After": "1"}) from None
+            raise stopping from None
         try:
             result = await wait_for(request, batcher, job, time.monotonic())
         except ShuttingDown:
-            raise Problem(503, "the service is shutting down; retry", headers={"Retry-After": "1"}) from None
+            raise stopping from None
         except Problem:
             raise
         except Exception as err:
@@ -367,7 +368,8 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
     def info():
         limits = {name: getattr(settings, name) for name in ("max_batch_size", "max_queue", "request_timeout_s",
                                                              "max_body_bytes", "body_timeout_s")}
-        return {**handler.describe(), "limits": {**limits, **handler.describe().get("limits", {})}}
+        described = handler.describe()
+        return {**described, "limits": {**limits, **described.get("limits", {})}}
 
     def prometheus():
         batcher = state["batcher"]
