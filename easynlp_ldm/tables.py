@@ -3,7 +3,8 @@ image codec.
 
 A table is read line by line (a 2 GB file never sits in memory). A bad row (wrong column count, not UTF-8, a value
 that does not fit its type, an image that cannot be decoded) stops the run with one line naming the file, the line
-number and the reason — or, with ``skip_bad_rows=True``, is skipped and counted per reason.
+number and the reason — or, with ``skip_bad_rows=True``, is skipped and counted per reason. Training reads its tables
+in one pass that notes every bad row (``BadRowPolicy(collect=True)``) and then reports them all at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.files import atomic_write_text
 
 # ----------------------------------------------------------------------------------------------------- schema
 
@@ -75,28 +77,69 @@ class BadRow(Exception):
 
 
 class BadRowPolicy:
-    """Stop at the first bad row (default) or skip and count bad rows per reason."""
+    """What a bad row does: stop at the first one (default), or — with ``collect`` (the training pass) — note it and
+    go on, so that one pass finds every bad row and ``finish`` reports them all; with ``skip`` bad rows are skipped,
+    noted and counted per reason."""
 
-    def __init__(self, skip: bool = False):
-        self.skip = skip
+    SHOWN = 20  # bad rows listed on screen by ``finish``; the file lists all
+
+    def __init__(self, skip: bool = False, collect: bool = False):
+        self.skip, self.collect = skip, collect
         self.counts: Counter[str] = Counter()
+        self.rows: list[tuple[str, int, str, str]] = []  # (file, line, reason, detail), in reading order
 
     def handle(self, path: str, line_number: int, bad: BadRow) -> None:
-        if not self.skip:
+        if not (self.skip or self.collect):
             detail = f": {bad.detail}" if bad.detail else ""
             raise UserError(f"{path}, line {line_number}: {bad.reason}{detail} "
                             "(fix the row, or pass skip_bad_rows=True in --user_defined_parameters to skip such rows)")
         self.counts[bad.reason] += 1
+        self.rows.append((path, line_number, bad.reason, bad.detail))
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def stopping(self) -> bool:
+        """A bad row was found and the run will stop after the pass (collect without skip): the pass need not do
+        more than find the others."""
+        return bool(self.rows) and not self.skip
 
     def summary(self) -> str:
         if not self.counts:
             return "no bad rows"
         parts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.counts.items()))
         return f"skipped {self.total} bad rows ({parts})"
+
+    def write(self, path: str) -> None:
+        """Every bad row noted, as a TSV (file, line, reason, detail) written atomically."""
+        lines = ["file\tline\treason\tdetail"] + [
+            "\t".join(escape_cell(cell) for cell in (file, str(line), reason, detail))
+            for file, line, reason, detail in self.rows]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def finish(self, report: str | None, log) -> None:
+        """After the pass: with bad rows noted, write them all to ``report`` (a bad_rows.tsv path; None: no file) and
+        show the first ``SHOWN`` through ``log``; then, unless skipping, stop with one line naming the count, the
+        first row and the report."""
+        if not self.rows:
+            return
+        if report:
+            self.write(report)
+        where = f"; all {self.total} are listed in {report}" if report else ""
+        for file, line, reason, detail in self.rows[:self.SHOWN]:
+            log(f"{'skipped' if self.skip else 'bad row'}: {file}, line {line}: {reason}"
+                f"{': ' + detail if detail else ''}")
+        if len(self.rows) > self.SHOWN:
+            log(f"… and {len(self.rows) - self.SHOWN} more{where}")
+        if self.skip:
+            return
+        file, line, reason, _ = self.rows[0]
+        raise UserError(f"{self.total} bad rows ({', '.join(f'{n} {r}' for r, n in sorted(self.counts.items()))}), "
+                        f"the first {file}, line {line}: {reason}{where or ''}; fix them, or pass skip_bad_rows=True "
+                        f"in --user_defined_parameters to skip such rows")
 
 
 # -------------------------------------------------------------------------------------------------- reading

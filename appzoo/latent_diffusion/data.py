@@ -87,7 +87,7 @@ def index_table(path: str, inputs: InputTables, policy: BadRowPolicy, on_image=N
     captions, kept_offsets, lines = [], [], []
     for row in read_table(path, schema, skip_first_line=inputs.skip_first_line, policy=policy,
                           image_columns=[image_column]):
-        if on_image is not None:
+        if on_image is not None and not policy.stopping:  # the run stops after this pass: only find the bad rows
             on_image(len(captions), row[image_column])
         captions.append(str(row[text_column]))
         kept_offsets.append(offsets[row.line_number - 1])

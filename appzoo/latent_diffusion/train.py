@@ -24,6 +24,8 @@ from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
 
+BAD_ROWS_FILE = "bad_rows.tsv"
+
 
 def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
                     policy: BadRowPolicy, resolution: int, text_length: int) -> DiffusionTrainTask:
@@ -85,6 +87,20 @@ def record_native_size(model: LatentDiffusion, resolution: int) -> None:
         model.extra["easynlp"] = {**model.extra["easynlp"], "config": config}
 
 
+def report_bad_rows(policy: BadRowPolicy, out: str) -> None:
+    """After the reading pass: every bad row in ``<checkpoint_dir>/bad_rows.tsv`` (the first ones on screen), then a
+    stop — or, with skip_bad_rows, the count. A bad_rows.tsv of an earlier run is removed when there are none."""
+    report = os.path.join(out, BAD_ROWS_FILE)
+    if not distributed.context().is_main:
+        policy.finish(None, logger.debug)  # rank 0 writes and shows; every rank stops alike
+        return
+    if not policy.total and os.path.isfile(report):
+        os.remove(report)
+    policy.finish(report, logger.warning)
+    if policy.total:
+        logger.warning("%s (listed in %s)", policy.summary(), report)
+
+
 def easynlp_training_keys(params: dict[str, Any], inputs: InputTables) -> tuple[dict[str, Any], InputTables]:
     """EasyNLP's training keys whose meaning differs from ours, mapped explicitly: ``do_eval=False`` drops the
     validation table; ``not_use_gradient_checkpoint`` is the inverse of ``gradient_checkpointing``. (``size`` is an
@@ -123,15 +139,14 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if resolution % model.vae_scale_factor:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
     check_latent_diffusion_training(model, flags, params, resolution, length)  # the memory plan, before any work
-    policy = BadRowPolicy(skip=params["skip_bad_rows"])
+    policy = BadRowPolicy(skip=params["skip_bad_rows"], collect=True)  # every bad row found in one pass
     if params["train_target"] in ("unet", "lora"):
         if params["train_target"] == "unet":
             record_native_size(model, resolution)
         task = build_unet_task(model, inputs, flags, params, policy, resolution, length)
     else:
         task = build_component_task(params["train_target"], model, inputs, flags, params, policy, resolution)
-    if policy.total:
-        logger.warning("%s", policy.summary())
+    report_bad_rows(policy, out)
     ctx = distributed.context()
     config = TrainerConfig.from_flags(flags, rank=ctx.rank, world_size=ctx.world_size, use_ema=params["use_ema"],
                                       ema_decay=params["ema_decay"], sample_images=params["sample_images"],

@@ -1,3 +1,4 @@
+import base64
 import json
 import os
 import shutil
@@ -198,19 +199,41 @@ def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_pat
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
-def test_bad_training_rows_stop_or_skip(tiny_model_dir, shapes_data, tmp_path, capsys):
+def test_bad_training_rows_all_reported_in_one_run_then_skipped(tiny_model_dir, shapes_data, tmp_path, capsys,
+                                                                 monkeypatch, caplog):
+    # Bad rows on lines 3, 7 and 11, each for another reason: one run names all three (the file lists them), and
+    # stops before any image is encoded past the first bad row; skip_bad_rows=True trains on the rest and lists them.
+    from appzoo.latent_diffusion import losses
+
     table = tmp_path / "train.tsv"
-    lines = open(os.path.join(shapes_data, "T2I_train.tsv"), encoding="utf-8").read().splitlines()
-    lines.insert(3, "bad\t坏行\tnot-base64!!")
+    lines = open(os.path.join(shapes_data, "T2I_train.tsv"), encoding="utf-8").read().splitlines()[:20]
+    lines[2] = "bad\t坏行\tnot-base64!!"
+    lines[6] = "bad\tonly two columns"
+    lines[10] = "bad\t空白\t" + base64.b64encode(b"GIF89a not really").decode()
     table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
     argv = ["--mode=train", f"--tables={table}", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
-            "--first_sequence=text", "--second_sequence=imgbase64", f"--checkpoint_dir={tmp_path / 'run'}",
+            "--first_sequence=text", "--second_sequence=imgbase64", f"--checkpoint_dir={run}",
             "--micro_batch_size=16", "--epoch_num=1", f"--user_defined_parameters=pretrain_model_name_or_path="
             f"{tiny_model_dir}"]
+    encoded = []
+    original = losses.LatentCache.add
+    monkeypatch.setattr(losses.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
     assert cli.main(argv) == 2
-    assert f"{table}, line 4: undecodable base64" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"the first {table}, line 3: undecodable base64" in err
+    for line, reason in ((3, "undecodable base64"), (7, "wrong column count"), (11, "not an image")):
+        assert f"bad row: {table}, line {line}: {reason}" in caplog.text  # on screen, one line each
+    assert "3 bad rows" in err and str(run / "bad_rows.tsv") in err
+    listed = [row.split("\t")[:3] for row in (run / "bad_rows.tsv").read_text().splitlines()[1:]]
+    assert [(int(line), reason) for _, line, reason in listed] == [
+        (3, "undecodable base64"), (7, "wrong column count"), (11, "not an image")]
+    assert len(encoded) == 2  # lines 1 and 2 only: nothing is encoded once the run is known to stop
+    assert not (run / "training_state").exists()
     argv[-1] += " skip_bad_rows=True"
     assert cli.main(argv) == 0
+    assert "skipped 3 bad rows" in caplog.text
+    assert len((run / "bad_rows.tsv").read_text().splitlines()) == 4
 
 
 def test_easynlp_training_keys_map_onto_ours(caplog):
