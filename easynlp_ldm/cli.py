@@ -6,11 +6,12 @@ traceback because it is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,63 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
         distributed.shutdown()
 
 
+class _TqdmWriteHandler(logging.StreamHandler):
+    """A console handler that prints through ``tqdm.write``: the line goes above any live progress bar (which is
+    redrawn below it) instead of being glued onto the bar's line. Same stream, level, format and filters as the
+    handler it stands in for."""
+
+    def __init__(self, original: logging.StreamHandler):
+        super().__init__(original.stream)
+        self.setLevel(original.level)
+        self.setFormatter(original.formatter)
+        self.filters = list(original.filters)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and handler.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__))
+
+
+@contextlib.contextmanager
+def log_above_progress_bars() -> Iterator[None]:
+    """While a mode runs, the console handlers of the root and ``easynlp*`` loggers write through ``tqdm.write``
+    (tqdm's ``logging_redirect_tqdm``, without its extra handler where a logger has none: nothing new is printed);
+    the original handlers are put back afterwards."""
+    loggers = [logging.getLogger()] + [
+        log for name, log in list(logging.Logger.manager.loggerDict.items())
+        if name.startswith("easynlp") and isinstance(log, logging.Logger)]
+    saved = []
+    for log in loggers:
+        if any(_is_console_handler(h) and not isinstance(h, _TqdmWriteHandler) for h in log.handlers):
+            saved.append((log, log.handlers))
+            log.handlers = [_TqdmWriteHandler(h) if _is_console_handler(h) and not isinstance(h, _TqdmWriteHandler)
+                            else h for h in log.handlers]
+    try:
+        yield
+    finally:
+        for log, handlers in saved:
+            log.handlers = handlers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=os.environ.get("EASYNLP_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         command = parse_command(argv)
-        return run_command(command, argv)
+        with log_above_progress_bars():
+            return run_command(command, argv)
     except UserError as err:
         print(f"easynlp: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

@@ -34,7 +34,7 @@ from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_open, atomic_write_bytes
-from easynlp_ldm.tables import BadRowPolicy, TsvWriter, count_rows, encode_image, read_table
+from easynlp_ldm.tables import BadRowPolicy, TsvWriter, encode_image, read_table
 from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp.predict")
@@ -181,6 +181,23 @@ def merge_parts(outputs: str, parts: list[str]) -> int:
     return count
 
 
+def count_prompts(path: str, skip_first_line: bool, done_through: int,
+                  shard: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The progress bar's total and starting point: the non-blank data lines of this process's share of the table
+    (``count_rows``'s lines, sharded by line number as the rows are), and how many of them lie at or before input
+    line ``done_through`` (done by an earlier run that this one resumes)."""
+    total = done = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if (skip_first_line and line_number == 1) or not raw.strip():
+                continue
+            if shard and line_number % shard[1] != shard[0]:
+                continue
+            total += 1
+            done += line_number <= done_through
+    return total, done
+
+
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     ctx = distributed.context()
     if not ctx.enabled:
@@ -216,13 +233,13 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
         logger.info("replacing %s: it was not written by this input, model and settings", outputs)
     files = ImageFiles(params["image_prefix"], params["image_format"]) if params["write_image"] else None
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
-    total = count_rows(plan.table, flags.skip_first_line)
+    # The bar counts prompts (input rows); a resumed run's starts at the prompts already done, so it ends at
+    # total/total and its rate and ETA count this run's work only.
+    total, done = count_prompts(plan.table, flags.skip_first_line, progress.last_line, shard)
     writer = TsvWriter(outputs, append=resuming)
     progress.save()
     image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"
-    if shard:
-        total = (total + shard[1] - 1) // shard[1]
-    bar = tqdm(total=total, unit="prompt", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=done, unit="prompt", dynamic_ncols=True,
                disable=os.environ.get("EASYNLP_PROGRESS") == "0" or bool(shard and shard[0]))
     started, images_done = time.time(), 0
     rows = read_table(plan.table, plan.schema, skip_first_line=flags.skip_first_line, policy=policy,

@@ -158,3 +158,68 @@ def test_easynlp_tutorial_commands_verbatim(train, predict, out, tiny_model_dir,
     assert size == ((256, 256) if readme else (32, 32))  # a model fine-tuned at size=256 generates at 256
     for idx, _ in prompts:
         assert sorted(os.listdir(tmp_path / "output" / idx)) == ["0000.png", "0001.png", "line.txt", "prompt.txt"]
+
+
+def test_log_lines_go_through_tqdm_write_above_a_live_bar(recording_app, monkeypatch, caplog):
+    """In-process: while a mode runs, a console handler's records are printed by tqdm.write (same stream, same
+    format); afterwards the original handler is back."""
+    import logging
+
+    from tqdm import tqdm
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, **kw: written.append((s, file))))
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [*root.handlers, console])
+    caplog.set_level("INFO")
+
+    def logs(self, mode):
+        logging.getLogger("easynlp.test").info("halfway there")
+        return 0
+
+    monkeypatch.setattr(recording_app, "run", logs)
+    assert cli.main([a.replace("latent_diffusion", "recorder") for a in SEED_PREDICT]) == 0
+    assert ("INFO easynlp.test: halfway there", stream) in written
+    assert "halfway there" not in stream.getvalue()  # not written past tqdm
+    assert console in root.handlers and not any(isinstance(h, cli._TqdmWriteHandler) for h in root.handlers)
+
+
+def test_console_log_line_lands_above_the_bar_not_on_it(tmp_path):
+    """The real command's logging (basicConfig on stderr, EASYNLP_LOG_LEVEL's level, the usual format): a record
+    logged while a bar is drawn starts its own line of stderr, and the bar is redrawn after it."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from tqdm import tqdm\n"
+        "from appzoo import registry\n"
+        "from easynlp_ldm import cli\n"
+        "class App:\n"
+        "    def __init__(self, flags, params):\n"
+        "        pass\n"
+        "    def run(self, mode):\n"
+        "        import logging\n"
+        "        bar = tqdm(total=4, unit='prompt', file=sys.stderr, mininterval=0, miniters=1)\n"
+        "        bar.update(1)\n"
+        "        logging.getLogger('easynlp.predict').info('halfway there')\n"
+        "        logging.getLogger('easynlp.predict').debug('a debug line')\n"
+        "        bar.update(3)\n"
+        "        bar.close()\n"
+        "        return 0\n"
+        "sys.modules['recorder_app'] = sys.modules[__name__]\n"
+        "registry.APPS['recorder'] = registry.AppEntry(params='appzoo.latent_diffusion.params:PARAMS',\n"
+        "                                              app='recorder_app:App')\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_LOG_LEVEL="INFO")
+    argv = [a.replace("latent_diffusion", "recorder") for a in SEED_PREDICT]
+    out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.replace("\r", "\n").split("\n")
+    logged = [line for line in lines if "halfway there" in line]
+    assert len(logged) == 1 and logged[0].endswith(" INFO easynlp.predict: halfway there")
+    assert "prompt" not in logged[0]  # the bar's text is not in front of it
+    assert "a debug line" not in out.stderr  # EASYNLP_LOG_LEVEL still decides
+    assert " 4/4 " in out.stderr.split("halfway there")[1]  # the bar goes on below it

@@ -107,6 +107,42 @@ def test_interrupted_predict_resumes_writing_each_row_once(tiny_model_dir, promp
     assert "replacing" in caplog.text and len(read_rows(out)) == len(PROMPTS)
 
 
+def test_resumed_predict_bar_starts_at_the_prompts_already_done(tiny_model_dir, tmp_path, monkeypatch):
+    from appzoo.latent_diffusion import predict
+
+    bars = []
+
+    class RecordingBar(predict.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.started_at = self.n
+            bars.append(self)
+
+    monkeypatch.setattr(predict, "tqdm", RecordingBar)
+    monkeypatch.setenv("EASYNLP_PROGRESS", "1")  # a disabled bar counts nothing
+    table = tmp_path / "t.tsv"  # a header and a blank line: the bar counts prompts, not physical lines
+    table.write_text("idx\ttext\n" + "".join(f"p{i}\t{p}\n" for i, p in enumerate(PROMPTS[:2]))
+                     + "\n" + "".join(f"p{i}\t{p}\n" for i, p in enumerate(PROMPTS[2:], start=2)), encoding="utf-8")
+    out = str(tmp_path / "o.tsv")
+    argv = predict_argv(str(table), out, tiny_model_dir, "--skip_first_line", udp="n_samples=2 ddim_steps=2")
+    original, calls = predict.Generator.__call__, {"n": 0}
+
+    def dies_on_third_batch(self, prompts, seeds):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, prompts, seeds)
+
+    monkeypatch.setattr(predict.Generator, "__call__", dies_on_third_batch)
+    assert cli.main(argv) == 130
+    assert (bars[0].total, bars[0].started_at, bars[0].n) == (5, 0, 4)  # two batches of two prompts
+    monkeypatch.setattr(predict.Generator, "__call__", original)
+    assert cli.main(argv) == 0
+    resumed = bars[1]
+    assert (resumed.total, resumed.initial, resumed.started_at, resumed.n) == (5, 4, 4, 5)
+    assert len(read_rows(out)) == 10
+
+
 def test_bad_prompt_rows_stop_or_skip(tiny_model_dir, tmp_path, capsys):
     table = tmp_path / "t.tsv"
     table.write_bytes("a\t红色\nb\t多\t一列\n".encode() + b"c\t\xff\n" + "d\t绿色\n".encode())
