@@ -122,6 +122,9 @@ class TrainTask(Protocol):
 
     def sample_images(self, count: int) -> list[tuple[str, Any]]: ...  # up to count (caption, PIL image), TensorBoard
 
+    # Optional: ``groups()``, a hashable per example (e.g. its aspect-ratio bucket); each micro-batch then comes from
+    # one group (``Trainer.global_batches``).
+
 
 def amp_dtype(device: torch.device) -> torch.dtype:
     """What ``--use_amp`` autocasts to: bf16 on CPU and on GPUs that have it, fp16 (with a grad scaler) otherwise."""
@@ -301,8 +304,11 @@ class Trainer:
         n = task.num_examples()
         if n == 0:
             raise UserError("the training table has no usable rows")
-        per_step = config.micro_batch_size * config.world_size
-        self.micro_batches_per_epoch = math.ceil(n / per_step)
+        groups = getattr(task, "groups", None)
+        groups = groups() if groups is not None else None
+        # Batches come from one group (an aspect-ratio bucket) each; one group is the same as none.
+        self.groups = groups if groups is not None and len(set(groups)) > 1 else None
+        self.micro_batches_per_epoch = len(self.global_batches(0))  # the same count every epoch
         self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / config.gradient_accumulation_steps)
         self.total_steps = max(1, math.ceil(config.epoch_num * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -357,7 +363,7 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
-            "sample_position": self.micro_position * self.config.micro_batch_size * self.config.world_size,
+            "sample_position": sum(len(b) for b in self.global_batches(self.epoch)[:self.micro_position]),
             "best_loss": self.best_loss, "total_steps": self.total_steps,
             "optimizer": self.optimizer.state_dict() if self.config.save_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
@@ -463,9 +469,14 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         global_micro = self.config.micro_batch_size * self.config.world_size
         position = int(state.get("sample_position", state["micro_position"] * global_micro))
-        # Saved at the end of an epoch by a run of another world size: the end of the epoch here too.
-        self.micro_position = (self.micro_batches_per_epoch if position >= self.task.num_examples()
-                               else position // global_micro)
+        # The samples of the epoch consumed → the micro-batches here (another world size cuts other batches; saved
+        # at the end of an epoch, the end of the epoch here too).
+        self.micro_position, consumed = 0, 0
+        for batch in self.global_batches(self.epoch):
+            if consumed + len(batch) > position:
+                break
+            consumed += len(batch)
+            self.micro_position += 1
         self.best_loss = state["best_loss"]
         if int(state["total_steps"]) != self.total_steps:
             logger.warning("the run now has %d optimiser steps in all (the saved run had %d): the LR schedule "
@@ -574,6 +585,23 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------------------------------------- loop
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global micro-batches (--micro_batch_size × processes samples each), the same whatever the
+        world size: the epoch's permutation cut in order; with groups (the task's aspect-ratio buckets), each group's
+        samples in permutation order cut apart (a group's last batch may be short), then the batches shuffled by
+        (seed, epoch)."""
+        config = self.config
+        order = epoch_order(self.task.num_examples(), config.random_seed, epoch)
+        size = config.micro_batch_size * config.world_size
+        if self.groups is None:
+            return [order[i:i + size] for i in range(0, len(order), size)]
+        members: dict[Any, list[int]] = {}
+        for index in order:
+            members.setdefault(self.groups[index], []).append(index)
+        batches = [group[i:i + size] for group in members.values() for i in range(0, len(group), size)]
+        generator = torch.Generator().manual_seed((config.random_seed * 1_000_003 + epoch) * 7 + 3)
+        return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
     def _micro_batches(self, epoch: int) -> list[MicroBatch]:
         """This rank's part of every global micro-batch of the epoch: the same global batches whatever the world
         size, each rank taking its slice.
@@ -584,9 +612,7 @@ class Trainer:
         ``size`` 0, i.e. weighted by 0 (exact zero gradients; see ``_optimiser_step``). A real sample, rather than
         any cheaper pass, makes it the same computation graph as every other pass, so DDP sees the same parameters
         used."""
-        order = epoch_order(self.task.num_examples(), self.config.random_seed, epoch)
-        size = self.config.micro_batch_size * self.config.world_size
-        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        batches = self.global_batches(epoch)
         rank, micro = self.config.rank, self.config.micro_batch_size
         return [MicroBatch(mine, len(mine), len(b)) if mine else MicroBatch(b[:1], 0, len(b))
                 for b in batches for mine in [b[rank * micro:(rank + 1) * micro]]]

@@ -5,6 +5,7 @@ import base64
 import io
 import os
 import shlex
+import shutil
 import socket
 import threading
 import time
@@ -225,3 +226,18 @@ def easynlp_checkpoint(folder, prefixed=False, drop_ema=False, use_ema=True):
         config["model"]["params"]["use_ema"] = False
         json.dump(config, open(path, "w", encoding="utf-8"))
     return str(folder)
+
+
+def mixed_aspect_data(data, folder, sizes=((96, 32), (40, 64), (32, 32))):
+    """``data``'s training table with its images re-cut to the given (width, height)s in turn (wide, tall, square
+    by default: a resize of the original stretched to the size), and its validation table as it is."""
+    os.makedirs(folder, exist_ok=True)
+    rows = read_rows(os.path.join(data, "T2I_train.tsv"))
+    with open(os.path.join(folder, "T2I_train.tsv"), "w", encoding="utf-8") as out:
+        for i, (idx, text, cell) in enumerate(rows):
+            image = Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB").resize(sizes[i % len(sizes)])
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            out.write(f"{idx}\t{text}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
+    shutil.copy(os.path.join(data, "T2I_val.tsv"), folder)
+    return folder

@@ -75,8 +75,8 @@ PARAMS: tuple[Param, ...] = (
     Param("rrdb_gc", int, 16, "RRDB growth channels for a new super-resolution net", modes=TRAIN, check=_positive),
     Param("sr_patch", int, 128, "high-resolution crop size for train_target=rrdb (a multiple of 4)", modes=TRAIN,
           check=lambda v: None if v > 0 and v % 4 == 0 else "must be a positive multiple of 4"),
-    Param("resolution", int, 0, "training image size (0: the model's native size); images are resized so the "
-          "short side matches, then cropped (EasyNLP's text-to-image key: size). With train_target=unet the saved "
+    Param("resolution", int, 0, "training image size (0: the model's native size): the side of the square, and "
+          "the area of the aspect-ratio buckets (EasyNLP's text-to-image key: size). With train_target=unet the saved "
           "model's native size becomes it, so predict generates at that size", modes=TRAIN, aliases=("size",),
           check=_multiple_of_8),
     Param("text_len", int, 0, "EasyNLP's text length in tokens: when given, training tokenises captions to it "
@@ -86,8 +86,17 @@ PARAMS: tuple[Param, ...] = (
           "has no image tokens (the image size is resolution/size)", modes=frozenset(), check=_non_negative),
     Param("do_eval", bool, True, "validate on the second table of --tables (EasyNLP's key; False: no validation, the "
           "second table is not read, and the top-level checkpoint is the last one)", modes=TRAIN),
-    Param("center_crop", bool, True, "crop the centre of each image (when random_crop is false)", modes=TRAIN),
-    Param("random_crop", bool, False, "crop at a random position (seeded per sample)", modes=TRAIN),
+    Param("bucket", bool, True, "aspect-ratio buckets (train_target unet and lora): each image is resized to the "
+          "training size of about resolution² pixels whose aspect ratio is nearest its own (sides multiples of 4 "
+          "latent pixels, from 1:4 to 4:1), cropping only the small rest; each micro-batch comes from one bucket. "
+          "False: every image is resized so its short side is the resolution and cropped to a square",
+          modes=TRAIN),
+    Param("skip_small_images", bool, False, "leave out images that would be upscaled more than 2× per side to their "
+          "training size (they are otherwise kept, with a warning naming their lines)", modes=TRAIN),
+    Param("center_crop", bool, True, "crop what does not fit at the centre; False: at a seeded random position, as "
+          "diffusers' scripts (random_crop=True)", modes=TRAIN),
+    Param("random_crop", bool, False, "crop what does not fit at a random position (seeded per sample)",
+          modes=TRAIN),
     Param("random_flip", bool, False, "flip horizontally with probability 0.5 (seeded per sample); off by default "
           "because captions may name left and right", modes=TRAIN),
     Param("train_text_encoder", bool, False, "also train the text encoder (otherwise it stays frozen, bit-exact)",

@@ -7,9 +7,17 @@ import copy
 import dataclasses
 import logging
 import os
+from collections import Counter
 from typing import Any
 
-from appzoo.latent_diffusion.data import index_table
+from appzoo.latent_diffusion.data import (
+    SMALL_IMAGE_SCALE,
+    bucket_sizes,
+    choose_bucket,
+    index_table,
+    is_small,
+    kept_share,
+)
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.losses import LatentCache
@@ -27,6 +35,57 @@ logger = logging.getLogger("easynlp.train")
 BAD_ROWS_FILE = "bad_rows.tsv"
 
 
+class Buckets:
+    """The aspect-ratio buckets of a run (``bucket=True``; otherwise the one square ``resolution``) and what the
+    reading pass learns of the images: each image's bucket, the small ones (upscaled more than
+    ``SMALL_IMAGE_SCALE``× to their size: warned about, or left out with skip_small_images) and the heavily cropped
+    ones (beyond the 4:1 buckets)."""
+
+    def __init__(self, model: LatentDiffusion, resolution: int, params: dict, path: str):
+        self.resolution, self.path = resolution, path
+        self.enabled = bool(params["bucket"])
+        self.skip_small = bool(params["skip_small_images"])
+        step = model.vae_scale_factor * 4  # latents a multiple of 4: ≥ 4 latent pixels per step of the UNet
+        self.sizes = bucket_sizes(resolution, step) if self.enabled else [(resolution, resolution)]
+        self.small: list[tuple[int, tuple[int, int]]] = []  # (line, image size)
+        self.cropped: list[tuple[int, float]] = []  # (line, share of pixels kept), below 50 %
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        return choose_bucket(width, height, self.sizes) if self.enabled else self.sizes[0]
+
+    def size_of(self, image) -> tuple[int, int]:
+        return self.size_for(*image.size)
+
+    def accept(self, line_number: int, image) -> bool:
+        size = self.size_of(image)
+        kept = kept_share(*image.size, size)
+        if kept < 0.5:
+            self.cropped.append((line_number, kept))
+        if is_small(*image.size, size):
+            self.small.append((line_number, image.size))
+            return not self.skip_small
+        return True
+
+    def report(self, sizes: list[tuple[int, int]]) -> None:
+        counts = Counter(sizes)
+        if self.enabled:
+            logger.info("aspect-ratio buckets (width×height: images): %s", ", ".join(
+                f"{w}×{h}: {counts[(w, h)]}" for w, h in sorted(counts, key=lambda s: s[0] / s[1])))
+        if self.small:
+            lines = ", ".join(str(line) for line, _ in self.small[:10]) + (" …" if len(self.small) > 10 else "")
+            (w, h) = self.small[0][1]
+            logger.warning("%s: %d images are far smaller than the training size (upscaled more than %g× per side; "
+                           "lines %s; e.g. %d×%d); %s", self.path, len(self.small), SMALL_IMAGE_SCALE, lines, w, h,
+                           "left out (skip_small_images=True)" if self.skip_small else
+                           "they train as blurred upscales — pass skip_small_images=True to leave them out")
+        if self.cropped:
+            lines = ", ".join(str(line) for line, _ in self.cropped[:10]) + (" …" if len(self.cropped) > 10 else "")
+            how = ("beyond the 4:1 aspect-ratio buckets" if self.enabled else
+                   "by the square crop (bucket=True keeps most of each image)")
+            logger.warning("%s: %d images lose more than half of their pixels %s (lines %s)", self.path,
+                           len(self.cropped), how, lines)
+
+
 def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
                     policy: BadRowPolicy, resolution: int, text_length: int) -> DiffusionTrainTask:
     random_pixels = params["random_crop"] or params["random_flip"]
@@ -34,12 +93,16 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     if params["cache_latents"] and random_pixels:
         logger.warning("cache_latents is off: random_crop/random_flip change the pixels every epoch")
     encode_batch = min(flags.micro_batch_size, MAX_ENCODE_BATCH)  # the memory plan counts this many per VAE call
-    cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp) if use_cache else None
     tables = inputs.tables
+    buckets = Buckets(model, resolution, params, tables[0])
+    cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp,
+                        size_of=lambda index, image: buckets.size_of(image)) if use_cache else None
     logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
-    train = index_table(tables[0], inputs, policy, on_image=cache.add if cache else None)
+    train = index_table(tables[0], inputs, policy, on_image=cache.add if cache else None, accept=buckets.accept)
+    sizes = [buckets.size_for(*size) for size in train.sizes]
+    buckets.report(sizes)
     val_captions, val_moments = [], None
-    if len(tables) == 2:
+    if len(tables) == 2:  # validated on square centre crops: its loss compares across runs and bucket settings
         val_cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp)
         val = index_table(tables[1], inputs, policy, on_image=val_cache.add)
         val_captions, val_moments = val.captions, val_cache.moments()
@@ -47,9 +110,9 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
     task_class = LoraTrainTask if params["train_target"] == "lora" else DiffusionTrainTask
-    return task_class(model, train, cache.moments() if cache else None, val_captions, val_moments,
-                              params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
-                              data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp)
+    return task_class(model, train, cache.cached() if cache else None, val_captions, val_moments,
+                      params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
+                      data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp, sizes=sizes)
 
 
 def build_component_task(target: str, model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
@@ -101,6 +164,14 @@ def report_bad_rows(policy: BadRowPolicy, out: str) -> None:
         logger.warning("%s (listed in %s)", policy.summary(), report)
 
 
+def crop_mode(params: dict[str, Any]) -> dict[str, Any]:
+    """center_crop=False means a random crop, as in diffusers' scripts (``--center_crop`` unset: random crops)."""
+    if params["center_crop"] or params["random_crop"]:
+        return params
+    logger.info("center_crop=False: images are cropped at a seeded random position (random_crop=True)")
+    return {**params, "random_crop": True}
+
+
 def easynlp_training_keys(params: dict[str, Any], inputs: InputTables) -> tuple[dict[str, Any], InputTables]:
     """EasyNLP's training keys whose meaning differs from ours, mapped explicitly: ``do_eval=False`` drops the
     validation table; ``not_use_gradient_checkpoint`` is the inverse of ``gradient_checkpointing``. (``size`` is an
@@ -132,6 +203,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                         f"to continue it, overwrite_checkpoint_dir=True to start over from the pretrained model, or "
                         f"choose another folder")
     params, inputs = easynlp_training_keys(params, inputs)
+    params = crop_mode(params)
     model = load_model(params["pretrain_model_name_or_path"], modelzoo_base_dir=flags.modelzoo_base_dir,
                        what="pretrain_model_name_or_path")
     length = text_length(model, flags, params["text_len"])  # EasyNLP's text_len decides over --sequence_length

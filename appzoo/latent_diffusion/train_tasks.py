@@ -17,7 +17,7 @@ from PIL import Image
 
 from appzoo.latent_diffusion.data import PIXEL_STAGE, TRAIN_STAGE, IndexedTable, preprocess_image, sample_generator
 from appzoo.latent_diffusion.generation import GenerationSettings, generate
-from appzoo.latent_diffusion.losses import DiffusionObjective, fixed_noise_loss, sample_latents
+from appzoo.latent_diffusion.losses import CachedLatents, DiffusionObjective, fixed_noise_loss, sample_latents
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
@@ -39,17 +39,21 @@ class _PixelDataset(torch.utils.data.Dataset):
 
 
 class DiffusionTrainTask:
-    def __init__(self, model: LatentDiffusion, train: IndexedTable, train_moments: torch.Tensor | None,
+    """The diffusion objective. ``sizes``: each training image's size (its aspect-ratio bucket; None: the square
+    ``resolution`` for all); micro-batches come from one size each (``groups``). ``train_moments``: the cached VAE
+    latents' moments per image (None: images are read and encoded at every step)."""
+
+    def __init__(self, model: LatentDiffusion, train: IndexedTable, train_moments: CachedLatents | None,
                  val_captions: list[str], val_moments: torch.Tensor | None, *, params: dict[str, Any], seed: int,
-                 resolution: int, text_length: int, data_threads: int = 0, use_amp: bool = False):
+                 resolution: int, text_length: int, data_threads: int = 0, use_amp: bool = False,
+                 sizes: list[tuple[int, int]] | None = None):
         self.model, self.train_table, self.train_moments = model, train, train_moments
+        self.sizes = sizes or [(resolution, resolution)] * len(train)
         self.val_captions, self.val_moments = val_captions, val_moments
         self.params, self.seed, self.resolution = params, seed, resolution
         self.text_length, self.data_threads = text_length, data_threads
         self.objective = DiffusionObjective(model, params["snr_gamma"])
         self.num_timesteps = self.objective.num_timesteps
-        factor = model.vae_scale_factor
-        self.latent_shape = (model.latent_channels, resolution // factor, resolution // factor)
         self.train_text_encoder = bool(params["train_text_encoder"])
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(self.train_text_encoder)
@@ -74,15 +78,24 @@ class DiffusionTrainTask:
     def num_examples(self) -> int:
         return len(self.train_table)
 
+    def groups(self) -> list[tuple[int, int]]:
+        return self.sizes
+
+    def latent_shape(self, index: int) -> tuple[int, int, int]:
+        factor = self.model.vae_scale_factor
+        width, height = self.sizes[index]
+        return self.model.latent_channels, height // factor, width // factor
+
     def _draws(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
         dropout, timesteps, noise, eps, offsets = [], [], [], [], []
-        channels = self.latent_shape[0]
+        channels = self.model.latent_channels
         for index in indices:
+            shape = self.latent_shape(index)
             g = sample_generator(self.seed, epoch, index, TRAIN_STAGE)
             dropout.append(float(torch.rand(1, generator=g)) < self.params["caption_dropout"])
             timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
-            noise.append(torch.randn(self.latent_shape, generator=g))
-            eps.append(torch.randn(self.latent_shape, generator=g))
+            noise.append(torch.randn(shape, generator=g))
+            eps.append(torch.randn(shape, generator=g))
             offsets.append(torch.randn((channels, 1, 1), generator=g))
         return {"dropout": dropout, "timesteps": torch.tensor(timesteps, dtype=torch.long),
                 "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets)}
@@ -90,7 +103,7 @@ class DiffusionTrainTask:
     def _pixels(self, indices: list[int], epoch: int) -> torch.Tensor:
         params = self.params
         return torch.stack([
-            preprocess_image(self.train_table.read_image(i), self.resolution, random_crop=params["random_crop"],
+            preprocess_image(self.train_table.read_image(i), self.sizes[i], random_crop=params["random_crop"],
                              random_flip=params["random_flip"],
                              generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE)) for i in indices])
 
@@ -112,7 +125,7 @@ class DiffusionTrainTask:
             captions = ["" if drop else caption for drop, caption in zip(draws["dropout"], captions)]
             batch = {"input_ids": self.model.tokenize(captions, self.text_length), **draws}
             if self.train_moments is not None:
-                batch["moments"] = self.train_moments[indices]
+                batch["moments"] = self.train_moments.batch(indices)
             else:
                 batch["pixels"] = next(pixel_iter)
             yield batch

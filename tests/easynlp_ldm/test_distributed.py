@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.helpers import train_argv
+from tests.helpers import mixed_aspect_data, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,6 +70,15 @@ def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp
                                              "--epoch_num=3", "--learning_rate=1e-3", f"--resume_from_checkpoint={two}",
                                              udp="use_ema=False")))
     assert code == 0, err
+
+
+def test_bucketed_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp_path):
+    """Aspect-ratio buckets (wide, tall and square images): the same global batches, one bucket each, whatever the
+    number of processes; a bucket's short batch leaves rank 1 a zero-weighted stand-in."""
+    data = mixed_aspect_data(shapes_data, str(tmp_path / "data"))
+    difference, _, err = train_one_and_two(data, tiny_model_dir, tmp_path, 4, "--epoch_num=2", "--learning_rate=1e-3")
+    assert difference <= 1e-4
+    assert "24×40: 11, 32×32: 10, 48×16: 11" in err and "step 12/12" in err
 
 
 def test_short_last_batch_with_accumulation_trains_like_one_process(tiny_model_dir, shapes_data, tmp_path):
