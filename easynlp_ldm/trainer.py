@@ -513,7 +513,10 @@ class Trainer:
     def _open_writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(self.config.checkpoint_dir, "log"), purge_step=self.step or None)
+        # Resumed: the points the interrupted run logged after its checkpoint are dropped (the run logs them again);
+        # the checkpoint's own step (its last training point, its validation loss) stays.
+        self.writer = SummaryWriter(os.path.join(self.config.checkpoint_dir, "log"),
+                                    purge_step=self.step + 1 if self.step else None)
 
     def _validate_and_save(self) -> float | None:
         from easynlp_ldm import distributed
@@ -655,6 +658,7 @@ class Trainer:
                 if config.save_checkpoint_steps and self.step % config.save_checkpoint_steps == 0 \
                         and self.step < self.total_steps:
                     self._validate_and_save()
+                    window_start, window_images = time.time(), 0  # images/s counts training time only
             if self.micro_position == self.micro_batches_per_epoch:
                 self.epoch, self.micro_position = epoch + 1, 0
         bar.close()

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -98,6 +101,64 @@ class CachedLatents:
     def batch(self, indices: list[int]) -> torch.Tensor:
         stacked = torch.stack([self.moments[i] for i in indices])
         return stacked.contiguous(memory_format=torch.channels_last) if self.channels_last else stacked
+
+
+LATENT_CACHE_DIR = "latent_cache"
+
+
+def file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's weights (names, shapes, dtypes and bytes)."""
+    import hashlib
+
+    digest = hashlib.blake2b()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class DiskLatentCache:
+    """A table's cached latents on disk, in ``<checkpoint_dir>/latent_cache/<key>.pt``, the key a digest of the
+    table's bytes, the VAE's weights and every setting of the preprocessing and encoding (``key_parts``): a resumed
+    or repeated run reads them instead of encoding every image again; any change is another key (older files of the
+    same ``name`` are removed when a new one is written). Read with ``weights_only=True``."""
+
+    def __init__(self, folder: str, name: str, key_parts: dict):
+        import hashlib
+        import json
+
+        key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        self.folder, self.name = os.path.join(folder, LATENT_CACHE_DIR), name
+        self.path = os.path.join(self.folder, f"{name}-{key}.pt")
+
+    def load(self, count: int | None = None) -> CachedLatents | None:
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            cached = CachedLatents(list(saved["moments"]), bool(saved["channels_last"]))
+        except Exception as err:  # a damaged file: encode again
+            logging.getLogger("easynlp.train").warning("%s: unreadable (%s); encoding the images again", self.path,
+                                                       type(err).__name__)
+            return None
+        return cached if count is None or len(cached) == count else None
+
+    def save(self, cached: CachedLatents) -> None:
+        from easynlp_ldm.files import atomic_torch_save
+
+        os.makedirs(self.folder, exist_ok=True)
+        atomic_torch_save({"moments": [m.contiguous() for m in cached.moments],
+                           "channels_last": cached.channels_last}, self.path)
+        for name in os.listdir(self.folder):  # the same table's caches for other settings: stale
+            if name.startswith(self.name + "-") and name != os.path.basename(self.path):
+                os.remove(os.path.join(self.folder, name))
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, scaling: float) -> torch.Tensor:

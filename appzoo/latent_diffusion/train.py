@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from appzoo.latent_diffusion import runs
 from appzoo.latent_diffusion.data import (
     SMALL_IMAGE_SCALE,
     bucket_sizes,
@@ -20,19 +21,41 @@ from appzoo.latent_diffusion.data import (
 )
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
-from appzoo.latent_diffusion.losses import LatentCache
+from appzoo.latent_diffusion.losses import DiskLatentCache, LatentCache, file_digest, module_digest
 from appzoo.latent_diffusion.train_tasks import DiffusionTrainTask, LoraTrainTask, RRDBTrainTask, VAETrainTask
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.memory import MAX_ENCODE_BATCH, check_latent_diffusion_training
 from easynlp_ldm.tables import BadRowPolicy
-from easynlp_ldm.trainer import STATE_DIR, Trainer, TrainerConfig
+from easynlp_ldm.trainer import Trainer, TrainerConfig
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
 
 BAD_ROWS_FILE = "bad_rows.tsv"
+
+
+def read_and_encode(path: str, name: str, inputs: InputTables, policy: BadRowPolicy, model: LatentDiffusion,
+                    flags: ParsedFlags, encode_batch: int, key: dict, size_of=None, accept=None):
+    resolution = key["resolution"]
+    """The table indexed (its bad rows found) and its images' VAE latents: read from the run's on-disk latent cache
+    when it holds them for exactly this table, VAE and preprocessing, else encoded now and written there."""
+    disk = DiskLatentCache(flags.checkpoint_dir, name, {**key, "table": file_digest(path)})
+    cached = disk.load()
+    if cached is not None:
+        table = index_table(path, inputs, policy, accept=accept)
+        if len(cached) == len(table):
+            logger.info("%s: latents of its %d images read from %s (none encoded)", path, len(table), disk.path)
+            return table, cached
+    cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp,
+                        size_of=(lambda index, image: size_of(image)) if size_of else None)
+    table = index_table(path, inputs, policy, on_image=cache.add, accept=accept)
+    cached = cache.cached()
+    if not policy.stopping and distributed.context().is_main:
+        disk.save(cached)
+        logger.info("%s: %d images encoded; latents cached in %s", path, cache.encoded, disk.path)
+    return table, cached
 
 
 class Buckets:
@@ -95,22 +118,27 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     encode_batch = min(flags.micro_batch_size, MAX_ENCODE_BATCH)  # the memory plan counts this many per VAE call
     tables = inputs.tables
     buckets = Buckets(model, resolution, params, tables[0])
-    cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp,
-                        size_of=lambda index, image: buckets.size_of(image)) if use_cache else None
     logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
-    train = index_table(tables[0], inputs, policy, on_image=cache.add if cache else None, accept=buckets.accept)
+    key = {"vae": module_digest(model.vae), "device": model.vae.device.type, "dtype": str(model.vae.dtype),
+           "use_amp": flags.use_amp, "encode_batch": encode_batch, "resolution": resolution,
+           "skip_first_line": inputs.skip_first_line, "schema": [c.name for c in inputs.schema],
+           "columns": [inputs.text_column, inputs.image_column], "skip_bad_rows": policy.skip}
+    if use_cache:
+        train, cached = read_and_encode(tables[0], "train", inputs, policy, model, flags, encode_batch, {
+            **key, "buckets": buckets.sizes, "skip_small_images": buckets.skip_small}, buckets.size_of, buckets.accept)
+    else:
+        train, cached = index_table(tables[0], inputs, policy, accept=buckets.accept), None
     sizes = [buckets.size_for(*size) for size in train.sizes]
     buckets.report(sizes)
     val_captions, val_moments = [], None
     if len(tables) == 2:  # validated on square centre crops: its loss compares across runs and bucket settings
-        val_cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp)
-        val = index_table(tables[1], inputs, policy, on_image=val_cache.add)
-        val_captions, val_moments = val.captions, val_cache.moments()
+        val, val_cached = read_and_encode(tables[1], "val", inputs, policy, model, flags, encode_batch, key)
+        val_captions, val_moments = val.captions, val_cached.batch(list(range(len(val_cached))))
     data_threads = flags.data_threads if not use_cache else 0
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
     task_class = LoraTrainTask if params["train_target"] == "lora" else DiffusionTrainTask
-    return task_class(model, train, cache.cached() if cache else None, val_captions, val_moments,
+    return task_class(model, train, cached, val_captions, val_moments,
                       params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
                       data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp, sizes=sizes)
 
@@ -197,11 +225,14 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         raise UserError("--checkpoint_dir is required for --mode=train (the folder the model is saved to)")
     inputs = input_tables(flags, "train", default_schema=None, max_tables=2, need_image=True)
     out = flags.checkpoint_dir
-    existing_state = os.path.isdir(os.path.join(out, STATE_DIR))
-    if existing_state and not flags.resume_from_checkpoint and not params["overwrite_checkpoint_dir"]:
-        raise UserError(f"--checkpoint_dir={out} already holds a training run; pass --resume_from_checkpoint={out} "
-                        f"to continue it, overwrite_checkpoint_dir=True to start over from the pretrained model, or "
-                        f"choose another folder")
+    given_params = params
+    decision = runs.decide(flags, params)  # a new run, the identical one resumed, or complete already
+    if decision == "complete":
+        return 0
+    if decision == "resume" and not flags.resume_from_checkpoint:
+        flags = dataclasses.replace(flags, values={**flags.values, "resume_from_checkpoint": out})
+    if distributed.context().is_main:
+        runs.record(flags, given_params, finished=False)
     params, inputs = easynlp_training_keys(params, inputs)
     params = crop_mode(params)
     model = load_model(params["pretrain_model_name_or_path"], modelzoo_base_dir=flags.modelzoo_base_dir,
@@ -227,6 +258,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                                       ema_device=params["ema_device"],
                                       progress=os.environ.get("EASYNLP_PROGRESS", "1") != "0")
     result = Trainer(config, task).train()
+    if distributed.context().is_main:
+        runs.record(flags, given_params, finished=True)
     if params["train_target"] == "lora":
         logger.info("trained %d steps; LoRA adapter saved to %s (use it with lora=%s in predict, evaluate, serve or "
                     "export, or diffusers' pipe.load_lora_weights)", result["step"],

@@ -360,3 +360,29 @@ def test_checkpoint_weights_are_not_copied_in_memory(tmp_path):
         assert trainer.weights()[name].data_ptr() == param.data_ptr()
     for (name, _), shadow in zip(trainer.named_params, trainer.ema.shadow_params):
         assert trainer.ema_weights()[name].data_ptr() == shadow.data_ptr()
+
+
+def test_images_per_second_count_training_time_not_checkpoints(tmp_path, monkeypatch):
+    """A fake clock: each optimiser step takes 1 s, each checkpoint 100 s. With micro-batches of 4 the rate is 4
+    images/s at every step, the ones right after a checkpoint included."""
+    import easynlp_ldm.trainer as trainer_module
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_module.time, "time", lambda: now[0])
+
+    class Clocked(ToyTask):
+        def loss(self, batch):
+            now[0] += 1.0
+            return super().loss(batch)
+
+        def save_model(self, folder, weights):
+            now[0] += 100.0
+            return super().save_model(folder, weights)
+
+    rates = []
+    original = Trainer._report_step
+    monkeypatch.setattr(Trainer, "_report_step",
+                        lambda self, bar, loss, speed: (rates.append(speed), original(self, bar, loss, speed))[1])
+    train_toy(str(tmp_path / "run"), "--micro_batch_size=4", "--epoch_num=2", "--save_checkpoint_steps=2",
+              "--logging_steps=3", task=Clocked(num_examples=16))
+    assert len(rates) == 8 and all(abs(rate - 4.0) < 1e-6 for rate in rates), rates

@@ -98,7 +98,7 @@ def _run(argv, **kwargs):
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny_model_dir, shapes_data, tmp_path):
+def test_sigkill_after_first_checkpoint_then_the_identical_command_resumes(tiny_model_dir, shapes_data, tmp_path):
     common = ("--micro_batch_size=4", "--epoch_num=5", "--learning_rate=5e-4", "--save_checkpoint_steps=4")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     assert _run(train_argv(shapes_data, full, tiny_model_dir, *common)).wait() == 0
@@ -112,25 +112,50 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny_mo
     saved_step = json.load(open(meta))["step"]
     assert saved_step < 40, "the run finished before it could be killed"
     LatentDiffusion.from_pretrained(killed)  # the last complete checkpoint loads
-    resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common, f"--resume_from_checkpoint={killed}"))
+    resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))  # the same command, nothing added
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output
+    assert f"resuming the interrupted run in {killed} from its last checkpoint (step {saved_step})" in output
     assert f"resumed from {killed}/training_state at step {saved_step}" in output
+    assert "latents of its 32 images read from" in output and "images encoded" not in output  # none re-encoded
     wf, wk = weights(os.path.join(full, "last")), weights(os.path.join(killed, "last"))
     assert max(float((wf[k] - wk[k]).abs().max()) for k in wf) <= 1e-5
+    # TensorBoard: one point per step, the killed run's points after its checkpoint replaced by the resumed run's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(killed, "log"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, 41)), steps
+    # and run again once finished: complete, nothing done
+    again = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))
+    output = again.communicate()[0]
+    assert again.returncode == 0 and "holds this run, complete (40 steps): nothing to do" in output, output
 
 
-def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, shapes_data, tmp_path, capsys):
+def test_existing_run_resumes_completes_or_names_the_choices(tiny_model_dir, shapes_data, tmp_path, capsys, caplog,
+                                                             monkeypatch):
+    from appzoo.latent_diffusion import losses
+
+    caplog.set_level("INFO")
     out = str(tmp_path / "run")
     argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=1")
     assert cli.main(argv) == 0
-    assert cli.main(argv) == 2
-    assert "already holds a training run" in capsys.readouterr().err
-    # EasyNLP's reset_model_state_flag concerns the saved keys' prefix, not starting over: still refused.
-    assert cli.main([*argv[:-1], argv[-1] + " reset_model_state_flag=True"]) == 2
-    assert "overwrite_checkpoint_dir=True to start over" in capsys.readouterr().err
-    argv[-1] += " overwrite_checkpoint_dir=True"
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0 and "complete (2 steps): nothing to do" in caplog.text
+    # EasyNLP's reset_model_state_flag concerns the saved keys' prefix: the same run, complete
+    assert cli.main([*argv[:-1], argv[-1] + " reset_model_state_flag=True"]) == 0
+    changed = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=16", "--epoch_num=2")
+    assert cli.main(changed) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run with other settings (epoch_num: 1.0 → 2.0)" in err
+    assert f"--resume_from_checkpoint={out}" in err and "overwrite_checkpoint_dir=True" in err
+    assert "another folder" in err
+    encoded = []
+    original = losses.LatentCache.add
+    monkeypatch.setattr(losses.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
+    changed[-1] += " overwrite_checkpoint_dir=True"
+    assert cli.main(changed) == 0
+    assert "step 4/4" in caplog.text and not encoded  # started over; the cached latents still served
     assert cli.main(train_argv(shapes_data, str(tmp_path / "new"), tiny_model_dir,
                                f"--resume_from_checkpoint={tmp_path / 'nothing'}")) == 2
     assert "no training state there" in capsys.readouterr().err
