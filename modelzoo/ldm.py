@@ -86,7 +86,8 @@ class LatentDiffusion(torch.nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Channels of the latents the UNet denoises (what it predicts: an inpainting UNet takes 9 in, gives 4)."""
+        return int(self.unet.config.out_channels)
 
     @property
     def vae_scaling_factor(self) -> float:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
+from appzoo.latent_diffusion.conditioning import ImageInputs
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.lora import has_adapters, select_adapters
@@ -61,11 +62,17 @@ class GenerationSettings:
     sr_tile: int = 256  # super-resolution tile, input pixels (0: whole image)
     sr_channel_order: str = ""  # rgb or bgr; "": the model's config, else rgb
     adapters: tuple[tuple[str, float], ...] = ()  # switchable LoRA adapters (serve's lora_library) and their scales
+    strength: float = 0.0  # img2img / inpainting: how much of the init image is noised away (0: 0.8, 1.0 inpainting)
+    controlnets: tuple[tuple[str, float], ...] = ()  # ControlNet folders and their conditioning scales
+    control_preprocessor: str = "none"  # what turns a conditioning image into the ControlNet's input (none, canny)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
         """``--user_defined_parameters`` (EasyNLP's names) → settings."""
-        return cls(**{field: params[name] for field, name in PARAM_NAMES.items()})
+        from appzoo.latent_diffusion.conditioning import parse_controlnets
+
+        return cls(**{field: params[name] for field, name in PARAM_NAMES.items()},
+                   controlnets=parse_controlnets(params.get("controlnet", "")))
 
     def for_model(self, model: LatentDiffusion) -> GenerationSettings:
         """The concrete settings for ``model``: native size and ESRGAN channel order filled in, size checked."""
@@ -79,7 +86,8 @@ class GenerationSettings:
 # GenerationSettings field → its user_defined_parameter (declared in params.py).
 PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", "width": "W", "sampler": "sampler",
                "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
-               "guidance_rescale": "guidance_rescale",
+               "guidance_rescale": "guidance_rescale", "strength": "strength",
+               "control_preprocessor": "control_preprocessor",
                "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
 
 
@@ -145,10 +153,13 @@ def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusion
 @torch.inference_mode()
 def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
              pipe: StableDiffusionPipeline | None = None, max_length: int | None = None,
-             latents: torch.Tensor | None = None, should_stop=None) -> list[Image.Image]:
+             latents: torch.Tensor | None = None, should_stop=None, inputs: ImageInputs | None = None,
+             controlnet=None) -> list[Image.Image]:
     """One image per (prompt, seed), before super-resolution. ``latents`` (one per image, as diffusers' pipelines
     take them) replace the initial noise the seeds would draw; the seeds still drive ancestral samplers.
-    ``should_stop()``, asked after every sampler step, ends the work with ``Stopped`` when it says True."""
+    ``should_stop()``, asked after every sampler step, ends the work with ``Stopped`` when it says True.
+    ``inputs``: init images (img2img), masks (inpainting) and conditioning images for ``controlnet`` (the loaded
+    ControlNet(s) of ``settings.controlnets``), one per image; diffusers' pipeline for that combination runs."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     pipe = pipe or build_pipeline(model, settings.sampler)
@@ -164,8 +175,12 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     # here keeps the latents (and so the scheduler arithmetic) fp32 whatever the UNet's precision.
     factor = model.vae_scale_factor
     shape = (1, model.latent_channels, height // factor, width // factor)
+    from_noise = not (inputs and inputs.images)  # img2img and inpainting draw their noise in the pipeline
     if latents is None:
-        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        if from_noise:
+            latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    elif not from_noise:
+        raise UserError("latents cannot be given with an input image (img2img and inpainting noise the image)")
     elif tuple(latents.shape) != (len(prompts), *shape[1:]):
         raise UserError(f"latents must have shape {(len(prompts), *shape[1:])} (one per image), got "
                         f"{tuple(latents.shape)}")
@@ -176,11 +191,74 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     if cutoff is not None or should_stop is not None:
         callback = {"callback_on_step_end": _step_callback(cutoff, should_stop),
                     "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
-    output = pipe(**callback, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, height=height, width=width,
+    common = dict(**callback, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
-                  guidance_rescale=settings.guidance_rescale,
-                  generator=generators, latents=latents.to(model.unet.device), output_type="np")
+                  generator=generators, output_type="np")
+    if inputs or controlnet is not None:
+        output = _generate_from_images(pipe, common, settings, inputs or ImageInputs(), controlnet, height, width,
+                                       None if latents is None else latents.to(model.unet.device), len(prompts))
+    else:
+        output = pipe(**common, height=height, width=width, guidance_rescale=settings.guidance_rescale,
+                      latents=latents.to(model.unet.device))
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
+
+
+_VARIANTS = {("img2img", False): "StableDiffusionImg2ImgPipeline", ("inpaint", False): "StableDiffusionInpaintPipeline",
+             ("txt2img", True): "StableDiffusionControlNetPipeline",
+             ("img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+             ("inpaint", True): "StableDiffusionControlNetInpaintPipeline"}
+
+
+def variant(pipe: StableDiffusionPipeline, kind: str, controlnet=None):
+    """diffusers' pipeline for ``kind`` (img2img, inpaint; txt2img with a ControlNet) over ``pipe``'s components,
+    built once per (kind, ControlNet) and kept on ``pipe``."""
+    import diffusers
+
+    cache = pipe.__dict__.setdefault("_easynlp_variants", {})
+    key = (kind, id(controlnet) if controlnet is not None else None)
+    if key not in cache:
+        cls = getattr(diffusers, _VARIANTS[(kind, controlnet is not None)])
+        extra = {"controlnet": controlnet} if controlnet is not None else {}
+        built = cls(**pipe.components, **extra)
+        built.set_progress_bar_config(disable=True)
+        cache[key] = built
+    return cache[key]
+
+
+def _generate_from_images(pipe, common: dict, settings: GenerationSettings, inputs: ImageInputs, controlnet,
+                          height: int, width: int, latents: torch.Tensor, count: int):
+    from appzoo.latent_diffusion.conditioning import fit
+
+    if settings.guidance_rescale:
+        raise UserError("guidance_rescale is not available with an input image, a mask or a ControlNet (diffusers' "
+                        "pipelines for them do not take it); leave it at 0")
+    for name, items in (("image", inputs.images), ("mask", inputs.masks)):
+        if items is not None and len(items) != count:
+            raise ValueError(f"one {name} per image")
+    if inputs.masks and not inputs.images:
+        raise UserError("a mask needs the image it applies to (inpainting repaints the mask's white part of it)")
+    kind = "inpaint" if inputs.masks else "img2img" if inputs.images else "txt2img"
+    kwargs = dict(common)
+    if inputs.images:
+        kwargs["image"] = [fit(image, width, height) for image in inputs.images]
+        kwargs["strength"] = settings.strength or (1.0 if inputs.masks else 0.8)
+    if inputs.masks:
+        kwargs["mask_image"] = [mask.convert("L").resize((width, height), Image.NEAREST)
+                                if mask.size != (width, height) else mask.convert("L") for mask in inputs.masks]
+    if kind != "img2img" or controlnet is not None:
+        kwargs.update(height=height, width=width)
+    if kind == "txt2img":
+        kwargs["latents"] = latents  # the seeds' noise, as text-to-image draws it
+    if controlnet is not None:
+        if not inputs.controls or len(inputs.controls) != len(settings.controlnets):
+            raise UserError(f"{len(settings.controlnets)} ControlNet(s) need a conditioning image each")
+        controls = [[fit(image, width, height) for image in per_net] for per_net in inputs.controls]
+        scales = [scale for _, scale in settings.controlnets]
+        kwargs["image" if kind == "txt2img" else "control_image"] = controls[0] if len(controls) == 1 else controls
+        kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    elif inputs.controls:
+        raise UserError("a conditioning image was given but no ControlNet: pass controlnet=FOLDER[:scale]")
+    return variant(pipe, kind, controlnet)(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------- super-resolution
@@ -210,6 +288,26 @@ class SuperResolution:
         return upscale(self.net, image, tile=tile, channel_order=channel_order)
 
 
+def controlnet_of(model: LatentDiffusion, specs: tuple[tuple[str, float], ...]):
+    """The ControlNet (one, or diffusers' ``MultiControlNetModel`` of several) for ``specs``, loaded once per model
+    and set of folders, on the UNet's device and dtype; None without specs."""
+    if not specs:
+        return None
+    cache = model.__dict__.setdefault("_controlnets", {})
+    paths = tuple(path for path, _ in specs)
+    if paths not in cache:
+        from appzoo.latent_diffusion.conditioning import load_controlnets
+
+        models = load_controlnets(list(paths), model.unet.device, model.unet.dtype)
+        if len(models) == 1:
+            cache[paths] = models[0]
+        else:
+            from diffusers import MultiControlNetModel
+
+            cache[paths] = MultiControlNetModel(models)
+    return cache[paths]
+
+
 class Generator:
     """Prompts + seeds → PIL images with one model and one ``GenerationSettings``."""
 
@@ -222,13 +320,20 @@ class Generator:
             raise UserError(f"--user_defined_parameters: sampler: {err}") from None
         self.text_length = text_length
         self.sr = SuperResolution.of(model) if self.settings.do_sr else None
+        self.controlnet = controlnet_of(model, self.settings.controlnets)
 
     def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None,
-                 should_stop=None) -> list[Image.Image]:
+                 should_stop=None, inputs: ImageInputs | None = None) -> list[Image.Image]:
         if has_adapters(self.model.unet):
             select_adapters(self.pipe, self.settings.adapters)
+        if inputs is not None and inputs.controls is not None:
+            from appzoo.latent_diffusion.conditioning import preprocess_control
+
+            inputs = ImageInputs(inputs.images, inputs.masks, [
+                [preprocess_control(image, self.settings.control_preprocessor) for image in per_net]
+                for per_net in inputs.controls])
         images = generate(self.model, prompts, seeds, self.settings, self.pipe, self.text_length, latents,
-                          should_stop)
+                          should_stop, inputs, self.controlnet)
         if self.sr is None:
             return images
         upscaled = []

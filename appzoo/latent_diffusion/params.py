@@ -155,6 +155,15 @@ PARAMS: tuple[Param, ...] = (
     Param("guidance_rescale", float, 0.0, "rescale the guided prediction towards the text-only one's standard "
           "deviation (0: off; 0.7 is the paper's choice against over-exposure at high guidance)", modes=SAMPLING,
           check=_unit),
+    Param("strength", float, 0.0, "img2img and inpainting (an input image column / request field): how much of the "
+          "input image is noised away and redrawn, 0–1 (0: diffusers' defaults, 0.8 for img2img and 1.0 for "
+          "inpainting)", modes=SAMPLING, check=_unit),
+    Param("controlnet", str, "", "ControlNet(s): diffusers ControlNetModel folders, each with an optional "
+          "conditioning scale, separated by commas: path[:scale],path[:scale] (the conditioning images come from the "
+          "table's control column, or the request's control_image field)", modes=SAMPLING),
+    Param("control_preprocessor", str, "none", "what turns a conditioning image into the ControlNet's input: none "
+          "(the image is the ready conditioning image), canny (its Canny edges, thresholds 100/200)",
+          modes=SAMPLING, choices=("none", "canny")),
     Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
           check=_positive),
     Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=SAMPLING, check=_unit),
