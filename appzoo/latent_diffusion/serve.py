@@ -12,13 +12,14 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from appzoo.latent_diffusion.conditioning import ImageInputs
 from appzoo.latent_diffusion.generation import SEED_LIMIT, GenerationSettings, Generator, Stopped, size_factor
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.serving.batcher import Cancelled
 from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
-from easynlp_ldm.tables import encode_image
+from easynlp_ldm.tables import BadRow, decode_image_base64, encode_image, encode_image_base64
 from modelzoo.samplers import canonical_name, sampler_names
 
 logger = logging.getLogger("easynlp.serve")
@@ -75,6 +76,51 @@ def _do_sr(service: LatentDiffusionService, name: str, value: Any) -> bool:
     return value
 
 
+def _image(name: str, value: Any):
+    """A base64 image field → RGB PIL image, or a RequestError naming the field."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a base64 string of a PNG or JPEG image (a data:image/…;base64, prefix is "
+                           "allowed)", name)
+    try:
+        return decode_image_base64(value)
+    except BadRow as err:
+        raise RequestError(f"{name}: {err.reason}{f' ({err.detail})' if err.detail else ''}; give a base64 PNG or "
+                           "JPEG image", name) from None
+
+
+def _images(service: LatentDiffusionService, body: dict, settings: GenerationSettings) -> dict:
+    """The request's ``image``, ``mask`` and ``control_image``, decoded and checked: {"image", "mask", "controls"}."""
+    image = _image("image", body["image"]) if "image" in body else None
+    mask = None
+    if "mask" in body:
+        if image is None:
+            raise RequestError("mask needs image: the mask marks (white = repaint) the part of image to repaint",
+                               "mask")
+        mask = _image("mask", body["mask"]).convert("L")
+        if mask.size != image.size:
+            raise RequestError(f"mask is {mask.width}×{mask.height} but image is {image.width}×{image.height}; give "
+                               "a mask of the image's size (white = repaint)", "mask")
+    nets = len(settings.controlnets)
+    controls = None
+    if "control_image" in body:
+        value = body["control_image"]
+        if not nets:
+            raise RequestError("control_image was given but this service runs no ControlNet (start it with "
+                               "controlnet=FOLDER[:scale] in --user_defined_parameters)", "control_image")
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or len(values) != nets:
+            raise RequestError(f"control_image must be a list of {nets} base64 images, one per ControlNet of this "
+                               f"service (controlnet=){'; or one base64 image' if nets == 1 else ''}", "control_image")
+        controls = [_image("control_image", item) for item in values]
+    elif nets:
+        raise RequestError(f"control_image is required: this service runs {nets} ControlNet(s) (controlnet=), each "
+                           "needs a conditioning image", "control_image")
+    if settings.guidance_rescale and (image is not None or nets):
+        raise RequestError("guidance_rescale is not available with an image or a ControlNet (diffusers' pipelines "
+                           "for them do not take it); set it to 0", "guidance_rescale")
+    return {"image": image, "mask": mask, "controls": controls}
+
+
 def _adapters(service: LatentDiffusionService, name: str, value: Any) -> tuple[tuple[str, float], ...]:
     known = service.adapter_names
     if not isinstance(value, dict) or not all(
@@ -97,12 +143,16 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
     "height": ("height", _size),
     "guidance_scale": ("guidance_scale", _guidance),
     "guidance_rescale": ("guidance_rescale", _unit),
+    "strength": ("strength", _unit),
     "negative_prompt": ("negative_prompt", _text),
     "sampler": ("sampler", _sampler),
     "do_sr": ("do_sr", _do_sr),
     "lora": ("adapters", _adapters),
 }
-FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS)
+# Images a request may bring (base64 PNG/JPEG/…, a data: URI prefix allowed): per request, not settings; every image
+# generated for the request uses them. ``control_image``: one per ControlNet the service runs (a string or a list).
+IMAGE_FIELDS = ("image", "mask", "control_image")
+FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS, *IMAGE_FIELDS)
 MAX_GENERATORS = 16
 
 
@@ -150,13 +200,16 @@ class LatentDiffusionService:
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - count:
             raise RequestError("seed must be an integer between 0 and 2^53 − 1 (seeds up to 2^63 from earlier "
                                "versions are accepted too)", "seed")
-        payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings}
+        images = _images(self, body, settings)
+        payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings, **images}
+        # Requests share a model call when their settings are equal and they bring the same kinds of images.
+        kinds = tuple(images[name] is not None for name in ("image", "mask", "controls"))
         tokens = len(self.model.tokenizer(text, verbose=False)["input_ids"])
         warnings = ()
         if tokens > self.text_length:
             warnings = (f"text is {tokens} tokens; the model reads the first {self.text_length} (its context) and "
                         "ignores the rest",)
-        return Parsed(settings, payload, count, deterministic="seed" in body, warnings=warnings)
+        return Parsed((settings, kinds), payload, count, deterministic="seed" in body, warnings=warnings)
 
     def _generator(self, settings: GenerationSettings) -> Generator:
         if settings in self.generators:
@@ -172,7 +225,7 @@ class LatentDiffusionService:
         prompts = [p["text"] for p in payloads for _ in p["seeds"]]
         seeds = [seed for p in payloads for seed in p["seeds"]]
         try:
-            images = iter(generate(prompts, seeds, should_stop=should_stop))
+            images = iter(generate(prompts, seeds, should_stop=should_stop, inputs=self._inputs(payloads)))
         except Stopped as stopped:
             raise Cancelled(str(stopped)) from None
         results = []
@@ -180,6 +233,23 @@ class LatentDiffusionService:
             encoded = [base64.b64encode(encode_image(next(images), "png")).decode("ascii") for _ in payload["seeds"]]
             results.append({"text": payload["text"], "images_base64": encoded, "seeds": payload["seeds"]})
         return results
+
+    @staticmethod
+    def _inputs(payloads: list[dict]) -> ImageInputs | None:
+        """One ``ImageInputs`` for the batch (its requests bring the same kinds of images: the batch key), each
+        request's images repeated for its ``num_images``."""
+        first = payloads[0]
+        if first.get("image") is None and first.get("controls") is None:
+            return None
+
+        def each(name):
+            return None if first.get(name) is None else [p[name] for p in payloads]
+
+        controls = None
+        if first.get("controls") is not None:
+            controls = [[p["controls"][k] for p in payloads] for k in range(len(first["controls"]))]
+        inputs = ImageInputs(images=each("image"), masks=each("mask"), controls=controls)
+        return inputs.repeat([len(p["seeds"]) for p in payloads])
 
     def run_batch(self, payloads: list[dict], should_stop: Callable[[], bool] | None = None) -> list[Any]:
         import torch
@@ -203,6 +273,11 @@ class LatentDiffusionService:
 
     def warmup(self) -> None:
         body = {"text": "白色背景上的红色圆形", "num_images": 1, "seed": 0}
+        if self.defaults.controlnets:  # a ControlNet service needs a conditioning image: a black one
+            from PIL import Image
+
+            black = encode_image_base64(Image.new("RGB", (self.defaults.width, self.defaults.height)))
+            body["control_image"] = [black] * len(self.defaults.controlnets)
         self.run_batch([self.parse(body).payload])
 
     def describe(self) -> dict:
@@ -210,7 +285,8 @@ class LatentDiffusionService:
         source = getattr(self.model, "source_path", "") or ""
         return {"model": os.path.basename(os.path.normpath(source)) if source else "", "image_size":
                 self.model.image_size, "super_resolution": bool(self.model.esrgan_path),
-                "lora_adapters": self.adapter_names,
+                "lora_adapters": self.adapter_names, "controlnets": len(self.defaults.controlnets),
+                "fields": list(FIELDS),
                 "limits": {"max_num_images": self.params["max_num_images"], "max_steps": self.params["max_steps"],
                            "max_size": self.max_size, "size_multiple": self.factor,
                            "max_request_work": self.params["max_request_work"],

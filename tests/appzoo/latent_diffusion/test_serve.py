@@ -1,5 +1,8 @@
+import base64
+import dataclasses
 import email.utils
 import hashlib
+import io
 import json
 import os
 import time
@@ -8,8 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
+from PIL import Image, ImageDraw
 
+from appzoo.latent_diffusion.conditioning import ImageInputs
+from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.serve import MAX_GENERATORS
+from easynlp_ldm.tables import encode_image_base64
 from tests.helpers import InProcessServer, png
 
 
@@ -239,3 +247,136 @@ def test_fields_left_out_take_the_services_parameters(tiny_model_dir):
         assert png(response.json()["images_base64"][0]).size == (32, 32)
     finally:
         running.stop()
+
+
+# ------------------------------------------------------------------------------------- generation from images
+def photo(seed, size=(32, 32)):
+    rng = np.random.default_rng(seed)
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    array[:] = rng.integers(0, 255, 3)
+    image = Image.fromarray(array)
+    ImageDraw.Draw(image).ellipse((6, 6, 24, 20), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def mask(size=(32, 32)):
+    image = Image.new("L", size, 0)
+    ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill=255)  # white = repaint
+    return image
+
+
+def b64(image, image_format="png"):
+    return encode_image_base64(image, image_format)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_model_dir, tmp_path_factory):
+    """A ControlNet from the tiny UNet, its zero convolutions given random weights (as in test_conditioning.py)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_model_dir, "unet"))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "zero_conv" in name or "mid_block" in name or "conv_out" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    folder = str(tmp_path_factory.mktemp("controlnet") / "canny")
+    net.save_pretrained(folder)
+    return folder
+
+
+def served(url, body):
+    response = httpx.post(url + "/", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [np.asarray(png(b), dtype=np.int16) for b in response.json()["images_base64"]]
+
+
+def generated(service, prompts, seeds, inputs, **settings):
+    settings = dataclasses.replace(service.defaults, **settings)
+    with torch.inference_mode():
+        images = Generator(service.model, settings, service.text_length)(prompts, seeds, inputs=inputs)
+    return [np.asarray(image, dtype=np.int16) for image in images]
+
+
+def assert_close(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.abs(x - y).max() <= 3, np.abs(x - y).max()
+
+
+def test_img2img_request_matches_the_generator_and_batches_apart_from_text_only_requests(server, monkeypatch):
+    original, batches = server.service._run, []
+
+    def recorded(payloads, should_stop=None):
+        batches.append([p["image"] is not None for p in payloads])
+        return original(payloads, should_stop)
+
+    monkeypatch.setattr(server.service, "_run", recorded)
+    image = photo(1)
+    body = {"text": "测试文本", "num_inference_steps": 3, "num_images": 2, "seed": 5, "strength": 0.6}
+    expected = generated(server.service, ["测试文本"] * 2, [5, 6], ImageInputs(images=[image, image]), steps=3,
+                         strength=0.6)
+    # sent at once with text-only requests of the same settings: they must not share a model call with them
+    bodies = [{**body, "image": b64(image)}, {**body, "seed": 9}, {**body, "image": "data:image/jpeg;base64,"
+                                                                             + b64(image.copy(), "jpeg")}, body]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: served(server.url, b), bodies))
+    assert_close(results[0], expected)
+    assert np.abs(results[0][0] - results[3][0]).max() > 10  # the image mattered
+    assert len(results[2]) == 2  # a JPEG data URI is accepted
+    assert all(len(set(batch)) == 1 for batch in batches) and sum(map(len, batches)) == 4
+
+
+def test_inpainting_request_with_a_mask(server):
+    image = photo(3)
+    body = {"text": "测试文本", "num_inference_steps": 3, "seed": 7, "image": b64(image), "mask": b64(mask())}
+    expected = generated(server.service, ["测试文本"], [7], ImageInputs(images=[image], masks=[mask()]), steps=3)
+    assert_close(served(server.url, body), expected)
+
+
+def test_controlnet_service_takes_control_image(tiny_model_dir, controlnet_dir):
+    running = InProcessServer(tiny_model_dir, controlnet=controlnet_dir)
+    try:
+        control = photo(5)
+        body = {"text": "测试文本", "num_inference_steps": 3, "seed": 3, "control_image": b64(control)}
+        expected = generated(running.service, ["测试文本"], [3], ImageInputs(controls=[[control]]), steps=3)
+        assert_close(served(running.url, body), expected)
+        assert_close(served(running.url, {**body, "control_image": [b64(control)]}), expected)
+        plain = generated(running.service, ["测试文本"], [3], None, steps=3, controlnets=())
+        assert np.abs(plain[0] - expected[0]).max() > 10  # the ControlNet mattered
+        for wrong in ({k: v for k, v in body.items() if k != "control_image"},
+                      {**body, "control_image": [b64(control)] * 2}, {**body, "control_image": 5}):
+            response = httpx.post(running.url + "/", json=wrong, timeout=30)
+            assert response.status_code == 400 and response.json()["field"] == "control_image"
+        info = httpx.get(running.url + "/info", timeout=10).json()
+        assert info["controlnets"] == 1 and "control_image" in info["fields"] and os.sep not in json.dumps(info)
+    finally:
+        running.stop()
+
+
+def _not_an_image():
+    return base64.b64encode(b"hello, not an image").decode()
+
+
+def _png_of(size):
+    buffer = io.BytesIO()
+    mask(size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("fields,field,words", [
+    ({"mask": _png_of((32, 32))}, "mask", "needs image"),
+    ({"image": _png_of((32, 32)), "mask": _png_of((16, 16))}, "mask", "16×16"),
+    ({"image": _not_an_image()}, "image", "not an image"),
+    ({"image": "%%%"}, "image", "base64"),
+    ({"image": 5}, "image", "base64"),
+    ({"image": _png_of((32, 32)), "mask": _not_an_image()}, "mask", "not an image"),
+    ({"control_image": _png_of((32, 32))}, "control_image", "controlnet="),
+    ({"image": _png_of((32, 32)), "strength": 1.5}, "strength", "between 0 and 1"),
+    ({"image": _png_of((32, 32)), "guidance_rescale": 0.5}, "guidance_rescale", "guidance_rescale")])
+def test_bad_image_fields_are_400_naming_the_field(server, fields, field, words):
+    response = httpx.post(server.url + "/", json={"text": "测试", "num_inference_steps": 1, **fields}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["field"] == field and field in response.json()["error"]
+    assert words in response.json()["error"]
