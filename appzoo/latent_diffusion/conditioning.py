@@ -35,6 +35,13 @@ class ImageInputs:
     def __bool__(self) -> bool:
         return bool(self.images or self.masks or self.controls)
 
+    def slice(self, start: int, stop: int) -> ImageInputs:
+        def part(items):
+            return None if items is None else items[start:stop]
+
+        return ImageInputs(part(self.images), part(self.masks),
+                           None if self.controls is None else [part(c) for c in self.controls])
+
     def repeat(self, counts: list[int]) -> ImageInputs:
         """Each input repeated for the images generated from it (``counts[i]`` for input i)."""
         def rep(items):

@@ -216,7 +216,8 @@ PARAMS: tuple[Param, ...] = (
           "size)", modes=SERVE, check=_positive),
     Param("max_text_chars", int, 1000, "serve: longest text in characters (past the model's context in tokens the "
           "rest is ignored, and the answer says so in 'warnings')", modes=SERVE, check=_positive),
-    Param("max_body_bytes", int, 1 << 20, "serve: largest request body in bytes (413 past it)", modes=SERVE,
+    Param("max_body_bytes", int, 16 << 20, "serve: largest request body in bytes (413 past it; room for an input "
+          "image, its mask and a conditioning image at 1024²)", modes=SERVE,
           check=_positive),
     Param("request_timeout", float, 300.0, "serve: seconds a request may take (queue + generation)", modes=SERVE,
           check=_positive),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from appzoo.latent_diffusion.conditioning import ImageInputs, parse_controlnets
 from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
 from appzoo.latent_diffusion.inputs import (
     PROMPT_SCHEMA,
@@ -34,7 +35,7 @@ from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_open, atomic_write_bytes
-from easynlp_ldm.tables import BadRowPolicy, TsvWriter, encode_image, read_table
+from easynlp_ldm.tables import BadRow, BadRowPolicy, TsvWriter, decode_image_base64, encode_image, read_table
 from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp.predict")
@@ -65,6 +66,21 @@ class PredictPlan:
     output_columns: list[str]
     append_columns: list[str]
     samples_per_row: int
+    image_column: str | None = None  # img2img / inpainting: the input image (imgbase64, or --second_sequence)
+    mask_column: str | None = None  # inpainting: the mask (white = repaint)
+    control_columns: tuple[str, ...] = ()  # ControlNet conditioning images: control, control2, … (one per ControlNet)
+
+    def image_inputs(self, row) -> tuple:
+        """The row's input images decoded (init image, mask, conditioning images); ``BadRow`` when one is not an
+        image or the mask's size is not its image's."""
+        def image(column):
+            return decode_image_base64(row[column]) if column else None
+
+        init, mask = image(self.image_column), image(self.mask_column)
+        if mask is not None and mask.size != init.size:
+            raise BadRow("mask size", f"the mask is {mask.width}×{mask.height} but its image {init.width}×"
+                         f"{init.height}; give a mask of the image's size (white = repaint)")
+        return init, mask, [image(column) for column in self.control_columns]
 
 
 def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
@@ -72,8 +88,26 @@ def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
         raise UserError("--outputs is required for --mode=predict (the output TSV path)")
     inputs = input_tables(flags, "predict", default_schema=PROMPT_SCHEMA)
     generated, appended = output_columns(flags, inputs)
+    names = inputs.names
+    mask = "mask" if "mask" in names else None
+    controls = tuple(name for name in ["control"] + [f"control{i}" for i in range(2, 9)] if name in names)
+    if mask and not inputs.image_column:
+        raise UserError("--input_schema has a mask column but no image column to inpaint (imgbase64, or the column "
+                        "--second_sequence names)")
+    wanted = len(parse_controlnets(params["controlnet"]))
+    if wanted != len(controls):
+        raise UserError(f"controlnet= names {wanted} ControlNet(s) but --input_schema has {len(controls)} "
+                        f"conditioning-image column(s) ({', '.join(controls) or 'none'}); name them control, "
+                        f"control2, … one per ControlNet")
+    if inputs.image_column or controls:
+        logger.info("generating from images: %s", ", ".join(filter(None, [
+            inputs.image_column and f"input images from column {inputs.image_column} (strength "
+                                    f"{params['strength'] or (1.0 if mask else 0.8):g})",
+            mask and "inpainting masks from column mask (white = repaint)",
+            controls and f"ControlNet conditioning images from {', '.join(controls)} (control_preprocessor="
+                         f"{params['control_preprocessor']})"])))
     return PredictPlan(inputs.table, inputs.schema, inputs.text_column, generated, appended,
-                       params["n_samples"] * params["n_iter"])
+                       params["n_samples"] * params["n_iter"], inputs.image_column, mask, controls)
 
 
 def _file_fingerprint(path: str) -> dict:
@@ -246,6 +280,20 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                       start_line=progress.last_line)
     if shard:
         rows = (row for row in rows if row.line_number % shard[1] == shard[0])
+    decoded: dict[int, tuple] = {}  # line → its input images, while its batch waits
+    from_images = plan.image_column or plan.control_columns
+
+    def with_images(rows):
+        for row in rows:
+            if from_images:
+                try:
+                    decoded[row.line_number] = plan.image_inputs(row)
+                except BadRow as bad:
+                    policy.handle(plan.table, row.line_number, bad)
+                    continue
+            yield row
+
+    rows = with_images(rows)
 
     def flush(batch) -> None:
         nonlocal images_done
@@ -257,7 +305,14 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
             jobs = [(row, prompt, iteration * params["n_samples"] + s) for row, prompt in zip(batch, prompts)
                     for s in range(params["n_samples"])]
             seeds = [image_seed(flags.random_seed, row.line_number, sample) for row, _, sample in jobs]
-            images = generator([prompt for _, prompt, _ in jobs], seeds)
+            inputs = None
+            if from_images:
+                per_job = [decoded[row.line_number] for row, _, _ in jobs]
+                inputs = ImageInputs(
+                    images=[i for i, _, _ in per_job] if plan.image_column else None,
+                    masks=[m for _, m, _ in per_job] if plan.mask_column else None,
+                    controls=[[c[k] for _, _, c in per_job] for k in range(len(plan.control_columns))] or None)
+            images = generator([prompt for _, prompt, _ in jobs], seeds, **({"inputs": inputs} if inputs else {}))
             for (row, prompt, sample), seed, image in zip(jobs, seeds, images):
                 data = encode_image(image, image_format)
                 idx = str(row.values.get("idx", row.line_number))
@@ -269,6 +324,8 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                     value = row[column]
                     out.append(",".join(map(str, value)) if isinstance(value, list) else value)
                 out_rows[row.line_number].append(out)
+        for row in batch:
+            decoded.pop(row.line_number, None)
         # Rows of one batch are written together, in input order, then the progress record moves past them.
         writer.write_rows([r for row in batch for r in out_rows[row.line_number]])
         progress.last_line = batch[-1].line_number

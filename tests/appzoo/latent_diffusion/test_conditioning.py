@@ -157,3 +157,100 @@ def test_controlnet_specs_and_bad_conditioning_inputs(tiny_model_dir, controlnet
         ours(tiny_model_dir, ImageInputs(controls=[[photo(1), photo(2)]]))
     with pytest.raises(UserError, match="needs the image it applies to"):
         ours(tiny_model_dir, ImageInputs(masks=[mask(), mask()]))
+
+
+def b64(image):
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_table(path, rows):
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write("\t".join(row) + "\n")
+    return str(path)
+
+
+def test_predict_inpaints_from_image_and_mask_columns_like_diffusers(tiny_model_dir, tmp_path):
+    from easynlp_ldm import cli
+    from tests.helpers import decode, predict_argv, read_rows
+
+    images = [photo(20), photo(21)]
+    table = write_table(tmp_path / "in.tsv", [(str(i), PROMPTS[i], b64(images[i]), b64(mask())) for i in range(2)])
+    out = str(tmp_path / "out.tsv")
+    argv = predict_argv(table, out, tiny_model_dir, "--output_schema=idx,seed,gen_imgbase64",
+                        udp="n_samples=1 ddim_steps=5 strength=0.9 optimize=none")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,mask:str:1"
+    assert cli.main(argv) == 0
+    rows = read_rows(out)
+    pipe = reference("StableDiffusionInpaintPipeline", tiny_model_dir)
+    for (idx, seed, cell), image in zip(rows, images):
+        expected = pipe(PROMPTS[int(idx)], image=image, mask_image=mask(), strength=0.9, num_inference_steps=5,
+                        guidance_scale=5.0, height=32, width=32,
+                        generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
+        assert np.abs(decode(cell) - np.asarray(expected, dtype=np.int16)).max() <= 3
+
+
+def test_predict_with_a_controlnet_column_and_canny(tiny_model_dir, controlnet_dir, tmp_path):
+    from easynlp_ldm import cli
+    from tests.helpers import decode, predict_argv, read_rows
+
+    controls = [photo(30), photo(31)]
+    table = write_table(tmp_path / "in.tsv", [(str(i), PROMPTS[i], b64(controls[i])) for i in range(2)])
+    out = str(tmp_path / "out.tsv")
+    argv = predict_argv(table, out, tiny_model_dir, "--output_schema=idx,seed,gen_imgbase64",
+                        udp=f"n_samples=1 ddim_steps=5 controlnet={controlnet_dir}:0.7 control_preprocessor=canny "
+                            f"optimize=none")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,control:str:1"
+    assert cli.main(argv) == 0
+    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    generate = Generator(model, GenerationSettings(steps=5, controlnets=((controlnet_dir, 0.7),)))
+    for idx, seed, cell in read_rows(out):
+        i = int(idx)
+        expected = generate([PROMPTS[i]], [int(seed)], inputs=ImageInputs(controls=[[canny(controls[i])]]))[0]
+        assert np.abs(decode(cell) - np.asarray(expected, dtype=np.int16)).max() <= 3
+    # no conditioning column for the ControlNet: a clear error before any work
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1"
+    assert cli.main(argv) == 2
+
+
+def test_predict_names_the_row_of_a_bad_input_image_or_mask(tiny_model_dir, tmp_path, capsys):
+    from easynlp_ldm import cli
+    from tests.helpers import predict_argv, read_rows
+
+    good = (b64(photo(1)), b64(mask()))
+    table = write_table(tmp_path / "in.tsv", [("0", PROMPTS[0], *good), ("1", PROMPTS[1], b64(photo(2)),
+                                                                         b64(mask((16, 16)))),
+                                              ("2", PROMPTS[2], "bm90IGFuIGltYWdl", good[1])])
+    out = str(tmp_path / "out.tsv")
+    argv = predict_argv(table, out, tiny_model_dir, udp="n_samples=1 ddim_steps=2")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,mask:str:1"
+    assert cli.main(argv) == 2
+    assert f"{table}, line 2: mask size: the mask is 16×16 but its image 32×32" in capsys.readouterr().err
+    argv[-1] += " skip_bad_rows=True"
+    assert cli.main(argv) == 0
+    assert len(read_rows(out)) == 1
+
+
+def test_python_api_takes_pil_images_masks_and_conditioning_images(tiny_model_dir, controlnet_dir):
+    from easynlp_ldm import pipeline
+
+    images = [photo(40), photo(41)]
+    gen = pipeline("latent_diffusion", tiny_model_dir, n_samples=1, ddim_steps=5, strength=0.6, optimize="none")
+    records = gen(PROMPTS[:2], images=images)
+    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    direct = Generator(model, GenerationSettings(steps=5, strength=0.6))
+    for record, image in zip(records, images):
+        expected = direct([record["text"]], [record["seed"]], inputs=ImageInputs(images=[image]))[0]
+        assert np.abs(np.asarray(record["image"], np.int16) - np.asarray(expected, np.int16)).max() <= 3
+    inpainted = gen(PROMPTS[:2], images=images[0], masks=mask())  # one image and mask for every prompt
+    assert len(inpainted) == 2
+    with pytest.raises(UserError, match="masks"):
+        gen(PROMPTS[:2], images=images, masks=[mask((16, 16)), mask()])
+    controlled = pipeline("latent_diffusion", tiny_model_dir, n_samples=2, ddim_steps=3,
+                          controlnet=f"{controlnet_dir}:0.5", optimize="none")
+    assert len(controlled(PROMPTS[:2], control_images=images)) == 4

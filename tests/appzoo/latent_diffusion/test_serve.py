@@ -205,7 +205,7 @@ def test_with_a_token_every_route_but_health_and_the_page_needs_it(tiny_model_di
         assert health.status_code == 200 and health.json() == {"status": "ready"}
         info = httpx.get(running.url + "/info", headers={"Authorization": "s3cret"}, timeout=10).json()
         assert os.sep not in json.dumps(info) and info["model"] == "pai-diffusion-general-large-zh"
-        assert info["limits"]["max_size"] == 64 and info["limits"]["max_body_bytes"] == 2**20
+        assert info["limits"]["max_size"] == 64 and info["limits"]["max_body_bytes"] == 16 * 2**20
         assert httpx.get(running.url + "/", timeout=10).status_code == 200  # the static page asks for the token
     finally:
         running.stop()
