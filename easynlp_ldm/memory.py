@@ -405,6 +405,7 @@ def check(footprint: ModelFootprint, settings: MemorySettings, *, limit_gb: floa
 
 
 # -------------------------------------------------------------------------------------------- the diffusion app
+CONTROLNET_COPIES = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "add_embedding.", "class_embedding.")
 def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
                                text_length: int = 77) -> ModelFootprint:
     """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts)."""
@@ -415,6 +416,8 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
         trained_names = set()
     elif train_target in ("vae", "vae_decoder"):
         trained_names = {"vae"}
+    elif train_target == "controlnet":  # a trained copy of the UNet's encoder half; the UNet itself stays frozen
+        trained_names = {"unet"}
     else:
         trained_names = set()
     trained: dict[str, list[tuple[int, ...]]] = {}
@@ -422,13 +425,14 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
     for name, module in components.items():
         for pname, param in module.named_parameters():
             is_trained = name in trained_names and not (
-                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv.")))
+                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv."))
+            ) and not (train_target == "controlnet" and not pname.startswith(CONTROLNET_COPIES))
             if is_trained:
                 trained.setdefault(name, []).append(tuple(param.shape))
             else:
                 frozen[name] = frozen.get(name, 0) + param.numel()
     first = next(model.unet.parameters())
-    diffusion = train_target in ("unet", "lora")
+    diffusion = train_target in ("unet", "lora", "controlnet")
     unet_config = dict(model.unet.config) if diffusion else None
     text_config = None
     if train_target == "unet" and train_text_encoder:

@@ -108,21 +108,24 @@ class IndexedTable:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def read_image(self, index: int) -> Image.Image:
+    def read_image(self, index: int, column: str | None = None) -> Image.Image:
+        """Row ``index``'s image (or the image in ``column``, e.g. a ControlNet's conditioning image)."""
         with open(self.path, "rb") as handle:
             handle.seek(self.offsets[index])
             raw = handle.readline()
         try:
-            return decode_image_base64(parse_line(raw, self.schema)[self.image_column])
+            return decode_image_base64(parse_line(raw, self.schema)[column or self.image_column])
         except BadRow as bad:  # validated at indexing time; the file changed under us
             raise UserError(f"{self.path}, line {self.line_numbers[index]}: {bad.reason} (the file changed during "
                             f"training)") from None
 
 
-def index_table(path: str, inputs: InputTables, policy: BadRowPolicy, on_image=None, accept=None) -> IndexedTable:
+def index_table(path: str, inputs: InputTables, policy: BadRowPolicy, on_image=None, accept=None,
+                extra_images: tuple[str, ...] = ()) -> IndexedTable:
     """One validating pass over ``path`` (one of ``inputs.tables``): every image is decoded once (bad rows are found
     now, not mid-training). ``accept(line_number, image)``, when given, may leave a good row out (False);
-    ``on_image(index, image)`` sees each row kept (for latent caching)."""
+    ``on_image(index, image)`` sees each row kept (for latent caching). ``extra_images``: other image columns
+    validated in the same pass (a ControlNet's conditioning images)."""
     schema, text_column, image_column = inputs.schema, inputs.text_column, inputs.image_column
     offsets: list[int] = []
     with open(path, "rb") as handle:
@@ -132,7 +135,7 @@ def index_table(path: str, inputs: InputTables, policy: BadRowPolicy, on_image=N
             position += len(raw)
     captions, kept_offsets, lines, sizes = [], [], [], []
     for row in read_table(path, schema, skip_first_line=inputs.skip_first_line, policy=policy,
-                          image_columns=[image_column]):
+                          image_columns=[image_column, *extra_images]):
         image = row[image_column]
         if accept is not None and not accept(row.line_number, image):
             continue

@@ -185,9 +185,11 @@ class DiffusionObjective:
         return noise
 
     def per_sample_loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                        embeds: torch.Tensor, min_snr: bool = True) -> torch.Tensor:
+                        embeds: torch.Tensor, min_snr: bool = True, residuals=None) -> torch.Tensor:
+        """``residuals(noisy, timesteps, embeds)``: extra UNet inputs (a ControlNet's down and mid residuals)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.model.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        extra = residuals(noisy, timesteps, embeds) if residuals is not None else {}
+        prediction = self.model.unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
         target = self.target(latents, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma and min_snr:
@@ -200,8 +202,9 @@ class DiffusionObjective:
 
 @torch.no_grad()
 def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch.Tensor, text_length: int,
-                     batch_size: int = 32) -> float:
-    """Plain denoising MSE with latent means, fixed noise and timesteps spread evenly over the schedule."""
+                     batch_size: int = 32, residuals=None) -> float:
+    """Plain denoising MSE with latent means, fixed noise and timesteps spread evenly over the schedule.
+    ``residuals(start, stop)``: the per-chunk extra UNet inputs (see ``per_sample_loss``)."""
     objective = DiffusionObjective(model)
     steps = objective.num_timesteps
     n = len(captions)
@@ -217,6 +220,7 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
         latents = (mean * model.vae_scaling_factor).to(device)
         embeds = model.encode_prompts(captions[start:stop], text_length)
         loss = objective.per_sample_loss(latents, noise[start:stop].to(device), timesteps[start:stop].to(device),
-                                         embeds, min_snr=False)
+                                         embeds, min_snr=False,
+                                         residuals=residuals(start, stop) if residuals is not None else None)
         total += float(loss.mean()) * (stop - start)
     return total / n

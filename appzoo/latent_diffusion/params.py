@@ -56,8 +56,10 @@ PARAMS: tuple[Param, ...] = (
           "model stay valid, e.g. to teach it a new shape's details before fine-tuning the UNet), rrdb (the ESRGAN ×4 "
           "super-resolution net, on the table's images as high-resolution targets), lora (a LoRA adapter of the "
           "UNet — and of the text encoder with lora_text_encoder — on peft as diffusers does; the model stays frozen "
-          "and the checkpoint is pytorch_lora_weights.safetensors in diffusers' format)", modes=TRAIN,
-          choices=("unet", "vae", "vae_decoder", "rrdb", "lora")),
+          "and the checkpoint is pytorch_lora_weights.safetensors in diffusers' format), controlnet (a ControlNet "
+          "for the model, from its UNet as diffusers' train_controlnet.py does, on the table's conditioning-image "
+          "column 'control'; the checkpoint is a diffusers ControlNetModel folder for controlnet=)", modes=TRAIN,
+          choices=("unet", "vae", "vae_decoder", "rrdb", "lora", "controlnet")),
     Param("lora_rank", int, 4, "LoRA rank (train_target=lora)", modes=TRAIN, check=_positive),
     Param("lora_alpha", float, 0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, scale 1, "
           "as diffusers' script)", modes=TRAIN, check=_non_negative),
@@ -160,7 +162,8 @@ PARAMS: tuple[Param, ...] = (
           "inpainting)", modes=SAMPLING, check=_unit),
     Param("controlnet", str, "", "ControlNet(s): diffusers ControlNetModel folders, each with an optional "
           "conditioning scale, separated by commas: path[:scale],path[:scale] (the conditioning images come from the "
-          "table's control column, or the request's control_image field)", modes=SAMPLING),
+          "table's control column, or the request's control_image field); with train_target=controlnet, the one "
+          "ControlNet to continue training (default: a new one from the model's UNet)", modes=SAMPLING | TRAIN),
     Param("control_preprocessor", str, "none", "what turns a conditioning image into the ControlNet's input: none "
           "(the image is the ready conditioning image), canny (its Canny edges, thresholds 100/200)",
           modes=SAMPLING, choices=("none", "canny")),

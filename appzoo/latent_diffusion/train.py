@@ -22,7 +22,14 @@ from appzoo.latent_diffusion.data import (
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.losses import DiskLatentCache, LatentCache, file_digest, module_digest
-from appzoo.latent_diffusion.train_tasks import DiffusionTrainTask, LoraTrainTask, RRDBTrainTask, VAETrainTask
+from appzoo.latent_diffusion.train_tasks import (
+    CONTROL_COLUMN,
+    ControlNetTrainTask,
+    DiffusionTrainTask,
+    LoraTrainTask,
+    RRDBTrainTask,
+    VAETrainTask,
+)
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -37,20 +44,21 @@ BAD_ROWS_FILE = "bad_rows.tsv"
 
 
 def read_and_encode(path: str, name: str, inputs: InputTables, policy: BadRowPolicy, model: LatentDiffusion,
-                    flags: ParsedFlags, encode_batch: int, key: dict, size_of=None, accept=None):
+                    flags: ParsedFlags, encode_batch: int, key: dict, size_of=None, accept=None,
+                    extra_images: tuple[str, ...] = ()):
     resolution = key["resolution"]
     """The table indexed (its bad rows found) and its images' VAE latents: read from the run's on-disk latent cache
     when it holds them for exactly this table, VAE and preprocessing, else encoded now and written there."""
     disk = DiskLatentCache(flags.checkpoint_dir, name, {**key, "table": file_digest(path)})
     cached = disk.load()
     if cached is not None:
-        table = index_table(path, inputs, policy, accept=accept)
+        table = index_table(path, inputs, policy, accept=accept, extra_images=extra_images)
         if len(cached) == len(table):
             logger.info("%s: latents of its %d images read from %s (none encoded)", path, len(table), disk.path)
             return table, cached
     cache = LatentCache(model, resolution, encode_batch, use_amp=flags.use_amp,
                         size_of=(lambda index, image: size_of(image)) if size_of else None)
-    table = index_table(path, inputs, policy, on_image=cache.add, accept=accept)
+    table = index_table(path, inputs, policy, on_image=cache.add, accept=accept, extra_images=extra_images)
     cached = cache.cached()
     if not policy.stopping and distributed.context().is_main:
         disk.save(cached)
@@ -119,28 +127,37 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
     tables = inputs.tables
     buckets = Buckets(model, resolution, params, tables[0])
     logger.info("reading %s%s", tables[0], " and caching VAE latents" if use_cache else "")
+    extra = (CONTROL_COLUMN,) if params["train_target"] == "controlnet" else ()
+    if extra and CONTROL_COLUMN not in inputs.names:
+        raise UserError(f"train_target=controlnet needs a conditioning-image column named '{CONTROL_COLUMN}' in "
+                        f"--input_schema (base64 images, like {inputs.image_column}), e.g. "
+                        f"idx:str:1,text:str:1,{inputs.image_column}:str:1,{CONTROL_COLUMN}:str:1")
     key = {"vae": module_digest(model.vae), "device": model.vae.device.type, "dtype": str(model.vae.dtype),
            "use_amp": flags.use_amp, "encode_batch": encode_batch, "resolution": resolution,
            "skip_first_line": inputs.skip_first_line, "schema": [c.name for c in inputs.schema],
            "columns": [inputs.text_column, inputs.image_column], "skip_bad_rows": policy.skip}
     if use_cache:
         train, cached = read_and_encode(tables[0], "train", inputs, policy, model, flags, encode_batch, {
-            **key, "buckets": buckets.sizes, "skip_small_images": buckets.skip_small}, buckets.size_of, buckets.accept)
+            **key, "buckets": buckets.sizes, "skip_small_images": buckets.skip_small}, buckets.size_of, buckets.accept,
+            extra)
     else:
-        train, cached = index_table(tables[0], inputs, policy, accept=buckets.accept), None
+        train, cached = index_table(tables[0], inputs, policy, accept=buckets.accept, extra_images=extra), None
     sizes = [buckets.size_for(*size) for size in train.sizes]
     buckets.report(sizes)
-    val_captions, val_moments = [], None
+    val_captions, val_moments, val = [], None, None
     if len(tables) == 2:  # validated on square centre crops: its loss compares across runs and bucket settings
-        val, val_cached = read_and_encode(tables[1], "val", inputs, policy, model, flags, encode_batch, key)
+        val, val_cached = read_and_encode(tables[1], "val", inputs, policy, model, flags, encode_batch, key,
+                                          extra_images=extra)
         val_captions, val_moments = val.captions, val_cached.batch(list(range(len(val_cached))))
     data_threads = flags.data_threads if not use_cache else 0
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
-    task_class = LoraTrainTask if params["train_target"] == "lora" else DiffusionTrainTask
+    task_class = {"lora": LoraTrainTask, "controlnet": ControlNetTrainTask}.get(params["train_target"],
+                                                                            DiffusionTrainTask)
     return task_class(model, train, cached, val_captions, val_moments,
                       params=params, seed=flags.random_seed, resolution=resolution, text_length=text_length,
-                      data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp, sizes=sizes)
+                      data_threads=min(data_threads, os.cpu_count() or 1), use_amp=flags.use_amp, sizes=sizes,
+                      val_table=val)
 
 
 def build_component_task(target: str, model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, params: dict,
@@ -243,7 +260,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         raise UserError(f"resolution={resolution} must be a multiple of the VAE factor {model.vae_scale_factor}")
     check_latent_diffusion_training(model, flags, params, resolution, length)  # the memory plan, before any work
     policy = BadRowPolicy(skip=params["skip_bad_rows"], collect=True)  # every bad row found in one pass
-    if params["train_target"] in ("unet", "lora"):
+    if params["train_target"] in ("unet", "lora", "controlnet"):
         if params["train_target"] == "unet":
             record_native_size(model, resolution)
         task = build_unet_task(model, inputs, flags, params, policy, resolution, length)
@@ -260,6 +277,10 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     result = Trainer(config, task).train()
     if distributed.context().is_main:
         runs.record(flags, given_params, finished=True)
+    if params["train_target"] == "controlnet":
+        logger.info("trained %d steps; ControlNet saved to %s (use it with controlnet=%s in predict, evaluate, serve "
+                    "or the Python API, or diffusers' ControlNetModel.from_pretrained)", result["step"], out, out)
+        return 0
     if params["train_target"] == "lora":
         logger.info("trained %d steps; LoRA adapter saved to %s (use it with lora=%s in predict, evaluate, serve or "
                     "export, or diffusers' pipe.load_lora_weights)", result["step"],

@@ -46,8 +46,9 @@ class DiffusionTrainTask:
     def __init__(self, model: LatentDiffusion, train: IndexedTable, train_moments: CachedLatents | None,
                  val_captions: list[str], val_moments: torch.Tensor | None, *, params: dict[str, Any], seed: int,
                  resolution: int, text_length: int, data_threads: int = 0, use_amp: bool = False,
-                 sizes: list[tuple[int, int]] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, val_table: IndexedTable | None = None):
         self.model, self.train_table, self.train_moments = model, train, train_moments
+        self.val_table = val_table
         self.sizes = sizes or [(resolution, resolution)] * len(train)
         self.val_captions, self.val_moments = val_captions, val_moments
         self.params, self.seed, self.resolution = params, seed, resolution
@@ -204,6 +205,135 @@ class LoraTrainTask(DiffusionTrainTask):
         from modelzoo import lora
 
         return lora.save_adapters(folder, self.model, weights)
+
+
+CONTROL_COLUMN = "control"
+
+
+def controlnet_conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """The ControlNet's conditioning embedding: diffusers' (16, 32, 96, 256) maps an image to SD's latents (÷8); one
+    stride-2 stage per factor of 2 of the VAE."""
+    return (16, 32, 96, 256)[:vae_scale_factor.bit_length()]
+
+
+class ControlNetTrainTask(DiffusionTrainTask):
+    """``train_target=controlnet``: a ControlNet initialised from the model's UNet (its encoder half copied, zero
+    convolutions at zero, as diffusers' train_controlnet.py does) — or continued from ``controlnet=FOLDER`` — trained
+    on the diffusion objective with each row's conditioning image (the table's ``control`` column, resized and cropped
+    as its image, in [0, 1]); the UNet, text encoder and VAE stay frozen. Checkpoints are diffusers ControlNetModel
+    folders (``controlnet=CHECKPOINT_DIR`` in predict, serve and the Python API)."""
+
+    def __init__(self, model: LatentDiffusion, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        from diffusers import ControlNetModel
+
+        from appzoo.latent_diffusion.conditioning import parse_controlnets
+
+        if self.train_text_encoder:
+            raise UserError("train_text_encoder=True with train_target=controlnet: the ControlNet is trained against "
+                            "the frozen text encoder; leave it False")
+        model.unet.requires_grad_(False).eval()
+        start = parse_controlnets(self.params["controlnet"])
+        if len(start) > 1:
+            raise UserError("train_target=controlnet continues at most one ControlNet (controlnet=FOLDER)")
+        if start:
+            from appzoo.latent_diffusion.conditioning import load_controlnets
+
+            self.controlnet = load_controlnets([start[0][0]], model.unet.device, torch.float32)[0]
+            logger.info("train_target=controlnet: continuing %s", start[0][0])
+        else:
+            torch.manual_seed(self.seed)
+            self.controlnet = ControlNetModel.from_unet(
+                model.unet, conditioning_embedding_out_channels=controlnet_conditioning_channels(
+                    model.vae_scale_factor)).to(model.unet.device, torch.float32)
+        self.controlnet.train()
+        if self.params["gradient_checkpointing"]:
+            self.controlnet.enable_gradient_checkpointing()
+        count = sum(p.numel() for p in self.controlnet.parameters())
+        logger.info("train_target=controlnet: %d trainable parameters (the UNet's %d stay frozen); conditioning "
+                    "images from the '%s' column", count, sum(p.numel() for p in model.unet.parameters()),
+                    CONTROL_COLUMN)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {"controlnet": self.controlnet}
+
+    def _controls(self, table: IndexedTable, indices: list[int], sizes, epoch: int | None) -> torch.Tensor:
+        params = self.params
+        random = epoch is not None
+        return torch.stack([(preprocess_image(
+            table.read_image(i, CONTROL_COLUMN), size, random_crop=random and params["random_crop"],
+            random_flip=random and params["random_flip"],
+            generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE) if random else None) + 1) / 2
+            for i, size in zip(indices, sizes)])
+
+    def batches(self, order: list[list[int]], epoch: int):
+        # the same seeded crop and flip as the row's image: the layout stays where the picture is
+        for indices, batch in zip(order, super().batches(order, epoch)):
+            batch["control"] = self._controls(self.train_table, indices, [self.sizes[i] for i in indices], epoch)
+            yield batch
+
+    def _residuals(self, control: torch.Tensor):
+        def residuals(noisy, timesteps, embeds):
+            down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=embeds,
+                                        controlnet_cond=control.to(noisy.device), return_dict=False)
+            return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+        return residuals
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        latents = self._latents(batch)
+        noise = batch["noise"]
+        if self.params["noise_offset"]:
+            noise = noise + self.params["noise_offset"] * batch["offsets"]
+        device = self.model.unet.device
+        with torch.no_grad():
+            embeds = self.model.encode_tokens(batch["input_ids"])
+        return self.objective.per_sample_loss(latents.to(device), noise.to(device), batch["timesteps"].to(device),
+                                              embeds, residuals=self._residuals(batch["control"])).mean()
+
+    def validate(self) -> float | None:
+        if not self.val_captions or self.val_table is None:
+            return None
+        rows = min(len(self.val_captions), VALIDATION_ROWS)
+        square = [(self.resolution, self.resolution)] * rows
+        controls = self._controls(self.val_table, list(range(rows)), square, None)
+        self.controlnet.eval()
+        try:
+            return fixed_noise_loss(self.model, self.val_captions[:rows], self.val_moments[:rows], self.text_length,
+                                    residuals=lambda start, stop: self._residuals(controls[start:stop]))
+        finally:
+            self.controlnet.train()
+
+    def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
+        from safetensors.torch import save
+
+        from easynlp_ldm.files import atomic_write_bytes, atomic_write_text
+
+        os.makedirs(folder, exist_ok=True)
+        state = {name[len("controlnet."):]: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
+        weights_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+        atomic_write_bytes(weights_path, save(state, metadata={"format": "pt"}))
+        config_path = os.path.join(folder, "config.json")
+        atomic_write_text(config_path, self.controlnet.to_json_string())
+        return [weights_path, config_path]
+
+    def sample_images(self, count: int) -> list[tuple[str, Any]]:
+        from appzoo.latent_diffusion.conditioning import ImageInputs
+
+        table = self.val_table if self.val_table is not None and len(self.val_table) else self.train_table
+        rows = list(range(min(count, len(table))))
+        controls = [table.read_image(i, CONTROL_COLUMN) for i in rows]
+        captions = [table.captions[i] for i in rows]
+        self.controlnet.eval()
+        try:
+            settings = GenerationSettings(steps=self.params["sample_steps"], height=self.resolution,
+                                          width=self.resolution, controlnets=(("training", 1.0),))
+            images = generate(self.model, captions, [self.seed + i for i in rows], settings,
+                              max_length=self.text_length, inputs=ImageInputs(controls=[controls]),
+                              controlnet=self.controlnet)
+        finally:
+            self.controlnet.train()
+        return [(f"{caption} (with its layout)", image) for caption, image in zip(captions, images)]
 
 
 def _freeze_all(model: LatentDiffusion) -> None:

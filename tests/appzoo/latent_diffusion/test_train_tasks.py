@@ -77,3 +77,92 @@ def test_rrdb_patch_larger_than_images_is_a_clear_error(tiny_model_dir, shapes_d
     assert cli.main(train_argv(shapes_data, str(tmp_path / "sr"), tiny_model_dir, "--micro_batch_size=8",
                                "--epoch_num=1", udp="train_target=rrdb sr_patch=64")) == 2
     assert "sr_patch=64 is larger than an image" in capsys.readouterr().err
+
+
+def with_control_column(data, folder):
+    """``data``'s train and validation tables with a conditioning-image column ``control`` (each image inverted)."""
+    import base64
+    import io
+
+    from PIL import Image, ImageOps
+
+    from tests.helpers import read_rows
+
+    os.makedirs(folder, exist_ok=True)
+    for name in ("T2I_train.tsv", "T2I_val.tsv"):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as out:
+            for idx, text, cell in read_rows(os.path.join(data, name)):
+                image = ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB"))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                out.write(f"{idx}\t{text}\t{cell}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
+    return folder
+
+
+def controlnet_argv(data, out, model, *extra, udp=""):
+    argv = train_argv(data, out, model, "--micro_batch_size=8", "--learning_rate=1e-3", *extra,
+                      udp=f"train_target=controlnet {udp}")
+    return [a if not a.startswith("--input_schema") else
+            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,control:str:1" for a in argv]
+
+
+def test_train_controlnet_from_the_unet_then_generate_with_it(tiny_model_dir, shapes_data, tmp_path, capsys):
+    from diffusers import ControlNetModel
+
+    data = with_control_column(shapes_data, str(tmp_path / "data"))
+    out = str(tmp_path / "controlnet")
+    assert cli.main(controlnet_argv(data, out, tiny_model_dir, "--epoch_num=1", udp="sample_images=1")) == 0
+    net = ControlNetModel.from_pretrained(out)  # a diffusers ControlNet folder
+    zero_convs = [p for n, p in net.named_parameters() if "zero_conv" in n or "controlnet_mid_block" in n]
+    assert zero_convs and all(float(p.detach().abs().max()) > 0 for p in zero_convs)  # left diffusers' zero init
+    assert logged_images(out)  # TensorBoard samples, generated with their conditioning images
+    # predict with it, from the table's control column
+    table = str(tmp_path / "prompts.tsv")
+    with open(os.path.join(data, "T2I_val.tsv"), encoding="utf-8") as source, open(table, "w") as target:
+        for line in source.read().splitlines()[:2]:
+            idx, text, _, control = line.split("\t")
+            target.write(f"{idx}\t{text}\t{control}\n")
+    assert cli.main(["--mode=predict", f"--tables={table}", "--input_schema=idx:str:1,text:str:1,control:str:1",
+                     f"--outputs={tmp_path / 'o.tsv'}", f"--checkpoint_dir={tiny_model_dir}",
+                     f"--user_defined_parameters=controlnet={out} n_samples=1 ddim_steps=2"]) == 0
+    # a table without the conditioning column: a clear error
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "x"), tiny_model_dir, udp="train_target=controlnet")) == 2
+    assert "needs a conditioning-image column named 'control'" in capsys.readouterr().err
+
+
+def test_controlnet_training_resumes_exactly_after_sigkill(tiny_model_dir, shapes_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    data = with_control_column(shapes_data, str(tmp_path / "data"))
+    common = ("--epoch_num=4", "--save_checkpoint_steps=3", "--micro_batch_size=4")
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
+
+    def run(out):
+        return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *controlnet_argv(data, out, tiny_model_dir,
+                                                                                             *common)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    assert run(full).wait() == 0
+    process = run(killed)
+    meta = os.path.join(killed, "training_state", "trainer_meta.json")
+    deadline = time.time() + 120
+    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = json.load(open(meta))["step"]
+    assert step < 32, "the run finished before it could be killed"
+    resumed = run(killed)
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0 and f"from its last checkpoint (step {step})" in output, output
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(full, "last", "diffusion_pytorch_model.safetensors"))
+    b = load_file(os.path.join(killed, "last", "diffusion_pytorch_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
