@@ -6,7 +6,7 @@ ready for diffusers' pipelines (``StableDiffusionImg2ImgPipeline``, ``StableDiff
   conditioning image per ControlNet. Init and conditioning images are resized to the generation size (Lanczos, as
   diffusers' image processor does); a mask must have its image's size.
 * ``parse_controlnets``: ``controlnet=path[:scale],…`` → (path, scale) pairs; ``load_controlnets`` reads
-  diffusers' ``ControlNetModel`` folders (as PAI publishes them), once per path.
+  diffusers' ``ControlNetModel`` folders (as PAI publishes them) or a ControlNet shipped with the package, by name.
 * ``preprocess_control``: the built-in preprocessors that need no weights — ``canny`` edges and ``none`` (the
   conditioning image is used as it is).
 """
@@ -131,8 +131,13 @@ def load_controlnets(paths: list[str], device, dtype):
 
     from diffusers import ControlNetModel
 
+    from modelzoo.pretrained import embedded_controlnets
+
     models = []
+    embedded = embedded_controlnets()
     for path in paths:
+        if not os.path.isdir(path) and path in embedded:  # a ControlNet shipped with the package, by name
+            path = embedded[path]
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"controlnet={path}: not a ControlNet folder (expected diffusers' ControlNetModel layout: "
                             f"config.json and diffusion_pytorch_model.safetensors or .bin)")

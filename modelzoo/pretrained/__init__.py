@@ -18,3 +18,19 @@ def embedded_models() -> dict[str, str]:
                 os.path.join(folder, "pytorch_model.bin")):
             found[name] = folder
     return found
+
+
+def embedded_controlnets() -> dict[str, str]:
+    """Name → folder, for every diffusers ControlNet folder beside this file (``controlnet=NAME``)."""
+    import json
+
+    found = {}
+    for name in sorted(os.listdir(HERE)):
+        config = os.path.join(HERE, name, "config.json")
+        try:
+            with open(config, encoding="utf-8") as handle:
+                if json.load(handle).get("_class_name") == "ControlNetModel":
+                    found[name] = os.path.dirname(config)
+        except (OSError, ValueError):
+            continue
+    return found

@@ -254,3 +254,14 @@ def test_python_api_takes_pil_images_masks_and_conditioning_images(tiny_model_di
     controlled = pipeline("latent_diffusion", tiny_model_dir, n_samples=2, ddim_steps=3,
                           controlnet=f"{controlnet_dir}:0.5", optimize="none")
     assert len(controlled(PROMPTS[:2], control_images=images)) == 4
+
+
+def test_a_controlnet_shipped_in_the_package_is_found_by_name(controlnet_dir, monkeypatch, tmp_path):
+    import modelzoo.pretrained as pretrained
+    from appzoo.latent_diffusion.conditioning import load_controlnets
+
+    shutil.copytree(controlnet_dir, tmp_path / "tiny-canny")
+    monkeypatch.setattr(pretrained, "HERE", str(tmp_path))
+    assert pretrained.embedded_controlnets() == {"tiny-canny": str(tmp_path / "tiny-canny")}
+    (net,) = load_controlnets(["tiny-canny"], "cpu", torch.float32)
+    assert type(net).__name__ == "ControlNetModel"
