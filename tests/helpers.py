@@ -241,3 +241,40 @@ def mixed_aspect_data(data, folder, sizes=((96, 32), (40, 64), (32, 32))):
             out.write(f"{idx}\t{text}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
     shutil.copy(os.path.join(data, "T2I_val.tsv"), folder)
     return folder
+
+
+def photo(seed, size=(32, 32)):
+    """A plain-coloured image with an ellipse of another colour, both drawn from ``seed``."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    array[:] = rng.integers(0, 255, 3)
+    image = Image.fromarray(array)
+    ImageDraw.Draw(image).ellipse((6, 6, 24, 20), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
+def mask(size=(32, 32)):
+    """An inpainting mask: a white (repaint) square on black (keep)."""
+    from PIL import ImageDraw
+
+    image = Image.new("L", size, 0)
+    ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill=255)
+    return image
+
+
+def make_test_controlnet(model_dir, folder):
+    """A ControlNet from the tiny model's UNet (as diffusers' train_controlnet.py initialises it), its zero
+    convolutions given random weights so that it changes the images; saved to ``folder``."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "zero_conv" in name or "mid_block" in name or "conv_out" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    net.save_pretrained(folder)
+    return folder

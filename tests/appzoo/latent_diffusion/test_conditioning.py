@@ -13,24 +13,13 @@ from appzoo.latent_diffusion.conditioning import ImageInputs, canny, parse_contr
 from appzoo.latent_diffusion.generation import GenerationSettings, Generator
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
-from tests.helpers import PROMPTS
+from tests.helpers import PROMPTS, make_test_controlnet, mask, photo
 
 SEEDS = [11, 2024]
 
 
-def photo(seed, size=(32, 32)):
-    rng = np.random.default_rng(seed)
-    array = np.zeros((size[1], size[0], 3), np.uint8)
-    array[:] = rng.integers(0, 255, 3)
-    image = Image.fromarray(array)
-    ImageDraw.Draw(image).ellipse((6, 6, 24, 20), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return image
 
 
-def mask(size=(32, 32)):
-    image = Image.new("L", size, 0)
-    ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill=255)  # white = repaint
-    return image
 
 
 def reference(cls_name, folder, **components):
@@ -76,20 +65,7 @@ def inpainting_model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    """A ControlNet initialised from the tiny UNet (as diffusers' train_controlnet.py does), its zero convolutions
-    given random weights so that it changes the images."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_model_dir, "unet"))
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "zero_conv" in name or "mid_block" in name or "conv_out" in name:
-                param.copy_(torch.randn_like(param) * 0.5)
-    folder = str(tmp_path_factory.mktemp("controlnet") / "canny")
-    net.save_pretrained(folder)
-    return folder
+    return make_test_controlnet(tiny_model_dir, str(tmp_path_factory.mktemp("controlnet") / "canny"))
 
 
 def test_img2img_matches_diffusers(tiny_model_dir):

@@ -12,13 +12,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from appzoo.latent_diffusion.conditioning import ImageInputs
 from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.serve import MAX_GENERATORS
 from easynlp_ldm.tables import encode_image_base64
-from tests.helpers import InProcessServer, png
+from tests.helpers import InProcessServer, make_test_controlnet, mask, photo, png
 
 
 @pytest.fixture(scope="module")
@@ -250,19 +249,8 @@ def test_fields_left_out_take_the_services_parameters(tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------- generation from images
-def photo(seed, size=(32, 32)):
-    rng = np.random.default_rng(seed)
-    array = np.zeros((size[1], size[0], 3), np.uint8)
-    array[:] = rng.integers(0, 255, 3)
-    image = Image.fromarray(array)
-    ImageDraw.Draw(image).ellipse((6, 6, 24, 20), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return image
 
 
-def mask(size=(32, 32)):
-    image = Image.new("L", size, 0)
-    ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill=255)  # white = repaint
-    return image
 
 
 def b64(image, image_format="png"):
@@ -271,19 +259,7 @@ def b64(image, image_format="png"):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tiny_model_dir, tmp_path_factory):
-    """A ControlNet from the tiny UNet, its zero convolutions given random weights (as in test_conditioning.py)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(tiny_model_dir, "unet"))
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if "zero_conv" in name or "mid_block" in name or "conv_out" in name:
-                param.copy_(torch.randn_like(param) * 0.5)
-    folder = str(tmp_path_factory.mktemp("controlnet") / "canny")
-    net.save_pretrained(folder)
-    return folder
+    return make_test_controlnet(tiny_model_dir, str(tmp_path_factory.mktemp("controlnet") / "canny"))
 
 
 def served(url, body):
