@@ -26,3 +26,18 @@ echo "[quickstart] done."
 echo "  images (PNG, one folder per prompt with prompt.txt): $OUT/images/"
 echo "  output TSV (idx, text, seed, base64 PNG):            $OUT/output.tsv"
 echo "  super-resolution ×4: add do_sr=True to --user_defined_parameters"
+# The layout ControlNet shipped beside the model: a grey box on black says where the shape goes.
+python - "$OUT/layout_prompts.tsv" <<'PY'
+import sys
+from easynlp_ldm.tables import encode_image_base64
+from scripts.make_layout_dataset import render_layout
+rows = [("1", "一个紫色的正方形", (4, 4, 26, 26)), ("2", "红色的圆形", (38, 36, 60, 58)),
+        ("3", "蓝色的三角形", (36, 4, 60, 28))]
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    for idx, text, box in rows:
+        f.write(f"{idx}\t{text}\t{encode_image_base64(render_layout(box))}\n")
+PY
+echo "  position by layout (the shipped layout ControlNet; $OUT/layout_prompts.tsv holds 3 prompts + layout boxes):"
+echo "    easynlp --mode=predict --tables=$OUT/layout_prompts.tsv --input_schema=idx:str:1,text:str:1,control:str:1 \\"
+echo "      --first_sequence=text --outputs=$OUT/layout.tsv --output_schema=idx,text,gen_imgbase64 \\"
+echo "      --user_defined_parameters='controlnet=shapes-layout-controlnet write_image=True image_prefix=$OUT/layout/'"

@@ -142,7 +142,8 @@ def load_controlnets(paths: list[str], device, dtype):
             raise UserError(f"controlnet={path}: not a ControlNet folder (expected diffusers' ControlNetModel layout: "
                             f"config.json and diffusion_pytorch_model.safetensors or .bin)")
         try:
-            models.append(ControlNetModel.from_pretrained(path, local_files_only=True).to(device, dtype).eval())
+            models.append(ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+                          .to(device).eval())
         except (OSError, ValueError) as err:
             raise UserError(f"controlnet={path}: cannot read it ({err})") from None
     return models
