@@ -22,6 +22,7 @@ setup(
         "uvicorn",
         "huggingface_hub>=1.23",  # offline snapshot lookup (easynlp_ldm/hub.py)
         "peft>=0.17",  # LoRA (modelzoo/lora.py)
+        "openvino>=2025.0",  # optimize=auto on CPU (modelzoo/openvino_backend.py)
     ],
     entry_points={"console_scripts": ["easynlp=easynlp_ldm.cli:entry_point"]},
 )

@@ -1,7 +1,8 @@
 """Quality guard for the speed levels: prompt-following accuracy (the issue-5 metric) of the embedded model with
-optimize=none, auto and max on the same prompts and seeds, and each level's PSNR against none, image by image.
+optimize=none, torch and auto (OpenVINO on CPU) on the same prompts and seeds, and each level's PSNR against none,
+image by image.
 
-    python bench/optimize_quality.py --table DATA/T2I_test.tsv [--rows 200] [--levels none,auto,max] [--steps 20]
+    python bench/optimize_quality.py --table DATA/T2I_test.tsv [--rows 200] [--levels none,torch,auto] [--steps 20]
 
 A level may carry parameter overrides after '+', e.g. ``--levels none,auto,auto+guidance_cutoff=0.5``. Without
 --table a fresh shapes test split (seed 0, the data set's generator) is written to a temporary folder.
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", default="", help="a shapes split with its .truth.jsonl sidecar")
     parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--levels", default="none,auto,max")
+    parser.add_argument("--levels", default="none,torch,auto")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--model", default="")

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="")
-    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max"))
+    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max", "openvino", "torch", "compile"))
     args = parser.parse_args()
     import torch
 

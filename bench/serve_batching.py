@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of the 1-image requests (both scenarios)")
     parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--model", default="")
-    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max"))
+    parser.add_argument("--optimize", default="auto", choices=("none", "auto", "max", "openvino", "torch", "compile"))
     parser.add_argument("--well_behaved", type=int, default=4, help="disconnects: well-behaved client threads")
     parser.add_argument("--requests_per_client", type=int, default=6, help="disconnects: requests per well-behaved "
                         "client, one after the other")

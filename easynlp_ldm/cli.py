@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from easynlp_ldm import threads
 from easynlp_ldm.args import (
     ParsedFlags,
     describe_params,
@@ -82,10 +83,6 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
     if distributed.launched_by_launcher():
         distributed.init_from_env(flags.distributed_backend, flags.collective_timeout,
                                   explicit="distributed_backend" in flags.given)
-    if command.flags.worker_cpu and command.flags.worker_cpu > 0:
-        import torch
-
-        torch.set_num_threads(command.flags.worker_cpu)
     seed_everything(flags.random_seed)
     app_class = registry.get_app_class(command.app_name)
     app = app_class(command.flags, command.params)
@@ -150,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         command = parse_command(argv)
+        threads.configure(command.flags.worker_cpu)  # before torch loads: OpenMP reads its settings then
         with log_above_progress_bars():
             return run_command(command, argv)
     except UserError as err:

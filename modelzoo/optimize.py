@@ -1,17 +1,22 @@
-"""Inference acceleration (the role PAI-Blade played): precision, memory layout, fused attention, compilation.
+"""Inference acceleration (the role PAI-Blade played): precision, memory layout, fused kernels, another runtime.
 
 Levels (``optimize``):
 * ``none``: fp32 eager with diffusers' defaults — the reference every other level is measured against.
-* ``auto`` (default): the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), PyTorch SDPA
-  attention, fused QKV projections, and the channels_last memory layout where it pays, which depends on size (see
-  ``prefers_channels_last``: on CPU it slows a UNet on small latents down). The numerically sensitive parts stay fp32:
-  the scheduler arithmetic (latents stay fp32; the UNet casts its input down and its output back up), the initial
-  noise draw (so seeds mean the same images as in fp32) and the whole VAE decoder.
-* ``max``: ``auto`` + ``torch.compile`` of the UNet and the VAE decoder (``dynamic=False``: each new batch size or
-  image size compiles once, then is cached; the inductor cache on disk makes later processes start warm). On CPU
-  with inductor's ``freezing``: weights become constants, so oneDNN gets prepacked weights and fused
-  convolution/linear epilogues — the SD-1.5 UNet at 256² went from 0.534 s/step compiled to 0.377 (37 % → 56 % of
-  the bf16 GEMM peak, bench/unet_speed.py); the model must not change after it (inference only).
+* ``auto`` (default): on CPU, ``openvino`` when the ``openvino`` package is installed (it is a dependency; measured
+  faster than ``torch`` on every CPU bench, ``bench/cpu_speed.py``), else ``torch``; on CUDA, ``torch``.
+* ``max``: the fastest end to end where it differs from ``auto``: on CUDA ``compile``; on CPU the same as ``auto``
+  (``compile`` never paid for a CPU job: its compile time is not won back, and its steady state is behind OpenVINO's).
+* ``openvino`` (CPU): the UNet and VAE decoder run as OpenVINO compiled models (``modelzoo/openvino_backend.py``):
+  IR converted once per model and cached on disk, static shapes per batch, bf16 inference where the CPU has it;
+  the text encoder, the initial noise, the latents and the scheduler stay PyTorch fp32.
+* ``torch``: PyTorch eager — the UNet and text encoder in bf16 on CPUs with bf16 support (fp16 on CUDA), PyTorch SDPA
+  attention, fused QKV projections, oneDNN GEGLUs on CPU, and the channels_last memory layout where it pays, which
+  depends on size (see ``prefers_channels_last``). The numerically sensitive parts stay fp32: the scheduler
+  arithmetic (latents stay fp32; the UNet casts its input down and its output back up), the initial noise draw (so
+  seeds mean the same images as in fp32) and the whole VAE decoder.
+* ``compile``: ``torch`` + ``torch.compile`` of the UNet and the VAE decoder (``dynamic=False``: each new batch size
+  or image size compiles once, then is cached; the inductor cache on disk makes later processes start warm). On CPU
+  with inductor's ``freezing``: weights become constants (inference only).
 
 ``precision`` (``fp32``/``bf16``/``fp16``) overrides the dtype chosen by the level.
 """
@@ -24,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("none", "auto", "max")
+LEVELS = ("none", "auto", "max", "openvino", "torch", "compile")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -122,6 +127,8 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
     done: dict = {"channels_last": False, "fused_qkv": False}
     # Switchable LoRA adapters live on the projections: fused copies of them would bypass the adapters.
     switchable = bool(getattr(unet, "peft_config", None))
+    if level not in ("none", "torch", "compile"):
+        raise ValueError(f"optimize_unet takes the PyTorch levels none, torch and compile, not {level!r}")
     if level != "none":
         if prefers_channels_last(unet, unet.device):
             unet.to(memory_format=torch.channels_last)
@@ -138,27 +145,60 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
         # nn.Module.to, not ModelMixin.to: the latter warns about "modules to keep in float32" even when its list of
         # them is empty; the parts that need fp32 (scheduler, latents, VAE) are kept outside the UNet here
         torch.nn.Module.to(unet, dtype)
-    if level == "auto" and not switchable:
+    if level == "torch" and not switchable:
         done["fused_geglu"] = fuse_geglu_cpu(unet)
-    if level == "max":
+    if level == "compile":
         unet.forward = torch.compile(unet.forward, **compile_options(unet.device))
     return done
 
 
-def prepare_for_inference(model, level: str = "auto", precision: str = "") -> dict:
-    """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
+def resolve_level(level: str, device: torch.device, switchable: bool = False) -> tuple[str, str]:
+    """``auto``/``max`` → the concrete level for this device and model, with the reason (for logs)."""
     if level not in LEVELS:
         raise ValueError(f"optimize must be one of {', '.join(LEVELS)}")
+    if level not in ("auto", "max"):
+        return level, ""
+    if device.type == "cuda":
+        return ("compile", "max on CUDA") if level == "max" else ("torch", "auto on CUDA")
+    from modelzoo import openvino_backend
+
+    if switchable:
+        return "torch", "switchable LoRA adapters need PyTorch modules"
+    if not openvino_backend.available():
+        return "torch", "the openvino package is not installed"
+    return "openvino", f"{level} on CPU"
+
+
+def prepare_for_inference(model, level: str = "auto", precision: str = "") -> dict:
+    """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
     device = model.unet.device
-    dtype = choose_dtype(level, precision, device)
+    switchable = bool(getattr(model.unet, "peft_config", None))
+    concrete, reason = resolve_level(level, device, switchable)
     model.eval()
-    done = {"level": level, "dtype": str(dtype).replace("torch.", ""), **optimize_unet(model.unet, level, dtype)}
+    if concrete == "openvino":
+        if device.type != "cpu":
+            raise ValueError(f"optimize=openvino runs on CPU only (the model is on {device}); use optimize=auto")
+        if switchable:
+            raise ValueError("optimize=openvino cannot keep switchable LoRA adapters (they need the PyTorch "
+                             "modules); merge them (lora=...) or use optimize=torch")
+        from modelzoo.openvino_backend import use_openvino
+
+        done = {"level": level, "ran_as": concrete, **use_openvino(model, precision)}
+        if reason:
+            done["why"] = reason
+        model.optimization = done
+        return done
+    dtype = choose_dtype(concrete, precision, device)
+    done = {"level": level, "ran_as": concrete, "dtype": str(dtype).replace("torch.", ""),
+            **optimize_unet(model.unet, concrete, dtype)}
+    if reason:
+        done["why"] = reason
     if dtype != torch.float32:
         model.text_encoder.to(dtype)
         # The scheduler works on fp32 latents: the UNet takes them down to `dtype` and gives fp32 back.
         model.unet.register_forward_pre_hook(_cast_inputs_hook(dtype), with_kwargs=True)
         model.unet.register_forward_hook(_fp32_output_hook, with_kwargs=True)
-    if level == "max":
+    if concrete == "compile":
         model.vae.decoder.forward = torch.compile(model.vae.decoder.forward, **compile_options(device))
         done["compiled"] = ["unet", "vae.decoder"]
     model.optimization = done

@@ -10,6 +10,15 @@ if ROOT not in sys.path:
 # Tests must never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# OpenVINO IRs converted by the tests (optimize=auto on CPU) go to one folder per run, shared by the subprocesses the
+# tests start (identical tiny models convert once), never to the user's ~/.cache.
+if "EASYNLP_OPENVINO_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["EASYNLP_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="easynlp-openvino-test-")
+    atexit.register(shutil.rmtree, os.environ["EASYNLP_OPENVINO_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

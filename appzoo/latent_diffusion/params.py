@@ -185,10 +185,12 @@ PARAMS: tuple[Param, ...] = (
     Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
           "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
           modes=EVALUATE),
-    Param("optimize", str, "auto", "inference speed: none (fp32 eager, the reference diffusers computes), auto "
-          "(bf16 on CPUs with bf16 / fp16 on CUDA for the UNet and text encoder, fp32 scheduler and VAE, "
-          "channels_last, fused QKV, SDPA), max (auto + torch.compile of the UNet and VAE decoder)",
-          modes=SAMPLING, choices=("none", "auto", "max")),
+    Param("optimize", str, "auto", "inference speed: auto (CPU: openvino when installed, else torch; CUDA: torch), "
+          "max (CUDA: compile; CPU: as auto), openvino (CPU: UNet and VAE decoder as OpenVINO compiled models, "
+          "IR cached on disk, bf16 where the CPU has it), torch (PyTorch eager: bf16/fp16 UNet and text encoder, "
+          "fused QKV and GEGLUs, SDPA), compile (torch + torch.compile), none (fp32 eager, the reference diffusers "
+          "computes); the scheduler, latents and initial noise stay fp32 at every level",
+          modes=SAMPLING, choices=("none", "auto", "max", "openvino", "torch", "compile")),
     Param("precision", str, "", "override the dtype chosen by optimize: fp32, bf16 or fp16", modes=SAMPLING,
           choices=("", "fp32", "bf16", "fp16")),
     Param("write_image", bool, False, "also write image files under image_prefix", modes=PREDICT),

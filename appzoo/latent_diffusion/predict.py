@@ -295,10 +295,13 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
 
     rows = with_images(rows)
 
+    batch_times: list[tuple[float, int]] = []  # (seconds, images) per batch, for the closing log line
+
     def flush(batch) -> None:
         nonlocal images_done
         if not batch:
             return
+        batch_start = time.perf_counter()
         prompts = [str(row[plan.prompt_column]) for row in batch]
         out_rows: dict[int, list] = {row.line_number: [] for row in batch}
         for iteration in range(params["n_iter"]):
@@ -332,6 +335,7 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
         progress.rows += sum(len(v) for v in out_rows.values())
         progress.save()
         images_done += len(batch) * plan.samples_per_row
+        batch_times.append((time.perf_counter() - batch_start, len(batch) * plan.samples_per_row))
         bar.update(len(batch))
         bar.set_postfix(img_s=f"{images_done / max(time.time() - started, 1e-9):.2f}")
 
@@ -354,4 +358,18 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     if policy.total:
         message += f"; {policy.summary()}"
     logger.info(message)
+    if batch_times:
+        logger.info(timing_summary(batch_times))
     return 0
+
+
+def timing_summary(batch_times: list[tuple[float, int]]) -> str:
+    """One line on where generation time went: the first batch (which pays compilation and warm-up) and the steady
+    rate of the batches after it — what a longer job would run at."""
+    seconds = sum(t for t, _ in batch_times)
+    images = sum(n for _, n in batch_times)
+    line = f"generation: {images} images in {seconds:.1f} s; first batch {batch_times[0][0]:.1f} s"
+    rest = batch_times[1:]
+    if rest:
+        line += f", then {sum(t for t, _ in rest) / sum(n for _, n in rest):.3f} s/image (steady)"
+    return line

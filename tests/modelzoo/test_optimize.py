@@ -27,14 +27,14 @@ def reference(tiny_model_dir):
     return images(tiny_model_dir, "none")[0]
 
 
-def test_auto_is_close_to_none(tiny_model_dir, reference):
-    out, done, _ = images(tiny_model_dir, "auto")
+def test_torch_is_close_to_none(tiny_model_dir, reference):
+    out, done, _ = images(tiny_model_dir, "torch")
     assert done["dtype"] == ("bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32")
     assert min(psnr(a, b) for a, b in zip(out, reference)) >= 25  # stated tolerance: PSNR ≥ 25 dB per image
 
 
-def test_max_is_close_to_none_and_does_not_recompile(tiny_model_dir, reference):
-    out, done, generate = images(tiny_model_dir, "max")
+def test_compile_is_close_to_none_and_does_not_recompile(tiny_model_dir, reference):
+    out, done, generate = images(tiny_model_dir, "compile")
     assert done["compiled"] == ["unet", "vae.decoder"]
     assert min(psnr(a, b) for a, b in zip(out, reference)) >= 25
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -62,7 +62,7 @@ def test_layout_follows_latent_size_and_keeps_outputs(latent):
     x, t, context = torch.randn(2, 4, latent, latent), torch.tensor([10, 900]), torch.randn(2, 7, 32)
     with torch.inference_mode():
         before = unet(x, t, encoder_hidden_states=context).sample
-        done = optimize_unet(unet, "auto", torch.float32)
+        done = optimize_unet(unet, "torch", torch.float32)
         after = unet(x, t, encoder_hidden_states=context).sample
     from diffusers.models.activations import GEGLU
 

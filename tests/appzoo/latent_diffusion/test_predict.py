@@ -186,3 +186,11 @@ def test_missing_unreadable_or_odps_table_is_one_line(tmp_path, capsys, mode):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_timing_line_separates_the_first_batch_from_the_steady_rate():
+    from appzoo.latent_diffusion.predict import timing_summary
+
+    assert timing_summary([(9.0, 16), (2.0, 16), (1.0, 8)]) == (
+        "generation: 40 images in 12.0 s; first batch 9.0 s, then 0.125 s/image (steady)")
+    assert timing_summary([(3.0, 4)]) == "generation: 4 images in 3.0 s; first batch 3.0 s"

@@ -1,0 +1,274 @@
+"""The OpenVINO runtime as an inference backend for CPU: the UNet and the VAE decoder of a loaded model run as
+OpenVINO compiled models, everything else (text encoder, scheduler, initial noise, latents) stays PyTorch in fp32,
+so a seed means the same image as with ``optimize=none``.
+
+How: ``openvino.convert_model`` traces our own fp32 module once (inputs dynamic) and the IR is kept on disk under
+``openvino_cache_dir()/<key>/`` — the key hashes the weights, the module's class and config, and the library
+versions, so a fine-tuned or LoRA-merged model gets its own IR and a changed model never meets a stale one. Each
+input shape seen (batch × latent size × text length) gets the IR reshaped to that static shape and compiled, with
+OpenVINO's compiled-blob cache beside it: a new batch size costs a compile (≈1 s on the embedded model), never a
+new conversion. Inference precision: bf16 where the CPU has it (``precision`` overrides), else f32. A batch runs as
+one OpenVINO stream per thread, each on its part of the batch (see ``OpenVINORunner``): steady when the cores are
+shared.
+
+Not converted (they run in PyTorch, fp32): calls carrying ControlNet residuals or other extra UNet inputs, and
+models with switchable LoRA adapters (``optimize`` reports that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openvino_cache_dir() -> str:
+    """Where converted IRs and compiled blobs live: ``$EASYNLP_OPENVINO_CACHE``, else
+    ``$XDG_CACHE_HOME/easynlp_ldm/openvino`` (``~/.cache/easynlp_ldm/openvino``)."""
+    explicit = os.environ.get("EASYNLP_OPENVINO_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "easynlp_ldm", "openvino")
+
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def _core():
+    """The process's one ``openvino.Core``: each Core loads its own plugin state and threads, and many of them in
+    one process (one per compile, as this module first did) crashed a long test run with SIGSEGV."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
+
+
+def cpu_precisions() -> set[str]:
+    """The precisions OpenVINO's CPU plugin can infer in on this machine (``f32`` always)."""
+    capabilities = set(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return {"fp32"} | {name for name, cap in CAPABILITY.items() if cap in capabilities}
+
+
+def choose_precision(precision: str) -> str:
+    """``precision`` ('' = the fastest this CPU has: bf16 if it has it, else fp32) → one of fp32/bf16/fp16."""
+    have = cpu_precisions()
+    if not precision:
+        return "bf16" if "bf16" in have else "fp32"
+    if precision not in have:
+        raise ValueError(f"precision={precision} is not supported by OpenVINO on this CPU (it has "
+                         f"{', '.join(sorted(have))}); use one of those or optimize=torch")
+    return precision
+
+
+def weights_key(module: torch.nn.Module, extra: dict) -> str:
+    """A hash of everything the converted graph depends on: the weights (bytes), the module class and config, and
+    the versions of torch, diffusers and openvino."""
+    import diffusers
+    import openvino
+
+    digest = hashlib.blake2b(digest_size=16)
+    config = dict(getattr(module, "config", {}) or {})
+    digest.update(json.dumps({"class": type(module).__qualname__, "config": config, "extra": extra,
+                              "versions": [torch.__version__, diffusers.__version__, openvino.__version__]},
+                             sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class OpenVINORunner:
+    """Runs ``graph`` (a torch module taking batch-first tensors, returning one tensor) with OpenVINO: one IR on disk
+    per ``key``, compiled per static input shape. Thread-safe (serve calls it from its batch thread).
+
+    A batch is split into ``streams`` parts run at once as separate OpenVINO streams of ``threads // streams``
+    threads each (default: one thread per stream), rather than one request sharing all threads: the parts never wait
+    for each other, so when another job takes a core the work on the other cores goes on — on 2 cores beside 2 busy
+    processes a 16-image batch took 8.7 s this way against 13.0 s as one request (quiet: 4.2–4.5 s both;
+    ``bench/cpu_speed.py`` measures it). A batch smaller than ``streams`` runs as fewer, wider parts. Every sample's
+    computation is independent of the others (the UNet and the VAE decoder have no batch statistics)."""
+
+    def __init__(self, graph: torch.nn.Module, name: str, key: str, precision: str, threads: int = 0,
+                 streams: int = 0):
+        self.graph, self.name, self.key = graph, name, key
+        self.precision, self.threads = precision, threads
+        self.streams = streams or threads or 1
+        self.compiled: dict = {}  # input shapes → [(infer request, batch slice)]
+        self.lock = threading.Lock()
+        self.conversions = 0  # conversions done by this runner (0 when the IR came from the cache)
+
+    @property
+    def ir_path(self) -> str:
+        return os.path.join(openvino_cache_dir(), self.key, f"{self.name}.xml")
+
+    def _ensure_ir(self, example: tuple[torch.Tensor, ...]) -> str:
+        path = self.ir_path
+        if os.path.isfile(path):
+            return path
+        import openvino as ov
+
+        folder = os.path.dirname(path)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        logger.info("OpenVINO: converting the %s (once per model; the IR is cached in %s) …", self.name, folder)
+        start = time.perf_counter()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing's TracerWarnings about diffusers' shape checks: not the user's
+            converted = ov.convert_model(self.graph, example_input=example)
+        tmp = tempfile.mkdtemp(prefix=f".{self.key}-", dir=os.path.dirname(folder))
+        try:
+            ov.save_model(converted, os.path.join(tmp, f"{self.name}.xml"), compress_to_fp16=False)
+            os.makedirs(folder, exist_ok=True)
+            for file in os.listdir(tmp):  # IR = .xml + .bin; the .xml last, so its presence means complete
+                if file.endswith(".bin"):
+                    os.replace(os.path.join(tmp, file), os.path.join(folder, file))
+            os.replace(os.path.join(tmp, f"{self.name}.xml"), path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.conversions += 1
+        logger.info("OpenVINO: %s converted in %.1f s", self.name, time.perf_counter() - start)
+        return path
+
+    def _compile(self, tensors: tuple[torch.Tensor, ...]) -> list:
+        """[(infer request, batch slice)] for these input shapes: the batch in ``min(streams, batch)`` parts."""
+        import openvino as ov
+
+        batch = tensors[0].shape[0]
+        parts = max(1, min(self.streams, batch))
+        bounds = np.linspace(0, batch, parts + 1).round().astype(int)
+        slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        core = _core()
+        compiled: dict[tuple, object] = {}  # part shapes → compiled model (an uneven split has two)
+        requests = []
+        for part in slices:
+            shapes = tuple((part.stop - part.start, *t.shape[1:]) for t in tensors)
+            if shapes not in compiled:
+                model = core.read_model(self._ensure_ir(tuple(t[part] for t in tensors)))
+                model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
+                config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "NUM_STREAMS": parts,
+                          "CACHE_DIR": os.path.join(openvino_cache_dir(), "compiled")}
+                if self.threads:
+                    config["INFERENCE_NUM_THREADS"] = self.threads
+                start = time.perf_counter()
+                compiled[shapes] = core.compile_model(model, "CPU", config)
+                logger.debug("OpenVINO: %s compiled for %s × %d streams in %.1f s", self.name, shapes, parts,
+                             time.perf_counter() - start)
+            requests.append((compiled[shapes].create_infer_request(), part))
+        return requests
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        tensors = tuple(t.detach().float().contiguous() for t in tensors)
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        with self.lock:
+            requests = self.compiled.get(shapes)
+            if requests is None:
+                requests = self.compiled[shapes] = self._compile(tensors)
+            for request, part in requests:
+                request.start_async([t[part].numpy() for t in tensors], share_inputs=True)
+            outputs = []
+            for request, _ in requests:
+                request.wait()
+                outputs.append(np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True))
+            return torch.from_numpy(np.concatenate(outputs) if len(outputs) > 1 else outputs[0])
+
+
+class _UNetGraph(torch.nn.Module):
+    """What is converted: the UNet's plain call (sample, per-sample timestep, text states) → noise prediction."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        # the class's forward: the instance's own is the OpenVINO one by the time this is traced
+        return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                                       return_dict=False)[0]
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, sample):
+        return type(self.decoder).forward(self.decoder, sample)
+
+
+_UNET_EXTRAS = ("class_labels", "timestep_cond", "attention_mask", "added_cond_kwargs",
+                "down_block_additional_residuals", "mid_block_additional_residual",
+                "down_intrablock_additional_residuals", "encoder_attention_mask")
+
+
+def _unet_forward(unet, runner: OpenVINORunner):
+    original = unet.forward
+
+    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+        if args or any(kwargs.get(name) is not None for name in _UNET_EXTRAS) or kwargs.get("cross_attention_kwargs"):
+            # ControlNet residuals and other extras: the PyTorch UNet (fp32) computes this call
+            return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        out = runner(sample, steps, encoder_hidden_states).to(sample.device)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    forward.openvino_runner = runner
+    return forward
+
+
+def _decoder_forward(decoder, runner: OpenVINORunner):
+    original = decoder.forward
+
+    def forward(sample, latent_embeds=None):
+        if latent_embeds is not None:
+            return original(sample, latent_embeds)
+        return runner(sample).to(sample.device)
+
+    forward.openvino_runner = runner
+    return forward
+
+
+def use_openvino(model, precision: str = "", threads: int = 0) -> dict:
+    """Route the UNet and the VAE decoder of ``model`` (fp32, on CPU) through OpenVINO, in place, with ``threads``
+    inference threads (0: torch's thread count, which ``easynlp_ldm.threads.configure`` set). Returns what was
+    done. Conversion happens on the first call of each (it needs real shapes), then comes from the disk cache."""
+    precision = choose_precision(precision)
+    threads = threads or torch.get_num_threads()
+    unet, decoder = model.unet, model.vae.decoder
+    unet_runner = OpenVINORunner(_UNetGraph(unet).eval(), "unet", weights_key(unet, {"graph": "unet"}), precision,
+                                 threads)
+    unet.forward = _unet_forward(unet, unet_runner)
+    decoder_runner = OpenVINORunner(_DecoderGraph(decoder).eval(), "vae_decoder",
+                                    weights_key(decoder, {"graph": "decoder"}), precision, threads)
+    decoder.forward = _decoder_forward(decoder, decoder_runner)
+    return {"backend": "openvino", "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
+            "openvino": ["unet", "vae.decoder"], "threads": threads, "streams": unet_runner.streams}
