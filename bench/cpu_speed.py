@@ -116,7 +116,7 @@ class Bench:
         self.count = 0
 
     def run(self, command: list[str], env: dict) -> tuple[float, str]:
-        full = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0", EASYNLP_LOG_LEVEL="INFO", **env)
+        full = {**os.environ, "PYTHONPATH": ROOT, "EASYNLP_PROGRESS": "0", "EASYNLP_LOG_LEVEL": "INFO", **env}
         start = time.perf_counter()
         done = subprocess.run(command, env=full, cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -166,8 +166,8 @@ class Bench:
                                      f"--user_defined_parameters={udp}"], env)
             found = re.search(r"then ([0-9.]+) s/image \(steady\)", log)
             steady = float(found.group(1)) if found else float("nan")
-            ran = re.search(r"inference: (level=.*)", log)
-            name += f" [{ran.group(1).split(', threads')[0]}]" if ran else ""
+            ran = re.search(r"ran_as=(\w+).*?dtype=(\w+)", log)
+            name += f" (ran as {ran.group(1)}, {ran.group(2)})" if ran else ""
             with open(self.table, encoding="utf-8") as handle:
                 idxs = [line.split("\t")[0] for line in handle]
             files = [os.path.join(out, idx, "0000.png") for idx in idxs]
@@ -201,7 +201,8 @@ def show(label: str, runs: list[dict], base: float | None) -> str:
     line = (f"| {label} | {spread} | {min(steadies):.3f} / {statistics.median(steadies):.3f} | "
             f"{base / min(totals):.2f}x |" if base else f"| {label} | {spread} | {min(steadies):.3f} / "
             f"{statistics.median(steadies):.3f} | — |")
-    psnr = f"{q['psnr_mean']:.1f} / {q['psnr_min']:.1f}" if "psnr_mean" in q else "reference"
+    reference = label.startswith("diffusers") or "psnr_mean" not in q
+    psnr = "reference" if reference else f"{q['psnr_mean']:.1f} / {q['psnr_min']:.1f}"
     return line + f" {psnr} | {q['colour_shape']:.1%} |"
 
 
