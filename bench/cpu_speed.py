@@ -232,13 +232,15 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from modelzoo.optimize import cpu_supports_bf16
+
     peer = not args.no_peer
     if peer and not os.path.exists(PEER_PYTHON):
         print("the peer's venv is missing: run bash bench/setup_openvino_peer.sh (or pass --no-peer)")
         raise SystemExit(2)
     print(f"CPU: {os.cpu_count()} CPUs visible, torch {torch.get_num_threads()} threads; fp32 GEMM peak (4096² "
           f"matmul) {gemm_peak_fp32() / 1e9:.0f} GFLOP/s; bf16: "
-          f"{'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'not supported (fp32 everywhere)'}",
+          f"{'native' if cpu_supports_bf16() else 'not supported (fp32 everywhere)'}",
           flush=True)
     report: dict = {"quiet": {}, "loaded": {}}
     with tempfile.TemporaryDirectory() as tmp:

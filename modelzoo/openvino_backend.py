@@ -165,12 +165,13 @@ class OpenVINORunner:
         bounds = np.linspace(0, batch, parts + 1).round().astype(int)
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         core = _core()
+        ir = core.read_model(self._ensure_ir(tuple(t[slices[0]] for t in tensors)))  # read once, reshaped per part
         compiled: dict[tuple, object] = {}  # part shapes → compiled model (an uneven split has two)
         requests = []
         for part in slices:
             shapes = tuple((part.stop - part.start, *t.shape[1:]) for t in tensors)
             if shapes not in compiled:
-                model = core.read_model(self._ensure_ir(tuple(t[part] for t in tensors)))
+                model = ir.clone()
                 model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
                 config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "NUM_STREAMS": parts,
                           "CACHE_DIR": os.path.join(openvino_cache_dir(), "compiled")}
