@@ -1,4 +1,4 @@
-"""The pixel judge: colour, shape and background read back from an image's pixels alone.
+"""The pixel judge: colour, shape, background, size (大/小) and position (3×3 grid) read back from an image's pixels.
 
 It scores images produced by a diffusion model against the data set's truth sidecars
 (``<split>.truth.jsonl``, see :mod:`shapes_data.generate`).  ``AccuracyCounter`` counts
@@ -16,13 +16,47 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from easynlp_ldm.tables import decode_image_base64
-from shapes_data.generate import ALL_SHAPES, BACKGROUNDS, COLOURS, STAR, STAR_ASPECT, draw_shape
+from shapes_data.generate import (
+    ALL_SHAPES,
+    BACKGROUNDS,
+    COLOURS,
+    POSITION_CELLS,
+    SIZE_RANGES,
+    STAR,
+    STAR_ASPECT,
+    draw_shape,
+)
 
 
 class JudgeResult(NamedTuple):
     colour: Optional[str]
     shape: Optional[str]
     background: Optional[str]
+    size: Optional[str] = None
+    position: Optional[str] = None
+
+
+# 大 or 小 from the larger side of the foreground's bounding box relative to the image side: halfway between the
+# data set's two SIZE_RANGES (小 0.25-0.35, 大 0.50-0.60), so blur or a slightly mis-sized shape still reads right.
+SIZE_THRESHOLD = 0.5 * (SIZE_RANGES["小"][1] + SIZE_RANGES["大"][0])
+
+
+def size_of_bbox(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
+    """大 or 小 for a bounding box (x0, y0, x1, y1; exclusive ends) in a ``width`` × ``height`` image."""
+    x0, y0, x1, y1 = bbox
+    side = max((x1 - x0) / float(width), (y1 - y0) / float(height))
+    return "大" if side >= SIZE_THRESHOLD else "小"
+
+
+def position_of_bbox(bbox: tuple[int, int, int, int], width: int, height: int) -> str:
+    """The 3×3 grid cell (one of POSITIONS) that holds the centre of a bounding box (x0, y0, x1, y1; exclusive ends)."""
+    x0, y0, x1, y1 = bbox
+    col = min(2, max(0, int(3.0 * (x0 + x1) / 2.0 / width)))
+    row = min(2, max(0, int(3.0 * (y0 + y1) / 2.0 / height)))
+    return _CELL_NAMES[(col, row)]
+
+
+_CELL_NAMES = {cell: name for name, cell in POSITION_CELLS.items()}
 
 
 def _to_array(image) -> np.ndarray:
@@ -136,11 +170,13 @@ def _dilate(m: np.ndarray) -> np.ndarray:
 
 def judge_details(image, *, shapes: Sequence[str] = ALL_SHAPES) -> dict:
     """Like :func:`judge` but returns a dict with intermediate measurements: colour, shape,
-    background, fg_rgb, bg_rgb, bbox (x0, y0, x1, y1; exclusive ends), fill (soft area / bbox
-    area), area_frac (foreground pixels / image pixels) and shape_scores (best IoU per shape)."""
+    background, size (大/小 from the bbox's larger side), position (3×3 cell of the bbox centre),
+    fg_rgb, bg_rgb, bbox (x0, y0, x1, y1; exclusive ends), fill (soft area / bbox area),
+    area_frac (foreground pixels / image pixels) and shape_scores (best IoU per shape)."""
     arr = _to_array(image)
     h, w = arr.shape[:2]
-    out: dict = {"colour": None, "shape": None, "background": None, "fg_rgb": None, "bg_rgb": None,
+    out: dict = {"colour": None, "shape": None, "background": None, "size": None, "position": None,
+                 "fg_rgb": None, "bg_rgb": None,
                  "bbox": None, "fill": None, "area_frac": 0.0, "shape_scores": {}}
     if h < 4 or w < 4:
         return out
@@ -186,6 +222,8 @@ def judge_details(image, *, shapes: Sequence[str] = ALL_SHAPES) -> dict:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     out["bbox"] = (x0, y0, x1, y1)
+    out["size"] = size_of_bbox(out["bbox"], w, h)
+    out["position"] = position_of_bbox(out["bbox"], w, h)
     out["area_frac"] = n / float(h * w)
     near = _dilate(mask)[y0:y1, x0:x1]
     crop = np.clip(cov[y0:y1, x0:x1], 0.0, 1.0) * near
@@ -203,12 +241,15 @@ def judge_details(image, *, shapes: Sequence[str] = ALL_SHAPES) -> dict:
 
 
 def judge(image, *, shapes: Sequence[str] = ALL_SHAPES) -> JudgeResult:
-    """Read (colour, shape, background) from pixels only.  ``image`` is a PIL image or an
-    HWC/CHW array (uint8, or float in [0,1] / [-1,1]).  colour and shape are None when no
-    foreground object is found.  Shape = best soft-IoU of circle/square/triangle/star
-    templates fitted to the bounding box of the largest foreground component."""
+    """Read (colour, shape, background, size, position) from pixels only.  ``image`` is a PIL
+    image or an HWC/CHW array (uint8, or float in [0,1] / [-1,1]).  colour, shape, size and
+    position are None when no foreground object is found.  Shape = best soft-IoU of
+    circle/square/triangle/star templates fitted to the bounding box of the largest foreground
+    component; size = 大 when that box's larger side is at least SIZE_THRESHOLD of the image
+    side; position = the 3×3 grid cell (POSITIONS) holding the box's centre.  The first three
+    fields keep their old places, so ``verdict[:3]`` is the old (colour, shape, background)."""
     d = judge_details(image, shapes=shapes)
-    return JudgeResult(d["colour"], d["shape"], d["background"])
+    return JudgeResult(d["colour"], d["shape"], d["background"], d["size"], d["position"])
 
 
 def load_truth(path: str) -> list[dict]:
@@ -221,19 +262,29 @@ class AccuracyCounter:
 
     ``add(group, colour=True, shape=False, ...)`` once per judged image; ``group(name)`` gives
     ``{"n", "<attribute>_correct", "<attribute>_acc", ...}`` for every declared attribute (accuracy 0.0
-    for an empty group) and ``summary()`` that dict for every group seen, by group name."""
+    for an empty group) and ``summary()`` that dict for every group seen, by group name.
 
-    def __init__(self, attributes: Sequence[str] = ("colour", "shape", "both")):
+    With ``per_attribute_n=True`` an attribute may be None in ``add`` (not judged for that image: the
+    prompt does not state it) and each attribute gets its own count: ``group`` then gives ``{"n",
+    "<attribute>_n", "<attribute>_correct", "<attribute>_acc", ...}`` with accuracy = correct / that
+    attribute's n (0.0 when it is 0); ``n`` still counts every image added."""
+
+    def __init__(self, attributes: Sequence[str] = ("colour", "shape", "both"), *, per_attribute_n: bool = False):
         self.attributes = tuple(attributes)
+        self.per_attribute_n = per_attribute_n
         self._counts: dict[str, Counter] = {}
 
-    def add(self, group: str = "all", **attribute_ok: bool) -> None:
+    def add(self, group: str = "all", **attribute_ok: Optional[bool]) -> None:
         unknown = sorted(set(attribute_ok) - set(self.attributes))
         if unknown:
             raise ValueError(f"unknown attribute(s) {', '.join(unknown)}; declared: {', '.join(self.attributes)}")
         counts = self._counts.setdefault(group, Counter())
         counts["n"] += 1
         for name, ok in attribute_ok.items():
+            if self.per_attribute_n:
+                if ok is None:
+                    continue
+                counts[f"{name}_n"] += 1
             counts[name] += bool(ok)
 
     def group(self, name: str = "all") -> dict:
@@ -241,8 +292,11 @@ class AccuracyCounter:
         n = counts["n"]
         out: dict = {"n": n}
         for attribute in self.attributes:
+            total = counts[f"{attribute}_n"] if self.per_attribute_n else n
+            if self.per_attribute_n:
+                out[f"{attribute}_n"] = total
             out[f"{attribute}_correct"] = counts[attribute]
-            out[f"{attribute}_acc"] = counts[attribute] / n if n else 0.0
+            out[f"{attribute}_acc"] = counts[attribute] / total if total else 0.0
         return out
 
     def summary(self) -> dict[str, dict]:
@@ -252,11 +306,11 @@ class AccuracyCounter:
 def judge_agreement(tsv_path: str, truth_path: str) -> dict:
     """Judge every image row of ``tsv_path`` (``idx\\t...\\timgbase64``; idx = first column,
     image = last column, rows matched to the truth by idx, order irrelevant) and count
-    agreement with ``truth_path``.  Returns n, colour/shape/both/background counts and
-    accuracies, no_foreground (images where nothing was found) and missing (rows whose
+    agreement with ``truth_path``.  Returns n, colour/shape/both/background/size/position counts
+    and accuracies, no_foreground (images where nothing was found) and missing (rows whose
     idx is not in the truth file)."""
     truth = {r["idx"]: r for r in load_truth(truth_path)}
-    counter = AccuracyCounter(("colour", "shape", "both", "background"))
+    counter = AccuracyCounter(("colour", "shape", "both", "background", "size", "position"))
     no_foreground = missing = 0
     with open(tsv_path, encoding="utf-8") as f:
         for line in f:
@@ -273,6 +327,7 @@ def judge_agreement(tsv_path: str, truth_path: str) -> dict:
             res = judge(decode_image_base64(cols[-1]))
             colour_ok, shape_ok = res.colour == t["colour"], res.shape == t["shape"]
             counter.add(colour=colour_ok, shape=shape_ok, both=colour_ok and shape_ok,
-                        background=res.background == t["background"])
+                        background=res.background == t["background"], size=res.size == t["size"],
+                        position=res.position == t["position"])
             no_foreground += res.colour is None
     return {**counter.group(), "no_foreground": no_foreground, "missing": missing}

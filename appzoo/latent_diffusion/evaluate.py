@@ -4,8 +4,15 @@
   training reports as its validation loss.
 * With a ground-truth sidecar (``truth_file``, or ``TABLE.truth.jsonl`` beside the table, as the shapes data set
   writes): prompt-following accuracy. One image per prompt (seeded like predict's first sample) is judged from its
-  pixels by the shapes judge, and colour, shape and both-correct accuracy are reported separately for seen and
-  held-out colour×shape pairs.
+  pixels by the shapes judge on every attribute the prompt states — colour, shape, background, size (大/小) and
+  position (3×3 grid) — and each is reported separately for seen and held-out colour×shape pairs (and all prompts).
+
+  Which attributes a prompt states comes from parsing it (``shapes_data.parse_caption``); the value it is judged
+  against is the sidecar's (the parsed one where the sidecar has none), and a sidecar value that contradicts the
+  prompt is an error (the sidecar does not belong to the table). Per group: ``n`` prompts; for each attribute of
+  ``ATTRIBUTES`` ``<attribute>_n`` (prompts stating it), ``_correct`` and ``_acc`` (correct / its n); ``both``
+  counts prompts stating colour and shape, right when both are; ``all_stated`` counts prompts stating at least one
+  attribute, right when every attribute they state is.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from easynlp_ldm.files import atomic_write_bytes
 from easynlp_ldm.tables import BadRowPolicy, read_table
 
 logger = logging.getLogger("easynlp.evaluate")
+
+# What a prompt can state, in the order the judge reports them; "both" and "all_stated" are derived.
+STATED_ATTRIBUTES = ("colour", "shape", "background", "size", "position")
+ATTRIBUTES = ("colour", "shape", "both", "background", "size", "position", "all_stated")
 
 
 def truth_path_for(table: str, given: str) -> str | None:
@@ -52,6 +63,32 @@ def load_truth_by_idx(path: str) -> dict[str, dict]:
     return truth
 
 
+def stated_attributes(prompt: str, record: dict, where: str) -> dict[str, str]:
+    """{attribute: expected value} for every attribute ``prompt`` states; the value is the truth record's (the
+    prompt's own where the record lacks it). A record value that contradicts the prompt is a UserError."""
+    from shapes_data import parse_caption
+
+    stated = {}
+    for attribute, said in parse_caption(prompt).items():
+        if said is None:
+            continue
+        truth = record.get(attribute)
+        if truth is not None and truth != said:
+            raise UserError(f"{where}: the prompt {prompt!r} says {attribute} {said} but the ground truth says "
+                            f"{truth}: the truth sidecar does not belong to this table")
+        stated[attribute] = said if truth is None else truth
+    return stated
+
+
+def judge_prompt(verdict, stated: dict[str, str]) -> dict[str, bool | None]:
+    """Right/wrong per attribute of ATTRIBUTES (None: not stated, not counted) for one judged image."""
+    ok: dict[str, bool | None] = {a: (getattr(verdict, a) == stated[a] if a in stated else None)
+                                  for a in STATED_ATTRIBUTES}
+    ok["both"] = (ok["colour"] and ok["shape"]) if "colour" in stated and "shape" in stated else None
+    ok["all_stated"] = all(ok[a] for a in stated) if stated else None
+    return ok
+
+
 def prompt_following(model, inputs: InputTables, truth: dict[str, dict], settings: GenerationSettings,
                      random_seed: int, batch_size: int, text_length: int, policy: BadRowPolicy,
                      max_rows: int = 0) -> dict:
@@ -59,7 +96,7 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
 
     table, prompt_column = inputs.table, inputs.text_column
     generate = Generator(model, dataclasses.replace(settings, do_sr=False), text_length)
-    counter = AccuracyCounter(("colour", "shape", "both"))
+    counter = AccuracyCounter(ATTRIBUTES, per_attribute_n=True)
     batch = []
 
     def flush():
@@ -70,11 +107,11 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
             record = truth.get(idx)
             if record is None:
                 raise UserError(f"{table}, line {row.line_number}: idx {idx} has no ground truth in the sidecar")
-            verdict = judge(image)
+            stated = stated_attributes(str(row[prompt_column]), record, f"{table}, line {row.line_number}")
+            ok = judge_prompt(judge(image), stated)
             group = "heldout" if record.get("heldout") else "seen"
-            colour_ok, shape_ok = verdict.colour == record["colour"], verdict.shape == record["shape"]
             for key in (group, "all"):
-                counter.add(key, colour=colour_ok, shape=shape_ok, both=colour_ok and shape_ok)
+                counter.add(key, **ok)
         batch.clear()
 
     seen_rows = 0
@@ -88,6 +125,21 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
     if batch:
         flush()
     return counter.summary()
+
+
+def accuracy_line(acc: dict) -> str:
+    """One group's accuracies for the log: every attribute, with its n where it is not every prompt."""
+    parts = []
+    for attribute in ATTRIBUTES:
+        label = "all stated attributes" if attribute == "all_stated" else attribute
+        n = acc[f"{attribute}_n"]
+        if not n:
+            parts.append(f"{label} not stated")
+        elif n == acc["n"]:
+            parts.append(f"{label} {100 * acc[f'{attribute}_acc']:.1f}%")
+        else:
+            parts.append(f"{label} {100 * acc[f'{attribute}_acc']:.1f}% of {n}")
+    return ", ".join(parts)
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
@@ -122,8 +174,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if flags.outputs:
         atomic_write_bytes(flags.outputs, json.dumps(metrics, ensure_ascii=False, indent=2).encode("utf-8"))
     for group, acc in metrics.get("accuracy", {}).items():
-        logger.info("%s (%d prompts): colour %.1f%%, shape %.1f%%, both %.1f%%", group, acc["n"],
-                    100 * acc["colour_acc"], 100 * acc["shape_acc"], 100 * acc["both_acc"])
+        logger.info("%s (%d prompts): %s", group, acc["n"], accuracy_line(acc))
     if "val_loss" in metrics:
         logger.info("denoising loss on %d rows of %s: %.5f", metrics["rows"], table, metrics["val_loss"])
     return 0
