@@ -3,7 +3,10 @@ noise schedule (betas, training steps, prediction type) always stays the model's
 
 from __future__ import annotations
 
+import inspect
+
 import diffusers
+import torch
 
 # name: (diffusers class, extra config overrides)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -45,7 +48,7 @@ def make_scheduler(name: str | None, model_scheduler_config: dict, model_schedul
     """``name`` empty: the model's own scheduler. Unknown name → ``ValueError`` listing the known ones."""
     if not name:
         cls = getattr(diffusers, model_scheduler_class, None) or diffusers.DPMSolverMultistepScheduler
-        return cls.from_config(model_scheduler_config)
+        return _build(cls, model_scheduler_config)
     key = canonical_name(name)
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(sampler_names())}")
@@ -53,7 +56,28 @@ def make_scheduler(name: str | None, model_scheduler_config: dict, model_schedul
     config = dict(model_scheduler_config)
     config.update(overrides)
     try:
-        return getattr(diffusers, class_name).from_config(config)
+        return _build(getattr(diffusers, class_name), config)
     except ImportError as err:  # diffusers' placeholder for a scheduler whose backend (e.g. scipy for lms) is missing
         reason = " ".join(str(err).split()).split(" You can install")[0]
         raise ValueError(f"sampler '{name}' cannot be used here: {reason}") from None
+
+
+def _build(cls, config: dict):
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        config = _zero_snr_as_trained_betas(config)
+    return cls.from_config(config)
+
+
+def _zero_snr_as_trained_betas(config: dict) -> dict:
+    """A zero-terminal-SNR schedule (``rescale_betas_zero_snr``) for a scheduler class that does not know the flag
+    (PNDM, Heun, LMS, KDPM2, DEIS, single-step DPM-Solver), as explicit betas: the rescaled schedule with the last
+    step at alphas_cumprod 2**-24 instead of 0, as DPM-Solver and Euler do it themselves (a zero would be an infinite
+    sigma). Without this the flag would be dropped silently and the sampler would run another noise schedule."""
+    ddpm = diffusers.DDPMScheduler.from_config(config)
+    alphas_cumprod = ddpm.alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = 2.0 ** -24
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = 1.0 - alphas_cumprod / previous
+    out = {k: v for k, v in config.items() if k != "rescale_betas_zero_snr"}
+    out["trained_betas"] = betas.tolist()
+    return out

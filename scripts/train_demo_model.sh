@@ -2,14 +2,15 @@
 # Rebuild the embedded default model (modelzoo/pretrained/shapes-ldm-zh) from scratch with fixed seeds, using this
 # toolkit's own `easynlp --mode=train`: generate data → train the VAE → train the ×4 RRDB → train the LDM (UNet +
 # text encoder) → evaluate → ship (fp16 weights). Usage: bash scripts/train_demo_model.sh [WORK_DIR]
-# Environment: LDM_EPOCHS (default 8), LDM2_EPOCHS (8; 0 skips the second LDM phase), VAE_EPOCHS (2), RRDB_EPOCHS (3),
-# SHIP=0 to skip copying into the package.
+# Environment: LDM_EPOCHS (default 12), LDM2_EPOCHS (0; >0 adds a second LDM phase with offset noise), VAE_EPOCHS (2),
+# RRDB_EPOCHS (3), SHIP=0 to skip copying into the package, REUSE_VAE_FROM=CHECKPOINT to skip steps 3-4 and take the
+# VAE and the RRDB from that checkpoint (e.g. the shipped model: retrains only the text encoder and UNet).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/demo_model_work}"
-LDM_EPOCHS="${LDM_EPOCHS:-8}"
-LDM2_EPOCHS="${LDM2_EPOCHS:-8}"
+LDM_EPOCHS="${LDM_EPOCHS:-12}"
+LDM2_EPOCHS="${LDM2_EPOCHS:-0}"
 VAE_EPOCHS="${VAE_EPOCHS:-2}"
 RRDB_EPOCHS="${RRDB_EPOCHS:-3}"
 mkdir -p "$WORK"
@@ -26,6 +27,18 @@ echo "[demo] 2/7 a randomly initialised model (configs/shapes_ldm_small.json, ch
 python scripts/init_model.py --preset configs/shapes_ldm_small.json --captions "$WORK/data/T2I_train.tsv" \
   --output "$WORK/init"
 
+if [ -n "${REUSE_VAE_FROM:-}" ]; then
+  echo "[demo] 3-4/7 VAE and RRDB taken from $REUSE_VAE_FROM (REUSE_VAE_FROM)"
+  python - "$WORK/init" "$REUSE_VAE_FROM" "$WORK/rrdb" <<'PY'
+import sys, torch
+from modelzoo.ldm import LatentDiffusion
+model, source = LatentDiffusion.from_pretrained(sys.argv[1]), LatentDiffusion.from_pretrained(sys.argv[2])
+model.vae.load_state_dict({k: v.float() for k, v in source.vae.state_dict().items()})
+model.esrgan_path = source.esrgan_path
+model.save_pretrained(sys.argv[3])
+print("VAE and RRDB of", sys.argv[2], "on the fresh UNet and text encoder:", sys.argv[3])
+PY
+else
 echo "[demo] 3/7 VAE"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/vae" --micro_batch_size=32 --epoch_num="$VAE_EPOCHS" --learning_rate=5e-4 \
@@ -38,19 +51,23 @@ easynlp --mode=train --tables="$WORK/data_sr/T2I_train.tsv,$WORK/data_sr/T2I_val
   --warmup_proportion=0.02 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=100 --use_amp \
   --user_defined_parameters="pretrain_model_name_or_path=$WORK/vae train_target=rrdb sr_patch=128 ema_decay=0.99 overwrite_checkpoint_dir=True"
 
-echo "[demo] 5/7 LDM: UNet and text encoder (the RRDB rides along into every checkpoint)"
+fi
+
+echo "[demo] 5/7 LDM: UNet and text encoder (the RRDB rides along into every checkpoint); v-prediction on a"
+echo "       zero-terminal-SNR schedule (configs/shapes_ldm_small.json), plain MSE on v: the noisiest steps, where"
+echo "       size and position are decided, carry full weight (Min-SNR would give them almost none)"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/ldm" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=5 ema_decay=0.999 overwrite_checkpoint_dir=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True ema_decay=0.999 overwrite_checkpoint_dir=True"
 
-echo "[demo] 6/7 LDM, second phase: a fresh warm-up and decay from the first phase's EMA weights, with offset noise"
-echo "       (noise_offset=0.05 teaches the global colour/brightness the first phase still confused)"
+echo "[demo] 6/7 LDM, optional second phase (LDM2_EPOCHS>0): a fresh warm-up and decay from the first phase's EMA"
+echo "       weights, with offset noise"
 if [ "$LDM2_EPOCHS" -gt 0 ]; then
   easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
     --checkpoint_dir="$WORK/final" --micro_batch_size=64 --epoch_num="$LDM2_EPOCHS" --learning_rate=3e-4 \
     --warmup_proportion=0.02 --random_seed=1 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-    --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_text_encoder=True snr_gamma=5 ema_decay=0.999 noise_offset=0.05"
+    --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_text_encoder=True ema_decay=0.999 noise_offset=0.05"
 else
   rm -rf "$WORK/final" && cp -r "$WORK/ldm" "$WORK/final"
 fi

@@ -178,6 +178,15 @@ class DiffusionObjective:
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"the model's scheduler config has prediction_type={self.prediction_type!r}; training "
                             f"and evaluation support {' and '.join(PREDICTION_TYPES)}")
+        if float(self.scheduler.alphas_cumprod[-1]) == 0.0:  # rescale_betas_zero_snr: the last step is pure noise
+            if self.prediction_type != "v_prediction":
+                raise UserError("the model's scheduler config has rescale_betas_zero_snr=True with prediction_type="
+                                f"{self.prediction_type!r}: at zero SNR the noise is the whole input and nothing can be "
+                                "learnt from it; set prediction_type=v_prediction in the model's scheduler config")
+            if snr_gamma:
+                logging.getLogger("easynlp.train").warning(
+                    "snr_gamma=%g with a zero-terminal-SNR schedule: Min-SNR weighting gives the noisiest timesteps "
+                    "(where the layout is decided) almost no weight; snr_gamma=0 trains them", snr_gamma)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":

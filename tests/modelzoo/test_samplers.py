@@ -41,3 +41,15 @@ def test_aliases_default_and_unknown_names():
     expected = "unknown sampler 'magic'; choose one of " + ", ".join(sampler_names())
     with pytest.raises(ValueError, match=re.escape(expected)):
         make_scheduler("magic", CONFIG, "")
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SAMPLERS) if n != "lms"] + [""])
+def test_a_zero_terminal_snr_schedule_is_kept_by_every_sampler(name):
+    """The shipped model's schedule ends at zero SNR (rescale_betas_zero_snr). Schedulers without that flag would drop
+    it silently and sample with another schedule; they get the same schedule as explicit betas instead."""
+    config = {**CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    reference = diffusers.DPMSolverMultistepScheduler.from_config(config).alphas_cumprod
+    scheduler = make_scheduler(name, config, "PNDMScheduler")
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # the last step is (almost) pure noise, as trained
+    assert float((scheduler.alphas_cumprod - reference).abs().max()) < 1e-6
+    assert float((scheduler.alphas_cumprod[:-1] - reference[:-1]).abs().max()) < 1e-6
