@@ -137,7 +137,8 @@ FLAGS: tuple[Flag, ...] = (
        "examples per process per step; also the predict/evaluate batch", modes=RUNS_MODEL),
     _f("--gradient_accumulation_steps", int, 1, "micro-batches per optimiser step", modes=TRAIN),
     _f("--logging_steps", int, 100, "log a console line every N optimiser steps", modes=TRAIN),
-    _f("--use_amp", bool, False, "mixed precision: bf16 autocast on CPU, fp16/bf16 on CUDA", modes=RUNS_MODEL),
+    _f("--use_amp", bool, False, "mixed precision: bf16 autocast on CPU (fp32, with a warning, where the CPU has no "
+       "native bf16), fp16/bf16 on CUDA", modes=RUNS_MODEL),
     _f("--use_torchacc", bool, False, "PAI TorchAcc (not available)", modes=frozenset(),
        unsupported="needs PAI's TorchAcc, which is not available; use --use_amp (and optimize=max for predict)"),
     # Serving.

@@ -214,8 +214,10 @@ def test_uncached_path_with_workers_and_text_encoder_training_and_extras(tiny_mo
 
 
 @pytest.mark.parametrize("amp", [(), ("--use_amp",)], ids=["fp32", "amp"])
-def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_path, amp):
-    # with --use_amp the cache encodes under the same autocast as an uncached step does
+def test_cached_latents_train_like_uncached(tiny_model_dir, shapes_data, tmp_path, amp, monkeypatch):
+    # with --use_amp the cache encodes under the same autocast as an uncached step does (bf16 autocast even where
+    # this CPU would train in fp32 for lack of native bf16)
+    monkeypatch.setattr("modelzoo.optimize.cpu_supports_bf16", lambda: True)
     common = ("--micro_batch_size=8", "--epoch_num=1", "--learning_rate=1e-3", *amp)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert cli.main(train_argv(shapes_data, a, tiny_model_dir, *common, udp="cache_latents=True")) == 0
@@ -347,3 +349,18 @@ def test_easynlp_format_model_trained_at_another_resolution_records_it(shapes_da
     assert json.load(open(os.path.join(out, "config.json"), encoding="utf-8")) == expected
     assert LatentDiffusion.from_pretrained(out).image_size == 64
     assert LatentDiffusion.from_pretrained(model).image_size == 32  # the source is left as it was
+
+
+def test_use_amp_without_native_bf16_trains_in_fp32_and_says_so(tiny_model_dir, shapes_data, tmp_path, monkeypatch,
+                                                                 caplog):
+    """Emulated bf16 autocast is many times slower than fp32 on a CPU without AVX512-BF16/AMX (a 3x3 convolution
+    50x): --use_amp there trains in fp32, exactly like a run without it, and the log says why."""
+    monkeypatch.setattr("modelzoo.optimize.cpu_supports_bf16", lambda: False)
+    common = ("--micro_batch_size=8", "--epoch_num=1", "--learning_rate=1e-3")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with caplog.at_level("WARNING", logger="easynlp.train"):
+        assert cli.main(train_argv(shapes_data, a, tiny_model_dir, *common, "--use_amp")) == 0
+    assert "this CPU has no native bf16" in caplog.text and "training in fp32" in caplog.text
+    assert cli.main(train_argv(shapes_data, b, tiny_model_dir, *common)) == 0
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
