@@ -181,8 +181,8 @@ class DiffusionObjective:
         if float(self.scheduler.alphas_cumprod[-1]) == 0.0:  # rescale_betas_zero_snr: the last step is pure noise
             if self.prediction_type != "v_prediction":
                 raise UserError("the model's scheduler config has rescale_betas_zero_snr=True with prediction_type="
-                                f"{self.prediction_type!r}: at zero SNR the noise is the whole input and nothing can be "
-                                "learnt from it; set prediction_type=v_prediction in the model's scheduler config")
+                                f"{self.prediction_type!r}: at zero SNR the noise is the whole input and nothing can "
+                                "be learnt from it; set prediction_type=v_prediction in the model's scheduler config")
             if snr_gamma:
                 logging.getLogger("easynlp.train").warning(
                     "snr_gamma=%g with a zero-terminal-SNR schedule: Min-SNR weighting gives the noisiest timesteps "
