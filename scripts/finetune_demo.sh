@@ -65,7 +65,7 @@ if [ "$UNET_MODE" = lora ]; then
   easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/lora" \
     --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
     --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
-train_target=lora lora_rank=$LORA_RANK lora_target_modules=attention,ff lora_text_encoder=True
+train_target=lora lora_rank=$LORA_RANK lora_target_modules=attention,ff lora_text_encoder=True snr_gamma=5
 ema_decay=0.995 overwrite_checkpoint_dir=True"
   MODEL="$WORK/decoder" UDP="lora=$WORK/lora"
 else
@@ -73,7 +73,7 @@ else
   easynlp --mode=train --tables="$WORK/mix_train.tsv,$WORK/mix_val.tsv" $SCHEMA --checkpoint_dir="$WORK/model" \
     --micro_batch_size=32 --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.05 --random_seed=0 \
     --logging_steps=25 --use_amp --user_defined_parameters="pretrain_model_name_or_path=$WORK/decoder
-train_text_encoder=True ema_decay=0.995 overwrite_checkpoint_dir=True"
+train_text_encoder=True snr_gamma=5 ema_decay=0.995 overwrite_checkpoint_dir=True"
   MODEL="$WORK/model" UDP=""
 fi
 end=$(date +%s)

@@ -2,15 +2,19 @@
 # Rebuild the embedded default model (modelzoo/pretrained/shapes-ldm-zh) from scratch with fixed seeds, using this
 # toolkit's own `easynlp --mode=train`: generate data → train the VAE → train the ×4 RRDB → train the LDM (UNet +
 # text encoder) → evaluate → ship (fp16 weights). Usage: bash scripts/train_demo_model.sh [WORK_DIR]
-# Environment: LDM_EPOCHS (default 12), LDM2_EPOCHS (0; >0 adds a second LDM phase with offset noise), VAE_EPOCHS (2),
-# RRDB_EPOCHS (3), SHIP=0 to skip copying into the package, REUSE_VAE_FROM=CHECKPOINT to skip steps 3-4 and take the
-# VAE and the RRDB from that checkpoint (e.g. the shipped model: retrains only the text encoder and UNet).
+# Environment: LDM_EPOCHS (default 8), LDM2_EPOCHS (8; 0 skips the second LDM phase), VAE_EPOCHS (2), RRDB_EPOCHS (3),
+# SNR_GAMMA (5; Min-SNR weighting of the LDM phases, 0 for plain MSE), PRESET (configs/shapes_ldm_small.json;
+# configs/shapes_ldm_small_zero_snr.json is the zero-terminal-SNR v-prediction experiment of issue 19, use it with
+# SNR_GAMMA=0 LDM2_EPOCHS=0), SHIP=0 to skip copying into the package, REUSE_VAE_FROM=CHECKPOINT to skip steps 3-4
+# and take the VAE and the RRDB from that checkpoint (e.g. the shipped model: retrains only text encoder and UNet).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/demo_model_work}"
-LDM_EPOCHS="${LDM_EPOCHS:-12}"
-LDM2_EPOCHS="${LDM2_EPOCHS:-0}"
+LDM_EPOCHS="${LDM_EPOCHS:-8}"
+LDM2_EPOCHS="${LDM2_EPOCHS:-8}"
+SNR_GAMMA="${SNR_GAMMA:-5}"
+PRESET="${PRESET:-configs/shapes_ldm_small.json}"
 VAE_EPOCHS="${VAE_EPOCHS:-2}"
 RRDB_EPOCHS="${RRDB_EPOCHS:-3}"
 mkdir -p "$WORK"
@@ -23,8 +27,8 @@ python scripts/make_shapes_dataset.py --output_dir "$WORK/data" --seed 0
 python scripts/make_shapes_dataset.py --output_dir "$WORK/data_sr" --seed 1 --num_train 1500 --num_val 64 \
   --num_test 0 --num_heldout 0 --image_size 256
 
-echo "[demo] 2/7 a randomly initialised model (configs/shapes_ldm_small.json, character vocabulary)"
-python scripts/init_model.py --preset configs/shapes_ldm_small.json --captions "$WORK/data/T2I_train.tsv" \
+echo "[demo] 2/7 a randomly initialised model ($PRESET, character vocabulary)"
+python scripts/init_model.py --preset "$PRESET" --captions "$WORK/data/T2I_train.tsv" \
   --output "$WORK/init"
 
 if [ -n "${REUSE_VAE_FROM:-}" ]; then
@@ -53,21 +57,19 @@ easynlp --mode=train --tables="$WORK/data_sr/T2I_train.tsv,$WORK/data_sr/T2I_val
 
 fi
 
-echo "[demo] 5/7 LDM: UNet and text encoder (the RRDB rides along into every checkpoint); v-prediction on a"
-echo "       zero-terminal-SNR schedule (configs/shapes_ldm_small.json), plain MSE on v: the noisiest steps, where"
-echo "       size and position are decided, carry full weight (Min-SNR would give them almost none)"
+echo "[demo] 5/7 LDM: UNet and text encoder (the RRDB rides along into every checkpoint)"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/ldm" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
   --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True ema_decay=0.999 overwrite_checkpoint_dir=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=$SNR_GAMMA ema_decay=0.999 overwrite_checkpoint_dir=True"
 
-echo "[demo] 6/7 LDM, optional second phase (LDM2_EPOCHS>0): a fresh warm-up and decay from the first phase's EMA"
-echo "       weights, with offset noise"
+echo "[demo] 6/7 LDM, second phase: a fresh warm-up and decay from the first phase's EMA weights, with offset noise"
+echo "       (noise_offset=0.05 teaches the global colour/brightness the first phase still confused)"
 if [ "$LDM2_EPOCHS" -gt 0 ]; then
   easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
     --checkpoint_dir="$WORK/final" --micro_batch_size=64 --epoch_num="$LDM2_EPOCHS" --learning_rate=3e-4 \
     --warmup_proportion=0.02 --random_seed=1 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-    --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_text_encoder=True ema_decay=0.999 noise_offset=0.05"
+    --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_text_encoder=True snr_gamma=$SNR_GAMMA ema_decay=0.999 noise_offset=0.05"
 else
   rm -rf "$WORK/final" && cp -r "$WORK/ldm" "$WORK/final"
 fi

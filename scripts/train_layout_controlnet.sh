@@ -36,7 +36,7 @@ easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" 
   --second_sequence=imgbase64 --checkpoint_dir="$WORK/controlnet" --micro_batch_size="$BATCH" \
   --epoch_num="$EPOCHS" --learning_rate="$LR" --warmup_proportion=0.03 --random_seed=0 --logging_steps=25 \
   --save_checkpoint_steps=125 ${AMP:+--use_amp} \
-  --user_defined_parameters="pretrain_model_name_or_path=$MODEL train_target=controlnet random_flip=False ema_decay=$EMA sample_images=0 overwrite_checkpoint_dir=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$MODEL train_target=controlnet random_flip=False snr_gamma=5 ema_decay=$EMA sample_images=0 overwrite_checkpoint_dir=True"
 
 echo "[layout] 3/3 evaluate: in box / colour / shape, without and with the ControlNet (same seeds)"
 GRID_ARGS=()
