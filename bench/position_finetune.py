@@ -33,6 +33,7 @@ from shapes_data.generate import (  # noqa: E402
     BACKGROUNDS,
     CAPTION_TEMPLATES,
     COLOURS,
+    HELDOUT_PAIRS,
     POSITION_PHRASES,
     POSITIONS,
     SHAPES,
@@ -79,44 +80,91 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--examples", type=int, default=6000)
     parser.add_argument("--out", default="/tmp/position_finetune")
+    parser.add_argument("--position_frac", type=float, default=0.8, help="share of captions that state the position")
+    parser.add_argument("--fresh", action="store_true",
+                        help="draw, render and encode new examples for every batch (never the held-out pairs) "
+                             "instead of a fixed set of --examples")
+    parser.add_argument("--balanced", action="store_true",
+                        help="weigh the two halves separately (each normalised to its own mean weight, the usual "
+                             "half with Min-SNR 5) so that the x0 half does not drown the epsilon half")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the probed and saved weights (0: none)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = LatentDiffusion.from_pretrained(args.model or embedded_models()[DEFAULT_MODEL]).float()
     objective = DiffusionObjective(model)
     rng = random.Random(5)
     with_position = [i for i, t in enumerate(CAPTION_TEMPLATES) if "{p}" in t]
-    specs = [sample_spec(rng) for _ in range(args.examples)]
-    captions = [caption(s, rng, template=rng.choice(with_position) if rng.random() < 0.8 else None) for s in specs]
-    with torch.no_grad():
-        latents = torch.cat([
-            model.vae.encode(torch.stack([preprocess_image(render(s), (64, 64)) for s in specs[i:i + 128]]))
-            .latent_dist.mean * model.vae_scaling_factor for i in range(0, len(specs), 128)])
+    seen = (lambda c, s: (c, s) not in HELDOUT_PAIRS) if args.fresh else None
+
+    def draw(count: int) -> tuple[list[str], torch.Tensor]:
+        specs = [sample_spec(rng, pairs_allowed=seen) for _ in range(count)]
+        texts = [caption(s, rng, template=rng.choice(with_position) if rng.random() < args.position_frac else None)
+                 for s in specs]
+        with torch.no_grad():
+            encoded = torch.cat([
+                model.vae.encode(torch.stack([preprocess_image(render(s), (64, 64)) for s in specs[i:i + 128]]))
+                .latent_dist.mean * model.vae_scaling_factor for i in range(0, len(specs), 128)])
+        return texts, encoded
+
+    if not args.fresh:
+        captions, latents = draw(args.examples)
+    trained = [*model.unet.parameters(), *model.text_encoder.parameters()]
+    averaged = [p.detach().clone() for p in trained] if args.ema else None
+
+    def probe_averaged(tag: str) -> None:
+        if averaged is None:
+            return probe(model, args.out + "_probe", tag)
+        current = [p.detach().clone() for p in trained]
+        with torch.no_grad():
+            for p, a in zip(trained, averaged):
+                p.copy_(a)
+        probe(model, args.out + "_probe", tag)
+        model.save_pretrained(args.out)
+        with torch.no_grad():
+            for p, c in zip(trained, current):
+                p.copy_(c)
+
     probe(model, args.out + "_probe", "step 0")
-    params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
+    params = trained
     optimiser = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     model.train()
     g = torch.Generator().manual_seed(1)
     drop = random.Random(2)
     start = time.time()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(specs), (args.batch,), generator=g)
-        x0 = latents[idx]
+        if args.fresh:
+            texts, x0 = draw(args.batch)
+        else:
+            idx = torch.randint(0, len(captions), (args.batch,), generator=g)
+            texts, x0 = [captions[i] for i in idx.tolist()], latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         high = torch.rand(args.batch, generator=g) < args.high_frac
         t = torch.where(high, torch.randint(args.t_min, 1000, (args.batch,), generator=g),
                         torch.randint(0, 1000, (args.batch,), generator=g))
-        embeds = model.encode_prompts([captions[i] if drop.random() > 0.1 else "" for i in idx.tolist()])
+        embeds = model.encode_prompts([text if drop.random() > 0.1 else "" for text in texts])
         loss = objective.per_sample_loss(x0, noise, t, embeds, min_snr=False)
         snr = compute_snr(objective.scheduler, t)
-        weights = torch.where(high, (1 / snr).clamp(1, args.wmax), torch.ones_like(snr))
-        (loss * weights / weights.mean()).mean().backward()
+        if args.balanced:
+            usual = snr.clamp(max=5.0) / snr  # Min-SNR 5, as the shipped model was trained
+            x0_weight = (1 / snr).clamp(1, args.wmax)
+            high_part = (loss * x0_weight)[high].sum() / x0_weight[high].sum().clamp(min=1e-8)
+            low_part = (loss * usual)[~high].sum() / usual[~high].sum().clamp(min=1e-8)
+            (high_part + low_part).backward()
+        else:
+            weights = torch.where(high, (1 / snr).clamp(1, args.wmax), torch.ones_like(snr))
+            (loss * weights / weights.mean()).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         optimiser.zero_grad()
+        if averaged is not None:
+            with torch.no_grad():
+                for p, a in zip(trained, averaged):
+                    a.lerp_(p.detach(), 1 - args.ema)
         if step % args.probe == 0:
             print(f"{(time.time() - start) / step:.2f} s/step", flush=True)
-            probe(model, args.out + "_probe", f"step {step}")
-    model.save_pretrained(args.out)
+            probe_averaged(f"step {step}")
+    if averaged is None:
+        model.save_pretrained(args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from modelzoo.ldm import LatentDiffusion
 
 VALIDATION_SEED = 20240601  # fixed noise and timesteps: validation losses compare across steps and runs
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+HIGH_NOISE_LOSSES = ("epsilon", "x0")
+X0_WEIGHT_MAX = 1000.0  # caps 1/SNR (the x0 error's weight on the epsilon error) where the SNR is near zero
 
 
 class LatentCache:
@@ -170,8 +172,11 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, 
 class DiffusionObjective:
     """What the UNet is trained to predict under ``model``'s noise schedule, and the loss against it."""
 
-    def __init__(self, model: LatentDiffusion, snr_gamma: float = 0.0):
+    def __init__(self, model: LatentDiffusion, snr_gamma: float = 0.0, high_noise_loss: str = "epsilon"):
         self.model, self.snr_gamma = model, snr_gamma
+        if high_noise_loss not in HIGH_NOISE_LOSSES:
+            raise UserError(f"high_noise_loss={high_noise_loss!r}: choose one of {', '.join(HIGH_NOISE_LOSSES)}")
+        self.high_noise_loss = high_noise_loss
         self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
@@ -202,11 +207,40 @@ class DiffusionObjective:
         target = self.target(latents, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma and min_snr:
-            snr = compute_snr(self.scheduler, timesteps)
-            weights = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-            weights = weights / (snr + 1) if self.prediction_type == "v_prediction" else weights / snr
-            loss = loss * weights
+            loss = loss * self.min_snr_weights(timesteps)
         return loss
+
+    def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = torch.stack([snr, self.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        return weights / (snr + 1) if self.prediction_type == "v_prediction" else weights / snr
+
+    def x0_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights that turn the squared error of the UNet's target into that of the clean latents it
+        implies (epsilon: 1/SNR, capped at X0_WEIGHT_MAX; v: 1/(SNR+1))."""
+        snr = compute_snr(self.scheduler, timesteps)
+        if self.prediction_type == "v_prediction":
+            return 1 / (snr + 1)
+        return (1 / snr).clamp(max=X0_WEIGHT_MAX)
+
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
+             high: torch.Tensor | None = None, high_share: float = 0.0, residuals=None) -> torch.Tensor:
+        """The batch's training loss. ``high``: which samples were drawn from the noisiest timesteps (the
+        ``high_noise_share`` option). With ``high_noise_loss="x0"`` those are weighted by the error of the clean
+        latents they imply (where the layout is decided) and the two groups are averaged separately, each over its
+        own weights, and mixed as ``high_share`` : 1 - ``high_share``, so that the x0 errors' large weights do not
+        drown the other samples; otherwise every sample has the usual weight (Min-SNR with ``snr_gamma``)."""
+        if high is None or self.high_noise_loss != "x0" or not bool(high.any()):
+            return self.per_sample_loss(latents, noise, timesteps, embeds, residuals=residuals).mean()
+        per_sample = self.per_sample_loss(latents, noise, timesteps, embeds, min_snr=False, residuals=residuals)
+        usual = self.min_snr_weights(timesteps) if self.snr_gamma else torch.ones_like(per_sample)
+        x0 = self.x0_weights(timesteps)
+        high = high.to(per_sample.device)
+        high_part = (per_sample * x0)[high].sum() / x0[high].sum()
+        if bool(high.all()):
+            return high_part
+        low_part = (per_sample * usual)[~high].sum() / usual[~high].sum()
+        return high_share * high_part + (1 - high_share) * low_part
 
 
 @torch.no_grad()

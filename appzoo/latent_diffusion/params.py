@@ -111,6 +111,14 @@ PARAMS: tuple[Param, ...] = (
           "guidance)", modes=TRAIN, check=_unit),
     Param("snr_gamma", float, 0.0, "Min-SNR loss weighting gamma (0: plain MSE; 5.0 is the usual choice)",
           modes=TRAIN, check=_non_negative),
+    Param("high_noise_share", float, 0.0, "share of the training samples whose timestep is drawn from "
+          "[high_noise_from, last] instead of the whole schedule: the noisiest steps, where the layout (size, "
+          "position) is decided (0: none)", modes=TRAIN, check=_unit),
+    Param("high_noise_from", int, 900, "the first timestep of high_noise_share's range", modes=TRAIN,
+          check=_non_negative),
+    Param("high_noise_loss", str, "epsilon", "epsilon: those samples have the usual loss; x0: the error of the clean "
+          "latents they imply (1/SNR on the epsilon error), and the two groups are averaged separately and mixed "
+          "as high_noise_share : 1 - high_noise_share", modes=TRAIN, choices=("epsilon", "x0")),
     Param("noise_offset", float, 0.0, "offset noise strength (helps very dark/bright images)", modes=TRAIN,
           check=_non_negative),
     Param("gradient_checkpointing", bool, False, "recompute activations in backward to save memory", modes=TRAIN),

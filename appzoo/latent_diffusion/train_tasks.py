@@ -53,8 +53,11 @@ class DiffusionTrainTask:
         self.val_captions, self.val_moments = val_captions, val_moments
         self.params, self.seed, self.resolution = params, seed, resolution
         self.text_length, self.data_threads = text_length, data_threads
-        self.objective = DiffusionObjective(model, params["snr_gamma"])
+        self.objective = DiffusionObjective(model, params["snr_gamma"], params["high_noise_loss"])
         self.num_timesteps = self.objective.num_timesteps
+        if params["high_noise_share"] and not 0 <= params["high_noise_from"] < self.num_timesteps:
+            raise UserError(f"high_noise_from={params['high_noise_from']}: the model's schedule has timesteps 0-"
+                            f"{self.num_timesteps - 1}; give one of them")
         self.train_text_encoder = bool(params["train_text_encoder"])
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(self.train_text_encoder)
@@ -88,8 +91,9 @@ class DiffusionTrainTask:
         return self.model.latent_channels, height // factor, width // factor
 
     def _draws(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
-        dropout, timesteps, noise, eps, offsets = [], [], [], [], []
+        dropout, timesteps, noise, eps, offsets, high = [], [], [], [], [], []
         channels = self.model.latent_channels
+        share = self.params["high_noise_share"]
         for index in indices:
             shape = self.latent_shape(index)
             g = sample_generator(self.seed, epoch, index, TRAIN_STAGE)
@@ -98,8 +102,14 @@ class DiffusionTrainTask:
             noise.append(torch.randn(shape, generator=g))
             eps.append(torch.randn(shape, generator=g))
             offsets.append(torch.randn((channels, 1, 1), generator=g))
+            # drawn last, and only when asked for: the other draws (and runs without the option) stay as they were
+            high.append(bool(share) and float(torch.rand(1, generator=g)) < share)
+            if high[-1]:
+                timesteps[-1] = int(torch.randint(self.params["high_noise_from"], self.num_timesteps, (1,),
+                                                  generator=g))
         return {"dropout": dropout, "timesteps": torch.tensor(timesteps, dtype=torch.long),
-                "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets)}
+                "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets),
+                "high": torch.tensor(high, dtype=torch.bool)}
 
     def _pixels(self, indices: list[int], epoch: int) -> torch.Tensor:
         params = self.params
@@ -149,8 +159,8 @@ class DiffusionTrainTask:
         device = self.model.unet.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
             embeds = self.model.encode_tokens(batch["input_ids"])
-        return self.objective.per_sample_loss(latents.to(device), noise.to(device), batch["timesteps"].to(device),
-                                              embeds).mean()
+        return self.objective.loss(latents.to(device), noise.to(device), batch["timesteps"].to(device), embeds,
+                                   high=batch["high"], high_share=self.params["high_noise_share"])
 
     def validate(self) -> float | None:
         if not self.val_captions:
@@ -288,8 +298,9 @@ class ControlNetTrainTask(DiffusionTrainTask):
         device = self.model.unet.device
         with torch.no_grad():
             embeds = self.model.encode_tokens(batch["input_ids"])
-        return self.objective.per_sample_loss(latents.to(device), noise.to(device), batch["timesteps"].to(device),
-                                              embeds, residuals=self._residuals(batch["control"])).mean()
+        return self.objective.loss(latents.to(device), noise.to(device), batch["timesteps"].to(device), embeds,
+                                   high=batch["high"], high_share=self.params["high_noise_share"],
+                                   residuals=self._residuals(batch["control"]))
 
     def validate(self) -> float | None:
         if not self.val_captions or self.val_table is None:

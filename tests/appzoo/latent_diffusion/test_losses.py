@@ -39,3 +39,38 @@ def test_zero_terminal_snr_trains_v_on_pure_noise_and_refuses_epsilon(tiny_model
     with pytest.raises(UserError, match="rescale_betas_zero_snr=True with prediction_type='epsilon'.*set "
                                         "prediction_type=v_prediction"):
         DiffusionObjective(model)
+
+
+def test_x0_weights_turn_the_epsilon_error_into_the_clean_latents_error(tiny_model_dir):
+    """high_noise_loss=x0: a sample's weighted loss is the squared error of the clean latents its prediction implies,
+    and the noisiest samples and the others are averaged separately, then mixed as high_share : 1 - high_share."""
+    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    objective = DiffusionObjective(model, snr_gamma=5.0, high_noise_loss="x0")
+    g = torch.Generator().manual_seed(0)
+    side = 32 // model.vae_scale_factor
+    latents, noise = torch.randn((4, model.latent_channels, side, side), generator=g), torch.randn(
+        (4, model.latent_channels, side, side), generator=g)
+    t = torch.tensor([950, 990, 100, 500])
+    embeds = model.encode_prompts(["红色圆形", "蓝色", "", "左上角"])
+    with torch.no_grad():
+        per_sample = objective.per_sample_loss(latents, noise, t, embeds, min_snr=False)
+        noisy = objective.scheduler.add_noise(latents, noise, t)
+        eps = model.unet(noisy, t, encoder_hidden_states=embeds).sample
+        a = objective.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+        x0_error = ((x0 - latents) ** 2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(per_sample * objective.x0_weights(t), x0_error, rtol=1e-4, atol=1e-6)
+
+        high = torch.tensor([True, True, False, False])
+        w_high, w_low = objective.x0_weights(t)[:2], objective.min_snr_weights(t)[2:]
+        expected = 0.25 * (
+            (per_sample[:2] * w_high).sum() / w_high.sum()) + 0.75 * (per_sample[2:] * w_low).sum() / w_low.sum()
+        torch.testing.assert_close(objective.loss(latents, noise, t, embeds, high=high, high_share=0.25), expected)
+        # without high samples (or with the usual loss) it is the plain Min-SNR mean, as before the option existed
+        plain = objective.per_sample_loss(latents, noise, t, embeds).mean()
+        torch.testing.assert_close(objective.loss(latents, noise, t, embeds, high=~torch.ones(4, dtype=torch.bool),
+                                                  high_share=0.25), plain)
+        torch.testing.assert_close(DiffusionObjective(model, 5.0).loss(latents, noise, t, embeds, high=high,
+                                                                       high_share=0.25), plain)
+    with pytest.raises(UserError, match="high_noise_loss='v': choose one of epsilon, x0"):
+        DiffusionObjective(model, high_noise_loss="v")

@@ -364,3 +364,33 @@ def test_use_amp_without_native_bf16_trains_in_fp32_and_says_so(tiny_model_dir, 
     assert cli.main(train_argv(shapes_data, b, tiny_model_dir, *common)) == 0
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_high_noise_share_draws_the_noisiest_timesteps_and_leaves_the_other_draws(tiny_model_dir, shapes_data,
+                                                                                   tmp_path, monkeypatch, capsys):
+    from appzoo.latent_diffusion.losses import DiffusionObjective
+
+    seen = []
+    original = DiffusionObjective.loss
+
+    def recording(self, latents, noise, timesteps, embeds, high=None, **kwargs):
+        seen.append((timesteps.clone(), noise.clone(), high.clone(), self.high_noise_loss, kwargs["high_share"]))
+        return original(self, latents, noise, timesteps, embeds, high=high, **kwargs)
+
+    monkeypatch.setattr(DiffusionObjective, "loss", recording)
+    common = ("--micro_batch_size=16", "--epoch_num=1", "--save_checkpoint_steps=100")
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "plain"), tiny_model_dir, *common)) == 0
+    plain, seen[:] = list(seen), []
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "high"), tiny_model_dir, *common,
+                               udp="high_noise_share=0.5 high_noise_from=990 high_noise_loss=x0")) == 0
+    assert len(seen) == len(plain) == 2
+    for (t0, n0, h0, _, _), (t, n, h, loss, share) in zip(plain, seen):
+        assert not h0.any() and loss == "x0" and share == 0.5
+        assert torch.equal(n, n0)  # the noise (and every other draw) is what it was without the option
+        assert (t[h] >= 990).all() and torch.equal(t[~h], t0[~h])
+    high = torch.cat([h for _, _, h, _, _ in seen])
+    assert 8 <= int(high.sum()) <= 24  # about half of the 32 samples
+    bad = train_argv(shapes_data, str(tmp_path / "bad"), tiny_model_dir, *common,
+                     udp="high_noise_share=0.5 high_noise_from=1000")
+    assert cli.main(bad) != 0
+    assert "high_noise_from=1000: the model's schedule has timesteps 0-999" in capsys.readouterr().err
