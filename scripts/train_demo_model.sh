@@ -59,19 +59,21 @@ easynlp --mode=train --tables="$WORK/data_sr/T2I_train.tsv,$WORK/data_sr/T2I_val
 
 fi
 
+# One LDM phase (UNet and text encoder, batch 64): OUTPUT_DIR EPOCHS LEARNING_RATE WARMUP SEED FROM_DIR EXTRA_PARAMETERS
+train_ldm() {
+  easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
+    --checkpoint_dir="$1" --micro_batch_size=64 --epoch_num="$2" --learning_rate="$3" \
+    --warmup_proportion="$4" --random_seed="$5" --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
+    --user_defined_parameters="pretrain_model_name_or_path=$6 train_text_encoder=True snr_gamma=$SNR_GAMMA $7"
+}
+
 echo "[demo] 5/8 LDM: UNet and text encoder (the RRDB rides along into every checkpoint)"
-easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
-  --checkpoint_dir="$WORK/ldm" --micro_batch_size=64 --epoch_num="$LDM_EPOCHS" --learning_rate=5e-4 \
-  --warmup_proportion=0.03 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/rrdb train_text_encoder=True snr_gamma=$SNR_GAMMA ema_decay=0.999 overwrite_checkpoint_dir=True"
+train_ldm "$WORK/ldm" "$LDM_EPOCHS" 5e-4 0.03 0 "$WORK/rrdb" "ema_decay=0.999 overwrite_checkpoint_dir=True"
 
 echo "[demo] 6/8 LDM, second phase: a fresh warm-up and decay from the first phase's EMA weights, with offset noise"
 echo "       (noise_offset=0.05 teaches the global colour/brightness the first phase still confused)"
 if [ "$LDM2_EPOCHS" -gt 0 ]; then
-  easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
-    --checkpoint_dir="$WORK/final" --micro_batch_size=64 --epoch_num="$LDM2_EPOCHS" --learning_rate=3e-4 \
-    --warmup_proportion=0.02 --random_seed=1 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-    --user_defined_parameters="pretrain_model_name_or_path=$WORK/ldm train_text_encoder=True snr_gamma=$SNR_GAMMA ema_decay=0.999 noise_offset=0.05"
+  train_ldm "$WORK/final" "$LDM2_EPOCHS" 3e-4 0.02 1 "$WORK/ldm" "ema_decay=0.999 noise_offset=0.05"
 else
   rm -rf "$WORK/final" && cp -r "$WORK/ldm" "$WORK/final"
 fi
@@ -79,10 +81,8 @@ fi
 echo "[demo] 7/8 LDM, third phase: half of each batch at the noisiest timesteps (t >= 900, where the size is decided),"
 echo "       weighted as the clean latents' error (issue 19: size followed 68 % -> see README)"
 if [ "$LDM3_EPOCHS" -gt 0 ]; then
-  easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
-    --checkpoint_dir="$WORK/layout" --micro_batch_size=64 --epoch_num="$LDM3_EPOCHS" --learning_rate=2e-4 \
-    --warmup_proportion=0.02 --random_seed=2 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-    --user_defined_parameters="pretrain_model_name_or_path=$WORK/final train_text_encoder=True snr_gamma=$SNR_GAMMA ema_decay=0.998 high_noise_share=0.5 high_noise_from=900 high_noise_loss=x0 overwrite_checkpoint_dir=True"
+  train_ldm "$WORK/layout" "$LDM3_EPOCHS" 2e-4 0.02 2 "$WORK/final" \
+    "ema_decay=0.998 high_noise_share=0.5 high_noise_from=900 high_noise_loss=x0 overwrite_checkpoint_dir=True"
   rm -rf "$WORK/final" && mv "$WORK/layout" "$WORK/final"
 fi
 
