@@ -17,13 +17,33 @@ class AppEntry:
     params: str  # "module:ATTRIBUTE" holding a sequence of easynlp_ldm.args.Param
     app: str  # "module:Class"; Class(flags, params).run(mode)
     pipeline: str = ""  # "module:Class"; Class(model_path, params, **options)(inputs) — the Python API, if any
+    # EasyNLP's pipeline task names served by this app: ``pipeline(task, model_path)`` uses model_path, and
+    # ``pipeline(task)`` alone the model of that name (EasyNLP's default model for the task has the task's name).
+    tasks: tuple[str, ...] = ()
+    models: bool = False  # pipeline("<model name or folder>") with no app name is this app's model
 
 
 APPS: dict[str, AppEntry] = {
     "latent_diffusion": AppEntry(params="appzoo.latent_diffusion.params:PARAMS",
                                  app="appzoo.latent_diffusion.app:LatentDiffusionApp",
-                                 pipeline="appzoo.latent_diffusion.pipeline:LatentDiffusionPipeline"),
+                                 pipeline="appzoo.latent_diffusion.pipeline:LatentDiffusionPipeline",
+                                 tasks=("chinese-ldm-general", "chinese-ldm-fashion", "chinese-ldm-art",
+                                        "chinese-ldm-poem", "chinese-ldm-anime", "chinese-ldm-pet",
+                                        "chinese-ldm-food", "stable-diffusion-general"),
+                                 models=True),
 }
+
+
+def app_for(task_or_model: str) -> tuple[str, bool]:
+    """EasyNLP's first pipeline argument → (app name, whether the argument itself names the model): an app name or
+    one of EasyNLP's task names → that app (the model is model_path, or the task's own model); anything else is a
+    model name or folder of the app that takes models by name, as in EasyNLP's ``pipeline('<model name>')``."""
+    for name, entry in APPS.items():
+        if task_or_model == name:
+            return name, False
+        if task_or_model in entry.tasks:
+            return name, True
+    return next(name for name, entry in APPS.items() if entry.models), True
 
 
 def _load(path: str):

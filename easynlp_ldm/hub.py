@@ -105,8 +105,9 @@ def resolve_model(name_or_path: str, embedded: Mapping[str, str] | None = None, 
     if cached:
         return cached
     known = f"; embedded models: {', '.join(sorted(embedded))}" if embedded else ""
-    raise UserError(f"{what} '{name_or_path}' not found: no such local folder, embedded model or Hugging Face cache "
-                    f"entry, and this toolkit never downloads. Download it elsewhere (e.g. `hf download "
+    raise UserError(f"{what} '{name_or_path}' not found: no such local folder, embedded model, Hugging Face cache "
+                    f"entry or EasyNLP model zoo folder ({easynlp_modelzoo_dir()}), and this toolkit never downloads. "
+                    f"Download it elsewhere (e.g. `hf download "
                     f"{name_or_path} --local-dir DIR`), copy it here and pass the folder{known}")
 
 

@@ -8,17 +8,25 @@ Image *k* of prompt number *i* (counted from 1, as predict counts input lines) g
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, check_masks
 from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
 from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.params import PARAMS
+from easynlp_ldm.args import validate_parameters
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import encode_image
 
 DEFAULT_RANDOM_SEED = 1234  # --random_seed's default
+# Settings fixed when the model is loaded: reset() cannot change them (a new pipeline() can).
+LOAD_SETTINGS = ("optimize", "precision", "lora")
+
+logger = logging.getLogger("easynlp")
 
 
 class LatentDiffusionPipeline:
@@ -27,8 +35,31 @@ class LatentDiffusionPipeline:
         self.params = params
         self.random_seed, self.batch_size = random_seed, batch_size
         self.model = load_model(model_path or "", device=device, optimize=params["optimize"],
-                                precision=params["precision"], lora=params["lora"])
+                                precision=params["precision"], lora=params["lora"], what="pipeline() model")
         self.generator = Generator(self.model, GenerationSettings.from_params(params))
+        self.files = None
+        self.written = 0  # image folders written (write_image=True), numbered on across calls as EasyNLP's counter
+
+    def reset(self, n_samples: int | None = None, sample_steps: int | None = None, **user_defined_parameters):
+        """EasyNLP's ``generator.reset(n_samples, sample_steps)``: new images per prompt and sampling steps for the
+        next calls; other generation parameters may be given by name too (checked as pipeline() checks them)."""
+        changes = dict(user_defined_parameters)
+        if n_samples is not None:
+            changes["n_samples"] = n_samples
+        if sample_steps is not None:
+            changes["ddim_steps"] = sample_steps
+        values, notes = validate_parameters(changes.items(), PARAMS, "predict", "latent_diffusion", source="reset()")
+        for note in notes:
+            logger.warning(note.replace("--mode=predict", "the Python pipeline"))
+        names = {param.name for param in PARAMS for key in changes if key in (param.name, *param.aliases)}
+        fixed = sorted(names.intersection(LOAD_SETTINGS))
+        if fixed:
+            raise UserError(f"reset(): {', '.join(fixed)} is decided when the model loads; make a new pipeline() "
+                            f"with it instead")
+        params = {**self.params, **{name: values[name] for name in names}}
+        self.generator = Generator(self.model, GenerationSettings.from_params(params))
+        self.params = params
+        logger.info("pipeline reset: %s", ", ".join(f"{name}={params[name]}" for name in sorted(names)))
 
     @property
     def samples_per_prompt(self) -> int:
@@ -38,7 +69,12 @@ class LatentDiffusionPipeline:
                  control_images=None) -> list[dict[str, Any]]:
         """One record per image, in prompt order then sample order: ``idx`` (the prompt's position, from 0, as
         EasyNLP's pipeline numbers its inputs), ``text``, ``sample_id``, ``seed``, ``image`` (PIL) and
-        ``image_base64`` (PNG). ``latents``: the initial noise of every image, shape (images, channels, h, w).
+        ``image_base64`` (PNG), and EasyNLP's keys: ``gen_imgbase64`` (the same base64 as bytes) and
+        ``image_tensor`` (float 0-1, images × 3 × H × W: all images of the record's prompt and ``n_iter`` round,
+        one tensor shared by their records, as EasyNLP's pipeline gave it). ``write_image=True`` also writes
+        ``image_prefix/<n>/0000.png …`` with ``prompt.txt``, one folder per prompt and round, numbered on across
+        calls as EasyNLP's predictor numbered them.
+        ``latents``: the initial noise of every image, shape (images, channels, h, w).
         From images (PIL, one per prompt, or one for all): ``images`` (img2img, at the ``strength`` parameter),
         ``masks`` with them (inpainting; white = repaint), ``control_images`` for the ``controlnet`` parameter's
         ControlNet(s) (one image per prompt; with several ControlNets, a list of such per ControlNet)."""
@@ -63,9 +99,35 @@ class LatentDiffusionPipeline:
                                             None if latents is None else latents[start:start + len(chunk)],
                                             inputs=part)
                 for (i, prompt, sample, seed), image in zip(chunk, images_out):
+                    data = encode_image(image, "png")
+                    encoded = base64.b64encode(data)
                     records.append({"idx": i, "text": prompt, "sample_id": sample, "seed": seed, "image": image,
-                                    "image_base64": base64.b64encode(encode_image(image, "png")).decode("ascii")})
+                                    "image_base64": encoded.decode("ascii"), "gen_imgbase64": encoded})
+        self._easynlp_views(records)
         return records
+
+    def _easynlp_views(self, records: list[dict[str, Any]]) -> None:
+        """EasyNLP's ``image_tensor`` per prompt and round, and its image folders when write_image=True."""
+        n_samples = self.params["n_samples"]
+        for start in range(0, len(records), n_samples):
+            group = records[start:start + n_samples]
+            tensor = torch.from_numpy(np.stack([np.asarray(r["image"].convert("RGB")) for r in group]))
+            tensor = tensor.permute(0, 3, 1, 2).float().div_(255)
+            for record in group:
+                record["image_tensor"] = tensor
+            if self.params["write_image"]:
+                self._write(group)
+
+    def _write(self, group: list[dict[str, Any]]) -> None:
+        from appzoo.latent_diffusion.predict import ImageFiles
+
+        if self.files is None:
+            self.files = ImageFiles(self.params["image_prefix"], self.params["image_format"])
+        number = self.written
+        self.written += 1
+        for sample, record in enumerate(group):
+            record["path"] = self.files.write(str(number), number + 1, record["text"], sample,
+                                              encode_image(record["image"], self.params["image_format"]))
 
     @staticmethod
     def _image_inputs(count: int, images, masks, control_images) -> ImageInputs | None:
