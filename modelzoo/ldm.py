@@ -38,6 +38,9 @@ VOCAB_NAME = "vocab.txt"
 ESRGAN_NAME = "RRDB_ESRGAN_x4.pth"
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME)
 COMPONENTS = ("text_encoder", "unet", "vae")
+# model_index.json key of a diffusers-layout folder: the channel order RRDB_ESRGAN_x4.pth expects (diffusers ignores
+# keys starting with "_"); absent: rgb, the original ESRGAN's.
+DIFFUSERS_ESRGAN_ORDER = "_esrgan_channel_order"
 
 
 class ModelFormatError(ValueError):
@@ -277,7 +280,10 @@ def _load_diffusers(path: str) -> LatentDiffusion:
     vae = AutoencoderKL.from_config(_read_json(os.path.join(path, "vae", "config.json")))
     _load_strict(vae, load_component_weights(os.path.join(path, "vae")), f"{path}/vae")
     scheduler_config = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    return LatentDiffusion(tokenizer, text_encoder, unet, vae, scheduler_config, esrgan_path=_esrgan_file(path))
+    esrgan_path = _esrgan_file(path)
+    extra = {"esrgan_channel_order": index[DIFFUSERS_ESRGAN_ORDER]} if esrgan_path and index.get(
+        DIFFUSERS_ESRGAN_ORDER) in ("rgb", "bgr") else {}
+    return LatentDiffusion(tokenizer, text_encoder, unet, vae, scheduler_config, esrgan_path=esrgan_path, extra=extra)
 
 
 def _load_own(path: str) -> LatentDiffusion:

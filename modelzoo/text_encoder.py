@@ -7,106 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel
+
+from modelzoo.wukong import WukongTextEncoder
 
 TEXT_ENCODERS = {"CLIPTextModel": (CLIPTextModel, CLIPTextConfig), "BertModel": (BertModel, BertConfig)}
 WUKONG = "WukongTextEncoder"
 
 
-class _ResidualAttentionBlock(torch.nn.Module):
-    """CLIP's pre-LayerNorm block as Wukong has it (LayerNorm eps 1e-7, QuickGELU); parameter names as EasyNLP's."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(width, heads)
-        self.ln_1 = torch.nn.LayerNorm(width, eps=1e-07)
-        self.mlp = torch.nn.Sequential(OrderedDict([("c_fc", torch.nn.Linear(width, width * 4)),
-                                                    ("gelu", _QuickGELU()),
-                                                    ("c_proj", torch.nn.Linear(width * 4, width))]))
-        self.ln_2 = torch.nn.LayerNorm(width, eps=1e-07)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask.to(x.dtype))[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class _QuickGELU(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class _Transformer(torch.nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
-        super().__init__()
-        self.resblocks = torch.nn.ModuleList(_ResidualAttentionBlock(width, heads) for _ in range(layers))
-
-
-class WukongTextEncoder(torch.nn.Module):
-    """EasyNLP's conditioning (``FrozenWukongCLIPTextEmbedder`` around Wukong's ``TextTransformer``): a causal
-    CLIP-style transformer over token embeddings + learned positions; the output at the [SEP] token (id
-    ``sep_token_id``, 102 in EasyNLP's code) after the final LayerNorm, projected, L2-normalised (``normalize``) and
-    repeated ``n_repeat`` times → ``(batch, n_repeat, output_dim)``. Parameter names are EasyNLP's
-    (``cond_stage_model.model.*`` without the prefix). Causal attention makes the [SEP] output independent of what
-    follows it, so padding ids do not matter; inputs shorter than ``context_length`` are padded with 0 as
-    EasyNLP's tokenizer does."""
-
-    def __init__(self, context_length: int, vocab_size: int, output_dim: int, width: int, layers: int, heads: int,
-                 n_repeat: int = 1, normalize: bool = True, sep_token_id: int = 102):
-        super().__init__()
-        self.settings = {"context_length": int(context_length), "vocab_size": int(vocab_size),
-                         "output_dim": int(output_dim), "width": int(width), "layers": int(layers),
-                         "heads": int(heads), "n_repeat": int(n_repeat), "normalize": bool(normalize),
-                         "sep_token_id": int(sep_token_id)}
-        self.transformer = _Transformer(width, layers, heads)
-        self.text_projection = torch.nn.Parameter(torch.randn(width, output_dim) * width ** -0.5)
-        self.ln_final = torch.nn.LayerNorm(width, eps=1e-07)
-        self.embedding_table = torch.nn.Parameter(torch.nn.init.trunc_normal_(torch.empty(vocab_size, width),
-                                                                              std=0.02))
-        self.positional_embedding = torch.nn.Parameter(
-            torch.nn.init.trunc_normal_(torch.empty(context_length, width), std=0.01))
-        mask = torch.full((context_length, context_length), float("-inf")).triu(1)
-        self.register_buffer("causal_mask", mask, persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.embedding_table.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embedding_table.dtype
-
-    @property
-    def context_length(self) -> int:
-        return self.settings["context_length"]
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        batch, length = input_ids.shape
-        if length > self.context_length:
-            raise ValueError(f"{length} tokens exceed the Wukong encoder's {self.context_length} positions")
-        if length < self.context_length:
-            input_ids = torch.nn.functional.pad(input_ids, (0, self.context_length - length))
-        sep = input_ids == self.settings["sep_token_id"]
-        if not bool((sep.sum(dim=1) == 1).all()):
-            raise ValueError("every prompt needs exactly one [SEP] token (id "
-                             f"{self.settings['sep_token_id']}), as EasyNLP's tokenisation writes")
-        x = self.embedding_table[input_ids] + self.positional_embedding
-        x = x.permute(1, 0, 2)
-        for block in self.transformer.resblocks:
-            x = block(x, self.causal_mask)
-        x = self.ln_final(x.permute(1, 0, 2))
-        pooled = x[sep] @ self.text_projection
-        if self.settings["normalize"]:
-            pooled = pooled / torch.linalg.norm(pooled, dim=1, keepdim=True)
-        return (pooled[:, None, :].expand(-1, self.settings["n_repeat"], -1).contiguous(),)
-
-
 def build_text_encoder(class_name: str, config: dict) -> torch.nn.Module:
-    if class_name == WUKONG:
-        return WukongTextEncoder(**config)
+    if class_name == WUKONG:  # a diffusers config (exported folder) also holds _class_name, _diffusers_version
+        return WukongTextEncoder(**{k: v for k, v in config.items() if not k.startswith("_")})
     if class_name not in TEXT_ENCODERS:
         raise ValueError(f"text encoder class {class_name} is not supported (use {', '.join(TEXT_ENCODERS)}, "
                          f"{WUKONG})")
@@ -153,6 +66,12 @@ def load_tokenizer_folder(folder: str) -> BertTokenizer:
                 data = json.load(handle)
             for key, value in data.items():
                 settings[key] = value["content"] if isinstance(value, dict) and "content" in value else value
+    fast = os.path.join(folder, "tokenizer.json")
+    if "max_input_chars_per_word" not in settings and os.path.isfile(fast):  # EasyNLP's 200 lives only there
+        with open(fast, encoding="utf-8") as handle:
+            wordpiece = json.load(handle).get("model") or {}
+        if wordpiece.get("max_input_chars_per_word"):
+            settings["max_input_chars_per_word"] = wordpiece["max_input_chars_per_word"]
     vocab = os.path.join(folder, "vocab.txt")
     if os.path.isfile(vocab):
         return load_tokenizer(vocab, settings)

@@ -8,13 +8,23 @@
   as predict for the same seed (``tokenizer/`` also carries ``vocab.txt``, as PAI's folders do). A
   ``CLIPTextModel`` text encoder is written under the weight names transformers 4.x uses (``text_model.…``), which
   the current transformers still maps on load, so both load the same weights (``legacy_text_encoder_weights``).
+  EasyNLP's Wukong text encoder is no transformers class: it is saved as a diffusers model with its code
+  (``text_encoder/wukong.py``, ``model_index.json`` ``["wukong", "WukongTextEncoder"]``), which
+  ``StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads; this toolkit builds the class by
+  name and never runs the folder's code. ``_esrgan_channel_order`` in ``model_index.json`` keeps the ESRGAN's order.
 * ``export_format=easynlp``: a folder in EasyNLP's own latent_diffusion format (CompVis ``config.json``,
   ``pytorch_model.bin``, ``vocab.txt``, ``RRDB_ESRGAN_x4.pth``) that EasyNLP's ``LatentDiffusion`` loads; only for
   models conditioned by EasyNLP's Wukong text encoder (``modelzoo.formats.easynlp``).
+
+Every export loads what it wrote before it is in place — with diffusers' ``StableDiffusionPipeline.from_pretrained``
+(and this toolkit) for a diffusers folder, with this toolkit's loader otherwise — and compares weights, tokenisation
+and a prompt's encoding with the model; a difference is an error and nothing is left at ``--outputs``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,15 +32,18 @@ import tarfile
 import tempfile
 from typing import Any
 
+import torch
+
 from appzoo.latent_diffusion.generation import StableDiffusionPipeline
 from appzoo.latent_diffusion.loading import load_model
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_copy, atomic_folder, atomic_open, atomic_write_bytes, atomic_write_text
 from modelzoo import text_encoder as te
+from modelzoo import wukong as wukong_code
 from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
 from modelzoo.formats.easynlp import NotExpressible
-from modelzoo.ldm import CHECKPOINT_FILES, ESRGAN_NAME
+from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME, LatentDiffusion, ModelFormatError
 from modelzoo.samplers import make_scheduler
 from modelzoo.weights import find_weights
 
@@ -40,15 +53,23 @@ logger = logging.getLogger("easynlp.export")
 # prefix; transformers 4.x only reads the prefixed names (unprefixed ones load as random weights, with no error),
 # and 5.x renames the prefixed ones on load (its conversion_mapping: PrefixChange(prefix_to_remove="text_model")).
 LEGACY_TEXT_ENCODER_PREFIX = {"CLIPTextModel": "text_model."}
+WUKONG_MODULE = "wukong"  # text_encoder/wukong.py of an exported folder: modelzoo/wukong.py, for trust_remote_code
 
 
 def export_tar(model, destination: str) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         names = list(CHECKPOINT_FILES) + ([ESRGAN_NAME] if model.esrgan_path else [])
-        with atomic_open(destination, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as archive:
-            for name in names:
-                archive.add(os.path.join(folder, name), arcname=name)
+        with atomic_open(destination, "wb") as handle:
+            with tarfile.open(fileobj=handle, mode="w:gz") as archive:
+                for name in names:
+                    archive.add(os.path.join(folder, name), arcname=name)
+            handle.flush()
+            # The package as written (still under its temporary name): what --mode=serve unpacks and loads.
+            with tempfile.TemporaryDirectory() as unpacked:
+                with tarfile.open(handle.name, "r:gz") as archive:
+                    archive.extractall(unpacked, filter="data")
+                check_loads(model, unpacked, "tar", destination)
     return names
 
 
@@ -56,15 +77,28 @@ def export_diffusers(model, destination: str) -> None:
     encoder = model.text_encoder
     if type(encoder).__name__ == "BertModel":
         encoder.config.use_attention_mask = True  # diffusers then passes the mask, as our predict does
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder, tokenizer=model.tokenizer, unet=model.unet,
+    wukong = isinstance(encoder, te.WukongTextEncoder)
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.model_max_length = model.text_max_length  # diffusers tokenises to it; our predict to text_max_length
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder, tokenizer=tokenizer, unet=model.unet,
                                    scheduler=make_scheduler("", model.scheduler_config, model.scheduler_class),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with atomic_folder(destination) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
         legacy_text_encoder_weights(type(encoder).__name__, os.path.join(folder, "text_encoder"))
         atomic_write_text(os.path.join(folder, "tokenizer", "vocab.txt"), te.vocab_lines(model.tokenizer))
+        index_path = os.path.join(folder, "model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        if wukong:  # not a transformers class: its code goes with it, for diffusers' trust_remote_code
+            atomic_copy(wukong_code.__file__, os.path.join(folder, "text_encoder", WUKONG_MODULE + ".py"))
+            index["text_encoder"] = [WUKONG_MODULE, te.WUKONG]
         if model.esrgan_path:
             atomic_copy(model.esrgan_path, os.path.join(folder, ESRGAN_NAME))
+            index[DIFFUSERS_ESRGAN_ORDER] = model.extra.get("esrgan_channel_order", "rgb")
+        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        check_diffusers_loads(model, folder, wukong, destination)
+        check_loads(model, folder, "diffusers", destination)
 
 
 def legacy_text_encoder_weights(class_name: str, folder: str) -> None:
@@ -94,8 +128,109 @@ def export_easynlp(model, destination: str) -> None:
     try:
         with atomic_folder(destination) as folder:
             model.save_pretrained(folder, format=EASYNLP_FORMAT)
+            check_loads(model, folder, "easynlp", destination)
     except NotExpressible as err:
         raise UserError(f"export_format=easynlp: {err}") from None
+
+
+# ------------------------------------------------------------------------------------ post-export verification
+PROBE_PROMPT = "一个红色的圆形 on a blue background"  # encoded by the model and by what loads the export: the same
+
+
+def _quiet_diffusers():
+    """diffusers' loading progress bar and its "expected types for text_encoder" line say nothing to our users."""
+    from diffusers.utils import logging as diffusers_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            diffusers_logging.enable_progress_bar()
+            diffusers_logging.set_verbosity(verbosity)
+
+    return quiet()
+
+
+def different_weights(expected: dict[str, torch.nn.Module], loaded: dict[str, torch.nn.Module]) -> str | None:
+    """The first weight (``component.name``) that is missing or differs between the two sets of modules."""
+    for name, module in expected.items():
+        ours = {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+        theirs = {k: v for k, v in loaded[name].state_dict().items() if not k.endswith("position_ids")}
+        if set(ours) != set(theirs):
+            return f"{name}: weight names differ ({sorted(set(ours) ^ set(theirs))[:2]})"
+        for key, value in ours.items():
+            other = theirs[key]
+            if other.shape != value.shape or not torch.equal(other.detach().cpu().to(value.dtype), value.cpu()):
+                return f"{name}.{key} differs"
+    return None
+
+
+def _fail(export_format: str, destination: str, problem: str) -> None:
+    raise UserError(f"export_format={export_format}: the export does not load as it should ({problem}); nothing "
+                    f"was written to {destination}")
+
+
+def check_loads(model, folder: str, export_format: str, destination: str) -> None:
+    """This toolkit's loader reads ``folder`` back as ``model``: the same weights, tokenisation, text length, native
+    size, noise schedule and super-resolution net. Raises ``UserError`` (the export is then discarded) if not."""
+    try:
+        loaded = LatentDiffusion.from_pretrained(folder)
+    except (ModelFormatError, ValueError) as err:
+        _fail(export_format, destination, f"this toolkit cannot read it: {err}")
+    components = ("text_encoder", "unet", "vae")
+    problem = different_weights({name: getattr(model, name) for name in components},
+                                {name: getattr(loaded, name) for name in components})
+    checks = {"tokenisation": (model.tokenize([PROBE_PROMPT]).tolist(), loaded.tokenize([PROBE_PROMPT]).tolist()),
+              "text length": (model.text_max_length, loaded.text_max_length),
+              "native size": (model.image_size, loaded.image_size),
+              "noise schedule": tuple(make_scheduler("", m.scheduler_config, m.scheduler_class).alphas_cumprod.tolist()
+                                      for m in (model, loaded)),
+              "ESRGAN net and channel order": tuple(m.esrgan_path and m.extra.get("esrgan_channel_order", "rgb")
+                                                    for m in (model, loaded))}
+    problem = problem or next((f"{what} differs" for what, (a, b) in checks.items() if a != b), None)
+    if problem:
+        _fail(export_format, destination, f"read back by this toolkit: {problem}")
+
+
+def check_diffusers_loads(model, folder: str, remote_code: bool, destination: str) -> None:
+    """diffusers' ``StableDiffusionPipeline.from_pretrained`` loads ``folder`` (with ``trust_remote_code`` when the
+    text encoder's code travels with it) into the same weights and encodes a prompt as ``model`` does."""
+    try:
+        with _quiet_diffusers():
+            pipe = StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=remote_code)
+    except Exception as err:  # whatever diffusers or transformers raise: the folder does not load
+        _fail("diffusers", destination, f"StableDiffusionPipeline.from_pretrained: {type(err).__name__}: {err}")
+    components = ("text_encoder", "unet", "vae")
+    problem = different_weights({name: getattr(model, name) for name in components},
+                                {name: getattr(pipe, name) for name in components})
+    if problem is None:
+        try:
+            with torch.no_grad():
+                theirs = pipe.encode_prompt(PROBE_PROMPT, "cpu", 1, False)[0]
+                ours = model.encode_prompts([PROBE_PROMPT]).cpu()
+        except Exception as err:  # e.g. more tokens than the text encoder has positions
+            problem = f"its encode_prompt fails: {type(err).__name__}: {err}"
+        else:
+            if theirs.shape != ours.shape or float((theirs.float() - ours.float()).abs().max()) > 1e-4:
+                problem = "it encodes a prompt differently"
+    if problem:
+        _fail("diffusers", destination, f"StableDiffusionPipeline.from_pretrained: {problem}")
+
+
+def diffusers_note(model, folder: str) -> str:
+    """What loads an exported diffusers folder, as the log says it."""
+    if not isinstance(model.text_encoder, te.WukongTextEncoder):
+        return f"StableDiffusionPipeline.from_pretrained({folder!r}) and this toolkit load it"
+    return (f"this toolkit loads it in every mode, and diffusers' StableDiffusionPipeline.from_pretrained({folder!r}, "
+            f"trust_remote_code=True) does (the text encoder is EasyNLP's Wukong transformer, not a transformers "
+            f"class: its code is text_encoder/{WUKONG_MODULE}.py; without trust_remote_code diffusers refuses the "
+            f"folder, and transformers alone cannot load the text encoder). diffusers' pipeline cuts a "
+            f"negative_prompt to the {model.text_encoder.settings['n_repeat']} token(s) of the prompt embeddings: "
+            f"pass negative_prompt_embeds there instead")
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
@@ -105,11 +240,11 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=params["lora"])
     if params["export_format"] == "tar":
         names = export_tar(model, flags.outputs)
-        logger.info("wrote %s (%s)", flags.outputs, ", ".join(names))
+        logger.info("wrote %s (%s; checked: this toolkit loads it)", flags.outputs, ", ".join(names))
     elif params["export_format"] == "easynlp":
         export_easynlp(model, flags.outputs)
-        logger.info("wrote EasyNLP latent_diffusion folder %s", flags.outputs)
+        logger.info("wrote EasyNLP latent_diffusion folder %s (checked: this toolkit loads it)", flags.outputs)
     else:
         export_diffusers(model, flags.outputs)
-        logger.info("wrote diffusers folder %s (StableDiffusionPipeline.from_pretrained loads it)", flags.outputs)
+        logger.info("wrote diffusers folder %s (checked: %s)", flags.outputs, diffusers_note(model, flags.outputs))
     return 0

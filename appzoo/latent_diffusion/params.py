@@ -260,8 +260,10 @@ PARAMS: tuple[Param, ...] = (
           "scripts from a CDN, so it is blank offline)", modes=SERVE),
     # Export.
     Param("export_format", str, "tar", "export: tar (a .tar.gz of config.json, pytorch_model.bin, vocab.txt and "
-          "RRDB_ESRGAN_x4.pth when present), diffusers (a folder StableDiffusionPipeline.from_pretrained loads) or "
-          "easynlp (a folder in EasyNLP's own latent_diffusion format; Wukong-conditioned models only)",
+          "RRDB_ESRGAN_x4.pth when present), diffusers (a folder StableDiffusionPipeline.from_pretrained loads; "
+          "with trust_remote_code=True for EasyNLP's Wukong text encoder, whose code it holds) or easynlp (a folder "
+          "in EasyNLP's own latent_diffusion format; Wukong-conditioned models only); each export is loaded back "
+          "and checked before it is in place",
           modes=EXPORT, choices=("tar", "diffusers", "easynlp")),
 )
 

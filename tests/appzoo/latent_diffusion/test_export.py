@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from easynlp_ldm import cli
-from tests.helpers import ROOT, free_port, png, wait_ready
+from tests.helpers import ROOT, easynlp_checkpoint, free_port, png, wait_ready
 
 
 def test_export_tar_then_serve_it_and_sigterm_finishes_in_flight(tiny_model_dir, tmp_path):
@@ -128,3 +128,79 @@ def test_diffusers_export_text_encoder_uses_the_names_transformers_4_reads(tiny_
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     state = loaded.state_dict()
     assert all(torch.equal(state[name], value) for name, value in expected.items())
+
+
+def test_easynlp_model_exports_to_a_diffusers_folder_that_loads_and_converts_back(tmp_path):
+    """Issue 30 §4: the export of an EasyNLP (Wukong text encoder) model wrote ``"text_encoder": [null, null]``, said
+    diffusers loads it, and exited 0. Now the encoder is saved with its code: diffusers loads the folder with
+    trust_remote_code (the folder's own copy of the class) and generates predict's image, this toolkit predicts the
+    EasyNLP folder's images from it, and it converts back to EasyNLP's format tensor for tensor."""
+    from diffusers import StableDiffusionPipeline
+
+    from modelzoo.esrgan import RRDBNet
+    from modelzoo.formats import easynlp
+
+    source = easynlp_checkpoint(tmp_path / "easynlp")
+    torch.save(RRDBNet(nf=8, nb=1, gc=4).state_dict(), os.path.join(source, "RRDB_ESRGAN_x4.pth"))
+    out = str(tmp_path / "diffusers")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={source}", f"--outputs={out}",
+                     "--user_defined_parameters=export_format=diffusers"]) == 0
+    index = json.load(open(os.path.join(out, "model_index.json"), encoding="utf-8"))
+    assert index["text_encoder"] == ["wukong", "WukongTextEncoder"]
+    assert index["_esrgan_channel_order"] == "bgr"  # EasyNLP's ESRGAN is fed BGR; the folder keeps saying so
+    table = tmp_path / "p.tsv"
+    table.write_text("1\t一只红色的圆形\n", encoding="utf-8")
+    cells = []
+    for folder in (source, out):
+        result = tmp_path / f"{os.path.basename(folder)}.tsv"
+        assert cli.main(["--mode=predict", f"--tables={table}", f"--outputs={result}", f"--checkpoint_dir={folder}",
+                         "--output_schema=seed,gen_imgbase64",
+                         "--user_defined_parameters=n_samples=1 ddim_steps=3 optimize=none"]) == 0
+        cells.append(result.read_text().strip().split("\t"))
+    assert cells[0] == cells[1]  # this toolkit: the same images from either folder
+    pipe = StableDiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.text_encoder).__module__.endswith(".wukong") and not type(pipe.text_encoder).__module__.startswith(
+        "modelzoo")  # the class diffusers built is the folder's text_encoder/wukong.py, not this toolkit's
+    pipe.set_progress_bar_config(disable=True)
+    seed, cell = cells[1]
+    reference = pipe("一只红色的圆形", generator=torch.Generator("cpu").manual_seed(int(seed)), num_inference_steps=3,
+                     guidance_scale=5.0, height=32, width=32).images[0]
+    assert np.abs(np.asarray(png(cell), dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max() <= 3
+    back = str(tmp_path / "back")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={out}", f"--outputs={back}",
+                     "--user_defined_parameters=export_format=easynlp"]) == 0
+    original = torch.load(os.path.join(source, "pytorch_model.bin"), weights_only=True)
+    written = torch.load(os.path.join(back, "pytorch_model.bin"), weights_only=True)
+    # A diffusers folder holds one UNet, the EMA weights EasyNLP samples with: they come back as the UNet's weights.
+    # Everything else (text encoder, VAE, noise schedule buffers) is the original tensor for tensor.
+    expected = {key: original[easynlp.ema_name(key) if key.startswith(easynlp.UNET_PREFIX) else key]
+                for key in original if not key.startswith(easynlp.EMA_PREFIX)}
+    assert set(written) == set(expected)
+    assert all(written[k].dtype == v.dtype and torch.equal(written[k], v) for k, v in expected.items())
+    assert open(os.path.join(back, "vocab.txt"), "rb").read() == open(os.path.join(source, "vocab.txt"), "rb").read()
+    assert open(os.path.join(back, "RRDB_ESRGAN_x4.pth"), "rb").read() == \
+        open(os.path.join(source, "RRDB_ESRGAN_x4.pth"), "rb").read()
+
+
+@pytest.mark.parametrize("export_format", ["tar", "diffusers", "easynlp"])
+def test_an_export_that_does_not_load_back_fails_and_leaves_nothing(tmp_path, monkeypatch, capsys, export_format):
+    """Each export loads what it wrote, the way it says it loads (diffusers' StableDiffusionPipeline for a diffusers
+    folder, this toolkit otherwise), before it is in place: a writer fault (here vocab.txt with [CLS] and [SEP]
+    swapped) is an error naming the format, and nothing is left at --outputs."""
+    from modelzoo import text_encoder as te
+
+    written = te.vocab_lines
+
+    def faulty_vocab_lines(tokenizer):
+        lines = written(tokenizer).splitlines(keepends=True)
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        lines[cls], lines[sep] = lines[sep], lines[cls]
+        return "".join(lines)
+
+    monkeypatch.setattr(te, "vocab_lines", faulty_vocab_lines)
+    source = easynlp_checkpoint(tmp_path / "easynlp")
+    out = str(tmp_path / ("model.tar.gz" if export_format == "tar" else "exported"))
+    assert cli.main(["--mode=export", f"--checkpoint_dir={source}", f"--outputs={out}",
+                     f"--user_defined_parameters=export_format={export_format}"]) == 2
+    assert f"export_format={export_format}: the export does not load as it should" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["easynlp"]  # neither the export nor a temporary file is left
