@@ -168,7 +168,8 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     prompt_embeds = model.encode_prompts(list(prompts), max_length)
     negative = None
     if settings.guidance_scale > 1:
-        negative = model.encode_prompts([settings.negative_prompt] * len(prompts), prompt_embeds.shape[1])
+        # Tokenised to the prompts' length (Wukong's embeddings are n_repeat long, not one per token)
+        negative = model.encode_prompts([settings.negative_prompt] * len(prompts), max_length)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     # Each image's initial noise, drawn in fp32 from its own generator exactly as diffusers' randn_tensor draws it for
     # a single image; the generators then go on to the sampler (ancestral samplers draw from them per step). Drawing

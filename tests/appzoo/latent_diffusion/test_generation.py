@@ -115,3 +115,16 @@ def test_guidance_rescale_matches_diffusers_and_reaches_every_vocabulary(tiny_mo
                      guidance_scale=9.0, guidance_rescale=0.7, height=32, width=32).images[0]
     assert np.abs(decode(cell) - np.asarray(reference, dtype=np.int16)).max() <= 3
     assert cli.main(predict_argv(prompts_table, out, tiny_model_dir, udp="guidance_rescale=2")) == 2
+
+
+def test_negative_prompt_counts_for_a_wukong_model():
+    """EasyNLP's Wukong encoder gives n_repeat embeddings per prompt, not one per token: the negative prompt was
+    tokenised to that length ([CLS] [SEP], the empty prompt) and silently had no effect."""
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from modelzoo.ldm import LatentDiffusion
+    from tests.helpers import EASYNLP_DATA
+
+    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    plain, negative = (np.asarray(Generator(model, GenerationSettings(steps=2, negative_prompt=text))(
+        ["一只红色的圆形"], [7])[0], dtype=np.int16) for text in ("", "蓝色三角形"))
+    assert np.abs(plain - negative).max() > 0
