@@ -44,11 +44,39 @@ def sampler_names() -> list[str]:
     return sorted(SAMPLERS)
 
 
+def scheduler_class_name(name: str | None, model_scheduler_class: str) -> str | None:
+    """The diffusers class ``name`` samples with (empty: the model's own); None for an unknown name."""
+    if not name:
+        return model_scheduler_class if hasattr(diffusers, model_scheduler_class or "") else \
+            "DPMSolverMultistepScheduler"
+    entry = SAMPLERS.get(canonical_name(name))
+    return entry[0] if entry else None
+
+
+def step_takes(class_name: str, argument: str) -> bool:
+    """Whether the scheduler's ``step`` takes ``argument`` (diffusers' pipelines pass ``eta`` only to those)."""
+    try:
+        return argument in inspect.signature(getattr(diffusers, class_name).step).parameters
+    except ImportError:  # a placeholder for a scheduler whose backend is missing: it cannot run at all
+        return False
+
+
+def eta_samplers() -> list[str]:
+    """The samplers that use DDIM's ``eta`` (``ddim_eta``); the others are deterministic or draw their own noise."""
+    return [name for name in sampler_names() if step_takes(SAMPLERS[name][0], "eta")]
+
+
+def sampler_label(name: str | None, model_scheduler_class: str) -> str:
+    """How messages name a sampler: ``sampler NAME``, or the model's own scheduler and its class."""
+    if name:
+        return f"sampler {name}"
+    return f"the model's own scheduler ({scheduler_class_name(name, model_scheduler_class)})"
+
+
 def make_scheduler(name: str | None, model_scheduler_config: dict, model_scheduler_class: str):
     """``name`` empty: the model's own scheduler. Unknown name → ``ValueError`` listing the known ones."""
     if not name:
-        cls = getattr(diffusers, model_scheduler_class, None) or diffusers.DPMSolverMultistepScheduler
-        return _build(cls, model_scheduler_config)
+        return _build(getattr(diffusers, scheduler_class_name(name, model_scheduler_class)), model_scheduler_config)
     key = canonical_name(name)
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(sampler_names())}")

@@ -152,6 +152,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                         f"sidecar ({os.path.splitext(table)[0]}.truth.jsonl, or truth_file=...) for prompt-following "
                         f"accuracy")
     model = load_for_inference(flags, params)
+    # Sampling settings that cannot apply (e.g. ddim_eta with PLMS) fail here, not after the denoising loss.
+    settings = GenerationSettings.from_params(params).for_model(model) if truth_path else None
     length = text_length(model, flags)
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     metrics: dict = {"table": table}
@@ -165,9 +167,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if truth_path:
         metrics["truth_file"] = truth_path
         metrics["steps"] = params["ddim_steps"]
-        metrics["accuracy"] = prompt_following(model, inputs, load_truth_by_idx(truth_path),
-                                               GenerationSettings.from_params(params), flags.random_seed,
-                                               flags.micro_batch_size, length, policy)
+        metrics["accuracy"] = prompt_following(model, inputs, load_truth_by_idx(truth_path), settings,
+                                               flags.random_seed, flags.micro_batch_size, length, policy)
     if policy.total:
         metrics["bad_rows"] = dict(policy.counts)
     print(json.dumps(metrics, ensure_ascii=False), flush=True)

@@ -29,7 +29,7 @@ from appzoo.latent_diffusion.conditioning import ImageInputs
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.lora import has_adapters, select_adapters
-from modelzoo.samplers import make_scheduler
+from modelzoo.samplers import eta_samplers, make_scheduler, sampler_label, scheduler_class_name, step_takes
 
 
 def _import_pipeline_class():
@@ -80,7 +80,22 @@ class GenerationSettings:
                                        width=self.width or model.image_size, sr_channel_order=self.sr_channel_order or
                                        model.extra.get("esrgan_channel_order", "rgb"))
         check_size(model, settings.height, settings.width)
+        problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class)
+        if problem:
+            raise UserError(problem)
         return settings
+
+
+def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | None:
+    """Why ``ddim_eta`` cannot apply with ``sampler`` (diffusers passes eta only to a scheduler whose step takes it, and
+    would silently ignore it otherwise; EasyNLP's PLMS sampler refused it), or None. An unknown sampler name is left
+    to ``make_scheduler`` to report."""
+    class_name = scheduler_class_name(sampler, model_scheduler_class)
+    if not eta or class_name is None or step_takes(class_name, "eta"):
+        return None
+    choices = "|".join(eta_samplers())
+    return (f"ddim_eta={eta:g} cannot apply to {sampler_label(sampler, model_scheduler_class)}: DDIM's eta "
+            f"applies only to sampler={choices}; set sampler={choices} or leave ddim_eta at 0")
 
 
 # GenerationSettings field → its user_defined_parameter (declared in params.py).

@@ -177,7 +177,9 @@ PARAMS: tuple[Param, ...] = (
           modes=SAMPLING, choices=("none", "canny")),
     Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
           check=_positive),
-    Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity; ddim sampler only)", modes=SAMPLING, check=_unit),
+    Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity) for sampler=ddim; a non-zero value with any other "
+          "sampler (PLMS, the model's own scheduler unless it is DDIM, ...) is an error, as in EasyNLP", modes=SAMPLING,
+          check=_unit),
     Param("sampler", str, "", "sampler by short name: plms, ddim, dpm-solver++, dpm-solver, euler, "
           "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=SAMPLING),
     Param("H", int, 0, "image height in pixels (0: the model's native size); a multiple of the model's "

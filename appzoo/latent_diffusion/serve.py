@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 from appzoo.latent_diffusion.conditioning import ImageInputs
-from appzoo.latent_diffusion.generation import SEED_LIMIT, GenerationSettings, Generator, Stopped, size_factor
+from appzoo.latent_diffusion.generation import (
+    SEED_LIMIT,
+    GenerationSettings,
+    Generator,
+    Stopped,
+    eta_problem,
+    size_factor,
+)
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm.args import ParsedFlags
@@ -65,6 +72,9 @@ def _text(service: LatentDiffusionService, name: str, value: Any) -> str:
 def _sampler(service: LatentDiffusionService, name: str, value: Any) -> str:
     if not isinstance(value, str) or (value and canonical_name(value) not in sampler_names()):
         raise RequestError(f"{name} must be one of {', '.join(sampler_names())}", name)
+    problem = eta_problem(service.defaults.eta, value, service.model.scheduler_class)  # the service's ddim_eta
+    if problem:
+        raise RequestError(f"{name}={value!r}: this service's {problem}", name)
     return canonical_name(value) if value else ""
 
 

@@ -1,0 +1,80 @@
+"""Issue 30 §6: a sampling setting that cannot apply to the chosen sampler is an error, not silently ignored.
+``ddim_eta`` is DDIM's (diffusers passes eta only to a scheduler whose step takes it; EasyNLP's PLMS sampler
+refused a non-zero eta): with PLMS, the model's own PLMS scheduler or any other sampler it fails in predict, evaluate,
+the Python pipeline, at serve's start and as a 400 for a request choosing such a sampler."""
+
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from easynlp_ldm import cli, pipeline
+from easynlp_ldm.errors import UserError
+from tests.helpers import EASYNLP_DATA, InProcessServer, png, predict_argv
+
+ADVICE = "DDIM's eta applies only to sampler=ddim; set sampler=ddim or leave ddim_eta at 0"
+
+
+@pytest.mark.parametrize("model,udp,named", [
+    ("tiny", "sampler=plms ddim_eta=0.5", "sampler plms"),
+    ("tiny", "sampler=euler ddim_eta=0.3", "sampler euler"),
+    ("easynlp", "ddim_eta=0.5", "the model's own scheduler (PNDMScheduler)"),  # EasyNLP's own PLMS
+])
+def test_predict_refuses_ddim_eta_with_a_sampler_that_ignores_it(tiny_model_dir, prompts_table, tmp_path, capsys,
+                                                                 model, udp, named):
+    out = str(tmp_path / "o.tsv")
+    folder = tiny_model_dir if model == "tiny" else EASYNLP_DATA
+    assert cli.main(predict_argv(prompts_table, out, folder, udp=f"ddim_steps=2 {udp}")) == 2
+    eta = udp.split("ddim_eta=")[1]
+    assert f"ddim_eta={eta} cannot apply to {named}: {ADVICE}" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_ddim_eta_applies_with_ddim(tiny_model_dir):
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from modelzoo.ldm import LatentDiffusion
+
+    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    eta0, eta1 = (np.asarray(Generator(model, GenerationSettings(steps=3, sampler="ddim", eta=eta))(["红色"], [3])[0],
+                             dtype=np.int16) for eta in (0.0, 1.0))
+    assert np.abs(eta0 - eta1).max() > 0
+
+
+def test_evaluate_refuses_it_before_the_denoising_loss(tiny_model_dir, shapes_data, capsys):
+    table = os.path.join(shapes_data, "T2I_test.tsv")
+    assert cli.main(["--mode=evaluate", f"--tables={table}", "--input_schema=idx:str:1,text:str:1,imgbase64:str:1",
+                     f"--checkpoint_dir={tiny_model_dir}",
+                     "--user_defined_parameters=ddim_steps=2 sampler=plms ddim_eta=0.5"]) == 2
+    captured = capsys.readouterr()
+    assert f"ddim_eta=0.5 cannot apply to sampler plms: {ADVICE}" in captured.err and "val_loss" not in captured.out
+
+
+def test_pipeline_refuses_it_at_creation_and_reset(tiny_model_dir):
+    with pytest.raises(UserError, match="ddim_eta=0.5 cannot apply to sampler plms"):
+        pipeline("latent_diffusion", tiny_model_dir, sampler="plms", ddim_eta=0.5, optimize="none")
+    gen = pipeline("latent_diffusion", tiny_model_dir, sampler="ddim", ddim_eta=0.5, optimize="none")
+    with pytest.raises(UserError, match="ddim_eta=0.5 cannot apply to sampler euler"):
+        gen.reset(sampler="euler")
+
+
+def test_serve_refuses_it_at_start_and_answers_400_to_a_request_choosing_such_a_sampler(tiny_model_dir):
+    from appzoo.latent_diffusion.loading import load_model
+    from appzoo.latent_diffusion.params import default_params
+    from appzoo.latent_diffusion.serve import LatentDiffusionService
+
+    model = load_model(tiny_model_dir)
+    with pytest.raises(UserError, match=r"ddim_eta=0.5 cannot apply to the model's own scheduler "
+                                        r"\(DPMSolverMultistepScheduler\)"):
+        LatentDiffusionService(model, default_params(ddim_eta=0.5))
+    server = InProcessServer(tiny_model_dir, model=model, sampler="ddim", ddim_eta=0.5)
+    try:
+        refused = httpx.post(server.url + "/", json={"text": "红色", "sampler": "plms"}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["field"] == "sampler"
+        assert refused.json()["error"].startswith(f"sampler='plms': this service's ddim_eta=0.5 cannot apply to "
+                                                  f"sampler plms: {ADVICE}")
+        served = httpx.post(server.url + "/", json={"text": "红色", "sampler": "ddim", "num_inference_steps": 2},
+                            timeout=60)
+        assert served.status_code == 200 and png(served.json()["images_base64"][0])
+    finally:
+        server.stop()
