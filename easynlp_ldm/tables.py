@@ -5,14 +5,25 @@ A table is read line by line (a 2 GB file never sits in memory). A bad row (wron
 that does not fit its type, an image that cannot be decoded) stops the run with one line naming the file, the line
 number and the reason — or, with ``skip_bad_rows=True``, is skipped and counted per reason. Training reads its tables
 in one pass that notes every bad row (``BadRowPolicy(collect=True)``) and then reports them all at once.
+
+What EasyNLP's reader accepted is read the same way: columns beyond ``--input_schema`` (a trailing tab, appended
+columns) are ignored, a UTF-8 BOM and CR/LF line ends are dropped, CSV-style quoted cells (``"…"``, ``""`` inside)
+are unquoted, and base64 written as the str of a bytes object (``b'…'``, EasyNLP's predictor output) is decoded. A
+first line that is plainly a header (the schema's column names, or names with an image cell that is no image) is
+skipped with a note; a table whose every row is bad is an error even with ``skip_bad_rows=True``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import functools
+import hashlib
 import io
+import logging
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -21,6 +32,8 @@ from typing import Any
 
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_text
+
+logger = logging.getLogger("easynlp.data")
 
 # ----------------------------------------------------------------------------------------------------- schema
 
@@ -95,6 +108,17 @@ class BadRowPolicy:
                             "(fix the row, or pass skip_bad_rows=True in --user_defined_parameters to skip such rows)")
         self.counts[bad.reason] += 1
         self.rows.append((path, line_number, bad.reason, bad.detail))
+
+    def nothing_left(self, path: str, since: int = 0) -> None:
+        """Every row of ``path`` was bad (the ones noted after the first ``since``): an error naming the count, the
+        reasons and the first, not an empty result."""
+        rows = [row for row in self.rows[since:] if row[0] == path]
+        counts = Counter(reason for _, _, reason, _ in rows)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        _, line, reason, detail = rows[0]
+        what = f"all {len(rows)} rows are bad" if len(rows) > 1 else "its one row is bad"
+        raise UserError(f"{path}: no usable rows: {what} ({reasons}), the first line {line}: {reason}"
+                        f"{': ' + detail if detail else ''}; fix the rows, or check --input_schema")
 
     @property
     def total(self) -> int:
@@ -176,17 +200,65 @@ def _convert_cell(column: Column, cell: str) -> Any:
     return [one(item) for item in items]
 
 
-def parse_line(raw: bytes, schema: Sequence[Column]) -> dict[str, Any]:
+def _unquote(cell: str) -> str:
+    """A CSV-quoted cell (``"…"`` with any ``"`` inside doubled) → its text; any other cell as it is."""
+    if len(cell) >= 2 and cell[0] == cell[-1] == '"' and '"' not in cell[1:-1].replace('""', ""):
+        return cell[1:-1].replace('""', '"')
+    return cell
+
+
+def split_line(raw: bytes) -> list[str]:
+    """One physical line → its cells: UTF-8 (a leading BOM dropped), the CR/LF line end stripped, cells unquoted."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadRow("not UTF-8", f"byte {err.start}") from None
-    text = text.rstrip("\n").rstrip("\r")
-    cells = text.split("\t")
-    if len(cells) != len(schema):
+    text = text.removeprefix(codecs.BOM_UTF8.decode("utf-8")).rstrip("\n").rstrip("\r")
+    return [_unquote(cell) for cell in text.split("\t")]
+
+
+def parse_cells(cells: Sequence[str], schema: Sequence[Column]) -> dict[str, Any]:
+    """Cells → values by column name; cells beyond the schema are ignored (as EasyNLP did), fewer is a bad row."""
+    if len(cells) < len(schema):
         raise BadRow("wrong column count", f"expected {len(schema)} columns "
                      f"({','.join(c.name for c in schema)}), got {len(cells)}")
     return {column.name: _convert_cell(column, cell) for column, cell in zip(schema, cells)}
+
+
+def parse_line(raw: bytes, schema: Sequence[Column]) -> dict[str, Any]:
+    return parse_cells(split_line(raw), schema)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def is_header(cells: Sequence[str], schema: Sequence[Column], image_columns: Sequence[str] = ()) -> bool:
+    """A first line that cannot be data: its cells are the schema's column names, or (with image columns) they are
+    all names and an image cell is no image — a row that would be a bad row anyway. Never a row that reads as data."""
+    head = [cell.strip() for cell in cells[:len(schema)]]
+    if len(head) < len(schema):
+        return False
+    if [cell.lower() for cell in head] == [column.name.lower() for column in schema]:
+        return True
+    if not image_columns or not all(_NAME.fullmatch(cell) for cell in head):
+        return False
+    index = {column.name: i for i, column in enumerate(schema)}
+    for name in image_columns:
+        try:
+            decode_image_base64(head[index[name]])
+        except BadRow:
+            return True
+    return False
+
+
+def starts_with_header(path: str, schema: Sequence[Column]) -> bool:
+    """Whether ``read_table`` (without image columns) skips the first line of ``path`` as a header."""
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    try:
+        return is_header(split_line(first), schema)
+    except BadRow:
+        return False
 
 
 def read_table(path: str, schema: Sequence[Column], *, skip_first_line: bool = False,
@@ -194,13 +266,15 @@ def read_table(path: str, schema: Sequence[Column], *, skip_first_line: bool = F
                image_columns: Sequence[str] = ()) -> Iterator[Row]:
     """Stream the rows of ``path``. Blank lines are ignored. ``start_line``: skip physical lines up to it.
     ``image_columns``: base64 cells decoded to RGB PIL images here, so an undecodable image is a bad row with its
-    line number like any other."""
+    line number like any other. Without ``skip_first_line``, a first line that is a header (``is_header``) is
+    skipped with a note. A table read from its start whose every row is bad (skipped) is a ``UserError``."""
     policy = policy or BadRowPolicy()
     missing = [name for name in image_columns if name not in {c.name for c in schema}]
     if missing:
         raise UserError(f"--input_schema has no column '{missing[0]}' (columns: {', '.join(c.name for c in schema)})")
     if not os.path.isfile(path):
         raise UserError(f"{path}: table not found (check --tables)")
+    bad_before, good, extra_noted = policy.total, 0, False
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if line_number <= start_line or (skip_first_line and line_number == 1):
@@ -208,13 +282,38 @@ def read_table(path: str, schema: Sequence[Column], *, skip_first_line: bool = F
             if not raw.strip():
                 continue
             try:
-                values = parse_line(raw, schema)
+                cells = split_line(raw)
+                if line_number == 1 and is_header(cells, schema, image_columns):
+                    logger.warning("%s: line 1 (%s) looks like a header and is skipped; pass --skip_first_line to "
+                                   "say so", path, ", ".join(cells[:len(schema)]))
+                    continue
+                values = parse_cells(cells, schema)
                 for name in image_columns:
                     values[name] = decode_image_base64(values[name])
             except BadRow as bad:
                 policy.handle(path, line_number, bad)
                 continue
+            if not extra_noted and any(cell.strip() for cell in cells[len(schema):]):
+                extra_noted = True
+                logger.info("%s: line %d has %d columns; --input_schema names %d: the columns after '%s' are "
+                            "ignored, as EasyNLP did", path, line_number, len(cells), len(schema), schema[-1].name)
+            good += 1
             yield Row(values, path, line_number)
+    if not good and start_line == 0 and policy.skip and policy.total > bad_before:
+        policy.nothing_left(path, bad_before)
+
+
+def table_digest(path: str) -> str:
+    """A digest of a table's bytes, read in blocks; remembered per (path, size, mtime, inode), so a table is read
+    once per process however often its identity is asked for."""
+    stat = os.stat(path)
+    return _file_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
 
 
 def count_rows(path: str, skip_first_line: bool = False) -> int:

@@ -35,7 +35,15 @@ from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_open, atomic_write_bytes
-from easynlp_ldm.tables import BadRow, BadRowPolicy, TsvWriter, decode_image_base64, encode_image, read_table
+from easynlp_ldm.tables import (
+    BadRow,
+    BadRowPolicy,
+    TsvWriter,
+    decode_image_base64,
+    encode_image,
+    read_table,
+    starts_with_header,
+)
 from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp.predict")
@@ -269,7 +277,8 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     # The bar counts prompts (input rows); a resumed run's starts at the prompts already done, so it ends at
     # total/total and its rate and ETA count this run's work only.
-    total, done = count_prompts(plan.table, flags.skip_first_line, progress.last_line, shard)
+    total, done = count_prompts(plan.table, flags.skip_first_line or starts_with_header(plan.table, plan.schema),
+                                progress.last_line, shard)
     writer = TsvWriter(outputs, append=resuming)
     progress.save()
     image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"

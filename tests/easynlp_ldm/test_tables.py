@@ -16,6 +16,7 @@ from easynlp_ldm.tables import (
     encode_image_base64,
     parse_schema,
     read_table,
+    starts_with_header,
     truncate_partial_tail,
     unescape_cell,
 )
@@ -232,3 +233,69 @@ def test_one_pixel_limit_stated_once_and_configurable(monkeypatch):
     assert "100×100" in err.value.detail and "EASYNLP_MAX_IMAGE_PIXELS" in err.value.detail
     monkeypatch.setenv("EASYNLP_MAX_IMAGE_PIXELS", "10000")
     assert decode_image(data).size == (100, 100)
+
+
+# ------------------------------------------------------------------------- tables EasyNLP accepted (issue 30, 3)
+
+
+def test_tables_easynlp_accepted_read_as_it_read_them(tmp_path):
+    # a BOM, CRLF, a trailing tab, extra columns beyond the schema (EasyNLP zipped and ignored them), quoted cells
+    # (a spreadsheet's TSV export) and EasyNLP's own predictor cells b'...' (the str of a bytes object)
+    image = png_b64(color=(0, 0, 255))
+    path = write(tmp_path, [
+        b"\xef\xbb\xbf1\t\xe7\xba\xa2\t" + image.encode() + b"\r\n",
+        f"2\t绿\t{image}\t\r\n".encode(),
+        f"3\t蓝\t{image}\textra\tcolumns".encode() + b"\n",
+        f'"4"\t"他说""好"""\t"{image}"'.encode() + b"\n",
+        f"5\t黄\tb'{image}'\t".encode() + b"\n",
+        f'"6"\t"a" and "b"\t"b\'{image}\'"'.encode() + b"\n",
+    ])
+    rows = list(read_table(path, parse_schema(SCHEMA), image_columns=["imgbase64"]))
+    assert [(r["idx"], r["text"]) for r in rows] == [("1", "红"), ("2", "绿"), ("3", "蓝"), ("4", '他说"好"'),
+                                                     ("5", "黄"), ("6", '"a" and "b"')]  # not CSV-quoted: kept
+    assert all(r["imgbase64"].getpixel((0, 0)) == (0, 0, 255) for r in rows)
+
+
+def test_fewer_columns_than_the_schema_is_still_a_bad_row(tmp_path):
+    path = write(tmp_path, ["1\t只有两列\t", "2\t好"])
+    with pytest.raises(UserError, match="line 2: wrong column count: expected 3 columns"):
+        list(read_table(path, parse_schema(SCHEMA)))
+
+
+@pytest.mark.parametrize("header", ["idx\ttext\timgbase64", "\ufeff\"IDX\"\t\"Text\"\t\"imgbase64\"\t",
+                                    "id\tcaption\timage"])
+def test_a_header_row_is_detected_skipped_and_noted(tmp_path, header, caplog):
+    path = write(tmp_path, [header, f"1\t好\t{png_b64()}"])
+    with caplog.at_level("WARNING"):
+        rows = list(read_table(path, parse_schema(SCHEMA), image_columns=["imgbase64"]))
+    assert [(r["idx"], r.line_number) for r in rows] == [("1", 2)]
+    assert f"{path}: line 1" in caplog.text and "header" in caplog.text and "--skip_first_line" in caplog.text
+    caplog.clear()
+    assert len(list(read_table(path, parse_schema(SCHEMA), skip_first_line=True, image_columns=["imgbase64"]))) == 1
+    assert "header" not in caplog.text  # said with the flag: no note
+
+
+def test_header_detection_never_drops_a_data_row(tmp_path):
+    # prompts (no image column): only the schema's own names make a header; "id / prompt" is a prompt like any other
+    prompts = write(tmp_path, ["id\tprompt", "2\t好"], name="p.tsv")
+    assert [r["idx"] for r in read_table(prompts, parse_schema("idx:str:1,text:str:1"))] == ["id", "2"]
+    named = write(tmp_path, ["idx\ttext", "2\t好"], name="n.tsv")
+    assert [r["idx"] for r in read_table(named, parse_schema("idx:str:1,text:str:1"))] == ["2"]
+    # what predict's progress bar counts by
+    assert starts_with_header(named, parse_schema("idx:str:1,text:str:1"))
+    assert not starts_with_header(prompts, parse_schema("idx:str:1,text:str:1"))
+    # a first row of names whose image decodes is data; one whose image does not stays a bad row unless it is names
+    data = write(tmp_path, [f"idx\ttext\t{png_b64()}", f"2\t好\t{png_b64()}"], name="d.tsv")
+    assert [r["idx"] for r in read_table(data, parse_schema(SCHEMA), image_columns=["imgbase64"])] == ["idx", "2"]
+    bad = write(tmp_path, ["1\t好\tnot-base64!!", f"2\t好\t{png_b64()}"], name="b.tsv")
+    with pytest.raises(UserError, match="line 1: undecodable base64"):
+        list(read_table(bad, parse_schema(SCHEMA), image_columns=["imgbase64"]))
+
+
+def test_skipping_every_row_of_a_table_is_an_error_naming_the_count(tmp_path):
+    path = write(tmp_path, ["1\t好\tnot-base64!!", "2\t只有两列", "3\t好\t@@"])
+    with pytest.raises(UserError) as err:
+        list(read_table(path, parse_schema(SCHEMA), policy=BadRowPolicy(skip=True), image_columns=["imgbase64"]))
+    message = str(err.value)
+    assert message.startswith(f"{path}: no usable rows: all 3 rows are bad") and "\n" not in message
+    assert "(2 undecodable base64, 1 wrong column count), the first line 1: undecodable base64" in message

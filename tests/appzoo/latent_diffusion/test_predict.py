@@ -145,7 +145,7 @@ def test_resumed_predict_bar_starts_at_the_prompts_already_done(tiny_model_dir, 
 
 def test_bad_prompt_rows_stop_or_skip(tiny_model_dir, tmp_path, capsys):
     table = tmp_path / "t.tsv"
-    table.write_bytes("a\t红色\nb\t多\t一列\n".encode() + b"c\t\xff\n" + "d\t绿色\n".encode())
+    table.write_bytes("a\t红色\nb\n".encode() + b"c\t\xff\n" + "d\t绿色\t多一列\n".encode())  # extra columns: ignored
     out = str(tmp_path / "o.tsv")
     assert cli.main(predict_argv(str(table), out, tiny_model_dir, udp="n_samples=1 ddim_steps=2")) == 2
     assert f"{table}, line 2: wrong column count" in capsys.readouterr().err
