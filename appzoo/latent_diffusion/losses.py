@@ -108,13 +108,6 @@ class CachedLatents:
 LATENT_CACHE_DIR = "latent_cache"
 
 
-def file_digest(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
-
-
 def module_digest(module: torch.nn.Module) -> str:
     """A digest of a module's weights (names, shapes, dtypes and bytes)."""
     import hashlib

@@ -1,6 +1,6 @@
 """A training run's identity in its ``--checkpoint_dir``: ``run.json`` records the settings that decide the result
-(every flag and user-defined parameter, less the few that only change how the run is watched or launched) and whether
-the run finished.
+(every flag and user-defined parameter but the few that only change how the run is watched or launched, plus a
+digest of what each table holds) and whether the run finished.
 
 Rerunning the identical command in that folder resumes an interrupted run from its last checkpoint (and says so) or,
 for a finished one, says it is complete and does nothing; a different command there is an error naming what differs
@@ -17,6 +17,7 @@ from typing import Any
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_text
+from easynlp_ldm.tables import split_tables, table_digest
 from easynlp_ldm.trainer import META_FILE, STATE_DIR
 
 logger = logging.getLogger("easynlp.train")
@@ -31,12 +32,18 @@ NOT_THE_RESULT = frozenset({
 })
 
 
+TABLE_CONTENTS = "table_contents"
+
+
 def settings(flags: ParsedFlags, params: dict[str, Any]) -> dict[str, Any]:
-    """What decides the run's result, as JSON values (table paths made absolute: a rerun from another directory is
-    the same run)."""
+    """What decides the run's result, as JSON values: table paths made absolute (a rerun from another directory is
+    the same run) and what the tables hold (a digest of each one's bytes: a table changed since is another run;
+    only touched, the same)."""
     values = {k: v for k, v in {**flags.values, **params}.items() if k not in NOT_THE_RESULT}
     if values.get("tables"):
-        values["tables"] = ",".join(os.path.abspath(t.strip()) for t in str(values["tables"]).split(","))
+        paths = [os.path.abspath(t) for t in split_tables(str(values["tables"]))]
+        values["tables"] = ",".join(paths)
+        values[TABLE_CONTENTS] = {path: table_digest(path) for path in paths}
     return json.loads(json.dumps(values, default=str, sort_keys=True))
 
 
@@ -54,8 +61,12 @@ def _step(out: str) -> int | None:
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)]
+    changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key) and key != TABLE_CONTENTS]
+    before, now = old.get(TABLE_CONTENTS) or {}, new.get(TABLE_CONTENTS) or {}
+    if not before and now:
+        return changed + ["the contents of the tables (not recorded by the earlier run)"]
+    return changed + [f"the contents of {path} changed" for path in now if path in before and before[path] != now[path]]
 
 
 def decide(flags: ParsedFlags, params: dict[str, Any]) -> str:

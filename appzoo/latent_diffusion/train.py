@@ -15,6 +15,7 @@ import torch
 from appzoo.latent_diffusion import runs
 from appzoo.latent_diffusion.data import (
     SMALL_IMAGE_SCALE,
+    IndexedTable,
     bucket_sizes,
     choose_bucket,
     index_table,
@@ -23,7 +24,7 @@ from appzoo.latent_diffusion.data import (
 )
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
-from appzoo.latent_diffusion.losses import DiskLatentCache, LatentCache, file_digest, module_digest
+from appzoo.latent_diffusion.losses import DiskLatentCache, LatentCache, module_digest
 from appzoo.latent_diffusion.train_tasks import (
     CONTROL_COLUMN,
     ControlNetTrainTask,
@@ -36,8 +37,10 @@ from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.memory import MAX_ENCODE_BATCH, check_latent_diffusion_training
-from easynlp_ldm.tables import BadRowPolicy
+from easynlp_ldm.tables import BadRowPolicy, table_digest
 from easynlp_ldm.trainer import Trainer, TrainerConfig
+from modelzoo.esrgan import training_advice
+from modelzoo.formats.easynlp import is_easynlp_model
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
@@ -51,7 +54,7 @@ def read_and_encode(path: str, name: str, inputs: InputTables, policy: BadRowPol
     resolution = key["resolution"]
     """The table indexed (its bad rows found) and its images' VAE latents: read from the run's on-disk latent cache
     when it holds them for exactly this table, VAE and preprocessing, else encoded now and written there."""
-    disk = DiskLatentCache(flags.checkpoint_dir, name, {**key, "table": file_digest(path)})
+    disk = DiskLatentCache(flags.checkpoint_dir, name, {**key, "table": table_digest(path)})
     cached = disk.load()
     if cached is not None:
         table = index_table(path, inputs, policy, accept=accept, extra_images=extra_images)
@@ -144,12 +147,15 @@ def build_unet_task(model: LatentDiffusion, inputs: InputTables, flags: ParsedFl
             extra)
     else:
         train, cached = index_table(tables[0], inputs, policy, accept=buckets.accept, extra_images=extra), None
-    sizes = [buckets.size_for(*size) for size in train.sizes]
-    buckets.report(sizes)
-    val_captions, val_moments, val = [], None, None
+    val, val_cached = None, None
     if len(tables) == 2:  # validated on square centre crops: its loss compares across runs and bucket settings
         val, val_cached = read_and_encode(tables[1], "val", inputs, policy, model, flags, encode_batch, key,
                                           extra_images=extra)
+    check_reading_pass(policy, flags.checkpoint_dir, train, val)
+    sizes = [buckets.size_for(*size) for size in train.sizes]
+    buckets.report(sizes)
+    val_captions, val_moments = [], None
+    if val is not None:
         val_captions, val_moments = val.captions, val_cached.batch(list(range(len(val_cached))))
     data_threads = flags.data_threads if not use_cache else 0
     if use_cache and "data_threads" in flags.given:
@@ -167,6 +173,7 @@ def build_component_task(target: str, model: LatentDiffusion, inputs: InputTable
     logger.info("reading %s (train_target=%s)", inputs.tables[0], target)
     train = index_table(inputs.tables[0], inputs, policy)
     val = index_table(inputs.tables[1], inputs, policy) if len(inputs.tables) == 2 else None
+    check_reading_pass(policy, flags.checkpoint_dir, train, val)
     if target in ("vae", "vae_decoder"):
         return VAETrainTask(model, train, val, params, flags.random_seed, resolution,
                             decoder_only=target == "vae_decoder")
@@ -209,6 +216,16 @@ def report_bad_rows(policy: BadRowPolicy, out: str) -> None:
     policy.finish(report, logger.warning)
     if policy.total:
         logger.warning("%s (listed in %s)", policy.summary(), report)
+
+
+def check_reading_pass(policy: BadRowPolicy, out: str, train: IndexedTable, val: IndexedTable | None) -> None:
+    """After the tables are read and before anything is built on them: the bad rows reported (a stop, unless
+    skipping them), then a table left without rows is an error naming it."""
+    report_bad_rows(policy, out)
+    for table, use in ((train, "train"), (val, "validate")):
+        if table is not None and not len(table):
+            raise UserError(f"{table.path}: no rows left to {use} on (the table has no data rows, or every row was "
+                            f"left out: see the lines above)")
 
 
 def crop_mode(params: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +298,6 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         task = build_unet_task(model, inputs, flags, params, policy, resolution, length)
     else:
         task = build_component_task(params["train_target"], model, inputs, flags, params, policy, resolution)
-    report_bad_rows(policy, out)
     ctx = distributed.context()
     config = TrainerConfig.from_flags(flags, rank=ctx.rank, world_size=ctx.world_size, use_ema=params["use_ema"],
                                       ema_decay=params["ema_decay"], sample_images=params["sample_images"],
@@ -309,7 +325,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     logger.info(summary)
     if not os.path.isfile(os.path.join(out, ESRGAN_NAME)) and distributed.context().is_main:
         logger.warning("%s has no %s: EasyNLP's packaging command (tar czf … config.json pytorch_model.bin %s "
-                       "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or train them "
-                       "with train_target=rrdb), or leave the file out of the tar command (do_sr is then unavailable)",
-                       out, ESRGAN_NAME, ESRGAN_NAME, out)
+                       "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or %s), or leave "
+                       "the file out of the tar command (do_sr is then unavailable)",
+                       out, ESRGAN_NAME, ESRGAN_NAME, out, training_advice(is_easynlp_model(model)))
     return 0
