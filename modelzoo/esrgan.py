@@ -29,6 +29,11 @@ so the released ``RRDB_ESRGAN_x4.pth`` / Real-ESRGAN weights expect RGB: use ``c
 that behaviour (flip channels before the network, flip back after). This is an explicit setting, never
 guessed from the weights.
 
+A new net (:func:`plan_new_net`, ``train_target=rrdb`` on a model without one) is trained in the channel order the
+model will feed it. For an EasyNLP-format model that is EasyNLP's own: ``RRDBNet(nf=64, nb=23, gc=32)`` (EasyNLP
+builds exactly that and loads the file strictly) on BGR; other models get a smaller net (32/3/16) on RGB, a file for
+this toolkit's ``do_sr`` only.
+
 Loading never unpickles arbitrary objects: ``.pth`` files go through ``torch.load(weights_only=True)`` and
 ``.safetensors`` files through ``safetensors.torch.load_file``.
 """
@@ -39,6 +44,7 @@ import os
 import re
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -55,8 +61,10 @@ __all__ = [
     "RRDB",
     "RRDBNet",
     "convert_state_dict",
+    "forward_in_order",
     "infer_architecture",
     "load_rrdbnet",
+    "plan_new_net",
     "save_rrdbnet",
     "upscale",
     "upscale_tensor",
@@ -66,6 +74,12 @@ __all__ = [
 SCALE = 4
 
 _CHANNEL_ORDERS = ("rgb", "bgr")
+
+#: EasyNLP's ESRGAN: ``RRDBNet(3, 3, 64, 23, gc=32)``, loaded with a strict ``load_state_dict``, fed BGR.
+EASYNLP_ARCHITECTURE = {"nf": 64, "nb": 23, "gc": 32}
+EASYNLP_CHANNEL_ORDER = "bgr"
+#: A new net for a model in another format: small and quick to train, for this toolkit's ``do_sr``.
+TOOLKIT_ARCHITECTURE = {"nf": 32, "nb": 3, "gc": 16}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -161,6 +175,50 @@ class RRDBNet(nn.Module):
         fea = self.lrelu(self.upconv1(F.interpolate(fea, scale_factor=2, mode="nearest")))
         fea = self.lrelu(self.upconv2(F.interpolate(fea, scale_factor=2, mode="nearest")))
         return self.conv_last(self.lrelu(self.HRconv(fea)))
+
+
+@dataclass(frozen=True)
+class NewNetPlan:
+    """What ``train_target=rrdb`` builds for a model without a super-resolution net, and what the log says of it."""
+
+    architecture: dict[str, int]
+    channel_order: str
+    easynlp_format: bool
+
+    @property
+    def easynlp_loads(self) -> bool:
+        """Whether EasyNLP's ESRGAN loads the file and feeds it the colours it was trained on."""
+        return self.architecture == EASYNLP_ARCHITECTURE and self.channel_order == EASYNLP_CHANNEL_ORDER
+
+    def describe(self) -> str:
+        arch = ", ".join(f"{key}={value}" for key, value in self.architecture.items())
+        what = f"a new super-resolution net ({arch}) on {self.channel_order.upper()} images"
+        if self.easynlp_loads:
+            return f"{what}: EasyNLP's ESRGAN architecture and channel order, so EasyNLP loads RRDB_ESRGAN_x4.pth"
+        if self.easynlp_format:
+            return (f"{what}: RRDB_ESRGAN_x4.pth will NOT load in EasyNLP, whose ESRGAN is RRDBNet(nf=64, nb=23, "
+                    f"gc=32) loaded strictly; it is for this toolkit's do_sr only (leave rrdb_nf, rrdb_nb and rrdb_gc "
+                    f"at 0 for EasyNLP's)")
+        return (f"{what}: RRDB_ESRGAN_x4.pth is for this toolkit's do_sr only (EasyNLP's ESRGAN loads RRDBNet(nf=64, "
+                f"nb=23, gc=32) fed BGR, beside an EasyNLP-format model)")
+
+
+def plan_new_net(easynlp_format: bool, channel_order: str, nf: int = 0, nb: int = 0, gc: int = 0) -> NewNetPlan:
+    """The architecture (``nf``/``nb``/``gc`` when given, else EasyNLP's for an EasyNLP-format model and
+    ``TOOLKIT_ARCHITECTURE`` otherwise) and channel order (the model's) of a new net."""
+    defaults = EASYNLP_ARCHITECTURE if easynlp_format else TOOLKIT_ARCHITECTURE
+    given = {"nf": nf, "nb": nb, "gc": gc}
+    return NewNetPlan({key: int(given[key] or defaults[key]) for key in defaults},
+                      _check_channel_order(channel_order), bool(easynlp_format))
+
+
+def training_advice(easynlp_format: bool) -> str:
+    """The end of training's advice for a model without ``RRDB_ESRGAN_x4.pth``."""
+    if easynlp_format:
+        return ("train them with train_target=rrdb, which for this EasyNLP-format model trains EasyNLP's RRDBNet "
+                "(nf 64, nb 23, gc 32) on BGR images: the file EasyNLP's ESRGAN loads")
+    return ("train them with train_target=rrdb: a smaller net (nf 32, nb 3, gc 16, RGB) for this toolkit's do_sr, "
+            "which EasyNLP's ESRGAN does not load")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,6 +432,14 @@ def _compute_context(model: nn.Module, dtype: torch.dtype | None):
     raise ValueError(f"cannot compute in {dtype} with a {pdtype} model; convert the model with .to({dtype}) instead")
 
 
+def forward_in_order(model: nn.Module, x: torch.Tensor, channel_order: str) -> torch.Tensor:
+    """``model`` on RGB ``x`` (B, C, H, W) when it expects ``channel_order``: "bgr" flips the channels before the net
+    and its output back after, so the result is RGB either way (training and inference share this)."""
+    if _check_channel_order(channel_order) == "bgr":
+        return model(x.flip(1)).flip(1)
+    return model(x)
+
+
 def upscale_tensor(
     model: nn.Module,
     x: torch.Tensor,
@@ -417,15 +483,9 @@ def upscale_tensor(
     out_nc = getattr(model, "out_nc", None)
 
     def run(patch: torch.Tensor) -> torch.Tensor:
-        patch = patch.to(device=param.device, dtype=in_dtype)
-        if order == "bgr":
-            patch = patch.flip(1)
         with ctx:
-            y = model(patch)
-        y = y.float()
-        if order == "bgr":
-            y = y.flip(1)
-        return y
+            y = forward_in_order(model, patch.to(device=param.device, dtype=in_dtype), order)
+        return y.float()
 
     with torch.inference_mode():
         if tile == 0 or (tile >= h and tile >= w):

@@ -71,10 +71,14 @@ PARAMS: tuple[Param, ...] = (
           modes=TRAIN),
     Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
           check=_non_negative),
-    Param("rrdb_nf", int, 32, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb)",
-          modes=TRAIN, check=_positive),
-    Param("rrdb_nb", int, 3, "RRDB blocks for a new super-resolution net", modes=TRAIN, check=_positive),
-    Param("rrdb_gc", int, 16, "RRDB growth channels for a new super-resolution net", modes=TRAIN, check=_positive),
+    Param("rrdb_nf", int, 0, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb); "
+          "0: EasyNLP's 64 for an EasyNLP-format model (its ESRGAN loads exactly 64/23/32, and the net is trained "
+          "on BGR as EasyNLP feeds it), else 32 (a net for this toolkit's do_sr, on RGB)", modes=TRAIN,
+          check=_non_negative),
+    Param("rrdb_nb", int, 0, "RRDB blocks for a new super-resolution net; 0: 23 for an EasyNLP-format model, else 3",
+          modes=TRAIN, check=_non_negative),
+    Param("rrdb_gc", int, 0, "RRDB growth channels for a new super-resolution net; 0: 32 for an EasyNLP-format "
+          "model, else 16", modes=TRAIN, check=_non_negative),
     Param("sr_patch", int, 128, "high-resolution crop size for train_target=rrdb (a multiple of 4)", modes=TRAIN,
           check=lambda v: None if v > 0 and v % 4 == 0 else "must be a positive multiple of 4"),
     Param("resolution", int, 0, "training image size (0: the model's native size): the side of the square, and "

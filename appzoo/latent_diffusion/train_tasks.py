@@ -457,18 +457,23 @@ class RRDBTrainTask:
 
     def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
                  seed: int):
-        from modelzoo.esrgan import RRDBNet, load_rrdbnet
+        from modelzoo.esrgan import RRDBNet, load_rrdbnet, plan_new_net
+        from modelzoo.formats.easynlp import is_easynlp_model
 
         self.model, self.train, self.val, self.params, self.seed = model, train, val, params, seed
         _freeze_all(model)
+        self.order = model.extra.get("esrgan_channel_order", "rgb")  # what predict's do_sr will feed the net
         if model.esrgan_path:
             self.net = load_rrdbnet(model.esrgan_path)
-            logger.info("fine-tuning the model's super-resolution net %s", model.esrgan_path)
+            logger.info("fine-tuning the model's super-resolution net %s (%s)", model.esrgan_path, self.order.upper())
         else:
             torch.manual_seed(seed)
-            self.net = RRDBNet(nf=params["rrdb_nf"], nb=params["rrdb_nb"], gc=params["rrdb_gc"])
-            logger.info("training a new super-resolution net (nf=%d, nb=%d, gc=%d)", params["rrdb_nf"],
-                        params["rrdb_nb"], params["rrdb_gc"])
+            plan = plan_new_net(is_easynlp_model(model), self.order, params["rrdb_nf"], params["rrdb_nb"],
+                                params["rrdb_gc"])
+            self.net = RRDBNet(**plan.architecture)
+            # A warning when an EasyNLP-format model's file would not load in EasyNLP (rrdb_nf/nb/gc given).
+            level = logging.WARNING if plan.easynlp_format and not plan.easynlp_loads else logging.INFO
+            logger.log(level, "training %s", plan.describe())
         self.device = model.unet.device
         self.net.to(self.device).train()
         self.patch = params["sr_patch"]
@@ -506,10 +511,15 @@ class RRDBTrainTask:
             yield {"lr": torch.stack([p[0] for p in pairs]), "hr": torch.stack([p[1] for p in pairs])}
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return F.l1_loss(self.net(batch["lr"].to(self.device)).float(), batch["hr"].to(self.device))
+        from modelzoo.esrgan import forward_in_order
+
+        return F.l1_loss(forward_in_order(self.net, batch["lr"].to(self.device), self.order).float(),
+                         batch["hr"].to(self.device))
 
     @torch.no_grad()
     def validate(self) -> float | None:
+        from modelzoo.esrgan import forward_in_order
+
         if not self.val or not len(self.val):
             return None
         self.net.eval()
@@ -517,7 +527,7 @@ class RRDBTrainTask:
             pairs = [self._pair(self.val.read_image(i), None) for i in range(min(64, len(self.val)))]
             lr = torch.stack([p[0] for p in pairs]).to(self.device)
             hr = torch.stack([p[1] for p in pairs]).to(self.device)
-            return float(F.l1_loss(self.net(lr).clamp(0, 1), hr))
+            return float(F.l1_loss(forward_in_order(self.net, lr, self.order).clamp(0, 1), hr))
         finally:
             self.net.train()
 
@@ -530,7 +540,7 @@ class RRDBTrainTask:
         path = os.path.join(folder, ESRGAN_NAME)
         save_rrdbnet(net, path)
         self.model.esrgan_path = path
-        self.model.extra.setdefault("esrgan_channel_order", "rgb")
+        self.model.extra["esrgan_channel_order"] = self.order
         return self.model.save_pretrained(folder)
 
     @torch.no_grad()
@@ -544,7 +554,8 @@ class RRDBTrainTask:
             for i in range(min(count, len(table))):
                 hr = table.read_image(i)
                 lr = hr.resize((hr.width // 4, hr.height // 4), Image.BICUBIC)
-                images.append((f"{table.captions[i]} (×4 from {lr.width}px)", upscale(self.net, lr, tile=0)))
+                images.append((f"{table.captions[i]} (×4 from {lr.width}px)",
+                               upscale(self.net, lr, tile=0, channel_order=self.order)))
             return images
         finally:
             self.net.train()

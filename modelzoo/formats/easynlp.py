@@ -423,3 +423,8 @@ def save(model: LatentDiffusion, folder: str, overrides: dict | None = None,
     source_config = model.extra.get("easynlp", {}).get("config")
     config = copy.deepcopy(source_config) if source_config else build_config(model)
     return write_checkpoint(model, folder, config, easynlp_state(model, config, overrides), dtype)
+
+
+def is_easynlp_model(model: LatentDiffusion) -> bool:
+    """Whether ``model`` is in EasyNLP's format (read from one; saved as one by default)."""
+    return model.extra.get("source_format") == FORMAT
