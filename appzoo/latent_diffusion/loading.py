@@ -3,15 +3,21 @@
 ``load_model(name_or_path, device=..., optimize=..., precision=...)`` takes plain arguments: a local folder (this
 toolkit's checkpoint or PAI's diffusers layout), an embedded model's name, a Hugging Face cache entry on disk, or a
 ``.tar.gz`` package from ``--mode=export``; empty means the embedded default model. Nothing is ever downloaded.
+
+A package is unpacked into a temporary folder that lives as long as the process: it is removed when the process
+ends normally, on an uncaught exception and on SIGTERM (``_Unpacked``); only SIGKILL leaves it behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
 
 import torch
 
@@ -36,9 +42,49 @@ def resolve_model_path(name: str, modelzoo_base_dir: str = "", what: str = "mode
     return resolve_model(name, embedded, modelzoo_base_dir, what=what)
 
 
+class _Unpacked:
+    """The temporary folders this process unpacked packages into, removed when it ends: at exit (normal, or an
+    uncaught exception) and on SIGTERM. Where SIGTERM has its default action (end the process), the handler removes
+    them and then ends the process by SIGTERM as before; a handler set earlier (or later, such as the server's,
+    which restores this one when it is done) decides itself, and the exit removes them. Only the process that
+    unpacked a folder removes it (a forked child inherits the handlers, not the folder)."""
+
+    folders: list[str] = []
+    lock = threading.RLock()  # the SIGTERM handler runs on the main thread, maybe while it holds the lock
+    owner: int | None = None
+
+    @classmethod
+    def add(cls, folder: str) -> None:
+        with cls.lock:
+            cls.folders.append(folder)
+            if cls.owner == os.getpid():
+                return
+            cls.owner = os.getpid()
+        atexit.register(cls.remove_all)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, cls.on_sigterm)
+
+    @classmethod
+    def remove_all(cls) -> None:
+        with cls.lock:
+            folders = cls.folders if os.getpid() == cls.owner else []
+            cls.folders = []
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @classmethod
+    def on_sigterm(cls, signum, frame) -> None:
+        cls.remove_all()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
 def extract_package(path: str) -> str:
-    """A .tar.gz from --mode=export → a temporary model folder (paths outside it refused)."""
+    """A .tar.gz from --mode=export → a temporary model folder (paths outside it refused), removed when this
+    process ends."""
     target = tempfile.mkdtemp(prefix="easynlp-model-")
+    _Unpacked.add(target)
     try:
         with tarfile.open(path, "r:*") as archive:
             archive.extractall(target, filter="data")
@@ -57,15 +103,15 @@ def load_model(name_or_path: str | None = "", *, device: torch.device | str | No
     ``lora_library`` adapters (``name=path,…``) loaded beside them, switchable per call. ``what`` names the setting
     in error messages."""
     name = name_or_path or ""
-    if os.path.isfile(name) and name.endswith(PACKAGE_SUFFIXES):
-        path = extract_package(name)
-    else:
-        path = resolve_model_path(name, modelzoo_base_dir, what)
-    logger.info("loading %s", path)
+    package = os.path.isfile(name) and name.endswith(PACKAGE_SUFFIXES)
+    path = extract_package(name) if package else resolve_model_path(name, modelzoo_base_dir, what)
+    logger.info("loading %s", f"{name} (unpacked in {path})" if package else path)
     try:
         model = LatentDiffusion.from_pretrained(path)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
+    # What the user gave, for messages and /info: the package, not the temporary folder its files are read from.
+    model.package_path = os.path.abspath(name) if package else None
     if device is None:
         from easynlp_ldm.distributed import model_device
 

@@ -222,7 +222,8 @@ PARAMS: tuple[Param, ...] = (
           modes=SERVE, check=_positive),
     Param("max_wait_ms", float, 50.0, "serve: how long the first request of a batch waits for companions",
           modes=SERVE, check=_non_negative),
-    Param("max_queue", int, 64, "serve: queued requests before answering 429 (EAS's default queue is 64)",
+    Param("max_queue", int, 64, "serve: queued requests before answering 'queue full' with Retry-After: 450 on "
+          "the EAS routes (EAS's status; EAS's default queue is 64), 429 on /v1/images/generations (OpenAI's)",
           modes=SERVE, check=_positive),
     Param("max_num_images", int, 8, "serve: largest num_images a request may ask for", modes=SERVE,
           check=_positive),

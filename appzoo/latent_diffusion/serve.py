@@ -292,7 +292,7 @@ class LatentDiffusionService:
 
     def describe(self) -> dict:
         """For /info: no file paths (the model's folder name only)."""
-        source = getattr(self.model, "source_path", "") or ""
+        source = getattr(self.model, "package_path", None) or getattr(self.model, "source_path", "") or ""
         return {"model": os.path.basename(os.path.normpath(source)) if source else "", "image_size":
                 self.model.image_size, "super_resolution": bool(self.model.esrgan_path),
                 "lora_adapters": self.adapter_names, "controlnets": len(self.defaults.controlnets),

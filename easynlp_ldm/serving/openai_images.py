@@ -12,6 +12,7 @@ from typing import Any
 
 from easynlp_ldm.serving.errors import RequestError
 
+PREFIX = "/v1/"  # OpenAI's routes: every answer under it (404, 405, 5xx … included) is in OpenAI's error shape
 IGNORED = ("model", "user")  # any model name is this service's model; user is the caller's own end-user id
 SUPPORTED = {"response_format": ("b64_json",), "output_format": ("png",), "quality": ("auto", "standard"),
              "moderation": ("auto", "low")}
@@ -46,6 +47,16 @@ def field_name(contract_field: str | None) -> str | None:
     """The OpenAI name of a contract field, for error messages."""
     return {"text": "prompt", "num_images": "n", "width": "size", "height": "size"}.get(contract_field or "",
                                                                                          contract_field)
+
+
+def error(status: int, message: str, contract_field: str | None = None) -> dict:
+    """OpenAI's error object for an answer other than 200 (what the ``openai`` package parses into its
+    ``APIStatusError``: ``message``, ``type``, ``param``, ``code``); the field is named as OpenAI names it."""
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    param = field_name(contract_field)
+    message = message if param == contract_field else f"{param}: {message}"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def from_contract(result: dict) -> dict:

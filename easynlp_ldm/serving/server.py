@@ -9,16 +9,24 @@ official SDK works without ``custom_url``), ``POST /v1/images/generations`` (Ope
 ``GET /health`` (liveness/readiness, public), ``GET /info``, ``GET /metrics``, ``GET /openapi.json`` and ``/docs``
 (with ``docs=True``). With a token, every route but ``/health``, the static page and ``/favicon.ico`` needs it.
 
-Status codes (EAS's): 200; 400 bad request (JSON, field, limits); 401 missing or wrong token; 404; 405; 408 the
-request waited in the queue past its time limit, or its body did not arrive in time; 413 body too large; 450 queue
-full, with ``Retry-After`` (the OpenAI route answers 429, which OpenAI clients retry); 500 the model step failed
-for this request; 503 warming up or shutting down, with ``Retry-After``; 504 the request started but did not finish
-in time. Every error body is ``{"error": "<one line>", "field": …}`` (the OpenAI route: OpenAI's error object).
+Status codes (EAS's): 200; 400 bad request (JSON, field, limits); 401 missing or wrong token, or an EAS signature
+already served (a replay, see auth.py); 404; 405; 408 the request waited in the queue past its time limit, or its
+body or headers did not arrive in time; 413 body too large; 450 queue full, with ``Retry-After`` (the OpenAI route
+answers 429, which OpenAI clients retry); 500 the model step failed for this request, or a fault of the service;
+503 warming up, shutting down, or past ``max_connections``, with ``Retry-After``; 504 the request started but did
+not finish in time. Every answer of every route, the server's own included (connections.py), is in that route's
+format: ``{"error": "<one line>", "field": …}``, or OpenAI's error object ``{"error": {"message", "type", "param",
+"code"}}`` under ``/v1/`` (``error_body``).
+
+On SIGTERM the service stops taking work: queued requests are answered 503 at once, the running batch finishes
+(``shutdown_timeout_s``), and meanwhile the socket stays open, so that ``/health`` answers 503 "shutting down" (what
+a load balancer's readiness probe reads) and new requests 503; then it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -138,11 +146,30 @@ async def read_body(request: Request, settings: ServiceSettings) -> bytes:
     return b"".join(chunks)
 
 
+# ---------------------------------------------------------------------------------------------------- errors
+def error_body(path: str | None, status: int, message: str, field: str | None = None) -> dict:
+    """The body of an answer other than 200 on ``path``, in that route's format: OpenAI's error object under
+    ``/v1/``, else ``{"error": "<one line>", "field": …}`` (EAS's routes and every other)."""
+    if path and path.startswith(openai_images.PREFIX):
+        return openai_images.error(status, message, field)
+    return {"error": message} if field is None else {"error": message, "field": field}
+
+
+def answer(problem: Problem, path: str | None) -> JSONResponse:
+    return JSONResponse(error_body(path, problem.status, str(problem), problem.field), status_code=problem.status,
+                        headers=problem.headers)
+
+
+INTERNAL_ERROR = "internal server error (see the service log)"
+STOPPED = "the service stopped before this request finished; retry"
+
+
 # ---------------------------------------------------------------------------------------------------- the app
 class _Responses:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide a client's disconnect from the routes): counts
     every answer by status, answers what ``gate`` answers before routing, and turns an unexpected exception into a
-    logged 500 with a one-line JSON body (never a traceback to the client)."""
+    logged 500 with a one-line body in the route's format (never a traceback to the client); a request cancelled
+    because shutdown ran out of time gets a 503 in that format (uvicorn's would be a plain-text 500)."""
 
     def __init__(self, app, metrics: Metrics, gate: Callable[[Request], Response | None]):
         self.app, self.metrics, self.gate = app, metrics, gate
@@ -166,10 +193,15 @@ class _Responses:
         except Exception:
             logger.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
             if not status["code"]:
-                await JSONResponse({"error": "internal server error (see the service log)"}, 500)(scope, receive,
-                                                                                                     counting_send)
+                await answer(Problem(500, INTERNAL_ERROR), scope.get("path"))(scope, receive, counting_send)
             else:
                 status["code"] = 500
+        except asyncio.CancelledError:
+            if not status["code"]:
+                with contextlib.suppress(Exception):
+                    await answer(Problem(503, STOPPED, headers={"Retry-After": "1"}), scope.get("path"))(
+                        scope, receive, counting_send)
+            raise
         finally:
             if status["code"]:
                 self.metrics.record_response(status["code"])
@@ -178,6 +210,7 @@ class _Responses:
 def create_app(handler: ServiceHandler, settings: ServiceSettings):
     state: dict[str, Any] = {"ready": False, "batcher": None, "warmup_error": None, "stopping": False}
     metrics = Metrics()
+    replays = auth.ReplayCache()
 
     def start() -> None:
         try:
@@ -212,25 +245,14 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                               "{\"text\", \"images_base64\"}; OpenAI images API at /v1/images/generations")
     app.state.begin_shutdown = begin_shutdown
 
-    def answer(problem: Problem, openai: bool = False) -> JSONResponse:
-        if openai:
-            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(problem.status, "invalid_request_error"
-                                                                              if problem.status < 500 else
-                                                                              "server_error")
-            param = openai_images.field_name(problem.field)
-            message = str(problem) if param == problem.field else f"{param}: {problem}"
-            body: dict = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-        else:
-            body = {"error": str(problem)}
-            if problem.field is not None:
-                body["field"] = problem.field
-        return JSONResponse(body, status_code=problem.status, headers=problem.headers)
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
-        message = {404: f"no route {request.url.path}; POST / or /api/predict/<service>, GET /health",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
-        return JSONResponse({"error": message}, status_code=err.status_code, headers=getattr(err, "headers", None))
+        path = request.url.path
+        routes = "POST /v1/images/generations" if path.startswith(openai_images.PREFIX) else \
+            "POST / or /api/predict/<service>, GET /health"
+        message = {404: f"no route {path}; {routes}",
+                   405: f"{request.method} is not allowed on {path}"}.get(err.status_code, str(err.detail))
+        return answer(Problem(err.status_code, message, headers=getattr(err, "headers", None)), path)
 
     # --------------------------------------------------------------------------------------------- access
     def resource(request: Request) -> str:
@@ -239,15 +261,23 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
             return path
         return f"/api/predict/{settings.service_name}"
 
-    def check_token(request: Request, body: bytes | None = None) -> None:
+    def check_token(request: Request, body: bytes | None = None) -> str | None:
+        """Raises a 401 ``Problem`` unless the request carries the token; returns an EAS signature it claimed (to
+        ``release`` when the request is not served), else None."""
         if not settings.api_token:
-            return
-        if body is None and request.headers.get("authorization", "").startswith("EAS "):
+            return None
+        given = request.headers.get("authorization", "").strip()
+        signed = given.startswith("EAS ")
+        if body is None and signed:
             body = b""  # a signature on a request without a body (GET)
         reason = auth.check(request.headers, body or b"", settings.api_token, resource(request),
                             max_skew_s=settings.auth_max_skew_s, allow_local_time=settings.auth_local_time)
+        if not reason and signed and not replays.claim(given, auth.accepted_until(
+                request.headers.get("date", ""), settings.auth_max_skew_s, settings.auth_local_time)):
+            reason = "this signed request was received before (a replay); sign each request anew, as the EAS SDK does"
         if reason:
             raise Problem(401, f"authentication failed: {reason}", headers={"WWW-Authenticate": "Bearer"})
+        return given if signed else None
 
     def guarded(route: Callable):
         """A GET route that needs the token when one is configured."""
@@ -255,7 +285,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
             try:
                 check_token(request)
             except Problem as problem:
-                return answer(problem)
+                return answer(problem, request.url.path)
             return route()
 
         wrapper.__name__ = route.__name__
@@ -313,7 +343,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
 
     def route(openai: bool):
         async def generation_route(request: Request):
-            started = time.monotonic()
+            started, claimed, response = time.monotonic(), None, None
             try:
                 if state["stopping"] or not state["ready"]:
                     reason = "shutting down" if state["stopping"] else (
@@ -324,12 +354,18 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                     check_token(request)  # before reading a body nobody may send
                 raw = await read_body(request, settings)
                 if signed:
-                    check_token(request, raw)
+                    claimed = check_token(request, raw)
                 response = JSONResponse(await generate(request, parse_json(raw), openai))
             except RequestError as err:
-                response = answer(Problem(400, str(err), err.field), openai)
+                response = answer(Problem(400, str(err), err.field), request.url.path)
             except Problem as problem:
-                response = answer(problem, openai)
+                response = answer(problem, request.url.path)
+            except Exception:  # a fault of the service, not of the request: logged, answered in the route's format
+                logger.exception("internal error answering %s %s", request.method, request.url.path)
+                response = answer(Problem(500, INTERNAL_ERROR), request.url.path)
+            finally:  # a signature is served once: one whose request got no images may come again
+                if claimed and (response is None or response.status_code != 200):
+                    replays.release(claimed)
             metrics.record(response.status_code, time.monotonic() - started)
             return response
 
@@ -345,13 +381,13 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         path = request.url.path
         if settings.service_name and path.startswith("/api/predict/") and \
                 path != f"/api/predict/{settings.service_name}":
-            return JSONResponse({"error": f"no service {path[len('/api/predict/'):]!r} here; this is "
-                                          f"{settings.service_name!r}"}, status_code=404)
+            return answer(Problem(404, f"no service {path[len('/api/predict/'):]!r} here; this is "
+                                       f"{settings.service_name!r}"), path)
         if path in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
             try:
                 check_token(request)
             except Problem as problem:
-                return answer(problem)
+                return answer(problem, path)
         return None
 
     app.add_middleware(_Responses, metrics=metrics, gate=gate)
@@ -363,7 +399,8 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         if state["ready"]:
             return {"status": "ready"}
         status = "shutting down" if state["stopping"] else "failed" if state["warmup_error"] else "warming up"
-        return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": status, "error": f"not ready: {status}"}, status_code=503,
+                            headers={"Retry-After": "5"})
 
     def info():
         limits = {name: getattr(settings, name) for name in ("max_batch_size", "max_queue", "request_timeout_s",
@@ -400,7 +437,8 @@ def build_server(handler: ServiceHandler, settings: ServiceSettings, host: str, 
     return make_server(app, host=host, port=port, keep_alive_s=settings.keep_alive_s,
                        header_timeout_s=settings.header_timeout_s, limit_concurrency=settings.max_connections,
                        graceful_timeout_s=settings.shutdown_timeout_s, on_exit=app.state.begin_shutdown,
-                       log_level=log_level or os.environ.get("EASYNLP_LOG_LEVEL", "info").lower())
+                       log_level=log_level or os.environ.get("EASYNLP_LOG_LEVEL", "info").lower(),
+                       error_body=error_body)
 
 
 def serve(handler: ServiceHandler, settings: ServiceSettings, host: str, port: int) -> None:

@@ -1,11 +1,14 @@
 """The service through the clients users have: Alibaba's eas-prediction SDK (as PAI-EAS's docs use it, no
 custom_url), the openai package's images API, and curl as EAS's docs write it."""
 
+import email.utils
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -72,6 +75,44 @@ def test_eas_sdk_signs_with_the_token(secured):
     assert wrong["status"] == 401 and "signature" in wrong["body"]
     bad = sdk(secured.url, "my_t2i_service", "s3cret-token", {"text": "x", "num_images": 99})
     assert bad["status"] == 400 and "num_images" in bad["body"]
+
+
+def signed_post(server, body: bytes, date_offset_s: float = 0.0):
+    """A request as the EAS SDK signs it (resource /api/predict/<service>, Date in local time labelled GMT)."""
+    from easynlp_ldm.serving.auth import eas_signature
+
+    date = email.utils.formatdate(time.time() + date_offset_s, usegmt=True)
+    headers = {"Date": date, "Content-Type": "application/octet-stream", "Content-MD5": hashlib.md5(body).hexdigest(),
+               "Authorization": eas_signature("s3cret-token", body, "application/octet-stream", date,
+                                              "/api/predict/my_t2i_service")}
+    return lambda: httpx.post(server.url + "/api/predict/my_t2i_service", content=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("zone_h", [0, -12.2, 14.2], ids=["utc", "utc-12", "utc+14"])
+def test_a_captured_signed_request_is_served_once(secured, zone_h):
+    """The SDK's clock may be any time zone's (it labels local time GMT), so a Date is accepted for about a day:
+    the same signature a second time is a replay, refused with 401 in the EAS format."""
+    send = signed_post(secured, json.dumps({**BODY, "num_images": 1, "seed": 1}).encode(), zone_h * 3600)
+    assert send().status_code == 200
+    replay = send()
+    assert replay.status_code == 401 and set(replay.json()) == {"error"} and "replay" in replay.json()["error"]
+
+
+def test_a_signed_request_answered_with_a_server_error_may_be_sent_again(secured, monkeypatch):
+    """The SDK retries a 5xx at once with the same Date, hence the same signature: that is no replay."""
+    original, calls = secured.service.parse, []
+
+    def fails_once(body):
+        calls.append(body)
+        if len(calls) == 1:
+            raise RuntimeError("a fault of the server")
+        return original(body)
+
+    monkeypatch.setattr(secured.service, "parse", fails_once)
+    send = signed_post(secured, json.dumps({**BODY, "num_images": 1, "seed": 2}).encode())
+    assert send().status_code == 500
+    assert send().status_code == 200
+    assert send().status_code == 401
 
 
 def test_curl_as_eas_docs_write_it(secured):

@@ -191,3 +191,25 @@ def test_failing_on_exit_does_not_prevent_shutdown() -> None:
     server.should_exit = True
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_while_in_flight_work_drains_the_server_still_answers_new_connections() -> None:
+    """A load balancer's readiness probe must see the app's own 'shutting down' answer (``on_exit`` has told the app),
+    not a refused connection; once the work is done the socket closes."""
+    running = Running(header_timeout_s=HEADER_TIMEOUT_S, graceful_timeout_s=10)
+    result: list[tuple[int, bytes]] = []
+    client = threading.Thread(target=lambda: result.append(_get(running, "/slow?seconds=1.5")))
+    client.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    stopper = threading.Thread(target=running.stop)
+    stopper.start()
+    time.sleep(0.3)
+    assert len(running.exits) == 1  # the app was told first
+    assert _get(running, "/") == (200, b'{"ok":true}')  # a new connection during the drain is answered
+    client.join(5)
+    stopper.join(5)
+    assert result == [(200, b'{"slept":1.5}')] and not running.thread.is_alive()
+    assert time.monotonic() - start < 3
+    with pytest.raises(OSError):
+        running.connect()
