@@ -208,9 +208,11 @@ def check_diffusers_loads(model, folder: str, remote_code: bool, destination: st
     problem = different_weights({name: getattr(model, name) for name in components},
                                 {name: getattr(pipe, name) for name in components})
     if problem is None:
+        device = model.text_encoder.device  # the same device (and kernels) as the model's encoding
         try:
             with torch.no_grad():
-                theirs = pipe.encode_prompt(PROBE_PROMPT, "cpu", 1, False)[0]
+                pipe.text_encoder.to(device)
+                theirs = pipe.encode_prompt(PROBE_PROMPT, device, 1, False)[0].cpu()
                 ours = model.encode_prompts([PROBE_PROMPT]).cpu()
         except Exception as err:  # e.g. more tokens than the text encoder has positions
             problem = f"its encode_prompt fails: {type(err).__name__}: {err}"
