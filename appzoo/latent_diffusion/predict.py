@@ -127,8 +127,11 @@ def _file_fingerprint(path: str) -> dict:
 
 def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) -> str:
     model_files = {}
-    source = getattr(model, "source_path", "")
-    for name in ("config.json", "pytorch_model.bin", "model_index.json"):
+    package = getattr(model, "package_path", None)  # a .tar.gz is unpacked in a new temporary folder every run
+    source = package or getattr(model, "source_path", "")
+    if package:
+        model_files["package"] = _file_fingerprint(package)
+    for name in () if package else ("config.json", "pytorch_model.bin", "model_index.json"):
         if source and os.path.isfile(os.path.join(source, name)):
             model_files[name] = _file_fingerprint(os.path.join(source, name))
     record = {"input": _file_fingerprint(plan.table), "model": [source, model_files], "params": params,

@@ -194,3 +194,14 @@ def test_timing_line_separates_the_first_batch_from_the_steady_rate():
     assert timing_summary([(9.0, 16), (2.0, 16), (1.0, 8)]) == (
         "generation: 40 images in 12.0 s; first batch 9.0 s, then 0.125 s/image (steady)")
     assert timing_summary([(3.0, 4)]) == "generation: 4 images in 3.0 s; first batch 3.0 s"
+
+
+def test_predict_from_a_package_resumes_like_from_a_folder(tiny_model_dir, prompts_table, tmp_path, caplog):
+    """A .tar.gz is unpacked in a new temporary folder each run: the run's identity is the package, not that folder."""
+    package, out = str(tmp_path / "m.tar.gz"), str(tmp_path / "o.tsv")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={tiny_model_dir}", f"--outputs={package}"]) == 0
+    argv = predict_argv(prompts_table, out, package, udp="n_samples=1 ddim_steps=2 optimize=none")
+    assert cli.main(argv) == 0
+    caplog.set_level("INFO")
+    assert cli.main(argv) == 0
+    assert "resuming" in caplog.text and "replacing" not in caplog.text
