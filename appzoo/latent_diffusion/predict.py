@@ -360,6 +360,13 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                     flush(batch)
                     batch = []
             flush(batch)
+    except UserError:
+        if not resuming and progress.rows == 0:  # e.g. every row bad: leave no empty output that looks like a result
+            writer.close()
+            for path in (outputs, progress.path):
+                if os.path.exists(path):
+                    os.remove(path)
+        raise
     finally:
         writer.close()
         bar.close()

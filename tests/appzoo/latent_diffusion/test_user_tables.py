@@ -75,7 +75,7 @@ def test_skip_bad_rows_on_a_prompt_table_of_bad_rows_is_an_error_not_an_empty_ou
     assert cli.main(predict_argv(str(table), str(out), tiny_model_dir, udp="skip_bad_rows=True ddim_steps=2")) == 2
     assert (f"{table}: no usable rows: all 2 rows are bad (2 wrong column count), the first line 1: wrong column "
             "count: expected 2 columns (idx,text), got 1") in capsys.readouterr().err
-    assert not out.exists() or not out.read_text()
+    assert not out.exists() and not (tmp_path / "o.tsv.progress.json").exists()
 
 
 # ---------------------------------------------------------------------------------------- a changed table
