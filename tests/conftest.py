@@ -19,6 +19,15 @@ if "EASYNLP_OPENVINO_CACHE" not in os.environ:
 
     os.environ["EASYNLP_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="easynlp-openvino-test-")
     atexit.register(shutil.rmtree, os.environ["EASYNLP_OPENVINO_CACHE"], True)
+# diffusers copies a folder's own code (trust_remote_code: the Wukong text encoder of an exported EasyNLP model) into
+# its modules cache: a folder of this run's, never the user's ~/.cache/huggingface/modules.
+if "HF_MODULES_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="easynlp-hf-modules-test-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
 
 @pytest.fixture(scope="session")
