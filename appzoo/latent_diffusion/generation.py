@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.lora import has_adapters, select_adapters
 from modelzoo.samplers import eta_samplers, make_scheduler, sampler_label, scheduler_class_name, step_takes
+
+logger = logging.getLogger("easynlp")
 
 
 def _import_pipeline_class():
@@ -83,7 +86,30 @@ class GenerationSettings:
         problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class)
         if problem:
             raise UserError(problem)
+        for note in self.unused_settings():
+            logger.warning(note)
         return settings
+
+    def unused_settings(self) -> list[str]:
+        """Notes on settings given that these settings leave without effect (each would otherwise be silently
+        ignored): guidance's companions without guidance, ESRGAN's without do_sr, a preprocessor without a
+        ControlNet."""
+        notes = []
+        if self.guidance_scale <= 1:  # diffusers runs classifier-free guidance only above 1
+            given = [f"{PARAM_NAMES[name]}={value!r}" for name, value, default in (
+                ("negative_prompt", self.negative_prompt, ""), ("guidance_cutoff", self.guidance_cutoff, 1.0),
+                ("guidance_rescale", self.guidance_rescale, 0.0)) if value != default]
+            if given:
+                notes.append(f"{', '.join(given)} has no effect with scale={self.guidance_scale:g}: classifier-free "
+                             f"guidance runs only with scale > 1")
+        if not self.do_sr:
+            given = [f"{PARAM_NAMES[name]}={value!r}" for name, value, default in (
+                ("sr_tile", self.sr_tile, 256), ("sr_channel_order", self.sr_channel_order, "")) if value != default]
+            if given:
+                notes.append(f"{', '.join(given)} has no effect without do_sr=True")
+        if self.control_preprocessor != "none" and not self.controlnets:
+            notes.append(f"control_preprocessor={self.control_preprocessor} has no effect without controlnet=")
+        return notes
 
 
 def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | None:

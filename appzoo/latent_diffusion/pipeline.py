@@ -83,6 +83,8 @@ class LatentDiffusionPipeline:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise UserError("pipeline input must be a string or a list of strings")
         inputs = self._image_inputs(len(prompts), images, masks, control_images)
+        if self.params["strength"] and images is None:
+            logger.warning("strength=%g has no effect without images=", self.params["strength"])
         jobs = [(i, prompt, sample, image_seed(self.random_seed, i + 1, sample))
                 for i, prompt in enumerate(prompts) for sample in range(self.samples_per_prompt)]
         if latents is not None and len(latents) != len(jobs):

@@ -107,6 +107,9 @@ def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
         raise UserError(f"controlnet= names {wanted} ControlNet(s) but --input_schema has {len(controls)} "
                         f"conditioning-image column(s) ({', '.join(controls) or 'none'}); name them control, "
                         f"control2, … one per ControlNet")
+    if params["strength"] and not inputs.image_column:
+        logger.warning("strength=%g has no effect without input images: name an image column in --input_schema "
+                       "(imgbase64) or --second_sequence", params["strength"])
     if inputs.image_column or controls:
         logger.info("generating from images: %s", ", ".join(filter(None, [
             inputs.image_column and f"input images from column {inputs.image_column} (strength "

@@ -78,3 +78,22 @@ def test_serve_refuses_it_at_start_and_answers_400_to_a_request_choosing_such_a_
         assert served.status_code == 200 and png(served.json()["images_base64"][0])
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("udp, note", [
+    ("scale=1 negative_prompt=模糊", "negative_prompt='模糊' has no effect with scale=1: classifier-free guidance runs "
+                                   "only with scale > 1"),
+    ("scale=1 guidance_rescale=0.7", "guidance_rescale=0.7 has no effect with scale=1"),
+    ("sr_tile=64", "sr_tile=64 has no effect without do_sr=True"),
+    ("control_preprocessor=canny", "control_preprocessor=canny has no effect without controlnet="),
+    ("strength=0.5", "strength=0.5 has no effect without input images"),
+])
+def test_a_setting_that_cannot_apply_is_a_note_not_silently_ignored(tiny_model_dir, prompts_table, tmp_path, caplog,
+                                                                     udp, note):
+    caplog.set_level("WARNING", logger="easynlp")
+    assert cli.main(predict_argv(prompts_table, str(tmp_path / "o.tsv"), tiny_model_dir,
+                                 udp=f"{udp} n_samples=1 ddim_steps=1 optimize=none")) == 0
+    assert note in caplog.text
+    caplog.clear()
+    pipeline("latent_diffusion", tiny_model_dir, n_samples=1, ddim_steps=1, optimize="none", scale=5)
+    assert "has no effect" not in caplog.text  # the defaults draw no note
