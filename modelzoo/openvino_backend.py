@@ -7,9 +7,13 @@ How: ``openvino.convert_model`` traces our own fp32 module once (inputs dynamic)
 versions, so a fine-tuned or LoRA-merged model gets its own IR and a changed model never meets a stale one. Each
 input shape seen (batch × latent size × text length) gets the IR reshaped to that static shape and compiled, with
 OpenVINO's compiled-blob cache beside it: a new batch size costs a compile (≈1 s on the embedded model), never a
-new conversion. Inference precision: bf16 where the CPU has it (``precision`` overrides), else f32. A batch runs as
-one OpenVINO stream per thread, each on its part of the batch (see ``OpenVINORunner``): steady when the cores are
-shared.
+new conversion. Both caches of shapes are bounded: a runner keeps the compiled models of its ``max_shapes`` most
+recently used shapes (each holds its own copy of the weights in the plugin's layout and its buffers — ≈140 MB per
+shape on the embedded model — and stream threads), releasing the least recently used one before it compiles another
+(its threads go back to OpenVINO's pool); the compiled-blob folder of a model keeps its ``BLOBS_PER_SHAPE ×
+max_shapes`` most recently written blobs (in ``<key>/compiled``). Inference precision: bf16 where the CPU has it
+(``precision`` overrides), else f32. A batch runs as one OpenVINO stream per thread, each on its part of the batch
+(see ``OpenVINORunner``): steady when the cores are shared.
 
 Not converted (they run in PyTorch, fp32): calls carrying ControlNet residuals or other extra UNet inputs, and
 models with switchable LoRA adapters (``optimize`` reports that).
@@ -17,6 +21,7 @@ models with switchable LoRA adapters (``optimize`` reports that).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -33,6 +38,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+MAX_SHAPES = 4  # compiled shapes kept per runner (serve: max_cached_shapes)
+BLOBS_PER_SHAPE = 4  # compiled blobs kept on disk per model, per shape kept in memory (UNet + decoder, uneven splits)
 CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
 
 
@@ -114,16 +121,55 @@ class OpenVINORunner:
     for each other, so when another job takes a core the work on the other cores goes on — on 2 cores beside 2 busy
     processes a 16-image batch took 8.7 s this way against 13.0 s as one request (quiet: 4.2–4.5 s both;
     ``bench/cpu_speed.py`` measures it). A batch smaller than ``streams`` runs as fewer, wider parts. Every sample's
-    computation is independent of the others (the UNet and the VAE decoder have no batch statistics)."""
+    computation is independent of the others (the UNet and the VAE decoder have no batch statistics).
+
+    ``compiled`` holds the ``max_shapes`` most recently used input shapes; ``evictions`` counts those released."""
 
     def __init__(self, graph: torch.nn.Module, name: str, key: str, precision: str, threads: int = 0,
-                 streams: int = 0):
+                 streams: int = 0, max_shapes: int = MAX_SHAPES):
         self.graph, self.name, self.key = graph, name, key
         self.precision, self.threads = precision, threads
         self.streams = streams or threads or 1
-        self.compiled: dict = {}  # input shapes → [(infer request, batch slice)]
+        self.max_shapes = max_shapes
+        # input shapes → [(infer request, batch slice)], least recently used first
+        self.compiled: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.conversions = 0  # conversions done by this runner (0 when the IR came from the cache)
+        self.evictions = 0
+
+    def resize(self, max_shapes: int) -> None:
+        """Keep at most ``max_shapes`` compiled shapes from now on (releasing the least recently used at once)."""
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
+        with self.lock:
+            self.max_shapes = max_shapes
+            self._evict(max_shapes)
+
+    def _evict(self, keep: int) -> None:
+        """Release the least recently used compiled shapes until ``keep`` remain (with the lock held): dropping the
+        last references to the infer requests and compiled models frees their memory and returns their threads."""
+        while len(self.compiled) > keep:
+            shapes, _ = self.compiled.popitem(last=False)
+            self.evictions += 1
+            logger.debug("OpenVINO: %s released the model compiled for %s", self.name, shapes)
+
+    @property
+    def blob_dir(self) -> str:
+        """OpenVINO's compiled-blob cache of this model (``CACHE_DIR``), beside its IR."""
+        return os.path.join(openvino_cache_dir(), self.key, "compiled")
+
+    def _prune_blobs(self) -> None:
+        """Keep the ``BLOBS_PER_SHAPE × max_shapes`` most recently written blobs of this model on disk."""
+        try:
+            entries = [entry for entry in os.scandir(self.blob_dir) if entry.is_file()]
+        except FileNotFoundError:
+            return
+        entries.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
+        for entry in entries[BLOBS_PER_SHAPE * self.max_shapes:]:
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:  # another process pruned it first
+                pass
 
     @property
     def ir_path(self) -> str:
@@ -174,7 +220,7 @@ class OpenVINORunner:
                 model = ir.clone()
                 model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
                 config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "NUM_STREAMS": parts,
-                          "CACHE_DIR": os.path.join(openvino_cache_dir(), "compiled")}
+                          "CACHE_DIR": self.blob_dir}
                 if self.threads:
                     config["INFERENCE_NUM_THREADS"] = self.threads
                 start = time.perf_counter()
@@ -182,6 +228,7 @@ class OpenVINORunner:
                 logger.debug("OpenVINO: %s compiled for %s × %d streams in %.1f s", self.name, shapes, parts,
                              time.perf_counter() - start)
             requests.append((compiled[shapes].create_infer_request(), part))
+        self._prune_blobs()
         return requests
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -190,7 +237,10 @@ class OpenVINORunner:
         with self.lock:
             requests = self.compiled.get(shapes)
             if requests is None:
+                self._evict(self.max_shapes - 1)  # before compiling: never more than max_shapes alive at once
                 requests = self.compiled[shapes] = self._compile(tensors)
+            else:
+                self.compiled.move_to_end(shapes)
             for request, part in requests:
                 request.start_async([t[part].numpy() for t in tensors], share_inputs=True)
             outputs = []
@@ -258,18 +308,28 @@ def _decoder_forward(decoder, runner: OpenVINORunner):
     return forward
 
 
-def use_openvino(model, precision: str = "", threads: int = 0) -> dict:
+def use_openvino(model, precision: str = "", threads: int = 0, max_shapes: int = MAX_SHAPES) -> dict:
     """Route the UNet and the VAE decoder of ``model`` (fp32, on CPU) through OpenVINO, in place, with ``threads``
-    inference threads (0: torch's thread count, which ``easynlp_ldm.threads.configure`` set). Returns what was
-    done. Conversion happens on the first call of each (it needs real shapes), then comes from the disk cache."""
+    inference threads (0: torch's thread count, which ``easynlp_ldm.threads.configure`` set), each keeping the
+    compiled models of ``max_shapes`` input shapes. Returns what was done. Conversion happens on the first call of
+    each (it needs real shapes), then comes from the disk cache."""
     precision = choose_precision(precision)
     threads = threads or torch.get_num_threads()
     unet, decoder = model.unet, model.vae.decoder
     unet_runner = OpenVINORunner(_UNetGraph(unet).eval(), "unet", weights_key(unet, {"graph": "unet"}), precision,
-                                 threads)
+                                 threads, max_shapes=max_shapes)
     unet.forward = _unet_forward(unet, unet_runner)
     decoder_runner = OpenVINORunner(_DecoderGraph(decoder).eval(), "vae_decoder",
-                                    weights_key(decoder, {"graph": "decoder"}), precision, threads)
+                                    weights_key(decoder, {"graph": "decoder"}), precision, threads,
+                                    max_shapes=max_shapes)
     decoder.forward = _decoder_forward(decoder, decoder_runner)
     return {"backend": "openvino", "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
-            "openvino": ["unet", "vae.decoder"], "threads": threads, "streams": unet_runner.streams}
+            "openvino": ["unet", "vae.decoder"], "threads": threads, "streams": unet_runner.streams,
+            "max_shapes": max_shapes}
+
+
+def runners(model) -> dict[str, OpenVINORunner]:
+    """The OpenVINO runners of a prepared model by part (``unet``, ``vae_decoder``); empty when it runs PyTorch."""
+    found = {"unet": getattr(model.unet.forward, "openvino_runner", None),
+             "vae_decoder": getattr(model.vae.decoder.forward, "openvino_runner", None)}
+    return {part: runner for part, runner in found.items() if runner is not None}

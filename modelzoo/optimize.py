@@ -18,6 +18,10 @@ Levels (``optimize``):
   or image size compiles once, then is cached; the inductor cache on disk makes later processes start warm). On CPU
   with inductor's ``freezing``: weights become constants (inference only).
 
+Compiled models per input shape are bounded (``limit_compiled_shapes``; serve's ``max_cached_shapes``): OpenVINO
+keeps the most recently used shapes and releases the others; ``torch.compile`` keeps the first ones it compiled and
+runs further shapes eagerly (dynamo's ``recompile_limit``).
+
 ``precision`` (``fp32``/``bf16``/``fp16``) overrides the dtype chosen by the level.
 """
 
@@ -203,3 +207,24 @@ def prepare_for_inference(model, level: str = "auto", precision: str = "") -> di
         done["compiled"] = ["unet", "vae.decoder"]
     model.optimization = done
     return done
+
+
+def limit_compiled_shapes(model, max_shapes: int) -> None:
+    """Keep compiled models for at most ``max_shapes`` input shapes (batch × size) per compiled part of ``model``:
+    OpenVINO's runners release their least recently used ones; for ``compile``, dynamo's ``recompile_limit`` (a
+    process-wide setting) makes shapes past it run eagerly instead of compiling and keeping another graph."""
+    from modelzoo.openvino_backend import runners
+
+    for runner in runners(model).values():
+        runner.resize(max_shapes)
+    if "compiled" in (getattr(model, "optimization", None) or {}):
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max_shapes
+
+
+def compiled_shapes(model) -> dict[str, tuple[int, int]]:
+    """Compiled shapes held per part, and the bound: {"openvino_unet": (entries, max_shapes), …} (for /metrics)."""
+    from modelzoo.openvino_backend import runners
+
+    return {f"openvino_{part}": (len(runner.compiled), runner.max_shapes) for part, runner in runners(model).items()}

@@ -126,3 +126,37 @@ def test_a_batch_runs_as_parallel_streams_with_the_same_result(ov_cache, batch):
         torch.testing.assert_close(runner(x), net(x), rtol=1e-4, atol=1e-4)
     parts = runner.compiled[((batch, 4, 8, 8),)]
     assert [p.stop - p.start for _, p in parts] == {1: [1], 3: [2, 1], 4: [2, 2]}[batch]
+
+
+def test_the_runner_keeps_its_most_recent_shapes_and_releases_the_others(ov_cache):
+    # issue 30, item 8: every new request shape used to keep a compiled model (its memory and its stream threads)
+    # for ever; now the least recently used is released before another is compiled, and the blobs on disk are pruned
+    from modelzoo import openvino_backend
+    from modelzoo.openvino_backend import OpenVINORunner
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.SiLU(),
+                              torch.nn.Conv2d(16, 4, 3, padding=1)).eval()
+    runner = OpenVINORunner(net, "net", "test-lru", "fp32", threads=2, streams=2, max_shapes=2)
+
+    def run(side, batch=3):  # batch 3 in 2 streams: two compiled models per shape (an uneven split)
+        x = torch.randn(batch, 4, side, side)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), net(x), rtol=1e-4, atol=1e-4)
+        return ((batch, 4, side, side),)
+
+    first, second = run(8), run(16)
+    at_bound = threads()
+    run(8)  # used again: now the most recent
+    later = [run(side) for side in (24, 32, 40)]
+    assert list(runner.compiled) == later[-2:] and runner.evictions == 3
+    run(8)  # released, so compiled again
+    assert list(runner.compiled) == [later[-1], first] and second not in runner.compiled
+    assert threads() <= at_bound + 1  # released models' threads are reused, not added to
+    blobs = os.listdir(runner.blob_dir)
+    assert 0 < len(blobs) <= openvino_backend.BLOBS_PER_SHAPE * 2
+    runner.resize(1)
+    assert list(runner.compiled) == [first]
