@@ -311,6 +311,17 @@ def available_memory(device: str) -> tuple[int, str]:
     return ram, source
 
 
+def process_figures(pid: int | str = "self") -> dict[str, int]:
+    """What a running process holds now: ``rss_bytes`` (resident memory) and ``threads``, from
+    ``/proc/<pid>/status`` (serve's /metrics, bench/serve_soak.py); empty where there is no /proc."""
+    try:
+        lines = open(f"/proc/{pid}/status", encoding="ascii", errors="replace").read().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "threads": int(fields["Threads"])}
+
+
 # ------------------------------------------------------------------------------------------------ what would fit
 def _ema_option(settings: MemorySettings) -> tuple[str, dict] | None:
     if not settings.use_ema:

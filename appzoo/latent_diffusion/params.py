@@ -235,7 +235,16 @@ PARAMS: tuple[Param, ...] = (
           "size²) of one request, i.e. native-size image steps (400: 8 images × 50 steps, or 1 × 100 at twice the "
           "size)", modes=SERVE, check=_positive),
     Param("max_text_chars", int, 1000, "serve: longest text in characters (past the model's context in tokens the "
-          "rest is ignored, and the answer says so in 'warnings')", modes=SERVE, check=_positive),
+          "rest is ignored, and the answer says so in 'warnings'), and of every other text field (negative_prompt, "
+          "sampler, lora names)", modes=SERVE, check=_positive),
+    Param("max_image_pixels", int, 4096 * 4096, "serve: largest image (image, mask, control_image) in pixels, "
+          "width × height read from the file's header before its pixels are decoded (400 past it); images are "
+          "shrunk to the generation size before they are queued", modes=SERVE,
+          check=lambda v: None if 0 < v <= 200_000_000 else "must be within 1..200000000"),
+    Param("max_cached_shapes", int, 4, "serve: compiled models kept per model part for distinct input shapes "
+          "(batch × width × height): OpenVINO releases the least recently used past it (each holds the weights in "
+          "its own layout, ≈140 MB on the embedded model); with optimize=compile further shapes run eagerly",
+          modes=SERVE, check=_positive),
     Param("max_body_bytes", int, 16 << 20, "serve: largest request body in bytes (413 past it; room for an input "
           "image, its mask and a conditioning image at 1024²)", modes=SERVE,
           check=_positive),

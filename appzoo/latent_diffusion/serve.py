@@ -1,18 +1,26 @@
 """``--mode=serve`` for latent_diffusion: an HTTP request mapped to ``GenerationSettings`` (``REQUEST_FIELDS``),
-validated, and generated in batches by the same ``Generator`` predict uses (not a second pipeline)."""
+validated, and generated in batches by the same ``Generator`` predict uses (not a second pipeline).
+
+What a request may bring is bounded: every text field by ``max_text_chars`` and to Unicode text (JSON may carry a
+lone UTF-16 surrogate, which no tokenizer reads), every image by ``max_image_pixels`` read from the file's header
+before any pixel is decoded; images are shrunk to the generation size as they are parsed (the server parses off its
+event loop), so a queued request holds only what its generation needs.
+"""
 
 from __future__ import annotations
 
 import base64
 import collections
 import dataclasses
+import io
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from appzoo.latent_diffusion.conditioning import ImageInputs
+from appzoo.latent_diffusion.conditioning import ImageInputs, fit
 from appzoo.latent_diffusion.generation import (
     SEED_LIMIT,
     GenerationSettings,
@@ -24,9 +32,11 @@ from appzoo.latent_diffusion.generation import (
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm.args import ParsedFlags
+from easynlp_ldm.memory import process_figures
 from easynlp_ldm.serving.batcher import Cancelled
 from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
-from easynlp_ldm.tables import BadRow, decode_image_base64, encode_image, encode_image_base64
+from easynlp_ldm.tables import BadRow, decode_base64, decode_image, encode_image, encode_image_base64
+from modelzoo.optimize import compiled_shapes, limit_compiled_shapes
 from modelzoo.samplers import canonical_name, sampler_names
 
 logger = logging.getLogger("easynlp.serve")
@@ -69,6 +79,34 @@ def _text(service: LatentDiffusionService, name: str, value: Any) -> str:
     return value
 
 
+def _check_strings(service: LatentDiffusionService, name: str, value: Any) -> None:
+    """Every string in field ``name`` (its value, or nested in it: keys, list items) is Unicode text of at most
+    ``max_text_chars`` characters, or a RequestError naming the field (the string itself is never echoed)."""
+    limit = service.params["max_text_chars"]
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if len(item) > limit:
+                raise RequestError(f"{name}: a text of {len(item)} characters; at most {limit} are accepted "
+                                   "(max_text_chars)", name)
+            _check_unicode(name, item)
+
+
+def _check_unicode(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{name} is not Unicode text: character {err.start} is a lone UTF-16 surrogate "
+                           f"(\\u{ord(text[err.start]):04x}); send UTF-8 text (or escape pairs that make a character)",
+                           name) from None
+
+
 def _sampler(service: LatentDiffusionService, name: str, value: Any) -> str:
     if not isinstance(value, str) or (value and canonical_name(value) not in sampler_names()):
         raise RequestError(f"{name} must be one of {', '.join(sampler_names())}", name)
@@ -86,30 +124,66 @@ def _do_sr(service: LatentDiffusionService, name: str, value: Any) -> bool:
     return value
 
 
-def _image(name: str, value: Any):
-    """A base64 image field → RGB PIL image, or a RequestError naming the field."""
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from an image file's header (no pixel is decoded); None when PIL cannot read it (the full
+    decode then says why). PIL's own decompression-bomb limit stays on: past it, ``DecompressionBombError``."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit that answers
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+        except Image.DecompressionBombError:
+            raise
+        except Exception:
+            return None
+
+
+def _image(service: LatentDiffusionService, name: str, value: Any):
+    """A base64 image field → RGB PIL image at its own size, or a RequestError naming the field. Its size is
+    checked against ``max_image_pixels`` from the header, before its pixels are decoded."""
+    from PIL import Image
+
     if not isinstance(value, str):
         raise RequestError(f"{name} must be a base64 string of a PNG or JPEG image (a data:image/…;base64, prefix is "
                            "allowed)", name)
+    limit = service.params["max_image_pixels"]
     try:
-        return decode_image_base64(value)
+        data = decode_base64(value)
+        try:
+            size = _header_size(data)
+        except Image.DecompressionBombError as err:
+            raise RequestError(f"{name} is too large ({err}); at most {limit:,} pixels are accepted "
+                               "(max_image_pixels): send it at about the generation size", name) from None
+        if size and size[0] * size[1] > limit:
+            raise RequestError(f"{name} is {size[0]}×{size[1]} = {size[0] * size[1]:,} pixels; at most {limit:,} are "
+                               "accepted (max_image_pixels): send it at about the generation size", name)
+        return decode_image(data)
     except BadRow as err:
         raise RequestError(f"{name}: {err.reason}{f' ({err.detail})' if err.detail else ''}; give a base64 PNG or "
                            "JPEG image", name) from None
 
 
 def _images(service: LatentDiffusionService, body: dict, settings: GenerationSettings) -> dict:
-    """The request's ``image``, ``mask`` and ``control_image``, decoded and checked: {"image", "mask", "controls"}."""
-    image = _image("image", body["image"]) if "image" in body else None
+    """The request's ``image``, ``mask`` and ``control_image``, decoded, checked and shrunk to the generation size
+    (as generation would resize them): {"image", "mask", "controls"}."""
+    from PIL import Image
+
+    size = (settings.width, settings.height)
+    image = _image(service, "image", body["image"]) if "image" in body else None
     mask = None
     if "mask" in body:
         if image is None:
             raise RequestError("mask needs image: the mask marks (white = repaint) the part of image to repaint",
                                "mask")
-        mask = _image("mask", body["mask"]).convert("L")
+        mask = _image(service, "mask", body["mask"]).convert("L")
         if mask.size != image.size:
             raise RequestError(f"mask is {mask.width}×{mask.height} but image is {image.width}×{image.height}; give "
                                "a mask of the image's size (white = repaint)", "mask")
+        mask = mask if mask.size == size else mask.resize(size, Image.NEAREST)
+    if image is not None:
+        image = fit(image, *size)
     nets = len(settings.controlnets)
     controls = None
     if "control_image" in body:
@@ -121,13 +195,18 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
         if not isinstance(values, list) or len(values) != nets:
             raise RequestError(f"control_image must be a list of {nets} base64 images, one per ControlNet of this "
                                f"service (controlnet=){'; or one base64 image' if nets == 1 else ''}", "control_image")
-        controls = [_image("control_image", item) for item in values]
+        controls = [fit(_image(service, "control_image", item), *size) for item in values]
     elif nets:
         raise RequestError(f"control_image is required: this service runs {nets} ControlNet(s) (controlnet=), each "
                            "needs a conditioning image", "control_image")
     if settings.guidance_rescale and (image is not None or nets):
         raise RequestError("guidance_rescale is not available with an image or a ControlNet (diffusers' pipelines "
                            "for them do not take it); set it to 0", "guidance_rescale")
+    strength = settings.strength or (1.0 if mask is not None else 0.8)
+    if image is not None and int(settings.steps * strength) < 1:  # diffusers would run no step at all, and fail
+        raise RequestError(f"num_inference_steps × strength is {settings.steps} × {strength:g}: less than one step "
+                           "of the image would be redrawn; raise strength or num_inference_steps",
+                           "strength" if "strength" in body else "num_inference_steps")
     return {"image": image, "mask": mask, "controls": controls}
 
 
@@ -179,6 +258,7 @@ class LatentDiffusionService:
         # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a
         # scheduler; the model and the super-resolution net are shared by all).
         self.generators: collections.OrderedDict[GenerationSettings, Generator] = collections.OrderedDict()
+        limit_compiled_shapes(model, params["max_cached_shapes"])
 
     # -------------------------------------------------------------------------------------------- requests
     def parse(self, body: Any) -> Parsed:
@@ -186,15 +266,17 @@ class LatentDiffusionService:
             raise RequestError("the body must be a JSON object like {\"text\": \"…\", \"num_images\": 1}")
         unknown = sorted(set(body) - set(FIELDS))
         if unknown:
-            raise RequestError(f"unknown field {unknown[0]!r}; fields: {', '.join(FIELDS)}", unknown[0])
+            name = unknown[0][:40].encode("utf-8", "backslashreplace").decode("utf-8")  # a surrogate is escaped
+            why = " (it holds a lone UTF-16 surrogate: not Unicode text)" if name != unknown[0][:40] else ""
+            raise RequestError(f"unknown field {name!r}{why}; fields: {', '.join(FIELDS)}", name)
+        for name, value in body.items():
+            if name not in IMAGE_FIELDS:  # images: base64 is ASCII, and their size has its own limit
+                _check_strings(self, name, value)
         text = body.get("text")
         if not isinstance(text, str):
             raise RequestError("text is required and must be a string", "text")
         if not text.strip():
             raise RequestError("text must not be empty", "text")
-        if len(text) > self.params["max_text_chars"]:
-            raise RequestError(f"text is {len(text)} characters; at most {self.params['max_text_chars']} are "
-                               "accepted (max_text_chars)", "text")
         settings = dataclasses.replace(self.defaults, **{
             setting: check(self, name, body[name]) for name, (setting, check) in REQUEST_FIELDS.items()
             if name in body})
@@ -300,7 +382,23 @@ class LatentDiffusionService:
                 "limits": {"max_num_images": self.params["max_num_images"], "max_steps": self.params["max_steps"],
                            "max_size": self.max_size, "size_multiple": self.factor,
                            "max_request_work": self.params["max_request_work"],
-                           "max_text_chars": self.params["max_text_chars"], "text_tokens": self.text_length}}
+                           "max_text_chars": self.params["max_text_chars"], "text_tokens": self.text_length,
+                           "max_image_pixels": self.params["max_image_pixels"]}}
+
+    def gauges(self) -> list[str]:
+        """For /metrics: this process's resident memory and threads, and what each bounded cache holds against its
+        bound (compiled models per input shape, pipelines per settings)."""
+        caches = {**compiled_shapes(self.model), "generators": (len(self.generators), MAX_GENERATORS)}
+        figures = process_figures()
+        lines = []
+        if figures:
+            lines += ["# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes "
+                      f"{figures['rss_bytes']}", "# TYPE easynlp_process_threads gauge",
+                      f"easynlp_process_threads {figures['threads']}"]
+        for metric, column in (("easynlp_cache_entries", 0), ("easynlp_cache_capacity", 1)):
+            lines.append(f"# TYPE {metric} gauge")
+            lines += [f'{metric}{{cache="{name}"}} {value[column]}' for name, value in sorted(caches.items())]
+        return lines
 
 
 def service_settings(params: dict[str, Any], api_token: str | None) -> ServiceSettings:

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -211,6 +213,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
     state: dict[str, Any] = {"ready": False, "batcher": None, "warmup_error": None, "stopping": False}
     metrics = Metrics()
     replays = auth.ReplayCache()
+    parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easynlp-parse")  # request bodies: see prepare
 
     def start() -> None:
         try:
@@ -237,6 +240,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         threading.Thread(target=start, name="easynlp-warmup", daemon=True).start()
         yield
         begin_shutdown()
+        parser.shutdown(wait=False)
 
     app = FastAPI(title="easynlp-ldm text-to-image service", lifespan=lifespan,
                   docs_url="/docs" if settings.docs else None, redoc_url=None,
@@ -309,13 +313,21 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                     raise Problem(408, f"the request waited more than {settings.request_timeout_s:g} s in the queue")
                 raise Problem(504, f"the request did not finish within {settings.request_timeout_s:g} s")
 
-    async def generate(request: Request, body: Any, openai: bool) -> dict:
+    def prepare(raw: bytes, openai: bool) -> tuple[Parsed, str]:
+        """A body → its job and its share key, in the ``parser`` thread: the JSON (up to ``max_body_bytes``) and the
+        handler's parse (image decoding) never hold the event loop, so /health answers meanwhile; one body at a
+        time, so one request's images are decoded at once."""
+        body = parse_json(raw)
         if openai:
             body = openai_images.to_contract(body)
         parsed = handler.parse(body)
+        # a digest, not the body: a queued job must not keep a second copy of a request's images
+        return parsed, hashlib.sha256(json.dumps(body, sort_keys=True).encode("ascii")).hexdigest()
+
+    async def generate(request: Request, raw: bytes, openai: bool) -> dict:
+        parsed, share_key = await asyncio.get_running_loop().run_in_executor(parser, prepare, raw, openai)
         batcher: Batcher = state["batcher"]
         units = min(parsed.units, settings.max_batch_size)  # a large request runs alone rather than never
-        share_key = json.dumps(body, sort_keys=True, ensure_ascii=False)
         if not parsed.deterministic and batcher.waited_for(share_key):
             # The same request is under way for a client that may just have given up and sent this one (the SDK
             # retries at once): give its disconnect a poll or two to be seen, so that this request takes the work over.
@@ -355,7 +367,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                 raw = await read_body(request, settings)
                 if signed:
                     claimed = check_token(request, raw)
-                response = JSONResponse(await generate(request, parse_json(raw), openai))
+                response = JSONResponse(await generate(request, raw, openai))
             except RequestError as err:
                 response = answer(Problem(400, str(err), err.field), request.url.path)
             except Problem as problem:
@@ -410,7 +422,9 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
 
     def prometheus():
         batcher = state["batcher"]
-        return PlainTextResponse(metrics.render(batcher.depth if batcher else 0, state["ready"]))
+        extra = getattr(handler, "gauges", None)  # the app's own figures (memory, caches), when it has some
+        return PlainTextResponse(metrics.render(batcher.depth if batcher else 0, state["ready"])
+                                 + "".join(line + "\n" for line in (extra() if extra else [])))
 
     app.add_api_route("/info", guarded(info), methods=["GET"], summary="The model and the limits")
     app.add_api_route("/metrics", guarded(prometheus), methods=["GET"], summary="Prometheus metrics")
