@@ -134,9 +134,19 @@ def _pipeline(model):
     from modelzoo.samplers import make_scheduler
 
     scheduler = make_scheduler("", model.scheduler_config, model.scheduler_class)
-    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return _lora_modules(StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+
+
+def _lora_modules(pipe):
+    """diffusers' LoRA methods treat a text encoder that is a diffusers model (EasyNLP's Wukong encoder) as one with
+    peft adapters, and fail on it; such an encoder takes no LoRA (adapters train the UNet), so leave it out."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(pipe.text_encoder, PreTrainedModel):
+        pipe._lora_loadable_modules = [name for name in pipe._lora_loadable_modules if name != "text_encoder"]
+    return pipe
 
 
 def load_adapters(model, specs: tuple[LoraSpec, ...], fuse: bool = True, names: list[str] | None = None) -> list[str]:
@@ -163,7 +173,7 @@ def load_adapters(model, specs: tuple[LoraSpec, ...], fuse: bool = True, names: 
             diffusers_logging.set_verbosity(verbosity)
     if names and fuse:
         pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
-        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.fuse_lora(components=list(pipe._lora_loadable_modules), adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
     elif names:
         pipe.disable_lora()  # until a request chooses some (select_adapters)
@@ -176,6 +186,7 @@ def has_adapters(module) -> bool:
 
 def select_adapters(pipe, chosen: tuple[tuple[str, float], ...]) -> None:
     """Switch the switchable adapters of ``pipe``'s model to ``chosen`` ((name, scale), …; empty: none)."""
+    _lora_modules(pipe)
     if not has_adapters(pipe.unet):
         if chosen:
             raise UserError("no LoRA adapters are loaded to choose from")
