@@ -7,13 +7,13 @@ How: ``openvino.convert_model`` traces our own fp32 module once (inputs dynamic)
 versions, so a fine-tuned or LoRA-merged model gets its own IR and a changed model never meets a stale one. Each
 input shape seen (batch × latent size × text length) gets the IR reshaped to that static shape and compiled, with
 OpenVINO's compiled-blob cache beside it: a new batch size costs a compile (≈1 s on the embedded model), never a
-new conversion. Both caches of shapes are bounded: a runner keeps the compiled models of its ``max_shapes`` most
-recently used shapes (each holds its own copy of the weights in the plugin's layout and its buffers — ≈140 MB per
-shape on the embedded model — and stream threads), releasing the least recently used one before it compiles another
-(its threads go back to OpenVINO's pool); the compiled-blob folder of a model keeps its ``BLOBS_PER_SHAPE ×
-max_shapes`` most recently written blobs (in ``<key>/compiled``). Inference precision: bf16 where the CPU has it
-(``precision`` overrides), else f32. A batch runs as one OpenVINO stream per thread, each on its part of the batch
-(see ``OpenVINORunner``): steady when the cores are shared.
+new conversion. Both caches of shapes are bounded: a runner keeps its ``max_shapes`` most recently used compiled
+models (one per input shape of a batch part; each holds its own copy of the weights in the plugin's layout, its
+buffers — 100-150 MB on the embedded model, UNet and decoder — and stream threads), releasing the least recently used
+before it compiles another (its threads go back to OpenVINO's pool); the compiled-blob folder of a model keeps its
+``BLOBS_PER_SHAPE × max_shapes`` most recently written blobs (in ``<key>/compiled``). Inference precision: bf16
+where the CPU has it (``precision`` overrides), else f32. A batch runs as one OpenVINO stream per thread, each on its
+part of the batch (see ``OpenVINORunner``): steady when the cores are shared.
 
 Not converted (they run in PyTorch, fp32): calls carrying ControlNet residuals or other extra UNet inputs, and
 models with switchable LoRA adapters (``optimize`` reports that).
@@ -38,8 +38,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-MAX_SHAPES = 4  # compiled shapes kept per runner (serve: max_cached_shapes)
-BLOBS_PER_SHAPE = 4  # compiled blobs kept on disk per model, per shape kept in memory (UNet + decoder, uneven splits)
+MAX_SHAPES = 4  # compiled models kept per runner (serve: max_cached_shapes)
+BLOBS_PER_SHAPE = 4  # compiled blobs kept on disk per model, per compiled model kept in memory
 CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
 
 
@@ -123,7 +123,10 @@ class OpenVINORunner:
     ``bench/cpu_speed.py`` measures it). A batch smaller than ``streams`` runs as fewer, wider parts. Every sample's
     computation is independent of the others (the UNet and the VAE decoder have no batch statistics).
 
-    ``compiled`` holds the ``max_shapes`` most recently used input shapes; ``evictions`` counts those released."""
+    ``compiled`` maps each part's input shapes (and the number of parts, its streams) to its compiled model and infer
+    requests, least recently used first: at most ``max_shapes`` of them (an unevenly split batch uses two, an even
+    one one, and batches share them: 3 and 4 images in 2 streams both run parts of 2); ``evictions`` counts those
+    released. Counting compiled models, not batch shapes, bounds the memory: each holds its own copy of the weights."""
 
     def __init__(self, graph: torch.nn.Module, name: str, key: str, precision: str, threads: int = 0,
                  streams: int = 0, max_shapes: int = MAX_SHAPES):
@@ -131,27 +134,28 @@ class OpenVINORunner:
         self.precision, self.threads = precision, threads
         self.streams = streams or threads or 1
         self.max_shapes = max_shapes
-        # input shapes → [(infer request, batch slice)], least recently used first
-        self.compiled: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        # (part input shapes, parts) → (compiled model, [infer requests]), least recently used first
+        self.compiled: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.conversions = 0  # conversions done by this runner (0 when the IR came from the cache)
         self.evictions = 0
 
     def resize(self, max_shapes: int) -> None:
-        """Keep at most ``max_shapes`` compiled shapes from now on (releasing the least recently used at once)."""
+        """Keep at most ``max_shapes`` compiled models from now on (releasing the least recently used at once)."""
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be at least 1, got {max_shapes}")
         with self.lock:
             self.max_shapes = max_shapes
             self._evict(max_shapes)
 
-    def _evict(self, keep: int) -> None:
-        """Release the least recently used compiled shapes until ``keep`` remain (with the lock held): dropping the
-        last references to the infer requests and compiled models frees their memory and returns their threads."""
-        while len(self.compiled) > keep:
-            shapes, _ = self.compiled.popitem(last=False)
+    def _evict(self, keep: int, needed: frozenset = frozenset()) -> None:
+        """Release the least recently used compiled models but ``needed`` until ``keep`` remain (with the lock held):
+        dropping the last references to a compiled model and its infer requests frees its memory and returns its
+        threads to OpenVINO's pool."""
+        for key in [key for key in self.compiled if key not in needed][:max(0, len(self.compiled) - keep)]:
+            del self.compiled[key]
             self.evictions += 1
-            logger.debug("OpenVINO: %s released the model compiled for %s", self.name, shapes)
+            logger.debug("OpenVINO: %s released the model compiled for %s", self.name, key)
 
     @property
     def blob_dir(self) -> str:
@@ -202,45 +206,51 @@ class OpenVINORunner:
         logger.info("OpenVINO: %s converted in %.1f s", self.name, time.perf_counter() - start)
         return path
 
-    def _compile(self, tensors: tuple[torch.Tensor, ...]) -> list:
-        """[(infer request, batch slice)] for these input shapes: the batch in ``min(streams, batch)`` parts."""
+    def _compile(self, shapes: tuple, parts: int, example: tuple[torch.Tensor, ...]):
+        """The IR reshaped to these static input shapes, compiled for ``parts`` streams."""
         import openvino as ov
 
+        core = _core()
+        model = core.read_model(self._ensure_ir(example))
+        model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "NUM_STREAMS": parts,
+                  "CACHE_DIR": self.blob_dir}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        start = time.perf_counter()
+        compiled = core.compile_model(model, "CPU", config)
+        logger.debug("OpenVINO: %s compiled for %s × %d streams in %.1f s", self.name, shapes, parts,
+                     time.perf_counter() - start)
+        self._prune_blobs()
+        return compiled
+
+    def _requests(self, tensors: tuple[torch.Tensor, ...]) -> list:
+        """[(infer request, batch slice)]: the batch in ``min(streams, batch)`` parts, each part's compiled model
+        taken from the cache (the least recently used released first when one must be compiled)."""
         batch = tensors[0].shape[0]
         parts = max(1, min(self.streams, batch))
         bounds = np.linspace(0, batch, parts + 1).round().astype(int)
         slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        core = _core()
-        ir = core.read_model(self._ensure_ir(tuple(t[slices[0]] for t in tensors)))  # read once, reshaped per part
-        compiled: dict[tuple, object] = {}  # part shapes → compiled model (an uneven split has two)
-        requests = []
-        for part in slices:
-            shapes = tuple((part.stop - part.start, *t.shape[1:]) for t in tensors)
-            if shapes not in compiled:
-                model = ir.clone()
-                model.reshape({port: ov.PartialShape(list(shape)) for port, shape in zip(model.inputs, shapes)})
-                config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision], "NUM_STREAMS": parts,
-                          "CACHE_DIR": self.blob_dir}
-                if self.threads:
-                    config["INFERENCE_NUM_THREADS"] = self.threads
-                start = time.perf_counter()
-                compiled[shapes] = core.compile_model(model, "CPU", config)
-                logger.debug("OpenVINO: %s compiled for %s × %d streams in %.1f s", self.name, shapes, parts,
-                             time.perf_counter() - start)
-            requests.append((compiled[shapes].create_infer_request(), part))
-        self._prune_blobs()
+        keys = [(tuple((part.stop - part.start, *t.shape[1:]) for t in tensors), parts) for part in slices]
+        requests, used = [], collections.Counter()
+        for key, part in zip(keys, slices):
+            if key in self.compiled:
+                self.compiled.move_to_end(key)
+            else:  # release first: never more than max_shapes alive (but the ones this batch needs)
+                self._evict(self.max_shapes - 1, frozenset(keys))
+                self.compiled[key] = (self._compile(*key, tuple(t[part] for t in tensors)), [])
+            compiled, pool = self.compiled[key]
+            if used[key] == len(pool):  # an even split runs the same compiled model in several requests
+                pool.append(compiled.create_infer_request())
+            requests.append((pool[used[key]], part))
+            used[key] += 1
+        self._evict(self.max_shapes, frozenset(keys))  # what an uneven split kept past the bound last time
         return requests
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         tensors = tuple(t.detach().float().contiguous() for t in tensors)
-        shapes = tuple(tuple(t.shape) for t in tensors)
         with self.lock:
-            requests = self.compiled.get(shapes)
-            if requests is None:
-                self._evict(self.max_shapes - 1)  # before compiling: never more than max_shapes alive at once
-                requests = self.compiled[shapes] = self._compile(tensors)
-            else:
-                self.compiled.move_to_end(shapes)
+            requests = self._requests(tensors)
             for request, part in requests:
                 request.start_async([t[part].numpy() for t in tensors], share_inputs=True)
             outputs = []

@@ -241,10 +241,10 @@ PARAMS: tuple[Param, ...] = (
           "width × height read from the file's header before its pixels are decoded (400 past it); images are "
           "shrunk to the generation size before they are queued", modes=SERVE,
           check=lambda v: None if 0 < v <= 200_000_000 else "must be within 1..200000000"),
-    Param("max_cached_shapes", int, 4, "serve: compiled models kept per model part for distinct input shapes "
-          "(batch × width × height): OpenVINO releases the least recently used past it (each holds the weights in "
-          "its own layout, ≈140 MB on the embedded model); with optimize=compile further shapes run eagerly",
-          modes=SERVE, check=_positive),
+    Param("max_cached_shapes", int, 4, "serve: compiled models kept per model part (UNet, VAE decoder), one per "
+          "input shape (images × width × height of a batch's part per stream): OpenVINO releases the least recently "
+          "used past it (each holds the weights in its own layout: 100-150 MB on the embedded model); with "
+          "optimize=compile, shapes past it run eagerly", modes=SERVE, check=_positive),
     Param("max_body_bytes", int, 16 << 20, "serve: largest request body in bytes (413 past it; room for an input "
           "image, its mask and a conditioning image at 1024²)", modes=SERVE,
           check=_positive),

@@ -124,12 +124,13 @@ def test_a_batch_runs_as_parallel_streams_with_the_same_result(ov_cache, batch):
     x = torch.randn(batch, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), net(x), rtol=1e-4, atol=1e-4)
-    parts = runner.compiled[((batch, 4, 8, 8),)]
-    assert [p.stop - p.start for _, p in parts] == {1: [1], 3: [2, 1], 4: [2, 2]}[batch]
+    # (images per part, requests running it): an uneven split compiles two part shapes, an even one runs one twice
+    parts = [(shapes[0][0], len(pool)) for (shapes, _), (_, pool) in runner.compiled.items()]
+    assert parts == {1: [(1, 1)], 3: [(2, 1), (1, 1)], 4: [(2, 2)]}[batch]
 
 
 def test_the_runner_keeps_its_most_recent_shapes_and_releases_the_others(ov_cache):
-    # issue 30, item 8: every new request shape used to keep a compiled model (its memory and its stream threads)
+    # issue 30, item 8: every new request shape used to keep its compiled models (their memory and stream threads)
     # for ever; now the least recently used is released before another is compiled, and the blobs on disk are pruned
     from modelzoo import openvino_backend
     from modelzoo.openvino_backend import OpenVINORunner
@@ -142,11 +143,11 @@ def test_the_runner_keeps_its_most_recent_shapes_and_releases_the_others(ov_cach
                               torch.nn.Conv2d(16, 4, 3, padding=1)).eval()
     runner = OpenVINORunner(net, "net", "test-lru", "fp32", threads=2, streams=2, max_shapes=2)
 
-    def run(side, batch=3):  # batch 3 in 2 streams: two compiled models per shape (an uneven split)
+    def run(side, batch=2):  # 2 images in 2 streams: one compiled model (1 image), run as two requests
         x = torch.randn(batch, 4, side, side)
         with torch.no_grad():
             torch.testing.assert_close(runner(x), net(x), rtol=1e-4, atol=1e-4)
-        return ((batch, 4, side, side),)
+        return (((1, 4, side, side),), 2)
 
     first, second = run(8), run(16)
     at_bound = threads()
@@ -160,3 +161,9 @@ def test_the_runner_keeps_its_most_recent_shapes_and_releases_the_others(ov_cach
     assert 0 < len(blobs) <= openvino_backend.BLOBS_PER_SHAPE * 2
     runner.resize(1)
     assert list(runner.compiled) == [first]
+    # an uneven split needs two compiled models at once (kept for the call even past max_shapes=1); a batch of 4
+    # then reuses the part of 2
+    run(8, batch=3)
+    assert [shapes[0][0] for shapes, _ in runner.compiled] == [2, 1]
+    run(8, batch=4)
+    assert [shapes[0][0] for shapes, _ in runner.compiled] == [2] and runner.evictions == 6
