@@ -133,7 +133,8 @@ def test_an_image_request_that_would_redraw_no_step_is_a_400(server, fields, fie
 def test_health_answers_while_a_large_image_is_decoded(tiny_model_dir):
     running = InProcessServer(tiny_model_dir, max_image_pixels=200_000_000)
     try:
-        body = json.dumps({"text": "红色的圆形", "num_inference_steps": 2, "image": huge_png(10000)})
+        big = huge_png(10000)  # 100 M pixels each: 0.7 s to decode (the event loop stalled twice that)
+        body = json.dumps({"text": "红色的圆形", "num_inference_steps": 2, "image": big, "mask": big})
         done = threading.Event()
         answers = []
 
@@ -154,6 +155,30 @@ def test_health_answers_while_a_large_image_is_decoded(tiny_model_dir):
         assert slowest < 0.5
     finally:
         running.stop()
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+def test_a_request_parsed_while_a_batch_tokenizes_does_not_change_its_padding(server, monkeypatch):
+    """A fast tokenizer keeps its padding setting in shared state, set just before each encoding. A request parsed
+    (in the parser thread) right then took the batch's padding away: prompts of 15 tokens against a negative prompt
+    of 32, a 500 — twice in 400 requests of bench/serve_soak.py. Here the parse is made to happen in that window."""
+    service = server.service
+    tokenizer = service.model.tokenizer
+    original = tokenizer.set_truncation_and_padding
+    inside = []
+
+    def parse_meanwhile(*args, **kwargs):
+        original(*args, **kwargs)
+        if not inside:  # (parse's own tokenizer call comes back here when it shares this tokenizer)
+            inside.append(True)
+            service.parse({"text": "红色的圆形"})
+            inside.pop()
+
+    monkeypatch.setattr(tokenizer, "set_truncation_and_padding", parse_meanwhile)
+    payload = service.parse({"text": "白色背景上的蓝色正方形", "num_inference_steps": 1, "guidance_scale": 5}).payload
+    inside.clear()
+    (result,) = service.run_batch([payload])
+    assert len(result["images_base64"]) == 1
 
 
 # ------------------------------------------------------------------------------------- caches per request shape
