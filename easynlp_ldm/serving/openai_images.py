@@ -38,7 +38,8 @@ def to_contract(body: Any) -> dict:
     if size not in ("auto", None):
         match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
         if not match:
-            raise RequestError(f"size must be WIDTHxHEIGHT like 512x512, or auto; got {size!r}", "size")
+            shown = repr(size) if len(repr(size)) <= 40 else repr(size)[:40] + "…"  # never a request's text echoed back
+            raise RequestError(f"size must be WIDTHxHEIGHT like 512x512, or auto; got {shown}", "size")
         contract.update(width=int(match.group(1)), height=int(match.group(2)))
     return contract
 

@@ -67,6 +67,13 @@ def test_every_text_field_has_max_text_chars(server, body, field):
     assert time.monotonic() - start < 2
 
 
+def test_a_long_size_on_the_openai_route_is_not_echoed(server):
+    response = httpx.post(server.url + "/v1/images/generations", json={"prompt": "红色的圆形", "size": "9" * 100_000},
+                          timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "size"
+    assert len(response.text) < 500
+
+
 @pytest.mark.parametrize("body,field", [
     ('{"text": "\\ud800 red", "num_inference_steps": 1}', "text"),
     ('{"text": "red", "negative_prompt": "blurry \\udfff", "num_inference_steps": 1}', "negative_prompt"),
