@@ -84,6 +84,22 @@ def _core():
         return _CORE
 
 
+def _without_telemetry() -> None:
+    """OpenVINO's model converter sends usage data to Intel unless the user opted out (a consent file in the home
+    folder): each event from a process forked from this one, which on a machine without internet waits for its
+    connection, and, forked while another thread held a lock, can wait for ever, holding this process's exit with it
+    (a test run hung so, in multiprocessing's join at exit). This toolkit's conversions send nothing and write nothing
+    to the home folder: the converter's modules get its own no-op stand-in for the telemetry package."""
+    import importlib
+
+    from openvino.tools.ovc import telemetry_stub
+
+    for name in ("telemetry_utils", "convert_impl", "utils"):
+        module = importlib.import_module(f"openvino.tools.ovc.{name}")
+        if hasattr(module, "tm"):
+            module.tm = telemetry_stub
+
+
 def cpu_precisions() -> set[str]:
     """The precisions OpenVINO's CPU plugin can infer in on this machine (``f32`` always)."""
     capabilities = set(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
@@ -196,6 +212,7 @@ class OpenVINORunner:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         logger.info("OpenVINO: converting the %s (once per model; the IR is cached in %s) …", self.name, folder)
         start = time.perf_counter()
+        _without_telemetry()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing's TracerWarnings about diffusers' shape checks: not the user's
             converted = ov.convert_model(self.graph, example_input=example)

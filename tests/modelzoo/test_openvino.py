@@ -167,3 +167,19 @@ def test_the_runner_keeps_its_most_recent_shapes_and_releases_the_others(ov_cach
     assert [shapes[0][0] for shapes, _ in runner.compiled] == [2, 1]
     run(8, batch=4)
     assert [shapes[0][0] for shapes, _ in runner.compiled] == [2] and runner.evictions == 6
+
+
+def test_a_conversion_sends_no_telemetry_and_forks_nothing(ov_cache, tmp_path, monkeypatch):
+    # OpenVINO's converter sent usage data from forked processes (offline, they could hang this process's exit)
+    # and wrote a client id under ~/intel unless the user had opted out
+    import multiprocessing
+
+    from modelzoo.openvino_backend import OpenVINORunner
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    net = torch.nn.Conv2d(4, 4, 3, padding=1).eval()
+    runner = OpenVINORunner(net, "net", "test-telemetry", "fp32", threads=1)
+    with torch.no_grad():
+        runner(torch.randn(1, 4, 8, 8))
+    assert runner.conversions == 1
+    assert multiprocessing.active_children() == [] and not (tmp_path / "intel").exists()
