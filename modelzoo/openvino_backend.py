@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -37,12 +36,6 @@ import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
-
-# OpenVINO's model converter sends usage telemetry to Intel unless the user opted out (its opt-in dialog is off), from
-# a process forked off a thread: offline, that child can hang in a lock the fork copied, and the parent then waits for
-# it at exit forever (seen in this project's tests). This toolkit sends nothing anywhere: the converter falls back to
-# its own no-op telemetry stub when ``openvino_telemetry`` cannot be imported, so make it unimportable here.
-sys.modules.setdefault("openvino_telemetry", None)
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 MAX_SHAPES = 4  # compiled models kept per runner (serve: max_cached_shapes)
