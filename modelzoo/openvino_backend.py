@@ -150,8 +150,9 @@ class OpenVINORunner:
         self.precision, self.threads = precision, threads
         self.streams = streams or threads or 1
         self.max_shapes = max_shapes
-        # (part input shapes, parts) → (compiled model, [infer requests]), least recently used first
-        self.compiled: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        # (part input shapes, parts) → its compiled model's infer requests (one per part: they keep it alive), least
+        # recently used first
+        self.compiled: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.conversions = 0  # conversions done by this runner (0 when the IR came from the cache)
         self.evictions = 0
@@ -166,8 +167,8 @@ class OpenVINORunner:
 
     def _evict(self, keep: int, needed: frozenset = frozenset()) -> None:
         """Release the least recently used compiled models but ``needed`` until ``keep`` remain (with the lock held):
-        dropping the last references to a compiled model and its infer requests frees its memory and returns its
-        threads to OpenVINO's pool."""
+        dropping the last infer requests of a compiled model frees its memory and returns its threads to OpenVINO's
+        pool."""
         for key in [key for key in self.compiled if key not in needed][:max(0, len(self.compiled) - keep)]:
             del self.compiled[key]
             self.evictions += 1
@@ -255,11 +256,13 @@ class OpenVINORunner:
                 self.compiled.move_to_end(key)
             else:  # release first: never more than max_shapes alive (but the ones this batch needs)
                 self._evict(self.max_shapes - 1, frozenset(keys))
-                self.compiled[key] = (self._compile(*key, tuple(t[part] for t in tensors)), [])
-            compiled, pool = self.compiled[key]
-            if used[key] == len(pool):  # an even split runs the same compiled model in several requests
-                pool.append(compiled.create_infer_request())
-            requests.append((pool[used[key]], part))
+                compiled = self._compile(*key, tuple(t[part] for t in tensors))
+                # Only the requests are kept (an even split runs one compiled model in several): the last reference
+                # to a CompiledModel object, dropped, held the GIL ~50 ms per stream (and /health waited); requests
+                # release it without
+                self.compiled[key] = [compiled.create_infer_request() for _ in range(parts)]
+                del compiled
+            requests.append((self.compiled[key][used[key]], part))
             used[key] += 1
         self._evict(self.max_shapes, frozenset(keys))  # what an uneven split kept past the bound last time
         return requests
