@@ -74,8 +74,11 @@ class GenerationSettings:
         """``--user_defined_parameters`` (EasyNLP's names) → settings."""
         from appzoo.latent_diffusion.conditioning import parse_controlnets
 
-        return cls(**{field: params[name] for field, name in PARAM_NAMES.items()},
-                   controlnets=parse_controlnets(params.get("controlnet", "")))
+        settings = cls(**{field: params[name] for field, name in PARAM_NAMES.items()},
+                       controlnets=parse_controlnets(params.get("controlnet", "")))
+        for note in settings.unused_settings():
+            logger.warning(note)
+        return settings
 
     def for_model(self, model: LatentDiffusion) -> GenerationSettings:
         """The concrete settings for ``model``: native size and ESRGAN channel order filled in, size checked."""
@@ -86,12 +89,10 @@ class GenerationSettings:
         problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class)
         if problem:
             raise UserError(problem)
-        for note in self.unused_settings():
-            logger.warning(note)
         return settings
 
     def unused_settings(self) -> list[str]:
-        """Notes on settings given that these settings leave without effect (each would otherwise be silently
+        """Notes on the user's settings that the others leave without effect (each would otherwise be silently
         ignored): guidance's companions without guidance, ESRGAN's without do_sr, a preprocessor without a
         ControlNet."""
         notes = []

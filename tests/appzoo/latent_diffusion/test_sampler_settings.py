@@ -97,3 +97,18 @@ def test_a_setting_that_cannot_apply_is_a_note_not_silently_ignored(tiny_model_d
     caplog.clear()
     pipeline("latent_diffusion", tiny_model_dir, n_samples=1, ddim_steps=1, optimize="none", scale=5)
     assert "has no effect" not in caplog.text  # the defaults draw no note
+
+
+def test_settings_filled_in_for_the_model_draw_no_note(tiny_model_dir, caplog):
+    """Serve fills in the model's size and ESRGAN channel order, then builds generators from those settings: the
+    filled-in values are not the user's and draw no note."""
+    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.loading import load_model
+    from appzoo.latent_diffusion.params import PARAMS
+    from easynlp_ldm.args import validate_parameters
+
+    model = load_model(tiny_model_dir, optimize="none")
+    params, _ = validate_parameters([], PARAMS, "serve")
+    caplog.set_level("WARNING", logger="easynlp")
+    Generator(model, GenerationSettings.from_params(params).for_model(model))
+    assert "has no effect" not in caplog.text
