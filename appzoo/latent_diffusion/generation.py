@@ -125,6 +125,20 @@ def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | N
             f"applies only to sampler={choices}; set sampler={choices} or leave ddim_eta at 0")
 
 
+def image_strength(strength: float, inpainting: bool) -> float:
+    """The strength an img2img (0.8) or inpainting (1.0) run uses when ``strength`` is 0 (not given)."""
+    return strength or (1.0 if inpainting else 0.8)
+
+
+def redraw_problem(steps: int, strength: float, inpainting: bool) -> str | None:
+    """Why generation from an image at ``strength`` would redraw no step (diffusers then fails), or None."""
+    strength = image_strength(strength, inpainting)
+    if int(steps * strength) >= 1:
+        return None
+    return (f"num_inference_steps × strength is {steps} × {strength:g}: less than one step of the image would be "
+            f"redrawn; raise strength or num_inference_steps")
+
+
 # GenerationSettings field → its user_defined_parameter (declared in params.py).
 PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", "width": "W", "sampler": "sampler",
                "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
@@ -284,7 +298,7 @@ def _generate_from_images(pipe, common: dict, settings: GenerationSettings, inpu
     kwargs = dict(common)
     if inputs.images:
         kwargs["image"] = [fit(image, width, height) for image in inputs.images]
-        kwargs["strength"] = settings.strength or (1.0 if inputs.masks else 0.8)
+        kwargs["strength"] = image_strength(settings.strength, bool(inputs.masks))
     if inputs.masks:
         kwargs["mask_image"] = [mask.convert("L").resize((width, height), Image.NEAREST)
                                 if mask.size != (width, height) else mask.convert("L") for mask in inputs.masks]

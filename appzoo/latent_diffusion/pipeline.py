@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, check_masks
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed, redraw_problem
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.params import PARAMS
 from easynlp_ldm.args import validate_parameters
@@ -85,6 +85,10 @@ class LatentDiffusionPipeline:
         inputs = self._image_inputs(len(prompts), images, masks, control_images)
         if self.params["strength"] and images is None:
             logger.warning("strength=%g has no effect without images=", self.params["strength"])
+        problem = images is not None and redraw_problem(self.params["ddim_steps"], self.params["strength"],
+                                                        masks is not None)
+        if problem:
+            raise UserError(problem)
         jobs = [(i, prompt, sample, image_seed(self.random_seed, i + 1, sample))
                 for i, prompt in enumerate(prompts) for sample in range(self.samples_per_prompt)]
         if latents is not None and len(latents) != len(jobs):

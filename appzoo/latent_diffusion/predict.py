@@ -22,7 +22,13 @@ import torch
 from tqdm import tqdm
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, parse_controlnets
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+from appzoo.latent_diffusion.generation import (
+    GenerationSettings,
+    Generator,
+    image_seed,
+    image_strength,
+    redraw_problem,
+)
 from appzoo.latent_diffusion.inputs import (
     PROMPT_SCHEMA,
     input_tables,
@@ -110,10 +116,13 @@ def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
     if params["strength"] and not inputs.image_column:
         logger.warning("strength=%g has no effect without input images: name an image column in --input_schema "
                        "(imgbase64) or --second_sequence", params["strength"])
+    problem = inputs.image_column and redraw_problem(params["ddim_steps"], params["strength"], bool(mask))
+    if problem:
+        raise UserError(f"ddim_steps={params['ddim_steps']}, strength={params['strength']:g}: {problem}")
     if inputs.image_column or controls:
         logger.info("generating from images: %s", ", ".join(filter(None, [
             inputs.image_column and f"input images from column {inputs.image_column} (strength "
-                                    f"{params['strength'] or (1.0 if mask else 0.8):g})",
+                                    f"{image_strength(params['strength'], bool(mask)):g})",
             mask and "inpainting masks from column mask (white = repaint)",
             controls and f"ControlNet conditioning images from {', '.join(controls)} (control_preprocessor="
                          f"{params['control_preprocessor']})"])))

@@ -29,6 +29,7 @@ from appzoo.latent_diffusion.generation import (
     Generator,
     Stopped,
     eta_problem,
+    redraw_problem,
     size_factor,
 )
 from appzoo.latent_diffusion.inputs import text_length
@@ -205,11 +206,9 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
     if settings.guidance_rescale and (image is not None or nets):
         raise RequestError("guidance_rescale is not available with an image or a ControlNet (diffusers' pipelines "
                            "for them do not take it); set it to 0", "guidance_rescale")
-    strength = settings.strength or (1.0 if mask is not None else 0.8)
-    if image is not None and int(settings.steps * strength) < 1:  # diffusers would run no step at all, and fail
-        raise RequestError(f"num_inference_steps × strength is {settings.steps} × {strength:g}: less than one step "
-                           "of the image would be redrawn; raise strength or num_inference_steps",
-                           "strength" if "strength" in body else "num_inference_steps")
+    problem = image is not None and redraw_problem(settings.steps, settings.strength, mask is not None)
+    if problem:
+        raise RequestError(problem, "strength" if "strength" in body else "num_inference_steps")
     return {"image": image, "mask": mask, "controls": controls}
 
 

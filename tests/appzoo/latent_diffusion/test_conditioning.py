@@ -241,3 +241,20 @@ def test_a_controlnet_shipped_in_the_package_is_found_by_name(controlnet_dir, mo
     assert pretrained.embedded_controlnets() == {"tiny-canny": str(tmp_path / "tiny-canny")}
     (net,) = load_controlnets(["tiny-canny"], "cpu", torch.float32)
     assert type(net).__name__ == "ControlNetModel"
+
+
+def test_img2img_that_would_redraw_no_step_is_one_line_not_diffusers_error(tiny_model_dir, tmp_path, capsys):
+    from easynlp_ldm import cli, pipeline
+    from tests.helpers import predict_argv
+
+    table = write_table(tmp_path / "in.tsv", [("0", PROMPTS[0], b64(photo(20)))])
+    argv = predict_argv(table, str(tmp_path / "out.tsv"), tiny_model_dir, udp="ddim_steps=1 strength=0.5 optimize=none")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1"
+    assert cli.main(argv) == 2
+    assert ("ddim_steps=1, strength=0.5: num_inference_steps × strength is 1 × 0.5: less than one step of the image "
+            "would be redrawn") in capsys.readouterr().err
+    gen = pipeline("latent_diffusion", tiny_model_dir, ddim_steps=2, n_samples=1, optimize="none")  # 2 × 0.8 < 2
+    assert len(gen(PROMPTS[0], images=photo(20))) == 1
+    gen.reset(strength=0.4)
+    with pytest.raises(UserError, match="num_inference_steps × strength is 2 × 0.4"):
+        gen(PROMPTS[0], images=photo(20))
