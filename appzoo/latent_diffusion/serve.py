@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from appzoo.latent_diffusion.conditioning import ImageInputs, fit
+from appzoo.latent_diffusion.conditioning import ImageInputs, fit, preprocess_control
 from appzoo.latent_diffusion.generation import (
     SEED_LIMIT,
     GenerationSettings,
@@ -199,7 +199,9 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
         if not isinstance(values, list) or len(values) != nets:
             raise RequestError(f"control_image must be a list of {nets} base64 images, one per ControlNet of this "
                                f"service (controlnet=){'; or one base64 image' if nets == 1 else ''}", "control_image")
-        controls = [fit(_image(service, "control_image", item), *size) for item in values]
+        # Preprocessed (canny) at the size sent, as predict and diffusers' users do, then shrunk for the queue.
+        controls = [fit(preprocess_control(_image(service, "control_image", item), settings.control_preprocessor),
+                        *size) for item in values]
     elif nets:
         raise RequestError(f"control_image is required: this service runs {nets} ControlNet(s) (controlnet=), each "
                            "needs a conditioning image", "control_image")
@@ -299,6 +301,8 @@ class LatentDiffusionService:
             raise RequestError("seed must be an integer between 0 and 2^53 − 1 (seeds up to 2^63 from earlier "
                                "versions are accepted too)", "seed")
         images = _images(self, body, settings)
+        if images["controls"] is not None:  # already preprocessed by _images
+            settings = dataclasses.replace(settings, control_preprocessor="none")
         payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings, **images}
         # Requests share a model call when their settings are equal and they bring the same kinds of images.
         kinds = tuple(images[name] is not None for name in ("image", "mask", "controls"))

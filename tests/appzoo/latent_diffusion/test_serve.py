@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from appzoo.latent_diffusion.conditioning import ImageInputs
+from appzoo.latent_diffusion.conditioning import ImageInputs, fit
 from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.serve import MAX_GENERATORS
 from easynlp_ldm.tables import encode_image_base64
@@ -327,6 +327,30 @@ def test_controlnet_service_takes_control_image(tiny_model_dir, controlnet_dir):
             assert response.status_code == 400 and response.json()["field"] == "control_image"
         info = httpx.get(running.url + "/info", timeout=10).json()
         assert info["controlnets"] == 1 and "control_image" in info["fields"] and os.sep not in json.dumps(info)
+    finally:
+        running.stop()
+
+
+def test_canny_runs_on_the_control_image_as_sent_as_in_predict(tiny_model_dir, controlnet_dir):
+    """Serve shrinks images to the generation size as it parses them; a preprocessor must still see the image as sent
+    (predict and diffusers' users run canny at full size): edges of a shrunk image are other edges."""
+    running = InProcessServer(tiny_model_dir, controlnet=controlnet_dir, control_preprocessor="canny")
+    try:
+        from PIL import Image, ImageDraw
+
+        control = Image.new("RGB", (96, 96))  # sharp edges, three times the generation size
+        ImageDraw.Draw(control).ellipse((10, 20, 80, 70), fill=(255, 255, 255))
+        ImageDraw.Draw(control).rectangle((40, 5, 60, 90), fill=(90, 90, 90))
+        body = {"text": "测试文本", "num_inference_steps": 3, "seed": 3, "control_image": b64(control)}
+        expected = generated(running.service, ["测试文本"], [3], ImageInputs(controls=[[control]]), steps=3)
+        assert_close(served(running.url, body), expected)
+        # What the ControlNet is fed (the tiny random ControlNet barely changes the image, so look at its input):
+        from appzoo.latent_diffusion.conditioning import canny, preprocess_control
+
+        parsed = running.service.parse(body).payload
+        fed = preprocess_control(parsed["controls"][0], parsed["settings"].control_preprocessor)
+        assert np.asarray(fed).tolist() == np.asarray(fit(canny(control), 32, 32)).tolist()
+        assert np.abs(np.asarray(fed, np.int16) - np.asarray(canny(fit(control, 32, 32)), np.int16)).max() > 100
     finally:
         running.stop()
 
