@@ -32,6 +32,7 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +42,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PROMPTS = ["白色背景上有一个红色的圆形", "一个蓝色的正方形，背景是黑色", "灰色背景上的黄色三角形", "请画一个绿色的圆形"]
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 600) -> None:
+    """Until the server at ``url`` answers /health 200; ``process``: the server's, which must not exit first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the server exited with status {process.returncode} before it was ready (see its log)")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -236,7 +254,6 @@ def main() -> None:
                         "and the next heavy request")
     parser.add_argument("--repeat", type=int, default=1, help="disconnects: pairs of runs (baseline, disconnects)")
     args = parser.parse_args()
-    import httpx
 
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
@@ -261,13 +278,7 @@ def main() -> None:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_ready(url)
 
     if args.scenario in ("batching", "both"):
         timings = run_batching(args, url)

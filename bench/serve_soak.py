@@ -45,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.serve_batching import percentile  # noqa: E402
+from bench.serve_batching import percentile, wait_ready  # noqa: E402
 from easynlp_ldm.memory import process_figures  # noqa: E402
 
 PROMPTS = ["白色背景上有一个红色的圆形", "一个蓝色的正方形，背景是黑色", "灰色背景上的黄色三角形", "请画一个绿色的圆形",
@@ -70,22 +70,6 @@ def start_server(args, port: int, log) -> subprocess.Popen:
     if args.udp:
         argv.append(f"--user_defined_parameters={args.udp}")
     return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode} before it was ready (see its log)")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server was not ready within {timeout:.0f} s")
 
 
 def stop_server(process: subprocess.Popen) -> None:
