@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from scripts.make_layout_dataset import in_box  # noqa: E402
+from shapes_data.layouts import in_box  # noqa: E402
 
 
 def read_rows(table: str, truth_path: str, limit: int) -> list[tuple[list[str], dict]]:

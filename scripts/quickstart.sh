@@ -30,7 +30,7 @@ echo "  super-resolution ×4: add do_sr=True to --user_defined_parameters"
 python - "$OUT/layout_prompts.tsv" <<'PY'
 import sys
 from easynlp_ldm.tables import encode_image_base64
-from scripts.make_layout_dataset import render_layout
+from shapes_data.layouts import render_layout
 rows = [("1", "一个紫色的正方形", (4, 4, 26, 26)), ("2", "红色的圆形", (38, 36, 60, 58)),
         ("3", "蓝色的三角形", (36, 4, 60, 28))]
 with open(sys.argv[1], "w", encoding="utf-8") as f:

@@ -1,4 +1,6 @@
-"""``make_shapes_dataset.py``: the command line of :func:`shapes_data.generate.generate_dataset`."""
+"""The data sets' command lines: ``make_shapes_dataset.py`` (:func:`main`, of
+:func:`shapes_data.generate.generate_dataset`) and ``make_layout_dataset.py`` (:func:`layout_main`, of
+:func:`shapes_data.layouts.make_layout_dataset`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from shapes_data.generate import ALL_SHAPES, STAR, generate_dataset, validate_options
+from shapes_data.layouts import make_layout_dataset
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +50,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     for path, rows in written.items():
         print(f"wrote {path} ({rows} rows)")
+    return 0
+
+
+def build_layout_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    # argparse's own error (usage, then the message), as the layout script has always printed
+    p = argparse.ArgumentParser(prog=prog, description="Generate the layout-conditioned shapes data set for a "
+                                                       "ControlNet (EasyNLP TSV format).")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_train", type=int, default=8000)
+    p.add_argument("--num_val", type=int, default=256)
+    p.add_argument("--num_test", type=int, default=150)
+    p.add_argument("--image_size", type=int, default=64)
+    return p
+
+
+def layout_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_layout_parser(prog=os.path.basename(sys.argv[0]) if argv is None else "make_layout_dataset.py")
+    a = parser.parse_args(argv)
+    for path, n in make_layout_dataset(a.output_dir, seed=a.seed, num_train=a.num_train, num_val=a.num_val,
+                                       num_test=a.num_test, image_size=a.image_size).items():
+        print(f"{path}: {n} rows")
     return 0
 
 

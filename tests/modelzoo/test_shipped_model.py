@@ -73,8 +73,8 @@ LAYOUTS = [
 def test_shipped_layout_controlnet_puts_the_shape_in_the_box(model):
     from appzoo.latent_diffusion.conditioning import ImageInputs, parse_controlnets
     from modelzoo.pretrained import embedded_controlnets
-    from scripts.make_layout_dataset import in_box, render_layout
     from shapes_data.judge import judge_details
+    from shapes_data.layouts import in_box, render_layout
 
     assert "shapes-layout-controlnet" in embedded_controlnets()
     loaded, settings = model

@@ -1,4 +1,4 @@
-"""The layout ControlNet's data and metric (issue 17, item 5): scripts/make_layout_dataset.py and
+"""The layout ControlNet's data and metric (issue 17, item 5): shapes_data/layouts.py and
 bench/layout_controlnet.py."""
 
 import json
@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from easynlp_ldm.tables import decode_image_base64
-from scripts.make_layout_dataset import (
+from shapes_data.cli import layout_main
+from shapes_data.generate import ShapeSpec
+from shapes_data.judge import judge_details
+from shapes_data.layouts import (
     LAYOUT_GREY,
     bbox_centre,
     in_box,
@@ -16,8 +19,6 @@ from scripts.make_layout_dataset import (
     render_layout,
     shape_box,
 )
-from shapes_data.generate import ShapeSpec
-from shapes_data.judge import judge_details
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,15 @@ def test_test_table_and_determinism(layout_dir, tmp_path):
     make_layout_dataset(str(tmp_path), seed=0, num_train=120, num_val=8, num_test=20)
     for name in ("T2I_train.tsv", "layout_test.tsv", "layout_test.truth.jsonl"):
         assert (tmp_path / name).read_bytes() == (layout_dir / name).read_bytes()
+
+
+def test_the_command_line_writes_the_same_tables(layout_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    # each split draws from its own RNG, so a CLI run without training rows still writes the same val and test tables
+    assert layout_main(["--output_dir", str(out), "--num_train", "0", "--num_val", "8", "--num_test", "20"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{out / 'layout_test.truth.jsonl'}: 20 rows"
+    for name in ("T2I_val.tsv", "layout_test.tsv", "layout_test.truth.jsonl"):
+        assert (out / name).read_bytes() == (layout_dir / name).read_bytes()
 
 
 def test_in_box_metric_on_constructed_cases():
