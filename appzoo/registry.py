@@ -1,15 +1,13 @@
-"""app_name → App. The CLI looks apps up here and never imports their internals.
+"""app_name → AppEntry: the apps of this package, registered with the framework by the ``easynlp_ldm.apps``
+entry-point group (setup.py points it at ``APPS``); the framework (easynlp_ldm/apps.py) never imports this package.
 
-Each entry names two import paths: the app's params module (light: no torch, so ``--help`` is instant) and its App
-class (imported only when a mode runs). Adding an app is one line here, nothing in the CLI.
+Each entry names import paths: the app's params module (light: no torch, so ``--help`` is instant) and its App class
+(imported only when a mode runs). Adding an app is one line here, nothing in the framework.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-
-from easynlp_ldm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,43 +30,3 @@ APPS: dict[str, AppEntry] = {
                                         "chinese-ldm-food", "stable-diffusion-general"),
                                  models=True),
 }
-
-
-def app_for(task_or_model: str) -> tuple[str, bool]:
-    """EasyNLP's first pipeline argument → (app name, whether the argument itself names the model): an app name or
-    one of EasyNLP's task names → that app (the model is model_path, or the task's own model); anything else is a
-    model name or folder of the app that takes models by name, as in EasyNLP's ``pipeline('<model name>')``."""
-    for name, entry in APPS.items():
-        if task_or_model == name:
-            return name, False
-        if task_or_model in entry.tasks:
-            return name, True
-    return next(name for name, entry in APPS.items() if entry.models), True
-
-
-def _load(path: str):
-    module_name, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
-def get_entry(name: str) -> AppEntry:
-    try:
-        return APPS[name]
-    except KeyError:
-        raise UserError(f"--app_name={name} is not an app of this toolkit; available: {', '.join(sorted(APPS))}") \
-            from None
-
-
-def get_params(name: str):
-    return list(_load(get_entry(name).params))
-
-
-def get_app_class(name: str):
-    return _load(get_entry(name).app)
-
-
-def get_pipeline_class(name: str):
-    entry = get_entry(name)
-    if not entry.pipeline:
-        raise UserError(f"app {name} has no Python pipeline")
-    return _load(entry.pipeline)

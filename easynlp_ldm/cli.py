@@ -1,4 +1,4 @@
-"""The ``easynlp`` command: parse flags → app registry → the app's mode.
+"""The ``easynlp`` command: parse flags → the app found by its registration (easynlp_ldm/apps.py) → the app's mode.
 
 A user's mistake (``UserError``) is printed as one line on stderr with exit status 2; anything else keeps its
 traceback because it is a bug.
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from easynlp_ldm import threads
+from easynlp_ldm import apps, threads
 from easynlp_ldm.args import (
     ParsedFlags,
     describe_params,
@@ -41,16 +41,14 @@ class Command:
 
 
 def parse_command(argv: Sequence[str]) -> Command:
-    from appzoo import registry
-
     argv = list(argv)
     app_name = peek_flag(argv, "--app_name") or "latent_diffusion"
     app_help = ""
     if wants_help(argv):
-        app_help = describe_params(app_name, registry.get_params(app_name)) if app_name in registry.APPS else ""
+        app_help = describe_params(app_name, apps.get_params(app_name)) if app_name in apps.registered() else ""
     flags = parse_flags(argv, app_help)
     app_name = flags.app_name
-    params_spec = registry.get_params(app_name)
+    params_spec = apps.get_params(app_name)
     params, notes = parse_user_defined_parameters(flags.user_defined_parameters, params_spec, flags.mode, app_name)
     return Command(app_name=app_name, mode=flags.mode, flags=flags, params=params, notes=flags.notes + notes)
 
@@ -68,7 +66,6 @@ def seed_everything(seed: int) -> None:
 
 
 def run_command(command: Command, argv: Sequence[str] = ()) -> int:
-    from appzoo import registry
     from easynlp_ldm import distributed
 
     flags = command.flags
@@ -84,7 +81,7 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
         distributed.init_from_env(flags.distributed_backend, flags.collective_timeout,
                                   explicit="distributed_backend" in flags.given)
     seed_everything(flags.random_seed)
-    app_class = registry.get_app_class(command.app_name)
+    app_class = apps.get_app_class(command.app_name)
     app = app_class(command.flags, command.params)
     try:
         return app.run(command.mode) or 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from easynlp_ldm import apps
 from easynlp_ldm.args import validate_parameters
 
 logger = logging.getLogger("easynlp")
@@ -23,10 +24,8 @@ def pipeline(task_or_model: str = "latent_diffusion", model_path: str | None = N
     is ``model_path``, or the task's own model when none is given) or a model name or folder by itself
     (``pipeline("shapes-ldm-zh", pipeline_params={...})``). ``model_path`` None with the app name: the embedded
     default model. ``random_seed``: as ``--random_seed`` (the same images as predict for the same prompts)."""
-    from appzoo import registry
-
-    app_name, names_model = registry.app_for(task_or_model)
-    if names_model and task_or_model not in registry.APPS[app_name].tasks:
+    app_name, names_model = apps.app_for(task_or_model)
+    if names_model and task_or_model not in apps.get_entry(app_name).tasks:
         if model_path is not None and model_path != task_or_model:
             logger.warning("pipeline(%r, %r): the first argument names the model, so model_path is ignored (as in "
                            "EasyNLP); pass pipeline(%r, %r) to use the folder", task_or_model, model_path,
@@ -35,8 +34,8 @@ def pipeline(task_or_model: str = "latent_diffusion", model_path: str | None = N
     elif names_model and model_path is None:
         model_path = task_or_model
     pairs = list((pipeline_params or {}).items()) + list(user_defined_parameters.items())
-    params, notes = validate_parameters(pairs, registry.get_params(app_name), "predict", app_name,
+    params, notes = validate_parameters(pairs, apps.get_params(app_name), "predict", app_name,
                                         source="pipeline()")
     for note in notes:
         logger.warning(note.replace("--mode=predict", "the Python pipeline"))
-    return registry.get_pipeline_class(app_name)(model_path, params, random_seed=random_seed)
+    return apps.get_pipeline_class(app_name)(model_path, params, random_seed=random_seed)

@@ -93,6 +93,16 @@ def test_user_mistake_exits_2_with_one_line(capsys):
     assert "available: latent_diffusion" in capsys.readouterr().err
 
 
+def test_no_registered_app_is_one_line(monkeypatch, capsys):
+    from easynlp_ldm import apps
+
+    monkeypatch.setattr(apps, "_registrations", lambda: ())  # as when the package is not installed
+    assert cli.main(["--mode=predict"]) == 2
+    err = capsys.readouterr().err
+    assert err == "easynlp: error: no app is registered (entry-point group easynlp_ldm.apps): install the toolkit " \
+                  "with pip install -e <its folder>\n"
+
+
 def test_console_script_help_lists_app_parameters_and_errors_without_traceback():
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-m", "easynlp_ldm.cli", "--app_name=latent_diffusion", "--help"],
