@@ -11,8 +11,10 @@ from easynlp_ldm.files import (
     WeightsError,
     WriteFailed,
     atomic_copy,
+    atomic_files,
     atomic_folder,
     atomic_open,
+    atomic_replace_folder,
     atomic_torch_save,
     atomic_write_bytes,
     load_state_dict_file,
@@ -58,6 +60,38 @@ def test_folder_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(UserError, match="exists and is not empty"):
         with atomic_folder(str(target)):
             pass
+
+
+def test_replaced_folder_is_swapped_in_whole(tmp_path):
+    target = tmp_path / "state"
+    for content in (b"first", b"second"):
+        with atomic_replace_folder(str(target)) as folder:
+            atomic_write_bytes(os.path.join(folder, "f"), content)
+        assert (target / "f").read_bytes() == content and os.listdir(tmp_path) == ["state"]
+    (tmp_path / "state.tmp").mkdir()  # what a killed writer left: cleared
+    with pytest.raises(WriteFailed, match="No space left"):
+        with atomic_replace_folder(str(target)) as folder:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (target / "f").read_bytes() == b"second" and os.listdir(tmp_path) == ["state"]
+
+
+def test_library_files_are_renamed_in_one_by_one_the_named_one_last(tmp_path, monkeypatch):
+    (tmp_path / "model.xml").write_bytes(b"old")
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(os.path.basename(dst)), replace(src, dst)))
+    with atomic_files(str(tmp_path), last="model.xml") as staging:
+        for name in ("model.xml", "model.bin", "a.bin"):
+            (tmp_path / staging / name).write_bytes(b"new " + name.encode())
+        assert (tmp_path / "model.xml").read_bytes() == b"old"
+    assert renamed == ["a.bin", "model.bin", "model.xml"]
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "model.bin", "model.xml"]  # no staging folder left
+    assert (tmp_path / "model.xml").read_bytes() == b"new model.xml"
+    with pytest.raises(WriteFailed, match=f"{tmp_path}: cannot write"):
+        with atomic_files(str(tmp_path)) as staging:
+            (tmp_path / staging / "model.xml").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (tmp_path / "model.xml").read_bytes() == b"new model.xml" and len(os.listdir(tmp_path)) == 3
 
 
 class Evil:
