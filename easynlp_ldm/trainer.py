@@ -12,29 +12,15 @@ Several processes: the trainable modules run inside one ``DistributedDataParalle
 buckets while the backward pass goes on, once per optimiser step); each rank trains on its slice of the same global
 micro-batches a single process would see, weighted so that the result is the single-process gradient.
 
-Checkpoint folder (``--checkpoint_dir``):
-  config.json, pytorch_model.bin, vocab.txt, … — the best checkpoint by validation loss (the last one when there is
-                                                 no validation table); what predict and serve load by default
-  last/                                        — the most recent checkpoint, same files
-  checkpoint-STEP/                             — every checkpoint, with --save_all_checkpoints
-  training_state/                              — what resume needs; swapped in atomically. With
-                                                 save_optimizer=False no optimiser state, and the weights the
-                                                 checkpoint saved (EMA or raw) are a hard link to its weights file
-                                                 (model_weights.bin) instead of a second copy
-  log/                                         — TensorBoard event files (losses, learning rate; at each
-                                                 checkpoint the config's sample_images images, unless they would
-                                                 take more than its sample_time_share of the wall time)
+The checkpoint folder and the training state (saving, loading, the RNG states) are ``training_state.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -45,16 +31,18 @@ import torch
 
 from easynlp_ldm.args import FLAGS_BY_DEST, ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.files import atomic_link, atomic_torch_save, atomic_write_text, is_disk_full
+from easynlp_ldm.training_state import (
+    load_state,
+    rng_state,
+    save_model_files,
+    save_state,
+    set_rng_state,
+    write_failure,
+)
 
 logger = logging.getLogger("easynlp.trainer")
 
 _clock = time.monotonic  # what the sampling budget is measured with (tests substitute a fake clock)
-
-STATE_DIR = "training_state"
-STATE_FILE = "state.pt"
-LINKED_WEIGHTS = "model_weights.bin"  # save_optimizer=False: a hard link to the saved model's weights file
-META_FILE = "trainer_meta.json"
 
 
 @dataclass(frozen=True)
@@ -131,21 +119,6 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _link_files(files: list[str] | None, folder: str) -> bool:
-    """Hard-link ``files`` into ``folder``, each replacing its namesake atomically. False (and nothing half done
-    that matters: the caller writes the folder in full) where the file system has no hard links."""
-    if not files:
-        return False
-    os.makedirs(folder, exist_ok=True)
-    try:
-        for path in files:
-            atomic_link(path, os.path.join(folder, os.path.basename(path)))
-    except OSError as err:
-        logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
-        return False
-    return True
-
-
 def sampling_refusal(spent: float, seconds_per_image: float | None, count: int, elapsed: float,
                      share: float) -> str | None:
     """Why ``count`` sample images are not generated now, or None when they are: they would take an estimated
@@ -209,49 +182,6 @@ def linear_warmup_decay(total_steps: int, warmup_proportion: float):
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator).tolist()
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def _json_rng(state: dict) -> dict:
-    # python/numpy RNG states hold tuples/arrays; keep them loadable with weights_only=True by storing lists.
-    py = state["python"]
-    np_state = state["numpy"]
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], torch.as_tensor(np_state[1]), np_state[2], np_state[3], np_state[4]],
-            "torch": state["torch"]}
-
-
-def _unjson_rng(state: dict) -> dict:
-    py = state["python"]
-    np_state = state["numpy"]
-    return {"python": (py[0], tuple(py[1]), py[2]),
-            "numpy": (np_state[0], np_state[1].numpy(), np_state[2], np_state[3], np_state[4]),
-            "torch": state["torch"]}
-
-
-def find_training_state(path: str) -> str:
-    """``--resume_from_checkpoint`` may name the checkpoint folder or its training_state/ folder."""
-    for candidate in (path, os.path.join(path, STATE_DIR), os.path.join(path, STATE_DIR + ".old")):
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)):
-            return candidate
-    raise UserError(f"--resume_from_checkpoint={path}: no training state there (expected {STATE_DIR}/{STATE_FILE}; "
-                    f"it is written at every --save_checkpoint_steps)")
-
-
-def _write_failure(err: OSError, what: str, keep: str) -> UserError:
-    if is_disk_full(err):
-        return UserError(f"disk full while saving {what}; the last complete checkpoint in {keep} is intact — free "
-                         f"space and rerun with --resume_from_checkpoint={keep}")
-    return UserError(f"cannot save {what} ({err.strerror or err}); the last complete checkpoint in {keep} is intact")
 
 
 class TaskLoss(torch.nn.Module):
@@ -368,86 +298,19 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.config.save_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": _json_rng(_rng_state()),
+            "rng": rng_state(),
             "weights": self.weights(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
-    def _link_saved_weights(self, model_files: list[str] | None, staging: str) -> str | None:
-        """save_optimizer=False: the weights the checkpoint just saved for inference (the EMA's, else the raw ones)
-        are already on disk in the model's weights file. When that file holds them under the trainer's names (this
-        toolkit's format), ``staging`` gets a hard link to it instead of a second copy — a snapshot: the next
-        checkpoint replaces the model's file by a new one and the link keeps this one. Returns which weights the link
-        holds (``ema`` or ``weights``), None when they have to be stored (another format, no hard links)."""
-        for path in model_files or []:
-            if not path.endswith((".bin", ".pt", ".pth")):
-                continue
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:  # not a torch file of plain tensors: not the weights
-                continue
-            if not isinstance(saved, dict) or not all(
-                    isinstance(saved.get(name), torch.Tensor) and saved[name].shape == p.shape
-                    and saved[name].dtype == p.dtype for name, p in self.named_params):
-                continue
-            try:
-                os.link(path, os.path.join(staging, LINKED_WEIGHTS))
-            except OSError as err:
-                logger.debug("no hard link to %s (%s): the training state stores the weights", path, err)
-                return None
-            return "ema" if self.ema is not None else "weights"
-        return None
-
     def save_training_state(self, model_files: list[str] | None = None) -> None:
-        """training_state/ as one unit: both files written (each fsynced, through files.py) into training_state.tmp,
-        then swapped in. A kill between the two renames leaves training_state.old, which find_training_state also
-        accepts; a kill before them leaves the previous training_state/ as it was. ``model_files``: the checkpoint's
-        files just written (save_optimizer=False links its weights file instead of storing them again)."""
-        folder = os.path.join(self.config.checkpoint_dir, STATE_DIR)
-        staging, old = folder + ".tmp", folder + ".old"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        state = self._state()
-        linked = None if self.config.save_optimizer else self._link_saved_weights(model_files, staging)
-        if linked == "weights":
-            state["weights"] = None
-        elif linked == "ema":
-            state["ema"] = {**state["ema"], "shadow_params": None}
-        state["linked"] = linked
-        atomic_torch_save(state, os.path.join(staging, STATE_FILE))
-        atomic_write_text(os.path.join(staging, META_FILE), json.dumps({
-            "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
-            "total_steps": self.total_steps, "seed": self.config.random_seed}))
-        if os.path.isdir(folder):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-        os.rename(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        """training_state/ (``training_state.save_state``). ``model_files``: the checkpoint's files just written
+        (save_optimizer=False links its weights file instead of storing them again)."""
+        save_state(self.config.checkpoint_dir, self._state(), seed=self.config.random_seed,
+                   link_from=None if self.config.save_optimizer else model_files or [])
 
     def load_training_state(self, path: str) -> None:
-        folder = find_training_state(path)
-        try:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"{folder}/{STATE_FILE}: cannot read the training state ({type(err).__name__})") \
-                from None
-        names = {name for name, _ in self.named_params}
-        linked = state.get("linked")
-        if linked:  # save_optimizer=False: the weights the checkpoint saved for inference, hard-linked
-            try:
-                saved = torch.load(os.path.join(folder, LINKED_WEIGHTS), map_location="cpu", weights_only=True,
-                                   mmap=True)
-                tensors = {name: saved[name] for name, _ in self.named_params}
-            except Exception as err:
-                raise UserError(f"{folder}/{LINKED_WEIGHTS}: cannot read the checkpoint's weights "
-                                f"({type(err).__name__})") from None
-            if linked == "weights":
-                state["weights"] = tensors
-            else:
-                state["ema"]["shadow_params"] = [tensors[name].clone() for name, _ in self.named_params]
-        if set(state["weights"]) != names:
-            raise UserError(f"{folder}: the training state was saved for other trainable parts (e.g. a different "
-                            f"train_text_encoder setting); resume with the same settings")
+        folder, state = load_state(path, [name for name, _ in self.named_params])
         with torch.no_grad():
             for name, param in self.named_params:
                 param.copy_(state["weights"][name])
@@ -481,31 +344,22 @@ class Trainer:
         if int(state["total_steps"]) != self.total_steps:
             logger.warning("the run now has %d optimiser steps in all (the saved run had %d): the LR schedule "
                            "continues from step %d", self.total_steps, state["total_steps"], self.step)
-        _set_rng_state(_unjson_rng(state["rng"]))
+        set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, self.step, self.epoch,
                     self.micro_position)
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, val_loss: float | None) -> None:
         out = self.config.checkpoint_dir
-        weights = self.ema_weights()
-        last = os.path.join(out, "last")
         try:
             improved = val_loss is None or self.best_loss is None or val_loss < self.best_loss
-            if improved:  # the best is also the last: written once, last/ gets hard links to the same files
-                if val_loss is not None:
-                    self.best_loss = val_loss
-                files = self.task.save_model(out, weights)
-                if not _link_files(files, last):
-                    files = self.task.save_model(last, weights)
-            else:
-                files = self.task.save_model(last, weights)
-            if self.config.save_all_checkpoints:
-                self.task.save_model(os.path.join(out, f"checkpoint-{self.step}"), weights)
-            del weights
+            if improved and val_loss is not None:
+                self.best_loss = val_loss
+            files = save_model_files(self.task, out, self.ema_weights(), self.step, best=improved,
+                                     keep_all=self.config.save_all_checkpoints)
             self.save_training_state(files)
         except OSError as err:
-            raise _write_failure(err, f"the checkpoint at step {self.step}", out) from None
+            raise write_failure(err, f"the checkpoint at step {self.step}", out) from None
         logger.info("step %d: checkpoint saved to %s%s", self.step, out,
                     "" if improved else f" (last/ only; best validation loss stays {self.best_loss:.5f})")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.files import atomic_write_text
+from easynlp_ldm.files import atomic_write_text, previous_folder
 from easynlp_ldm.tables import split_tables, table_digest
-from easynlp_ldm.trainer import META_FILE, STATE_DIR
+from easynlp_ldm.training_state import META_FILE, STATE_DIR
 
 logger = logging.getLogger("easynlp.train")
 
@@ -56,7 +56,8 @@ def _read(path: str) -> dict[str, Any] | None:
 
 
 def _step(out: str) -> int | None:
-    meta = _read(os.path.join(out, STATE_DIR, META_FILE)) or _read(os.path.join(out, STATE_DIR + ".old", META_FILE))
+    state = os.path.join(out, STATE_DIR)
+    meta = _read(os.path.join(state, META_FILE)) or _read(os.path.join(previous_folder(state), META_FILE))
     return int(meta["step"]) if meta and "step" in meta else None
 
 

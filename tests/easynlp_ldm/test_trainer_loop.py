@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from easynlp_ldm.args import FLAGS_BY_DEST, parse_flags
-from easynlp_ldm.trainer import META_FILE, STATE_DIR, STATE_FILE, Trainer, TrainerConfig, sampling_refusal
+from easynlp_ldm.trainer import Trainer, TrainerConfig, sampling_refusal
+from easynlp_ldm.training_state import META_FILE, STATE_DIR, STATE_FILE
 from tests.helpers import free_port
 
 APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress", "sample_images", "sample_time_share",

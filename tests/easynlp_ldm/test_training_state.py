@@ -1,6 +1,6 @@
 import os
 
-from easynlp_ldm.trainer import _link_files
+from easynlp_ldm.training_state import _link_files
 
 
 def test_last_folder_shares_the_best_files_instead_of_a_second_copy(tmp_path):
