@@ -71,8 +71,8 @@ while True:
 
 def write_inputs(tmp: str, images: int) -> tuple[str, list[tuple[str, str]]]:
     """The first ``images`` prompts of a fresh shapes test split → (prompts TSV path, [(colour, shape)] truth)."""
-    from appzoo.latent_diffusion.evaluate import load_truth_by_idx, truth_path_for
     from shapes_data import generate_dataset
+    from shapes_data.scoring import load_truth_by_idx, truth_path_for
 
     generate_dataset(os.path.join(tmp, "data"), seed=0, num_train=0, num_val=0, num_test=images, num_heldout=0)
     source = os.path.join(tmp, "data", "T2I_test.tsv")

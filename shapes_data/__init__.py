@@ -1,6 +1,8 @@
-"""The Chinese shapes text-to-image data set (:mod:`shapes_data.generate`), its pixel judge
-(:mod:`shapes_data.judge`) and its command line (:mod:`shapes_data.cli`,
-``scripts/make_shapes_dataset.py``).  Not named ``datasets``: that would shadow Hugging Face's package."""
+"""The Chinese shapes text-to-image data set (:mod:`shapes_data.generate`), its layout-conditioned variant for a
+ControlNet (:mod:`shapes_data.layouts`), the pixel judge (:mod:`shapes_data.judge`), prompt-following scoring against
+the truth sidecars (:mod:`shapes_data.scoring`) and the command lines (:mod:`shapes_data.cli`,
+``scripts/make_shapes_dataset.py``, ``scripts/make_layout_dataset.py``).  Not named ``datasets``: that would shadow
+Hugging Face's package."""
 
 from shapes_data.generate import (
     ALL_SHAPES,

@@ -6,13 +6,8 @@
   writes): prompt-following accuracy. One image per prompt (seeded like predict's first sample) is judged from its
   pixels by the shapes judge on every attribute the prompt states — colour, shape, background, size (大/小) and
   position (3×3 grid) — and each is reported separately for seen and held-out colour×shape pairs (and all prompts).
-
-  Which attributes a prompt states comes from parsing it (``shapes_data.parse_caption``); the value it is judged
-  against is the sidecar's (the parsed one where the sidecar has none), and a sidecar value that contradicts the
-  prompt is an error (the sidecar does not belong to the table). Per group: ``n`` prompts; for each attribute of
-  ``ATTRIBUTES`` ``<attribute>_n`` (prompts stating it), ``_correct`` and ``_acc`` (correct / its n); ``both``
-  counts prompts stating colour and shape, right when both are; ``all_stated`` counts prompts stating at least one
-  attribute, right when every attribute they state is.
+  The scoring (stated attributes, the judge's verdicts, the metrics' keys) is the data set's:
+  :mod:`shapes_data.scoring`; this mode supplies the images.
 """
 
 from __future__ import annotations
@@ -32,120 +27,28 @@ from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_bytes
 from easynlp_ldm.tables import BadRowPolicy, read_table
+from shapes_data import scoring
 
 logger = logging.getLogger("easynlp.evaluate")
-
-# What a prompt can state, in the order the judge reports them; "both" and "all_stated" are derived.
-STATED_ATTRIBUTES = ("colour", "shape", "background", "size", "position")
-ATTRIBUTES = ("colour", "shape", "both", "background", "size", "position", "all_stated")
-
-
-def truth_path_for(table: str, given: str) -> str | None:
-    if given:
-        if not os.path.isfile(given):
-            raise UserError(f"truth_file={given}: not found")
-        return given
-    candidate = os.path.splitext(table)[0] + ".truth.jsonl"
-    return candidate if os.path.isfile(candidate) else None
-
-
-def load_truth_by_idx(path: str) -> dict[str, dict]:
-    truth = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                truth[str(record["idx"])] = record
-            except (ValueError, KeyError):
-                raise UserError(f"{path}, line {number}: not a JSON object with an idx") from None
-    return truth
-
-
-def stated_attributes(prompt: str, record: dict, where: str) -> dict[str, str]:
-    """{attribute: expected value} for every attribute ``prompt`` states; the value is the truth record's (the
-    prompt's own where the record lacks it). A record value that contradicts the prompt is a UserError."""
-    from shapes_data import parse_caption
-
-    stated = {}
-    for attribute, said in parse_caption(prompt).items():
-        if said is None:
-            continue
-        truth = record.get(attribute)
-        if truth is not None and truth != said:
-            raise UserError(f"{where}: the prompt {prompt!r} says {attribute} {said} but the ground truth says "
-                            f"{truth}: the truth sidecar does not belong to this table")
-        stated[attribute] = said if truth is None else truth
-    return stated
-
-
-def judge_prompt(verdict, stated: dict[str, str]) -> dict[str, bool | None]:
-    """Right/wrong per attribute of ATTRIBUTES (None: not stated, not counted) for one judged image."""
-    ok: dict[str, bool | None] = {a: (getattr(verdict, a) == stated[a] if a in stated else None)
-                                  for a in STATED_ATTRIBUTES}
-    ok["both"] = (ok["colour"] and ok["shape"]) if "colour" in stated and "shape" in stated else None
-    ok["all_stated"] = all(ok[a] for a in stated) if stated else None
-    return ok
-
 
 def prompt_following(model, inputs: InputTables, truth: dict[str, dict], settings: GenerationSettings,
                      random_seed: int, batch_size: int, text_length: int, policy: BadRowPolicy,
                      max_rows: int = 0) -> dict:
-    from shapes_data import AccuracyCounter, judge
+    """Shapes prompt-following accuracy (:func:`shapes_data.scoring.prompt_following`) of ``model``: one image per
+    prompt, seeded like predict's first sample of its row, without super-resolution."""
+    generator = Generator(model, dataclasses.replace(settings, do_sr=False), text_length)
 
-    table, prompt_column = inputs.table, inputs.text_column
-    generate = Generator(model, dataclasses.replace(settings, do_sr=False), text_length)
-    counter = AccuracyCounter(ATTRIBUTES, per_attribute_n=True)
-    batch = []
+    def generate(prompts: list[str], line_numbers: list[int]):
+        return generator(prompts, [image_seed(random_seed, number, 0) for number in line_numbers])
 
-    def flush():
-        images = generate([str(r[prompt_column]) for r in batch],
-                          [image_seed(random_seed, r.line_number, 0) for r in batch])
-        for row, image in zip(batch, images):
-            idx = str(row.values.get("idx", row.line_number))
-            record = truth.get(idx)
-            if record is None:
-                raise UserError(f"{table}, line {row.line_number}: idx {idx} has no ground truth in the sidecar")
-            stated = stated_attributes(str(row[prompt_column]), record, f"{table}, line {row.line_number}")
-            ok = judge_prompt(judge(image), stated)
-            group = "heldout" if record.get("heldout") else "seen"
-            for key in (group, "all"):
-                counter.add(key, **ok)
-        batch.clear()
-
-    seen_rows = 0
-    for row in read_table(table, inputs.schema, skip_first_line=inputs.skip_first_line, policy=policy):
-        batch.append(row)
-        seen_rows += 1
-        if len(batch) == batch_size:
-            flush()
-        if max_rows and seen_rows >= max_rows:
-            break
-    if batch:
-        flush()
-    return counter.summary()
-
-
-def accuracy_line(acc: dict) -> str:
-    """One group's accuracies for the log: every attribute, with its n where it is not every prompt."""
-    parts = []
-    for attribute in ATTRIBUTES:
-        label = "all stated attributes" if attribute == "all_stated" else attribute
-        n = acc[f"{attribute}_n"]
-        if not n:
-            parts.append(f"{label} not stated")
-        elif n == acc["n"]:
-            parts.append(f"{label} {100 * acc[f'{attribute}_acc']:.1f}%")
-        else:
-            parts.append(f"{label} {100 * acc[f'{attribute}_acc']:.1f}% of {n}")
-    return ", ".join(parts)
+    rows = read_table(inputs.table, inputs.schema, skip_first_line=inputs.skip_first_line, policy=policy)
+    return scoring.prompt_following(rows, generate, truth, inputs.table, inputs.text_column, batch_size, max_rows)
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     inputs = input_tables(flags, "evaluate", default_schema=PAIR_SCHEMA)
     table = inputs.table
-    truth_path = truth_path_for(table, params["truth_file"])
+    truth_path = scoring.truth_path_for(table, params["truth_file"])
     if inputs.image_column is None and not truth_path:
         raise UserError(f"{table}: nothing to evaluate: the schema has no image column "
                         f"({flags.second_sequence or 'imgbase64'}) for the denoising loss and there is no ground-truth "
@@ -167,7 +70,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if truth_path:
         metrics["truth_file"] = truth_path
         metrics["steps"] = params["ddim_steps"]
-        metrics["accuracy"] = prompt_following(model, inputs, load_truth_by_idx(truth_path), settings,
+        metrics["accuracy"] = prompt_following(model, inputs, scoring.load_truth_by_idx(truth_path), settings,
                                                flags.random_seed, flags.micro_batch_size, length, policy)
     if policy.total:
         metrics["bad_rows"] = dict(policy.counts)
@@ -175,7 +78,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if flags.outputs:
         atomic_write_bytes(flags.outputs, json.dumps(metrics, ensure_ascii=False, indent=2).encode("utf-8"))
     for group, acc in metrics.get("accuracy", {}).items():
-        logger.info("%s (%d prompts): %s", group, acc["n"], accuracy_line(acc))
+        logger.info("%s (%d prompts): %s", group, acc["n"], scoring.accuracy_line(acc))
     if "val_loss" in metrics:
         logger.info("denoising loss on %d rows of %s: %.5f", metrics["rows"], table, metrics["val_loss"])
     return 0

@@ -6,9 +6,7 @@ import pytest
 
 import shapes_data as shapes
 from appzoo.latent_diffusion import predict
-from appzoo.latent_diffusion.evaluate import accuracy_line, judge_prompt, stated_attributes
 from easynlp_ldm import cli
-from easynlp_ldm.errors import UserError
 from shapes_data.generate import POSITION_CELLS, POSITIONS, SIZE_RANGES, _sample_centre
 
 
@@ -136,29 +134,6 @@ def test_contradicting_truth_is_an_error(tiny_model_dir, shapes_data, tmp_path, 
                      f"--checkpoint_dir={tiny_model_dir}", "--user_defined_parameters=ddim_steps=2"]) == 2
     err = capsys.readouterr().err
     assert "says size" in err and "does not belong to this table" in err, err
-
-
-def test_stated_attributes_and_judge_prompt():
-    record = {"colour": "红色", "shape": "圆形", "background": "白色", "size": "小", "position": "左上"}
-    assert stated_attributes("一个红色的圆形", record, "x") == {"colour": "红色", "shape": "圆形"}
-    assert stated_attributes("一个小的红色圆形位于白色背景的左上角", record, "x") == record
-    # a sidecar without size/position (older or hand-written): the prompt's own words are the truth
-    assert stated_attributes("左上角有一个红色的圆形", {"colour": "红色", "shape": "圆形"}, "x")["position"] == "左上"
-    with pytest.raises(UserError, match="line 3: .*says position 右下 but the ground truth says 左上"):
-        stated_attributes("右下角有一个红色的圆形", record, "line 3")
-    verdict = shapes.JudgeResult("红色", "圆形", "白色", "大", "左上")
-    ok = judge_prompt(verdict, {"colour": "红色", "shape": "圆形", "size": "小"})
-    assert ok == {"colour": True, "shape": True, "background": None, "size": False, "position": None, "both": True,
-                  "all_stated": False}
-    assert judge_prompt(verdict, {"position": "左上"})["both"] is None
-    assert judge_prompt(verdict, {})["all_stated"] is None
-    assert judge_prompt(shapes.JudgeResult("红色", None, "白色"), {"colour": "红色", "shape": "圆形"})["both"] is False
-    acc = {"n": 4, **{f"{a}_n": 4 for a in ("colour", "shape", "both", "background", "all_stated")},
-           **{f"{a}_acc": 0.5 for a in ("colour", "shape", "both", "background", "size", "position", "all_stated")},
-           "size_n": 2, "position_n": 0}
-    line = accuracy_line(acc)
-    assert line.startswith("colour 50.0%, shape 50.0%, both 50.0%, background 50.0%, size 50.0% of 2, ")
-    assert line.endswith("position not stated, all stated attributes 50.0%")
 
 
 def test_real_generation_runs_and_nothing_to_evaluate_is_an_error(tiny_model_dir, shapes_data, tmp_path, capsys):
