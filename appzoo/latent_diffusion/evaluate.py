@@ -31,6 +31,7 @@ from shapes_data import scoring
 
 logger = logging.getLogger("easynlp.evaluate")
 
+
 def prompt_following(model, inputs: InputTables, truth: dict[str, dict], settings: GenerationSettings,
                      random_seed: int, batch_size: int, text_length: int, policy: BadRowPolicy,
                      max_rows: int = 0) -> dict:
