@@ -62,6 +62,7 @@ def main() -> None:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # model_device() then keeps this process on the CPU
 
+    from modelzoo.families import sd
     from modelzoo.presets import build_from_preset
     from modelzoo.tiny import write_vocab
 
@@ -71,7 +72,7 @@ def main() -> None:
         model_dir = os.path.join(tmp, "model")
         model = build_from_preset(args.preset, vocab)
         unet_params = sum(p.numel() for p in model.unet.parameters()) / 1e6
-        model.save_pretrained(model_dir)
+        sd.save(model, model_dir)
         del model
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(f"{name}: {os.path.relpath(args.preset, ROOT)} (UNet {unet_params:.0f} M parameters, random weights), "
@@ -87,10 +88,10 @@ def run_baseline(args, model_dir: str) -> float:
     import torch
 
     from appzoo.latent_diffusion.generation import build_pipeline
-    from modelzoo.ldm import LatentDiffusion
+    from modelzoo.families import sd
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    pipe = build_pipeline(LatentDiffusion.from_pretrained(model_dir).to(args.device, dtype).eval())
+    pipe = build_pipeline(sd.load(model_dir).to(args.device, dtype).eval())
 
     def baseline(prompt, seed):
         pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size,
@@ -105,8 +106,9 @@ def run_baseline(args, model_dir: str) -> float:
 def run_level(args, model_dir: str, level: str, base: float) -> None:
     import torch
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.generation import Generator
     from appzoo.latent_diffusion.loading import load_model
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
     model = load_model(model_dir, optimize=level)
     generate = Generator(model, GenerationSettings(steps=args.steps, guidance_scale=args.guidance, height=args.size,

@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from modelzoo.families import sd  # noqa: E402
 from shapes_data.layouts import in_box  # noqa: E402
 
 
@@ -136,9 +137,8 @@ def make_random_controlnet(model: str, out: str, seed: int = 2) -> None:
 
     from appzoo.latent_diffusion.loading import resolve_model_path
     from appzoo.latent_diffusion.train_tasks import controlnet_conditioning_channels
-    from modelzoo.ldm import LatentDiffusion
 
-    ldm = LatentDiffusion.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+    ldm = sd.load(resolve_model_path(model), dtype=torch.float32)
     torch.manual_seed(seed)
     net = ControlNetModel.from_unet(ldm.unet, conditioning_embedding_out_channels=controlnet_conditioning_channels(
         ldm.vae_scale_factor))

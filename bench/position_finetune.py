@@ -9,8 +9,8 @@ other half the usual epsilon loss; every --probe steps generate 72 images (9 pos
     python bench/position_finetune.py --steps 3200 --probe 400 --fresh --balanced --ema 0.998 --position_frac 0.7 \
         --out /tmp/run1          # the third run (stopped at step 2 000): size learnt, position not
 
-Measured (2 cores, fp32, 1.5 s/step for the defaults, 1.1 s/step for the third run): see README, "What is known about
-size and position".
+Measured (2 cores, fp32, 1.5 s/step for the defaults, 1.1 s/step for the third run): see
+docs/embedded_model_research.md, "What is known about size and position".
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from appzoo.latent_diffusion.data import preprocess_image  # noqa: E402
 from appzoo.latent_diffusion.losses import DiffusionObjective  # noqa: E402
 from appzoo.latent_diffusion.params import default_params  # noqa: E402
 from appzoo.latent_diffusion.pipeline import LatentDiffusionPipeline  # noqa: E402
+from modelzoo.families import sd
 from modelzoo.ldm import LatentDiffusion  # noqa: E402
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models  # noqa: E402
 from shapes_data.generate import (  # noqa: E402
@@ -51,7 +52,7 @@ from shapes_data.judge import judge  # noqa: E402
 def probe(model: LatentDiffusion, folder: str, tag: str) -> None:
     """Judge 72 generated images for position, size, colour and shape."""
     model.eval()
-    model.save_pretrained(folder)
+    sd.save(model, folder)
     pipe = LatentDiffusionPipeline(folder, default_params(n_samples=2, optimize="torch"), batch_size=36)
     rng = random.Random(11)
     prompts, truth = [], []
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the probed and saved weights (0: none)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = LatentDiffusion.from_pretrained(args.model or embedded_models()[DEFAULT_MODEL]).float()
+    model = sd.load(args.model or embedded_models()[DEFAULT_MODEL]).float()
     objective = DiffusionObjective(model)
     rng = random.Random(5)
     with_position = [i for i, t in enumerate(CAPTION_TEMPLATES) if "{p}" in t]
@@ -123,7 +124,7 @@ def main() -> None:
             for p, a in zip(trained, averaged):
                 p.copy_(a)
         probe(model, args.out + "_probe", tag)
-        model.save_pretrained(args.out)
+        sd.save(model, args.out)
         with torch.no_grad():
             for p, c in zip(trained, current):
                 p.copy_(c)
@@ -168,7 +169,7 @@ def main() -> None:
             print(f"{(time.time() - start) / step:.2f} s/step", flush=True)
             probe_averaged(f"step {step}")
     if averaged is None:
-        model.save_pretrained(args.out)
+        sd.save(model, args.out)
 
 
 if __name__ == "__main__":

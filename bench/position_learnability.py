@@ -20,7 +20,7 @@ the image, as at the first sampling step), so the caption is the only place the 
     python bench/position_learnability.py [--steps 200] [--probe 50] [--t_min 900] [--lr 2e-4] [--model PATH]
         [--cells two|nine] [--captions fixed|templates] [--examples 512] [--pure_noise 0] [--coord_map]
 
-Measured (2 cores, fp32, 1.5-1.8 s/step): see README, "What is known about size and position".
+Measured (2 cores, fp32, 1.5-1.8 s/step): see docs/embedded_model_research.md, "What is known about size and position".
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import DDPMScheduler  # noqa: E402
 
 from appzoo.latent_diffusion.data import preprocess_image  # noqa: E402
-from modelzoo.ldm import LatentDiffusion  # noqa: E402
+from modelzoo.families import sd
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models  # noqa: E402
 from shapes_data.generate import (  # noqa: E402
     CAPTION_TEMPLATES,
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [(p, z) for p in CELLS[args.cells] for z in ("大", "小")]
     torch.manual_seed(0)
-    model = LatentDiffusion.from_pretrained(args.model or embedded_models()[DEFAULT_MODEL]).float()
+    model = sd.load(args.model or embedded_models()[DEFAULT_MODEL]).float()
     alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod
     rng = random.Random(0)
     specs = []

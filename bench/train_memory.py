@@ -141,7 +141,9 @@ def main() -> None:
 
     import torch
 
-    from easynlp_ldm.memory import available_memory, check_latent_diffusion_training  # noqa: F401
+    from appzoo.latent_diffusion.memory_plan import check_latent_diffusion_training  # noqa: F401
+    from easynlp_ldm.memory import available_memory
+    from modelzoo.families import sd
     from modelzoo.presets import build_from_preset
     from modelzoo.tiny import write_vocab
     from shapes_data import generate_dataset
@@ -160,7 +162,7 @@ def main() -> None:
             vocab = os.path.join(work, "vocab.txt")
             write_vocab(vocab)
             model = build_from_preset(args.preset, vocab)
-            model.save_pretrained(model_dir)
+            sd.save(model, model_dir)
             del model
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
             json.load(handle)

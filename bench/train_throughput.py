@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from appzoo.latent_diffusion.data import preprocess_image  # noqa: E402
 from easynlp_ldm.tables import parse_schema, read_table  # noqa: E402
-from modelzoo.ldm import LatentDiffusion  # noqa: E402
+from modelzoo.families import sd  # noqa: E402
 from modelzoo.presets import build_from_preset  # noqa: E402
 from modelzoo.tiny import write_vocab  # noqa: E402
 from shapes_data import generate_dataset  # noqa: E402
@@ -42,7 +42,7 @@ def baseline(model_dir: str, table: str, batch: int, epochs: int, lr: float) -> 
     from diffusers import DDPMScheduler
 
     start = time.perf_counter()
-    model = LatentDiffusion.from_pretrained(model_dir)
+    model = sd.load(model_dir)
     rows = list(read_table(table, parse_schema("idx:str:1,text:str:1,imgbase64:str:1"), image_columns=["imgbase64"]))
     pixels = torch.stack([preprocess_image(r["imgbase64"], model.image_size) for r in rows])
     captions = [r["text"] for r in rows]
@@ -106,7 +106,7 @@ def main() -> None:
         model = build_from_preset(args.preset, vocab)
         sizes = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6
                  for name in ("text_encoder", "unet", "vae")}
-        model.save_pretrained(model_dir)
+        sd.save(model, model_dir)
         del model
         base_s, base_n = baseline(model_dir, os.path.join(data, "T2I_train.tsv"), args.batch, args.epochs, 1e-4)
         our_s, our_n = ours(model_dir, data, os.path.join(tmp, "out"), args.batch, args.epochs, 1e-4)

@@ -1,5 +1,5 @@
-"""The latent diffusion model: Chinese text encoder + diffusers ``UNet2DConditionModel`` + ``AutoencoderKL`` + the
-noise schedule of its scheduler config, with optional ESRGAN ×4 weights.
+"""The SD-1.x latent diffusion model: Chinese text encoder + diffusers ``UNet2DConditionModel`` + ``AutoencoderKL`` +
+the noise schedule of its scheduler config, with optional ESRGAN ×4 weights.
 
 Two on-disk formats, one ``save_pretrained`` ⇄ ``from_pretrained`` pair:
 
@@ -24,8 +24,9 @@ import os
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from easynlp_ldm.files import WeightsError, atomic_copy, atomic_torch_save, atomic_write_text, load_state_dict_file
+from easynlp_ldm.files import atomic_copy, atomic_torch_save, atomic_write_text, load_state_dict_file
 from modelzoo import text_encoder as te
+from modelzoo.families.base import ModelFormatError
 from modelzoo.weights import load_component_weights
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,6 @@ COMPONENTS = ("text_encoder", "unet", "vae")
 DIFFUSERS_ESRGAN_ORDER = "_esrgan_channel_order"
 
 
-class ModelFormatError(ValueError):
-    """A model folder that cannot be loaded; the message names the folder and what is wrong."""
-
-
 def _clean_diffusers_config(config: dict) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
@@ -60,7 +57,10 @@ def is_own_checkpoint(path: str) -> bool:
 
 
 class LatentDiffusion(torch.nn.Module):
+    family = "sd"
+
     """Components as plain attributes; ``esrgan_path`` points at ×4 super-resolution weights when the model has them.
+    Loaded and saved by its family, ``modelzoo.families.sd`` (``sd.load(folder)``, ``sd.save(model, folder)``).
 
     ``image_size``: native resolution in pixels. ``text_max_length``: tokens per prompt (the tokenizer's
     ``model_max_length`` clamped to the encoder's position table).
@@ -151,46 +151,23 @@ class LatentDiffusion(torch.nn.Module):
             state[key] = value.detach().cpu().to(state[key].dtype)
         return state
 
-    def save_pretrained(self, folder: str, overrides: dict[str, torch.Tensor] | None = None,
-                        dtype: torch.dtype | None = None, format: str | None = None) -> list[str]:
-        """Write the checkpoint folder. Each file is replaced atomically, weights last: a reader never sees a
-        half-written file, and config/vocab never change during a training run. Returns the checkpoint's files.
-        ``format``: ``easynlp-ldm`` (this toolkit's) or ``easynlp`` (EasyNLP's own); default: the format the model
-        was read from (this toolkit's for a diffusers-layout model)."""
-        from modelzoo.formats import easynlp
+    # ------------------------------------------------------------------------------------------ devices
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser runs (the device generation and training compute on)."""
+        return self.unet.device
 
-        format = format or self.extra.get("source_format") or FORMAT_NAME
-        if format == easynlp.FORMAT:
-            return easynlp.save(self, folder, overrides, dtype)
-        if format != FORMAT_NAME:
-            raise ValueError(f"unknown checkpoint format {format!r} ({FORMAT_NAME}, {easynlp.FORMAT})")
-        config = self.config_dict()
-        config["extra"] = {k: v for k, v in config["extra"].items() if k != "source_format"}
-        return write_checkpoint(self, folder, config, self.component_state_dict(overrides), dtype)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> LatentDiffusion:
-        if not os.path.isdir(path):
-            raise ModelFormatError(f"{path}: not a folder")
-        from modelzoo.formats import easynlp
 
-        try:
-            if easynlp.is_easynlp_checkpoint(path):
-                model = easynlp.load(path)
-            elif is_own_checkpoint(path):
-                model = _load_own(path)
-            elif is_diffusers_layout(path):
-                model = _load_diffusers(path)
-            else:
-                raise ModelFormatError(f"{path}: neither a diffusers-layout model (model_index.json, unet/, vae/, "
-                                       f"text_encoder/, tokenizer/) nor an easynlp-ldm or EasyNLP checkpoint "
-                                       f"(config.json + pytorch_model.bin + vocab.txt)")
-        except WeightsError as err:
-            raise ModelFormatError(str(err)) from None
-        model.source_path = os.path.abspath(path)
-        if dtype is not None:
-            model.to(dtype)
-        return model.eval()
+def save_checkpoint(model: LatentDiffusion, folder: str, overrides: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None) -> list[str]:
+    """The model in this toolkit's checkpoint format (``FORMAT_NAME``)."""
+    config = model.config_dict()
+    config["extra"] = {k: v for k, v in config["extra"].items() if k != "source_format"}
+    return write_checkpoint(model, folder, config, model.component_state_dict(overrides), dtype)
 
 
 def write_checkpoint(model: LatentDiffusion, folder: str, config: dict, state: dict[str, torch.Tensor],
@@ -261,7 +238,7 @@ def _read_json(path: str) -> dict:
         raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
 
 
-def _load_diffusers(path: str) -> LatentDiffusion:
+def load_diffusers_layout(path: str) -> LatentDiffusion:
     for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         if not os.path.isdir(os.path.join(path, part)):
             raise ModelFormatError(f"{path}: diffusers layout without {part}/")
@@ -286,7 +263,7 @@ def _load_diffusers(path: str) -> LatentDiffusion:
     return LatentDiffusion(tokenizer, text_encoder, unet, vae, scheduler_config, esrgan_path=esrgan_path, extra=extra)
 
 
-def _load_own(path: str) -> LatentDiffusion:
+def load_checkpoint(path: str) -> LatentDiffusion:
     config = _read_json(os.path.join(path, CONFIG_NAME))
     if config.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{path}/{CONFIG_NAME}: not an easynlp-ldm checkpoint config")

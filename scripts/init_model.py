@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from easynlp_ldm.files import atomic_write_text
+    from modelzoo.families import sd
     from modelzoo.presets import build_from_preset
 
     os.makedirs(args.output, exist_ok=True)
@@ -59,7 +60,7 @@ def main() -> int:
     vocab = build_vocab(args.captions)
     atomic_write_text(vocab_path, "".join(token + "\n" for token in vocab))
     model = build_from_preset(args.preset, vocab_path, seed=args.seed)
-    model.save_pretrained(args.output)
+    sd.save(model, args.output)
     params = sum(p.numel() for p in model.parameters())
     print(f"initialised {args.output}: vocabulary {len(vocab)}, {params / 1e6:.2f} M parameters")
     return 0

@@ -36,14 +36,17 @@ import torch
 
 from appzoo.latent_diffusion.generation import StableDiffusionPipeline
 from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.settings import InferenceSettings
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_copy, atomic_folder, atomic_open, atomic_write_bytes, atomic_write_text
+from modelzoo import families
 from modelzoo import text_encoder as te
 from modelzoo import wukong as wukong_code
+from modelzoo.families.base import ModelFormatError
 from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
 from modelzoo.formats.easynlp import NotExpressible
-from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME, LatentDiffusion, ModelFormatError
+from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME
 from modelzoo.samplers import make_scheduler
 from modelzoo.weights import find_weights
 
@@ -58,7 +61,7 @@ WUKONG_MODULE = "wukong"  # text_encoder/wukong.py of an exported folder: modelz
 
 def export_tar(model, destination: str) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        families.save(model, folder)
         names = list(CHECKPOINT_FILES) + ([ESRGAN_NAME] if model.esrgan_path else [])
         with atomic_open(destination, "wb") as handle:
             with tarfile.open(fileobj=handle, mode="w:gz") as archive:
@@ -127,7 +130,7 @@ def legacy_text_encoder_weights(class_name: str, folder: str) -> None:
 def export_easynlp(model, destination: str) -> None:
     try:
         with atomic_folder(destination) as folder:
-            model.save_pretrained(folder, format=EASYNLP_FORMAT)
+            families.save(model, folder, format=EASYNLP_FORMAT)
             check_loads(model, folder, "easynlp", destination)
     except NotExpressible as err:
         raise UserError(f"export_format=easynlp: {err}") from None
@@ -178,7 +181,7 @@ def check_loads(model, folder: str, export_format: str, destination: str) -> Non
     """This toolkit's loader reads ``folder`` back as ``model``: the same weights, tokenisation, text length, native
     size, noise schedule and super-resolution net. Raises ``UserError`` (the export is then discarded) if not."""
     try:
-        loaded = LatentDiffusion.from_pretrained(folder)
+        loaded = families.load(folder)
     except (ModelFormatError, ValueError) as err:
         _fail(export_format, destination, f"this toolkit cannot read it: {err}")
     components = ("text_encoder", "unet", "vae")
@@ -239,11 +242,12 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=export (the .tar.gz path, or a folder for "
                         "export_format=diffusers or easynlp)")
-    model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=params["lora"])
-    if params["export_format"] == "tar":
+    settings = InferenceSettings.from_params(params)
+    model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora)
+    if settings.export_format == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s; checked: this toolkit loads it)", flags.outputs, ", ".join(names))
-    elif params["export_format"] == "easynlp":
+    elif settings.export_format == "easynlp":
         export_easynlp(model, flags.outputs)
         logger.info("wrote EasyNLP latent_diffusion folder %s (checked: this toolkit loads it)", flags.outputs)
     else:

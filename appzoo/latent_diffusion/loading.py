@@ -21,9 +21,12 @@ import threading
 
 import torch
 
+from appzoo.latent_diffusion.settings import InferenceSettings
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.hub import resolve_model
-from modelzoo.ldm import LatentDiffusion, ModelFormatError
+from modelzoo import families
+from modelzoo.families.base import ModelFormatError
+from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp")
 
@@ -107,7 +110,7 @@ def load_model(name_or_path: str | None = "", *, device: torch.device | str | No
     path = extract_package(name) if package else resolve_model_path(name, modelzoo_base_dir, what)
     logger.info("loading %s", f"{name} (unpacked in {path})" if package else path)
     try:
-        model = LatentDiffusion.from_pretrained(path)
+        model = families.load(path)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
     # What the user gave, for messages and /info: the package, not the temporary folder its files are read from.
@@ -137,9 +140,9 @@ def load_model(name_or_path: str | None = "", *, device: torch.device | str | No
     return model
 
 
-def load_for_inference(flags, params: dict) -> LatentDiffusion:
-    """The model of predict, evaluate and serve: ``--checkpoint_dir`` with their ``optimize``, ``precision`` and
-    ``lora`` parameters."""
-    return load_model(flags.checkpoint_dir, optimize=params["optimize"], precision=params["precision"],
-                      modelzoo_base_dir=flags.modelzoo_base_dir, lora=params["lora"],
-                      lora_library=params.get("lora_library", ""))
+def load_for_inference(flags, settings: InferenceSettings) -> LatentDiffusion:
+    """The model of predict, evaluate and serve: ``--checkpoint_dir`` with their ``optimize``, ``precision``,
+    ``lora`` and ``lora_library`` settings (an ``InferenceSettings``)."""
+    return load_model(flags.checkpoint_dir, optimize=settings.optimize, precision=settings.precision,
+                      modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora,
+                      lora_library=settings.lora_library)

@@ -5,6 +5,7 @@ by (seed, epoch, index) everywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -15,10 +16,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from appzoo.latent_diffusion.data import PIXEL_STAGE, TRAIN_STAGE, IndexedTable, preprocess_image, sample_generator
-from appzoo.latent_diffusion.generation import GenerationSettings, generate
-from appzoo.latent_diffusion.losses import CachedLatents, DiffusionObjective, fixed_noise_loss, sample_latents
+from appzoo.latent_diffusion.data import (
+    CONTROL_COLUMN,
+    PIXEL_STAGE,
+    TRAIN_STAGE,
+    IndexedTable,
+    PixelReader,
+    TrainingData,
+    preprocess_image,
+    sample_generator,
+)
+from appzoo.latent_diffusion.generation import generate
+from appzoo.latent_diffusion.losses import DiffusionObjective, fixed_noise_loss, sample_latents
+from appzoo.latent_diffusion.settings import GenerationSettings, TrainingSettings
 from easynlp_ldm.errors import UserError
+from modelzoo import families
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")
@@ -27,38 +39,38 @@ SCALING_SAMPLE = 256  # images used to set the VAE's latent scaling factor (1 / 
 VALIDATION_ROWS = 256
 
 
-class _PixelDataset(torch.utils.data.Dataset):
-    def __init__(self, task: DiffusionTrainTask, epoch: int):
-        self.task, self.epoch = task, epoch
-
-    def __len__(self) -> int:
-        return len(self.task.train_table)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.task._pixels([index], self.epoch)[0]
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """``module`` in eval mode for the block (a validation pass, sample images), then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class DiffusionTrainTask:
-    """The diffusion objective. ``sizes``: each training image's size (its aspect-ratio bucket; None: the square
-    ``resolution`` for all); micro-batches come from one size each (``groups``). ``train_moments``: the cached VAE
-    latents' moments per image (None: images are read and encoded at every step)."""
+    """The diffusion objective on ``data`` (``TrainingData``): each training image at its size (its aspect-ratio
+    bucket; without sizes the square ``resolution`` for all), micro-batches from one size each (``groups``); the
+    cached VAE latents' moments per image, or (without them) images read and encoded at every step. The UNet's
+    extra inputs of a batch come from the ``unet_residuals`` hook (a ControlNet's, in ``ControlNetTrainTask``)."""
 
-    def __init__(self, model: LatentDiffusion, train: IndexedTable, train_moments: CachedLatents | None,
-                 val_captions: list[str], val_moments: torch.Tensor | None, *, params: dict[str, Any], seed: int,
-                 resolution: int, text_length: int, data_threads: int = 0, use_amp: bool = False,
-                 sizes: list[tuple[int, int]] | None = None, val_table: IndexedTable | None = None):
-        self.model, self.train_table, self.train_moments = model, train, train_moments
-        self.val_table = val_table
-        self.sizes = sizes or [(resolution, resolution)] * len(train)
-        self.val_captions, self.val_moments = val_captions, val_moments
-        self.params, self.seed, self.resolution = params, seed, resolution
-        self.text_length, self.data_threads = text_length, data_threads
-        self.objective = DiffusionObjective(model, params["snr_gamma"], params["high_noise_loss"])
+    def __init__(self, model: LatentDiffusion, settings: TrainingSettings, data: TrainingData, *, seed: int,
+                 resolution: int, text_length: int, use_amp: bool = False):
+        self.model, self.settings, self.data = model, settings, data
+        self.train_table, self.train_moments, self.val_table = data.train, data.train_latents, data.val
+        self.sizes = data.sizes or [(resolution, resolution)] * len(data.train)
+        self.val_captions, self.val_moments = data.val_captions, data.val_moments
+        self.seed, self.resolution, self.text_length = seed, resolution, text_length
+        self.pixels = PixelReader(data.train, self.sizes, seed=seed, random_crop=settings.random_crop,
+                                  random_flip=settings.random_flip)
+        self.objective = DiffusionObjective(model, settings.snr_gamma, settings.high_noise_loss)
         self.num_timesteps = self.objective.num_timesteps
-        if params["high_noise_share"] and not 0 <= params["high_noise_from"] < self.num_timesteps:
-            raise UserError(f"high_noise_from={params['high_noise_from']}: the model's schedule has timesteps 0-"
+        if settings.high_noise_share and not 0 <= settings.high_noise_from < self.num_timesteps:
+            raise UserError(f"high_noise_from={settings.high_noise_from}: the model's schedule has timesteps 0-"
                             f"{self.num_timesteps - 1}; give one of them")
-        self.train_text_encoder = bool(params["train_text_encoder"])
+        self.train_text_encoder = bool(settings.train_text_encoder)
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(self.train_text_encoder)
         model.text_encoder.train(self.train_text_encoder)
@@ -67,7 +79,7 @@ class DiffusionTrainTask:
             from modelzoo.attention import Float32AttentionProcessor
 
             model.unet.set_attn_processor(Float32AttentionProcessor())
-        if params["gradient_checkpointing"]:
+        if settings.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if self.train_text_encoder and hasattr(model.text_encoder, "gradient_checkpointing_enable"):
                 model.text_encoder.gradient_checkpointing_enable()
@@ -93,11 +105,11 @@ class DiffusionTrainTask:
     def _draws(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
         dropout, timesteps, noise, eps, offsets, high = [], [], [], [], [], []
         channels = self.model.latent_channels
-        share = self.params["high_noise_share"]
+        share = self.settings.high_noise_share
         for index in indices:
             shape = self.latent_shape(index)
             g = sample_generator(self.seed, epoch, index, TRAIN_STAGE)
-            dropout.append(float(torch.rand(1, generator=g)) < self.params["caption_dropout"])
+            dropout.append(float(torch.rand(1, generator=g)) < self.settings.caption_dropout)
             timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
             noise.append(torch.randn(shape, generator=g))
             eps.append(torch.randn(shape, generator=g))
@@ -105,31 +117,14 @@ class DiffusionTrainTask:
             # drawn last, and only when asked for: the other draws (and runs without the option) stay as they were
             high.append(bool(share) and float(torch.rand(1, generator=g)) < share)
             if high[-1]:
-                timesteps[-1] = int(torch.randint(self.params["high_noise_from"], self.num_timesteps, (1,),
+                timesteps[-1] = int(torch.randint(self.settings.high_noise_from, self.num_timesteps, (1,),
                                                   generator=g))
         return {"dropout": dropout, "timesteps": torch.tensor(timesteps, dtype=torch.long),
                 "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets),
                 "high": torch.tensor(high, dtype=torch.bool)}
 
-    def _pixels(self, indices: list[int], epoch: int) -> torch.Tensor:
-        params = self.params
-        return torch.stack([
-            preprocess_image(self.train_table.read_image(i), self.sizes[i], random_crop=params["random_crop"],
-                             random_flip=params["random_flip"],
-                             generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE)) for i in indices])
-
-    def _pixel_batches(self, order: list[list[int]], epoch: int):
-        """Decoded, cropped pixels per micro-batch; in ``--data_threads`` worker processes when above 0."""
-        if self.data_threads <= 0:
-            for indices in order:
-                yield self._pixels(indices, epoch)
-            return
-        dataset = _PixelDataset(self, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=self.data_threads)
-        yield from loader
-
     def batches(self, order: list[list[int]], epoch: int):
-        pixel_iter = self._pixel_batches(order, epoch) if self.train_moments is None else None
+        pixel_iter = self.pixels.batches(order, epoch, self.data.data_threads) if self.train_moments is None else None
         for indices in order:
             captions = [self.train_table.captions[i] for i in indices]
             draws = self._draws(indices, epoch)
@@ -154,38 +149,36 @@ class DiffusionTrainTask:
     def loss(self, batch: dict) -> torch.Tensor:
         latents = self._latents(batch)
         noise = batch["noise"]
-        if self.params["noise_offset"]:
-            noise = noise + self.params["noise_offset"] * batch["offsets"]
+        if self.settings.noise_offset:
+            noise = noise + self.settings.noise_offset * batch["offsets"]
         device = self.model.unet.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
             embeds = self.model.encode_tokens(batch["input_ids"])
         return self.objective.loss(latents.to(device), noise.to(device), batch["timesteps"].to(device), embeds,
-                                   high=batch["high"], high_share=self.params["high_noise_share"])
+                                   high=batch["high"], high_share=self.settings.high_noise_share,
+                                   residuals=self.unet_residuals(batch))
+
+    def unet_residuals(self, batch: dict):
+        """The UNet's extra inputs for ``batch``, as ``residuals(noisy, timesteps, embeds)`` → keyword arguments of
+        the UNet (see ``DiffusionObjective.per_sample_loss``), or None: the plain diffusion objective has none."""
+        return None
 
     def validate(self) -> float | None:
         if not self.val_captions:
             return None
-        was_training = self.model.unet.training
-        self.model.unet.eval()
-        try:
+        with eval_mode(self.model.unet):
             return fixed_noise_loss(self.model, self.val_captions, self.val_moments, self.text_length)
-        finally:
-            self.model.unet.train(was_training)
 
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
-        return self.model.save_pretrained(folder, overrides=weights)
+        return families.save(self.model, folder, overrides=weights)
 
     def sample_images(self, count: int) -> list[tuple[str, Any]]:
         captions = self.val_captions[:count] or self.train_table.captions[:count]
-        was_training = self.model.unet.training
-        self.model.unet.eval()
-        try:
-            settings = GenerationSettings(steps=self.params["sample_steps"], height=self.resolution,
+        with eval_mode(self.model.unet):
+            sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution)
-            images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], settings,
+            images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], sampling,
                               max_length=self.text_length)
-        finally:
-            self.model.unet.train(was_training)
         return list(zip(captions, images))
 
 
@@ -197,14 +190,14 @@ class LoraTrainTask(DiffusionTrainTask):
         super().__init__(model, *args, **kwargs)
         from modelzoo import lora
 
-        params = self.params
-        if params["train_text_encoder"]:
+        settings = self.settings
+        if settings.train_text_encoder:
             raise UserError("train_text_encoder=True trains the whole text encoder; with train_target=lora use "
                             "lora_text_encoder=True for a LoRA of it")
-        self.lora_text_encoder = bool(params["lora_text_encoder"])
-        trainable = lora.add_training_adapters(model, params["lora_rank"], params["lora_alpha"] or params["lora_rank"],
-                                               params["lora_dropout"], lora.target_modules(
-                                                   params["lora_target_modules"]), self.lora_text_encoder)
+        self.lora_text_encoder = bool(settings.lora_text_encoder)
+        trainable = lora.add_training_adapters(model, settings.lora_rank, settings.lora_alpha or settings.lora_rank,
+                                               settings.lora_dropout, lora.target_modules(
+                                                   settings.lora_target_modules), self.lora_text_encoder)
         self.train_text_encoder = self.lora_text_encoder  # the text encoder's forward pass needs gradients then
         model.text_encoder.train(self.lora_text_encoder)
         total = sum(p.numel() for part in (model.unet, model.text_encoder) for p in part.parameters())
@@ -215,9 +208,6 @@ class LoraTrainTask(DiffusionTrainTask):
         from modelzoo import lora
 
         return lora.save_adapters(folder, self.model, weights)
-
-
-CONTROL_COLUMN = "control"
 
 
 def controlnet_conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
@@ -243,7 +233,7 @@ class ControlNetTrainTask(DiffusionTrainTask):
             raise UserError("train_text_encoder=True with train_target=controlnet: the ControlNet is trained against "
                             "the frozen text encoder; leave it False")
         model.unet.requires_grad_(False).eval()
-        start = parse_controlnets(self.params["controlnet"])
+        start = parse_controlnets(self.settings.controlnet)
         if len(start) > 1:
             raise UserError("train_target=controlnet continues at most one ControlNet (controlnet=FOLDER)")
         if start:
@@ -257,8 +247,13 @@ class ControlNetTrainTask(DiffusionTrainTask):
                 model.unet, conditioning_embedding_out_channels=controlnet_conditioning_channels(
                     model.vae_scale_factor)).to(model.unet.device, torch.float32)
         self.controlnet.train()
-        if self.params["gradient_checkpointing"]:
+        if self.settings.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
+        # each row's conditioning image with the same seeded crop and flip as its image: the layout stays where the
+        # picture is
+        self.controls = PixelReader(self.train_table, self.sizes, seed=self.seed,
+                                    random_crop=self.settings.random_crop, random_flip=self.settings.random_flip,
+                                    column=CONTROL_COLUMN)
         count = sum(p.numel() for p in self.controlnet.parameters())
         logger.info("train_target=controlnet: %d trainable parameters (the UNet's %d stay frozen); conditioning "
                     "images from the '%s' column", count, sum(p.numel() for p in model.unet.parameters()),
@@ -267,19 +262,9 @@ class ControlNetTrainTask(DiffusionTrainTask):
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"controlnet": self.controlnet}
 
-    def _controls(self, table: IndexedTable, indices: list[int], sizes, epoch: int | None) -> torch.Tensor:
-        params = self.params
-        random = epoch is not None
-        return torch.stack([(preprocess_image(
-            table.read_image(i, CONTROL_COLUMN), size, random_crop=random and params["random_crop"],
-            random_flip=random and params["random_flip"],
-            generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE) if random else None) + 1) / 2
-            for i, size in zip(indices, sizes)])
-
     def batches(self, order: list[list[int]], epoch: int):
-        # the same seeded crop and flip as the row's image: the layout stays where the picture is
         for indices, batch in zip(order, super().batches(order, epoch)):
-            batch["control"] = self._controls(self.train_table, indices, [self.sizes[i] for i in indices], epoch)
+            batch["control"] = (self.controls.pixels(indices, epoch) + 1) / 2  # the ControlNet's input is in [0, 1]
             yield batch
 
     def _residuals(self, control: torch.Tensor):
@@ -290,30 +275,19 @@ class ControlNetTrainTask(DiffusionTrainTask):
 
         return residuals
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        latents = self._latents(batch)
-        noise = batch["noise"]
-        if self.params["noise_offset"]:
-            noise = noise + self.params["noise_offset"] * batch["offsets"]
-        device = self.model.unet.device
-        with torch.no_grad():
-            embeds = self.model.encode_tokens(batch["input_ids"])
-        return self.objective.loss(latents.to(device), noise.to(device), batch["timesteps"].to(device), embeds,
-                                   high=batch["high"], high_share=self.params["high_noise_share"],
-                                   residuals=self._residuals(batch["control"]))
+    def unet_residuals(self, batch: dict):
+        return self._residuals(batch["control"])
 
     def validate(self) -> float | None:
         if not self.val_captions or self.val_table is None:
             return None
         rows = min(len(self.val_captions), VALIDATION_ROWS)
-        square = [(self.resolution, self.resolution)] * rows
-        controls = self._controls(self.val_table, list(range(rows)), square, None)
-        self.controlnet.eval()
-        try:
+        square = PixelReader(self.val_table, [(self.resolution, self.resolution)] * rows, seed=self.seed,
+                             column=CONTROL_COLUMN)  # centre crops, as the validation latents
+        controls = (square.pixels(list(range(rows)), None) + 1) / 2
+        with eval_mode(self.controlnet):
             return fixed_noise_loss(self.model, self.val_captions[:rows], self.val_moments[:rows], self.text_length,
                                     residuals=lambda start, stop: self._residuals(controls[start:stop]))
-        finally:
-            self.controlnet.train()
 
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         from safetensors.torch import save
@@ -335,15 +309,12 @@ class ControlNetTrainTask(DiffusionTrainTask):
         rows = list(range(min(count, len(table))))
         controls = [table.read_image(i, CONTROL_COLUMN) for i in rows]
         captions = [table.captions[i] for i in rows]
-        self.controlnet.eval()
-        try:
-            settings = GenerationSettings(steps=self.params["sample_steps"], height=self.resolution,
+        with eval_mode(self.controlnet):
+            sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution, controlnets=(("training", 1.0),))
-            images = generate(self.model, captions, [self.seed + i for i in rows], settings,
+            images = generate(self.model, captions, [self.seed + i for i in rows], sampling,
                               max_length=self.text_length, inputs=ImageInputs(controls=[controls]),
                               controlnet=self.controlnet)
-        finally:
-            self.controlnet.train()
         return [(f"{caption} (with its layout)", image) for caption, image in zip(captions, images)]
 
 
@@ -359,10 +330,12 @@ class VAETrainTask:
     model trained on it and the latent scaling factor — stays valid; only the decoder learns to draw what the latents
     already encode (e.g. a new shape's details). No KL term then: the posterior does not change."""
 
-    def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
-                 seed: int, resolution: int, decoder_only: bool = False):
-        self.model, self.train, self.val, self.params = model, train, val, params
+    def __init__(self, model: LatentDiffusion, settings: TrainingSettings, data: TrainingData, seed: int,
+                 resolution: int, decoder_only: bool = False):
+        self.model, self.train, self.val, self.settings = model, data.train, data.val, settings
         self.seed, self.resolution, self.decoder_only = seed, resolution, decoder_only
+        self.pixels = PixelReader(data.train, [(resolution, resolution)] * len(data.train), seed=seed,
+                                  random_crop=settings.random_crop, random_flip=settings.random_flip)
         _freeze_all(model)
         model.vae.requires_grad_(True).train()
         if decoder_only:
@@ -379,10 +352,7 @@ class VAETrainTask:
 
     def batches(self, order: list[list[int]], epoch: int):
         for indices in order:
-            pixels = torch.stack([preprocess_image(
-                self.train.read_image(i), self.resolution, random_crop=self.params["random_crop"],
-                random_flip=self.params["random_flip"], generator=sample_generator(self.seed, epoch, i, PIXEL_STAGE))
-                for i in indices])
+            pixels = self.pixels.pixels(indices, epoch)
             eps = torch.stack([torch.randn(self.latent_shape, generator=sample_generator(self.seed, epoch, i,
                                                                                          TRAIN_STAGE))
                                for i in indices])
@@ -399,7 +369,7 @@ class VAETrainTask:
         if self.decoder_only:
             return loss
         kl = dist.kl().mean() / float(np.prod(self.latent_shape))
-        return loss + self.params["vae_kl_weight"] * kl
+        return loss + self.settings.vae_kl_weight * kl
 
     def _images(self, table: IndexedTable, count: int) -> torch.Tensor:
         return torch.stack([preprocess_image(table.read_image(i), self.resolution)
@@ -410,9 +380,7 @@ class VAETrainTask:
         if not self.val or not len(self.val):
             return None
         vae = self.model.vae
-        was_training = vae.training
-        vae.eval()
-        try:
+        with eval_mode(vae):
             x = self._images(self.val, VALIDATION_ROWS).to(vae.device)
             total = 0.0
             for start in range(0, len(x), 32):
@@ -420,13 +388,11 @@ class VAETrainTask:
                 reconstruction = vae.decode(vae.encode(chunk).latent_dist.mean).sample.float()
                 total += float(F.mse_loss(reconstruction, chunk)) * len(chunk)
             return total / len(x)
-        finally:
-            vae.train(was_training)
 
     @torch.no_grad()
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         if self.decoder_only:  # same encoder, same latent space: the diffusion model's scaling factor stays
-            return self.model.save_pretrained(folder, overrides=weights)
+            return families.save(self.model, folder, overrides=weights)
         # The latent scaling factor makes the saved VAE's latents unit-variance for the diffusion model.
         vae = copy.deepcopy(self.model.vae).eval()
         vae.load_state_dict({k[len("vae."):]: v for k, v in weights.items()}, strict=False)
@@ -434,19 +400,15 @@ class VAETrainTask:
         latents = torch.cat([vae.encode(x[i:i + 32]).latent_dist.mean for i in range(0, len(x), 32)])
         scaling = float(1.0 / latents.float().std().clamp(min=1e-6))
         self.model.vae.register_to_config(scaling_factor=scaling)
-        return self.model.save_pretrained(folder, overrides=weights)
+        return families.save(self.model, folder, overrides=weights)
 
     @torch.no_grad()
     def sample_images(self, count: int) -> list[tuple[str, Any]]:
         table = self.val if self.val and len(self.val) else self.train
         vae = self.model.vae
-        was_training = vae.training
-        vae.eval()
-        try:
+        with eval_mode(vae):
             x = self._images(table, count).to(vae.device)
             reconstruction = vae.decode(vae.encode(x).latent_dist.mean).sample
-        finally:
-            vae.train(was_training)
         pairs = torch.cat([x, reconstruction.clamp(-1, 1)], dim=3)  # original | reconstruction
         arrays = ((pairs.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
         return [(f"{table.captions[i]} (original | reconstruction)", Image.fromarray(a)) for i, a in enumerate(arrays)]
@@ -455,12 +417,11 @@ class VAETrainTask:
 class RRDBTrainTask:
     """ESRGAN ×4 on (bicubic ×1/4, original) pairs cropped from the table's images; L1 in [0, 1]."""
 
-    def __init__(self, model: LatentDiffusion, train: IndexedTable, val: IndexedTable | None, params: dict,
-                 seed: int):
+    def __init__(self, model: LatentDiffusion, settings: TrainingSettings, data: TrainingData, seed: int):
         from modelzoo.esrgan import RRDBNet, load_rrdbnet, plan_new_net
         from modelzoo.formats.easynlp import is_easynlp_model
 
-        self.model, self.train, self.val, self.params, self.seed = model, train, val, params, seed
+        self.model, self.train, self.val, self.settings, self.seed = model, data.train, data.val, settings, seed
         _freeze_all(model)
         self.order = model.extra.get("esrgan_channel_order", "rgb")  # what predict's do_sr will feed the net
         if model.esrgan_path:
@@ -468,15 +429,15 @@ class RRDBTrainTask:
             logger.info("fine-tuning the model's super-resolution net %s (%s)", model.esrgan_path, self.order.upper())
         else:
             torch.manual_seed(seed)
-            plan = plan_new_net(is_easynlp_model(model), self.order, params["rrdb_nf"], params["rrdb_nb"],
-                                params["rrdb_gc"])
+            plan = plan_new_net(is_easynlp_model(model), self.order, settings.rrdb_nf, settings.rrdb_nb,
+                                settings.rrdb_gc)
             self.net = RRDBNet(**plan.architecture)
             # A warning when an EasyNLP-format model's file would not load in EasyNLP (rrdb_nf/nb/gc given).
             level = logging.WARNING if plan.easynlp_format and not plan.easynlp_loads else logging.INFO
             logger.log(level, "training %s", plan.describe())
         self.device = model.unet.device
         self.net.to(self.device).train()
-        self.patch = params["sr_patch"]
+        self.patch = settings.sr_patch
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"rrdb": self.net}
@@ -522,14 +483,11 @@ class RRDBTrainTask:
 
         if not self.val or not len(self.val):
             return None
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             pairs = [self._pair(self.val.read_image(i), None) for i in range(min(64, len(self.val)))]
             lr = torch.stack([p[0] for p in pairs]).to(self.device)
             hr = torch.stack([p[1] for p in pairs]).to(self.device)
             return float(F.l1_loss(forward_in_order(self.net, lr, self.order).clamp(0, 1), hr))
-        finally:
-            self.net.train()
 
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         from modelzoo.esrgan import save_rrdbnet
@@ -541,15 +499,14 @@ class RRDBTrainTask:
         save_rrdbnet(net, path)
         self.model.esrgan_path = path
         self.model.extra["esrgan_channel_order"] = self.order
-        return self.model.save_pretrained(folder)
+        return families.save(self.model, folder)
 
     @torch.no_grad()
     def sample_images(self, count: int) -> list[tuple[str, Any]]:
         from modelzoo.esrgan import upscale
 
         table = self.val if self.val and len(self.val) else self.train
-        self.net.eval()
-        try:
+        with eval_mode(self.net):
             images = []
             for i in range(min(count, len(table))):
                 hr = table.read_image(i)
@@ -557,5 +514,3 @@ class RRDBTrainTask:
                 images.append((f"{table.captions[i]} (×4 from {lr.width}px)",
                                upscale(self.net, lr, tile=0, channel_order=self.order)))
             return images
-        finally:
-            self.net.train()

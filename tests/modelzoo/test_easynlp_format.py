@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modelzoo import text_encoder as te
+from modelzoo.families import sd
 from modelzoo.formats import easynlp
-from modelzoo.ldm import LatentDiffusion
 from tests.helpers import EASYNLP_DATA, easynlp_checkpoint
 
 TOLERANCE = 1e-4
@@ -46,7 +46,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("prefixed", [False, True], ids=["reset_model_state_flag", "model-prefix"])
 def test_matches_easynlp_with_ema(tmp_path, reference, prefixed):
     prompts, ref = reference
-    model = LatentDiffusion.from_pretrained(easynlp_checkpoint(tmp_path, prefixed=prefixed))
+    model = sd.load(easynlp_checkpoint(tmp_path, prefixed=prefixed))
     assert isinstance(model.text_encoder, te.WukongTextEncoder) and model.extra["easynlp"]["ema"]
     assert model.extra["esrgan_channel_order"] == "bgr" and model.image_size == 32 and model.text_max_length == 16
     ids, cond, eps, decoded = outputs(model, prompts, ref)
@@ -65,7 +65,7 @@ def test_noise_schedule_matches(reference):
     from diffusers import PNDMScheduler
 
     _, ref = reference
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    model = sd.load(EASYNLP_DATA)
     scheduler = PNDMScheduler.from_config(model.scheduler_config)
     assert model.scheduler_class == "PNDMScheduler"  # EasyNLP samples with PLMS
     assert max_diff(scheduler.alphas_cumprod, ref["alphas_cumprod"]) < 1e-6
@@ -80,7 +80,7 @@ def test_noise_schedule_matches(reference):
 def test_live_weights_without_ema(tmp_path, reference, how):
     prompts, ref = reference
     folder = easynlp_checkpoint(tmp_path, drop_ema=how == "no-ema-weights", use_ema=how != "use_ema-false")
-    model = LatentDiffusion.from_pretrained(folder)
+    model = sd.load(folder)
     assert not model.extra["easynlp"]["ema"]
     _, _, eps, _ = outputs(model, prompts, ref)
     assert max_diff(eps, ref["eps_live"]) < TOLERANCE
@@ -94,8 +94,8 @@ def assert_same_state(written, expected):
 
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_round_trip_is_lossless(tmp_path, prefixed):
-    model = LatentDiffusion.from_pretrained(easynlp_checkpoint(tmp_path / "in", prefixed=prefixed))
-    files = model.save_pretrained(str(tmp_path / "out"))
+    model = sd.load(easynlp_checkpoint(tmp_path / "in", prefixed=prefixed))
+    files = sd.save(model, str(tmp_path / "out"))
     assert sorted(os.path.basename(f) for f in files) == ["config.json", "pytorch_model.bin", "vocab.txt"]
     # Written without the extra prefix: what EasyNLP's LatentDiffusion loads.
     assert_same_state(torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True), source_state())
@@ -104,40 +104,40 @@ def test_round_trip_is_lossless(tmp_path, prefixed):
 
 
 def test_changed_unet_is_written_as_live_and_ema_weights(tmp_path):
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    model = sd.load(EASYNLP_DATA)
     with torch.no_grad():
         model.unet.conv_in.weight.add_(1.0)
-    model.save_pretrained(str(tmp_path))
+    sd.save(model, str(tmp_path))
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert torch.equal(state[key], model.unet.conv_in.weight) and torch.equal(state[easynlp.ema_name(key)], state[key])
     other = "model.diffusion_model.out.2.weight"
     assert torch.equal(state[easynlp.ema_name(other)], state[other])  # no stale live weights beside new EMA ones
     assert torch.equal(state["model_ema.num_updates"], source_state()["model_ema.num_updates"])
-    again = LatentDiffusion.from_pretrained(str(tmp_path))
+    again = sd.load(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
 def test_own_format_keeps_the_wukong_encoder_and_writes_back(tmp_path, reference):
     prompts, ref = reference
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
-    model.save_pretrained(str(tmp_path / "own"), format="easynlp-ldm")
-    own = LatentDiffusion.from_pretrained(str(tmp_path / "own"))
+    model = sd.load(EASYNLP_DATA)
+    sd.save(model, str(tmp_path / "own"), format="easynlp-ldm")
+    own = sd.load(str(tmp_path / "own"))
     assert json.load(open(tmp_path / "own" / "config.json"))["format"] == "easynlp-ldm"
     assert isinstance(own.text_encoder, te.WukongTextEncoder) and own.text_encoder.settings["n_repeat"] == 2
     assert torch.equal(own.tokenize(prompts), ref["prompt_ids"])  # EasyNLP's tokenizer settings kept
     assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), model.state_dict().values()))
     # Without the source's config (a model never read from EasyNLP's format), a config is built from the modules.
     own.extra.pop("easynlp")
-    own.save_pretrained(str(tmp_path / "built"), format="easynlp")
+    sd.save(own, str(tmp_path / "built"), format="easynlp")
     params = json.load(open(tmp_path / "built" / "config.json"))["model"]["params"]
     assert params["use_ema"] is False and params["cond_stage_config"]["params"]["n_repeat"] == 2
-    back = LatentDiffusion.from_pretrained(str(tmp_path / "built"))
+    back = sd.load(str(tmp_path / "built"))
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
 
 
 def test_unet_and_vae_names_come_from_diffusers_converters():
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    model = sd.load(EASYNLP_DATA)
     state = source_state()
     unet_names = set(easynlp.unet_key_map(model.unet))
     vae_map = easynlp.vae_key_map(model.vae)
@@ -148,9 +148,9 @@ def test_unet_and_vae_names_come_from_diffusers_converters():
 
 
 def test_per_token_text_encoders_cannot_be_written(tiny_model_dir, tmp_path):
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     with pytest.raises(easynlp.NotExpressible, match="Wukong text transformer"):
-        model.save_pretrained(str(tmp_path), format="easynlp")
+        sd.save(model, str(tmp_path), format="easynlp")
 
 
 def test_other_conditioning_is_refused_clearly(tmp_path):
@@ -159,4 +159,4 @@ def test_other_conditioning_is_refused_clearly(tmp_path):
     config["model"]["params"]["cond_stage_config"]["target"] = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
     json.dump(config, open(os.path.join(folder, "config.json"), "w"))
     with pytest.raises(ValueError, match="FrozenWukongCLIPTextEmbedder"):
-        LatentDiffusion.from_pretrained(folder)
+        sd.load(folder)

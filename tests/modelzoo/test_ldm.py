@@ -5,14 +5,14 @@ import os
 import pytest
 import torch
 
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 
 
 def test_safetensors_layout_and_unsafe_pickle_refused(tmp_path):
     from modelzoo.tiny import make_tiny_diffusers_model
 
     folder = make_tiny_diffusers_model(str(tmp_path / "m"), weights="safetensors")
-    LatentDiffusion.from_pretrained(folder)
+    sd.load(folder)
 
     class Evil:
         def __reduce__(self):
@@ -21,5 +21,5 @@ def test_safetensors_layout_and_unsafe_pickle_refused(tmp_path):
     bad = make_tiny_diffusers_model(str(tmp_path / "bad"))
     torch.save({"x": Evil()}, os.path.join(bad, "unet", "diffusion_pytorch_model.bin"))
     with pytest.raises(ValueError, match="cannot read weights safely"):
-        LatentDiffusion.from_pretrained(bad)
+        sd.load(bad)
     assert not (tmp_path / "pwned").exists()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-from modelzoo.ldm import LatentDiffusion
+from appzoo.latent_diffusion.generation import Generator
+from appzoo.latent_diffusion.settings import GenerationSettings
+from modelzoo.families import sd
 from modelzoo.optimize import prepare_for_inference, resolve_level
 
 pytest.importorskip("openvino")
@@ -53,7 +54,7 @@ def test_openvino_fp32_gives_the_images_of_none_and_reuses_the_cached_ir(tiny_mo
 
 def test_changed_weights_get_their_own_ir(tiny_model_dir, ov_cache):
     first = prepare_model(tiny_model_dir, "openvino", "fp32").unet.forward.openvino_runner.key
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     with torch.no_grad():
         model.unet.conv_out.bias += 0.01  # a fine-tune or a merged LoRA changes weights: never a stale IR
     prepare_for_inference(model, "openvino", "fp32")
@@ -106,7 +107,7 @@ def test_precision_the_cpu_lacks_is_a_clear_error(tiny_model_dir, ov_cache, monk
 
 
 def prepare_model(model_dir, level, precision=""):
-    model = LatentDiffusion.from_pretrained(model_dir)
+    model = sd.load(model_dir)
     prepare_for_inference(model, level, precision)
     return model
 

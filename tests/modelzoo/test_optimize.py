@@ -2,15 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-from modelzoo.ldm import LatentDiffusion
+from appzoo.latent_diffusion.generation import Generator
+from appzoo.latent_diffusion.settings import GenerationSettings
+from modelzoo.families import sd
 from modelzoo.optimize import prepare_for_inference
 
 PROMPTS = ["红色的圆形", "蓝色的正方形", "黄色的三角形", "绿色的圆形"]
 
 
 def images(model_dir, level, steps=4):
-    model = LatentDiffusion.from_pretrained(model_dir)
+    model = sd.load(model_dir)
     done = prepare_for_inference(model, level)
     generate = Generator(model, GenerationSettings(steps=steps))
     out = [np.asarray(im, dtype=np.float64) for im in generate(PROMPTS, [1, 2, 3, 4])]
@@ -43,7 +44,7 @@ def test_compile_is_close_to_none_and_does_not_recompile(tiny_model_dir, referen
 
 def test_unknown_level_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="optimize must be one of"):
-        prepare_for_inference(LatentDiffusion.from_pretrained(tiny_model_dir), "turbo")
+        prepare_for_inference(sd.load(tiny_model_dir), "turbo")
 
 
 @pytest.mark.parametrize("latent", [16, 32])

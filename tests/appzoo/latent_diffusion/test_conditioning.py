@@ -10,9 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, canny, parse_controlnets
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+from appzoo.latent_diffusion.generation import Generator
+from appzoo.latent_diffusion.settings import GenerationSettings
 from easynlp_ldm.errors import UserError
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 from tests.helpers import PROMPTS, make_test_controlnet, mask, photo
 
 SEEDS = [11, 2024]
@@ -32,7 +33,7 @@ def reference(cls_name, folder, **components):
 
 
 def ours(folder, inputs, **settings):
-    model = LatentDiffusion.from_pretrained(folder)
+    model = sd.load(folder)
     generate = Generator(model, GenerationSettings(steps=5, **settings))
     return [np.asarray(image, dtype=np.int16) for image in generate(PROMPTS[:2], SEEDS, inputs=inputs)]
 
@@ -183,7 +184,7 @@ def test_predict_with_a_controlnet_column_and_canny(tiny_model_dir, controlnet_d
                             f"optimize=none")
     argv[2] = "--input_schema=idx:str:1,text:str:1,control:str:1"
     assert cli.main(argv) == 0
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     generate = Generator(model, GenerationSettings(steps=5, controlnets=((controlnet_dir, 0.7),)))
     for idx, seed, cell in read_rows(out):
         i = int(idx)
@@ -218,7 +219,7 @@ def test_python_api_takes_pil_images_masks_and_conditioning_images(tiny_model_di
     images = [photo(40), photo(41)]
     gen = pipeline("latent_diffusion", tiny_model_dir, n_samples=1, ddim_steps=5, strength=0.6, optimize="none")
     records = gen(PROMPTS[:2], images=images)
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     direct = Generator(model, GenerationSettings(steps=5, strength=0.6))
     for record, image in zip(records, images):
         expected = direct([record["text"]], [record["seed"]], inputs=ImageInputs(images=[image]))[0]

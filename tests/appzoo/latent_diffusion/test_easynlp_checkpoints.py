@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from easynlp_ldm import cli
+from modelzoo.families import sd
 from tests.helpers import (
     EASYNLP_DATA,
     InProcessServer,
@@ -47,14 +48,14 @@ def test_default_sampling_is_easynlp_predictors():
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, generate
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.generation import generate
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
     path = os.path.join(EASYNLP_DATA, "reference.safetensors")
     ref = load_file(path)
     with safe_open(path, "pt") as handle:
         prompts = json.loads(handle.metadata()["prompts"])[:2]
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    model = sd.load(EASYNLP_DATA)
     settings = GenerationSettings().for_model(model)
     assert (settings.steps, settings.guidance_scale, settings.height, model.scheduler_class) == (20, 5.0, 32,
                                                                                                  "PNDMScheduler")

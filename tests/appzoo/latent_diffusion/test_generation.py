@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from easynlp_ldm import cli
+from modelzoo.families import sd
 from tests.helpers import PROMPTS, decode, predict_argv, read_rows
 
 
@@ -34,10 +35,10 @@ def test_parity_with_diffusers_pipeline(tiny_model_dir, prompts_table, tmp_path,
 
 
 def test_image_depends_on_seed_not_batch(tiny_model_dir):
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.generation import Generator
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     generate = Generator(model, GenerationSettings(steps=4))
     alone = np.asarray(generate([PROMPTS[1]], [1234])[0], dtype=np.int16)
     crowd = generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [99, 1234, 5])
@@ -63,11 +64,11 @@ def test_guidance_cutoff_matches_diffusers_callback_and_halves_late_steps(tiny_m
     from diffusers import StableDiffusionPipeline
     from diffusers.callbacks import SDCFGCutoffCallback
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.generation import Generator
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
     settings = GenerationSettings(steps=4, guidance_cutoff=0.75)
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     batch_sizes = []
     model.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
     generate = Generator(model, settings)
@@ -90,13 +91,13 @@ def test_guidance_rescale_matches_diffusers_and_reaches_every_vocabulary(tiny_mo
     --user_defined_parameters reach it (the HTTP field is tested with serve)."""
     from diffusers import StableDiffusionPipeline
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.generation import Generator
     from appzoo.latent_diffusion.params import default_params
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
     settings = GenerationSettings(steps=4, guidance_scale=9.0, guidance_rescale=0.7)
     assert GenerationSettings.from_params(default_params(ddim_steps=4, scale=9.0, guidance_rescale=0.7)) == settings
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     rescaled = Generator(model, settings)(PROMPTS[:2], [3, 4])
     plain = Generator(model, dataclasses.replace(settings, guidance_rescale=0.0))(PROMPTS[:2], [3, 4])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
@@ -120,11 +121,11 @@ def test_guidance_rescale_matches_diffusers_and_reaches_every_vocabulary(tiny_mo
 def test_negative_prompt_counts_for_a_wukong_model():
     """EasyNLP's Wukong encoder gives n_repeat embeddings per prompt, not one per token: the negative prompt was
     tokenised to that length ([CLS] [SEP], the empty prompt) and silently had no effect."""
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.generation import Generator
+    from appzoo.latent_diffusion.settings import GenerationSettings
     from tests.helpers import EASYNLP_DATA
 
-    model = LatentDiffusion.from_pretrained(EASYNLP_DATA)
+    model = sd.load(EASYNLP_DATA)
     plain, negative = (np.asarray(Generator(model, GenerationSettings(steps=2, negative_prompt=text))(
         ["一只红色的圆形"], [7])[0], dtype=np.int16) for text in ("", "蓝色三角形"))
     assert np.abs(plain - negative).max() > 0

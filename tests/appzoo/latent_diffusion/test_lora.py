@@ -10,9 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, build_pipeline
+from appzoo.latent_diffusion.generation import Generator, build_pipeline
 from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.settings import GenerationSettings
 from easynlp_ldm import cli
+from modelzoo.families import sd
 from modelzoo.lora import LORA_FILE, load_adapters, parse_specs, select_adapters
 from tests.helpers import PROMPTS, decode, predict_argv, read_rows, train_argv
 
@@ -21,10 +23,9 @@ STEPS, GUIDANCE = 4, 5.0
 
 def make_adapter(model_dir, folder, seed, rank=4, alpha=8):
     """A LoRA of the tiny model with random (non-zero) up-projections, saved as train_target=lora saves one."""
-    from modelzoo.ldm import LatentDiffusion
     from modelzoo.lora import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, add_training_adapters, save_adapters
 
-    model = LatentDiffusion.from_pretrained(model_dir)
+    model = sd.load(model_dir)
     add_training_adapters(model, rank, alpha, 0.0, ATTENTION_TARGETS + FEED_FORWARD_TARGETS, text_encoder=False)
     generator = torch.Generator().manual_seed(seed)
     weights = {}

@@ -5,11 +5,11 @@ import torch
 
 from appzoo.latent_diffusion.losses import DiffusionObjective
 from easynlp_ldm.errors import UserError
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 
 
 def test_target_follows_prediction_type_and_unknown_is_an_error(tiny_model_dir):
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     latents, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
     assert torch.equal(DiffusionObjective(model).target(latents, noise, t), noise)
     model.scheduler_config["prediction_type"] = "v_prediction"
@@ -26,7 +26,7 @@ def test_target_follows_prediction_type_and_unknown_is_an_error(tiny_model_dir):
 def test_zero_terminal_snr_trains_v_on_pure_noise_and_refuses_epsilon(tiny_model_dir, caplog):
     """The shipped model's schedule: rescale_betas_zero_snr + v-prediction. At the last timestep the input is pure
     noise and the target is -x0 (what the caption says the image is); epsilon there would be the input itself."""
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     model.scheduler_config.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
     objective = DiffusionObjective(model)
     latents, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([999, 999])
@@ -44,7 +44,7 @@ def test_zero_terminal_snr_trains_v_on_pure_noise_and_refuses_epsilon(tiny_model
 def test_x0_weights_turn_the_epsilon_error_into_the_clean_latents_error(tiny_model_dir):
     """high_noise_loss=x0: a sample's weighted loss is the squared error of the clean latents its prediction implies,
     and the noisiest samples and the others are averaged separately, then mixed as high_share : 1 - high_share."""
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     objective = DiffusionObjective(model, snr_gamma=5.0, high_noise_loss="x0")
     g = torch.Generator().manual_seed(0)
     side = 32 // model.vae_scale_factor

@@ -10,17 +10,20 @@ import shutil
 import pytest
 import torch
 
+from appzoo.latent_diffusion.data import TrainingData
 from appzoo.latent_diffusion.params import default_params
+from appzoo.latent_diffusion.settings import TrainingSettings
 from appzoo.latent_diffusion.train_tasks import RRDBTrainTask
 from easynlp_ldm import cli
 from modelzoo.esrgan import RRDBNet
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 from tests.helpers import easynlp_checkpoint, train_argv
 
 
 def task_for(model, caplog, **params):
     with caplog.at_level(logging.INFO):
-        return RRDBTrainTask(model, None, None, default_params(train_target="rrdb", sr_patch=16, **params), seed=0)
+        settings = TrainingSettings.from_params(default_params(train_target="rrdb", sr_patch=16, **params))
+        return RRDBTrainTask(model, settings, TrainingData(train=None), seed=0)
 
 
 def channels_seen(task) -> torch.Tensor:
@@ -36,7 +39,7 @@ def channels_seen(task) -> torch.Tensor:
 
 
 def test_an_easynlp_model_gets_easynlps_net_trained_on_bgr(tmp_path, caplog):
-    model = LatentDiffusion.from_pretrained(easynlp_checkpoint(tmp_path / "easynlp"))
+    model = sd.load(easynlp_checkpoint(tmp_path / "easynlp"))
     task = task_for(model, caplog)
     assert task.net.architecture() == {"in_nc": 3, "out_nc": 3, "nf": 64, "nb": 23, "gc": 32}
     assert "EasyNLP's ESRGAN architecture and channel order, so EasyNLP loads RRDB_ESRGAN_x4.pth" in caplog.text
@@ -46,12 +49,12 @@ def test_an_easynlp_model_gets_easynlps_net_trained_on_bgr(tmp_path, caplog):
     # EasyNLP builds RRDBNet(3, 3, 64, 23, gc=32) and loads the file strictly: the same names and shapes.
     reference = RRDBNet(in_nc=3, out_nc=3, nf=64, nb=23, gc=32)
     reference.load_state_dict(torch.load(os.path.join(out, "RRDB_ESRGAN_x4.pth"), weights_only=True), strict=True)
-    saved = LatentDiffusion.from_pretrained(out)  # saved in EasyNLP's format, whose ESRGAN is fed BGR
+    saved = sd.load(out)  # saved in EasyNLP's format, whose ESRGAN is fed BGR
     assert saved.extra["source_format"] == "easynlp" and saved.extra["esrgan_channel_order"] == "bgr"
 
 
 def test_explicit_sizes_override_and_warn_that_easynlp_will_not_load_the_file(tmp_path, caplog):
-    model = LatentDiffusion.from_pretrained(easynlp_checkpoint(tmp_path / "easynlp"))
+    model = sd.load(easynlp_checkpoint(tmp_path / "easynlp"))
     task = task_for(model, caplog, rrdb_nf=8, rrdb_nb=1, rrdb_gc=4)
     assert task.net.architecture()["nf"] == 8 and task.net.architecture()["nb"] == 1
     warning = [r for r in caplog.records if r.levelno == logging.WARNING and "super-resolution net" in r.message]
@@ -61,7 +64,7 @@ def test_explicit_sizes_override_and_warn_that_easynlp_will_not_load_the_file(tm
 
 
 def test_other_models_keep_the_small_rgb_net_for_this_toolkit(tiny_model_dir, caplog):
-    task = task_for(LatentDiffusion.from_pretrained(tiny_model_dir), caplog)
+    task = task_for(sd.load(tiny_model_dir), caplog)
     assert task.net.architecture() == {"in_nc": 3, "out_nc": 3, "nf": 32, "nb": 3, "gc": 16}
     assert "on RGB images: RRDB_ESRGAN_x4.pth is for this toolkit's do_sr only" in caplog.text
     assert torch.equal(channels_seen(task), torch.tensor([1.0, 0.0, 0.0]))

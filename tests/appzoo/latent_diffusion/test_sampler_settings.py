@@ -11,6 +11,7 @@ import pytest
 
 from easynlp_ldm import cli, pipeline
 from easynlp_ldm.errors import UserError
+from modelzoo.families import sd
 from tests.helpers import EASYNLP_DATA, InProcessServer, png, predict_argv
 
 ADVICE = "DDIM's eta applies only to sampler=ddim; set sampler=ddim or leave ddim_eta at 0"
@@ -32,10 +33,10 @@ def test_predict_refuses_ddim_eta_with_a_sampler_that_ignores_it(tiny_model_dir,
 
 
 def test_ddim_eta_applies_with_ddim(tiny_model_dir):
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
-    from modelzoo.ldm import LatentDiffusion
+    from appzoo.latent_diffusion.generation import Generator
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
-    model = LatentDiffusion.from_pretrained(tiny_model_dir)
+    model = sd.load(tiny_model_dir)
     eta0, eta1 = (np.asarray(Generator(model, GenerationSettings(steps=3, sampler="ddim", eta=eta))(["红色"], [3])[0],
                              dtype=np.int16) for eta in (0.0, 1.0))
     assert np.abs(eta0 - eta1).max() > 0
@@ -62,11 +63,12 @@ def test_serve_refuses_it_at_start_and_answers_400_to_a_request_choosing_such_a_
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.serve import LatentDiffusionService
+    from appzoo.latent_diffusion.settings import InferenceSettings
 
     model = load_model(tiny_model_dir)
     with pytest.raises(UserError, match=r"ddim_eta=0.5 cannot apply to the model's own scheduler "
                                         r"\(DPMSolverMultistepScheduler\)"):
-        LatentDiffusionService(model, default_params(ddim_eta=0.5))
+        LatentDiffusionService(model, InferenceSettings.from_params(default_params(ddim_eta=0.5)))
     server = InProcessServer(tiny_model_dir, model=model, sampler="ddim", ddim_eta=0.5)
     try:
         refused = httpx.post(server.url + "/", json={"text": "红色", "sampler": "plms"}, timeout=30)
@@ -102,9 +104,10 @@ def test_a_setting_that_cannot_apply_is_a_note_not_silently_ignored(tiny_model_d
 def test_settings_filled_in_for_the_model_draw_no_note(tiny_model_dir, caplog):
     """Serve fills in the model's size and ESRGAN channel order, then builds generators from those settings: the
     filled-in values are not the user's and draw no note."""
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.generation import Generator
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import PARAMS
+    from appzoo.latent_diffusion.settings import GenerationSettings
     from easynlp_ldm.args import validate_parameters
 
     model = load_model(tiny_model_dir, optimize="none")

@@ -1,5 +1,6 @@
 import base64
 import json
+import logging
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from easynlp_ldm import cli
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 from tests.helpers import (
     EASYNLP_DATA,
     ROOT,
@@ -40,7 +41,7 @@ def test_seed_train_command_as_published_on_diffusers_layout(tiny_model_dir, sha
     # Self-contained: loads from the folder alone (moved away from everything else).
     moved = tmp_path / "elsewhere"
     shutil.copytree(out, moved, ignore=shutil.ignore_patterns("log", "last", "training_state"))
-    model = LatentDiffusion.from_pretrained(str(moved))
+    model = sd.load(str(moved))
     assert model.text_max_length == 32  # 288 clamped to the encoder's 32 positions
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "easynlp-ldm" and config["image_size"] == 32
@@ -65,7 +66,7 @@ def test_overfit_loss_falls_frozen_parts_unchanged_ema_saved(tiny_model_dir, sha
     assert {"train/lr", "train/grad_norm", "train/images_per_sec", "val/loss"} <= set(events.Tags()["scalars"])
     assert events.Tags()["images"]  # sample images at validation
 
-    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    source = sd.load(tiny_model_dir)
     saved = weights(os.path.join(out, "last"))
     for key, value in source.text_encoder.state_dict().items():
         assert torch.equal(saved[f"text_encoder.{key}"], value), key
@@ -111,7 +112,7 @@ def test_sigkill_after_first_checkpoint_then_the_identical_command_resumes(tiny_
     process.wait()
     saved_step = json.load(open(meta))["step"]
     assert saved_step < 40, "the run finished before it could be killed"
-    LatentDiffusion.from_pretrained(killed)  # the last complete checkpoint loads
+    sd.load(killed)  # the last complete checkpoint loads
     resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))  # the same command, nothing added
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output
@@ -135,7 +136,7 @@ def test_sigkill_after_first_checkpoint_then_the_identical_command_resumes(tiny_
 
 def test_existing_run_resumes_completes_or_names_the_choices(tiny_model_dir, shapes_data, tmp_path, capsys, caplog,
                                                              monkeypatch):
-    from appzoo.latent_diffusion import losses
+    from appzoo.latent_diffusion import data
 
     caplog.set_level("INFO")
     out = str(tmp_path / "run")
@@ -151,8 +152,8 @@ def test_existing_run_resumes_completes_or_names_the_choices(tiny_model_dir, sha
     assert f"--resume_from_checkpoint={out}" in err and "overwrite_checkpoint_dir=True" in err
     assert "another folder" in err
     encoded = []
-    original = losses.LatentCache.add
-    monkeypatch.setattr(losses.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
+    original = data.LatentCache.add
+    monkeypatch.setattr(data.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
     changed[-1] += " overwrite_checkpoint_dir=True"
     assert cli.main(changed) == 0
     assert "step 4/4" in caplog.text and not encoded  # started over; the cached latents still served
@@ -182,7 +183,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_model_dir, shap
     assert "loss is nan at step 5" in err and "without saving" in err
     state = json.load(open(os.path.join(out, "training_state", "trainer_meta.json")))
     assert state["step"] == 4
-    LatentDiffusion.from_pretrained(out)
+    sd.load(out)
 
 
 def test_full_disk_is_a_clear_error(tiny_model_dir, shapes_data, tmp_path, capsys, monkeypatch):
@@ -208,7 +209,7 @@ def test_uncached_path_with_workers_and_text_encoder_training_and_extras(tiny_mo
                           "gradient_checkpointing=True resolution=24")
     assert cli.main(argv) == 0
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
-    source = LatentDiffusion.from_pretrained(tiny_model_dir)
+    source = sd.load(tiny_model_dir)
     saved = weights(out)
     assert any(not torch.equal(saved[f"text_encoder.{k}"], v) for k, v in source.text_encoder.state_dict().items())
 
@@ -230,7 +231,7 @@ def test_bad_training_rows_all_reported_in_one_run_then_skipped(tiny_model_dir, 
                                                                  monkeypatch, caplog):
     # Bad rows on lines 3, 7 and 11, each for another reason: one run names all three (the file lists them), and
     # stops before any image is encoded past the first bad row; skip_bad_rows=True trains on the rest and lists them.
-    from appzoo.latent_diffusion import losses
+    from appzoo.latent_diffusion import data
 
     table = tmp_path / "train.tsv"
     lines = open(os.path.join(shapes_data, "T2I_train.tsv"), encoding="utf-8").read().splitlines()[:20]
@@ -244,8 +245,8 @@ def test_bad_training_rows_all_reported_in_one_run_then_skipped(tiny_model_dir, 
             "--micro_batch_size=16", "--epoch_num=1", f"--user_defined_parameters=pretrain_model_name_or_path="
             f"{tiny_model_dir}"]
     encoded = []
-    original = losses.LatentCache.add
-    monkeypatch.setattr(losses.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
+    original = data.LatentCache.add
+    monkeypatch.setattr(data.LatentCache, "add", lambda self, i, image: (encoded.append(i), original(self, i, image)))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"the first {table}, line 3: undecodable base64" in err
@@ -266,28 +267,30 @@ def test_bad_training_rows_all_reported_in_one_run_then_skipped(tiny_model_dir, 
 def test_easynlp_training_keys_map_onto_ours(caplog):
     """do_eval=False drops the validation table; not_use_gradient_checkpoint is gradient_checkpointing inverted;
     size is resolution; text_len and img_len parse (text_len is applied where the text length is chosen)."""
-    from appzoo.latent_diffusion.inputs import InputTables
     from appzoo.latent_diffusion.params import PARAMS
-    from appzoo.latent_diffusion.train import easynlp_training_keys
+    from appzoo.latent_diffusion.settings import TrainingSettings
     from easynlp_ldm.args import parse_user_defined_parameters
     from easynlp_ldm.errors import UserError
 
     def keys(text):
         return parse_user_defined_parameters(text, PARAMS, "train")
 
-    inputs = InputTables(["train.tsv", "val.tsv"], [], "text", "imgbase64", False)
+    tables = ["train.tsv", "val.tsv"]
     params, notes = keys("size=256 text_len=32 img_len=256 do_eval=True")
     assert params["resolution"] == 256 and params["text_len"] == 32
     assert len(notes) == 1 and notes[0].startswith("user-defined parameter img_len is accepted and has no effect here")
-    mapped, kept = easynlp_training_keys(params, inputs)
-    assert kept.tables == ["train.tsv", "val.tsv"] and mapped["gradient_checkpointing"] is False
+    mapped = TrainingSettings.from_params(params, tables)
+    assert mapped.tables_read(tables) == ["train.tsv", "val.tsv"] and mapped.gradient_checkpointing is False
+    assert mapped.resolution == 256 and mapped.text_len == 32
+    dropped = TrainingSettings.from_params(keys("do_eval=False")[0], tables)
     with caplog.at_level("WARNING"):
-        _, dropped = easynlp_training_keys(keys("do_eval=False")[0], inputs)
-    assert dropped.tables == ["train.tsv"] and "do_eval=False: no validation; val.tsv is not read" in caplog.text
-    assert easynlp_training_keys(keys("not_use_gradient_checkpoint=False")[0], inputs)[0]["gradient_checkpointing"]
-    assert not easynlp_training_keys(keys("not_use_gradient_checkpoint=True")[0], inputs)[0]["gradient_checkpointing"]
+        dropped.log_notes(logging.getLogger("easynlp.train"))
+    assert dropped.tables_read(tables) == ["train.tsv"]
+    assert "do_eval=False: no validation; val.tsv is not read" in caplog.text
+    assert TrainingSettings.from_params(keys("not_use_gradient_checkpoint=False")[0], tables).gradient_checkpointing
+    assert not TrainingSettings.from_params(keys("not_use_gradient_checkpoint=True")[0]).gradient_checkpointing
     with pytest.raises(UserError, match="contradicts"):
-        easynlp_training_keys(keys("not_use_gradient_checkpoint=True gradient_checkpointing=True")[0], inputs)
+        TrainingSettings.from_params(keys("not_use_gradient_checkpoint=True gradient_checkpointing=True")[0])
     _, notes = parse_user_defined_parameters("not_use_gradient_checkpoint=True do_eval=False", PARAMS, "predict")
     assert notes == ["user-defined parameter not_use_gradient_checkpoint has no effect in --mode=predict",
                      "user-defined parameter do_eval has no effect in --mode=predict"]
@@ -330,7 +333,7 @@ def test_model_trained_at_another_resolution_is_saved_native_at_it(tiny_model_di
         config = json.loads(open(os.path.join(folder, "config.json"), encoding="utf-8").read())
         assert config["image_size"] == 64 and config["unet"]["config"]["sample_size"] == 64 // config[
             "vae_scale_factor"]
-    assert LatentDiffusion.from_pretrained(out).image_size == 64
+    assert sd.load(out).image_size == 64
     table, predicted = tmp_path / "p.tsv", str(tmp_path / "o.tsv")
     table.write_text("a\t红色的圆形\n", encoding="utf-8")
     assert cli.main(predict_argv(str(table), predicted, out, "--output_schema=gen_imgbase64",
@@ -347,8 +350,8 @@ def test_easynlp_format_model_trained_at_another_resolution_records_it(shapes_da
     expected["model"]["params"]["image_size"] = 32  # latent pixels: 64 px
     expected["model"]["params"]["unet_config"]["params"]["image_size"] = 32
     assert json.load(open(os.path.join(out, "config.json"), encoding="utf-8")) == expected
-    assert LatentDiffusion.from_pretrained(out).image_size == 64
-    assert LatentDiffusion.from_pretrained(model).image_size == 32  # the source is left as it was
+    assert sd.load(out).image_size == 64
+    assert sd.load(model).image_size == 32  # the source is left as it was
 
 
 def test_use_amp_without_native_bf16_trains_in_fp32_and_says_so(tiny_model_dir, shapes_data, tmp_path, monkeypatch,

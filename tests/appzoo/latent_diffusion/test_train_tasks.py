@@ -4,7 +4,7 @@ import os
 import torch
 
 from easynlp_ldm import cli
-from modelzoo.ldm import LatentDiffusion
+from modelzoo.families import sd
 from tests.helpers import train_argv
 
 
@@ -12,7 +12,7 @@ def train_vae(target, model_dir, data, out, udp=""):
     """Two epochs of ``train_target=TARGET`` from ``model_dir``; (source model, trained model)."""
     assert cli.main(train_argv(data, out, model_dir, "--micro_batch_size=16", "--epoch_num=2",
                                "--learning_rate=1e-3", udp=f"train_target={target} {udp}")) == 0
-    return LatentDiffusion.from_pretrained(model_dir), LatentDiffusion.from_pretrained(out)
+    return sd.load(model_dir), sd.load(out)
 
 
 def logged_images(out):

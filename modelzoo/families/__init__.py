@@ -1,0 +1,61 @@
+"""The model families and their registry: which family a folder or a model belongs to.
+
+``FAMILIES`` maps a family's name to where its ``ModelFamily`` lives (``module:attribute``, imported on first use).
+Folders are offered to the families in registration order; the first that recognises one loads it. Adding a family
+is one module and one ``register`` call (or one line in ``FAMILIES``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from modelzoo.families.base import ModelFamily, ModelFormatError
+
+FAMILIES: dict[str, str | ModelFamily] = {"sd": "modelzoo.families.sd:FAMILY"}
+
+
+class UnknownModelFolder(ModelFormatError):
+    """A folder no registered family recognises; the message names it and what was looked for."""
+
+
+def register(name: str, family: str | ModelFamily) -> None:
+    """Make ``family`` (an instance, or ``module:attribute`` naming one) known under ``name``; a later
+    registration under the same name replaces the earlier one."""
+    FAMILIES[name] = family
+
+
+def get(name: str) -> ModelFamily:
+    entry = FAMILIES[name]
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = FAMILIES[name] = getattr(importlib.import_module(module), attribute)
+    return entry
+
+
+def registered() -> list[ModelFamily]:
+    return [get(name) for name in list(FAMILIES)]
+
+
+def family_for_folder(folder: str) -> ModelFamily:
+    for family in registered():
+        if family.recognises(folder):
+            return family
+    raise UnknownModelFolder(
+        f"{folder}: not a model folder of any family this toolkit knows ({', '.join(FAMILIES)}): expected a "
+        f"diffusers-layout model (model_index.json, unet/, vae/, text_encoder/, tokenizer/) or an easynlp-ldm or "
+        f"EasyNLP checkpoint (config.json + pytorch_model.bin + vocab.txt)")
+
+
+def family_of(model) -> ModelFamily:
+    """The family of ``model``: its class names it (``family = "<registered name>"``)."""
+    return get(model.family)
+
+
+def load(folder: str, dtype=None):
+    """The model in ``folder``, read by the family that recognises it."""
+    return family_for_folder(folder).load(folder, dtype)
+
+
+def save(model, folder: str, **options) -> list[str]:
+    """``model`` written to ``folder`` by its family (``options``: overrides, dtype, format)."""
+    return family_of(model).save(model, folder, **options)

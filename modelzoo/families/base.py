@@ -1,0 +1,108 @@
+"""What a model family is to the toolkit: the one seam between the application's modes and the models.
+
+A family says what its models are made of and how each mode uses them: which folders it reads and how (``recognises``,
+``load``, ``save`` and its formats), how a prompt becomes the denoiser's conditioning (``encode_prompts``), what
+training optimises (``objective``), which diffusers pipeline runs each kind of generation (``pipeline``), where LoRA
+adapters go (``lora_targets``), what the memory plan counts (``memory_footprint``), what OpenVINO converts
+(``openvino_parts``) and what ``--mode=export`` can write (``export_formats``). The application asks the family of a
+model (``modelzoo.families.family_of``) instead of deciding any of these itself.
+
+Adding a family is one module implementing this class and one registration (``modelzoo.families.register``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Kinds of generation a family's pipelines may run; a family maps the ones it supports to diffusers pipeline classes.
+TXT2IMG, IMG2IMG, INPAINT = "txt2img", "img2img", "inpaint"
+
+
+class ModelFormatError(ValueError):
+    """A model folder that cannot be loaded; the message names the folder and what is wrong."""
+
+
+class ModelFamily:
+    """One family of models. Subclasses set the class attributes and implement the methods that raise
+    ``NotImplementedError``; the others have defaults that mean "this family does not support it"."""
+
+    name: str = ""
+    # The module that denoises (an attribute of the family's models): ``unet`` or ``transformer``.
+    denoiser: str = "unet"
+    # Checkpoint formats ``save`` writes, the first the family's own; ``export_formats``: what --mode=export offers.
+    formats: tuple[str, ...] = ()
+    export_formats: tuple[str, ...] = ()
+    # (kind, with a ControlNet) → the name of the diffusers pipeline class that runs it.
+    pipelines: Mapping[tuple[str, bool], str] = {}
+    # Named groups of the denoiser's LoRA target modules (``lora_target_modules``), and the text encoder's targets.
+    lora_targets: Mapping[str, tuple[str, ...]] = {}
+    text_encoder_lora_targets: tuple[str, ...] = ()
+    # What OpenVINO converts for optimize=auto on a CPU (empty: the family runs eagerly in PyTorch).
+    openvino_parts: tuple[str, ...] = ()
+    # What ``train_target`` may name for this family's models.
+    train_targets: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------------------------------- loading
+    def recognises(self, folder: str) -> bool:
+        """Whether ``folder`` holds a model of this family (cheap: file names and small configs only)."""
+        raise NotImplementedError
+
+    def load(self, folder: str, dtype=None):
+        """The model in ``folder``, in eval mode, with ``source_path`` set."""
+        raise NotImplementedError
+
+    def save(self, model, folder: str, *, overrides: Mapping[str, Any] | None = None, dtype=None,
+             format: str | None = None) -> list[str]:
+        """Write ``model`` (weights replaced by ``overrides``, e.g. EMA ones) to ``folder`` atomically; returns the
+        files written. ``format``: one of ``formats`` (default: the format the model was read from)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- generation
+    def encode_prompts(self, model, prompts: list[str], max_length: int | None = None):
+        """Prompts → the denoiser's conditioning (``prompt_embeds`` of the family's pipelines)."""
+        return model.encode_prompts(prompts, max_length)
+
+    def scheduler(self, model, sampler: str = ""):
+        """The sampling scheduler for ``sampler`` (empty: the model's own)."""
+        raise NotImplementedError
+
+    def pipeline(self, model, kind: str = TXT2IMG, controlnet=None, scheduler=None, base=None):
+        """diffusers' pipeline for ``kind`` over ``model``'s components (``base``: a pipeline of this model whose
+        components are reused)."""
+        name = self.pipelines.get((kind, controlnet is not None))
+        if name is None:
+            what = f"{kind} with a ControlNet" if controlnet is not None else kind
+            raise ValueError(f"{self.name} models cannot run {what}")
+        cls = self.pipeline_class(name)
+        extra = {"controlnet": controlnet} if controlnet is not None else {}
+        if base is not None:
+            return cls(**base.components, **extra)
+        return cls(**self.pipeline_components(model, scheduler), **extra)
+
+    def pipeline_class(self, name: str):
+        """diffusers' pipeline class ``name``. diffusers' pipeline modules import transformers' CLIP image processor
+        (for a safety checker never used here), which without torchvision warns on every command: that line says
+        nothing to our users, so transformers is quiet meanwhile."""
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            import diffusers
+
+            return getattr(diffusers, name)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+
+    def pipeline_components(self, model, scheduler) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ training
+    def objective(self, model, **options):
+        """What training optimises for ``model`` (``options``: the training settings that shape the loss)."""
+        raise NotImplementedError
+
+    def memory_footprint(self, model, **settings):
+        """What the memory plan counts for training ``model`` (an ``easynlp_ldm.memory.ModelFootprint``)."""
+        raise NotImplementedError
