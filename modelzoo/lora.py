@@ -6,14 +6,13 @@ the file's metadata), and applied for inference — one or several, each with it
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from easynlp_ldm.errors import UserError
+from easynlp_ldm.files import atomic_files
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py
@@ -112,18 +111,11 @@ def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[
     unet = convert_state_dict_to_diffusers(_peft_state(weights, "unet."))
     text_state = _peft_state(weights, "text_encoder.")
     text = convert_state_dict_to_diffusers(text_state) if text_state else None
-    os.makedirs(folder, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".lora-", dir=folder)  # written beside its place, then renamed into it
-    try:
+    with atomic_files(folder) as staging:
         StableDiffusionPipeline.save_lora_weights(
             staging, unet_lora_layers=unet, text_encoder_lora_layers=text, safe_serialization=True,
             unet_lora_adapter_metadata=model.unet.peft_config[ADAPTER].to_dict(),
             text_encoder_lora_adapter_metadata=model.text_encoder.peft_config[ADAPTER].to_dict() if text else None)
-        with open(os.path.join(staging, LORA_FILE), "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(os.path.join(staging, LORA_FILE), os.path.join(folder, LORA_FILE))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return [os.path.join(folder, LORA_FILE)]
 
 

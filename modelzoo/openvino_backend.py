@@ -26,14 +26,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 import warnings
 
 import numpy as np
 import torch
+
+from easynlp_ldm.files import atomic_files
 
 logger = logging.getLogger(__name__)
 
@@ -210,16 +210,9 @@ class OpenVINORunner:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing's TracerWarnings about diffusers' shape checks: not the user's
             converted = ov.convert_model(self.graph, example_input=example)
-        tmp = tempfile.mkdtemp(prefix=f".{self.key}-", dir=os.path.dirname(folder))
-        try:
-            ov.save_model(converted, os.path.join(tmp, f"{self.name}.xml"), compress_to_fp16=False)
-            os.makedirs(folder, exist_ok=True)
-            for file in os.listdir(tmp):  # IR = .xml + .bin; the .xml last, so its presence means complete
-                if file.endswith(".bin"):
-                    os.replace(os.path.join(tmp, file), os.path.join(folder, file))
-            os.replace(os.path.join(tmp, f"{self.name}.xml"), path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # IR = .xml + .bin; the .xml last, so its presence means complete
+        with atomic_files(folder, last=os.path.basename(path)) as staging:
+            ov.save_model(converted, os.path.join(staging, os.path.basename(path)), compress_to_fp16=False)
         self.conversions += 1
         logger.info("OpenVINO: %s converted in %.1f s", self.name, time.perf_counter() - start)
         return path
