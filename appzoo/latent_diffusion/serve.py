@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from appzoo.latent_diffusion import openai_images
 from appzoo.latent_diffusion.conditioning import ImageInputs, fit, preprocess_control
 from appzoo.latent_diffusion.generation import (
     SEED_LIMIT,
@@ -394,6 +395,14 @@ class LatentDiffusionService:
                            "max_request_work": self.params["max_request_work"],
                            "max_text_chars": self.params["max_text_chars"], "text_tokens": self.text_length,
                            "max_image_pixels": self.params["max_image_pixels"]}}
+
+    def routes(self) -> list:
+        """Beyond the EAS contract: OpenAI's images API (openai_images.py)."""
+        return [openai_images.ROUTE]
+
+    def page(self) -> str:
+        """The web page at GET / (static)."""
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 
     def gauges(self) -> list[str]:
         """For /metrics: this process's resident memory and threads, and what each bounded cache holds against its

@@ -1,22 +1,23 @@
-"""The HTTP service: the PAI-EAS contract and OpenAI's images API over dynamic batching, with limits, cancellation,
-Prometheus metrics and a web page.
+"""The HTTP service: the PAI-EAS contract, and the routes and web page an app supplies, over dynamic batching, with
+limits, cancellation and Prometheus metrics.
 
-It knows nothing of diffusion: an app hands it a ``ServiceHandler`` that turns a JSON body into a batchable job
-(or a ``RequestError`` naming the bad field) and runs batches of jobs with the app's own predict step.
+It knows nothing of diffusion nor of an app's formats: an app hands it a ``ServiceHandler`` that turns a JSON body
+into a batchable job (or a ``RequestError`` naming the bad field), runs batches of jobs with the app's own predict
+step, and names its other APIs over the contract (``ApiRoute``: e.g. the image app's OpenAI images API) and its page.
 
 Routes: ``POST /``, ``/predict``, ``/api/predict/<service_name>`` (the EAS contract; EAS's gateway path, so the
-official SDK works without ``custom_url``), ``POST /v1/images/generations`` (OpenAI), ``GET /`` (web page),
+official SDK works without ``custom_url``), the handler's ``routes()`` (POST), ``GET /`` (the handler's ``page()``),
 ``GET /health`` (liveness/readiness, public), ``GET /info``, ``GET /metrics``, ``GET /openapi.json`` and ``/docs``
 (with ``docs=True``). With a token, every route but ``/health``, the static page and ``/favicon.ico`` needs it.
 
 Status codes (EAS's): 200; 400 bad request (JSON, field, limits); 401 missing or wrong token, or an EAS signature
 already served (a replay, see auth.py); 404; 405; 408 the request waited in the queue past its time limit, or its
-body or headers did not arrive in time; 413 body too large; 450 queue full, with ``Retry-After`` (the OpenAI route
-answers 429, which OpenAI clients retry); 500 the model step failed for this request, or a fault of the service;
-503 warming up, shutting down, or past ``max_connections``, with ``Retry-After``; 504 the request started but did
-not finish in time. Every answer of every route, the server's own included (connections.py), is in that route's
-format: ``{"error": "<one line>", "field": …}``, or OpenAI's error object ``{"error": {"message", "type", "param",
-"code"}}`` under ``/v1/`` (``error_body``).
+body or headers did not arrive in time; 413 body too large; 450 queue full, with ``Retry-After`` (an app's route may
+answer another status: OpenAI's 429, which OpenAI clients retry); 500 the model step failed for this request, or a
+fault of the service; 503 warming up, shutting down, or past ``max_connections``, with ``Retry-After``; 504 the
+request started but did not finish in time. Every answer of every route, the server's own included (connections.py),
+is in that route's format: ``{"error": "<one line>", "field": …}``, or an app route's own under its prefix (e.g.
+OpenAI's error object under ``/v1/``; ``ErrorFormat``).
 
 On SIGTERM the service stops taking work: queued requests are answered 503 at once, the running batch finishes
 (``shutdown_timeout_s``), and meanwhile the socket stays open, so that ``/health`` answers 503 "shutting down" (what
@@ -33,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,17 +44,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from easynlp_ldm.serving import auth, openai_images
+from easynlp_ldm.serving import auth
 from easynlp_ldm.serving.batcher import Batcher, Job, QueueFull, ShuttingDown
 from easynlp_ldm.serving.errors import Problem, RequestError
 from easynlp_ldm.serving.metrics import Metrics
 
-__all__ = ["Parsed", "Problem", "RequestError", "ServiceHandler", "ServiceSettings", "build_server", "create_app",
-           "serve"]
+__all__ = ["ApiRoute", "Parsed", "Problem", "RequestError", "ServiceHandler", "ServiceSettings", "build_server",
+           "create_app", "serve"]
 
 logger = logging.getLogger("easynlp.serve")
 
-STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MAX_JSON_DEPTH = 32  # nesting of arrays/objects in a request body
 MAX_INT_DIGITS = 20  # digits of an integer in a request body (seeds are below 2^63: 19 digits)
 POLL_S = 0.05  # how often a waiting request checks that its client is still there
@@ -68,6 +68,21 @@ class Parsed:
     warnings: tuple[str, ...] = ()  # told to the client in the answer's "warnings"
 
 
+@dataclass(frozen=True)
+class ApiRoute:
+    """Another API's POST route over the handler's contract: its body is translated to the contract's, the contract's
+    answer to its own, and every answer under ``prefix`` (404, 405 and 5xx included) is in its error format."""
+
+    path: str  # e.g. "/v1/images/generations"
+    prefix: str  # e.g. "/v1/"
+    name: str  # in the service's description: "<name> at <path>"
+    summary: str  # of the route, in /docs
+    to_contract: Callable[[Any], Any]  # its JSON body → the contract's (a RequestError names the field)
+    from_contract: Callable[[dict], dict]  # the contract's answer → its own
+    error: Callable[[int, str, str | None], dict]  # (status, one-line message, the contract's field) → its error body
+    queue_full_status: int = 450  # EAS's; e.g. 429 for clients that retry on it
+
+
 class ServiceHandler(Protocol):
     def parse(self, body: Any) -> Parsed: ...  # or RequestError
 
@@ -76,6 +91,10 @@ class ServiceHandler(Protocol):
     def warmup(self) -> None: ...
 
     def describe(self) -> dict: ...  # for /info: nothing secret, no file paths
+
+    def routes(self) -> Sequence[ApiRoute]: ...  # other APIs over the contract
+
+    def page(self) -> str | None: ...  # the HTML file served at GET /, if any
 
 
 @dataclass
@@ -149,17 +168,25 @@ async def read_body(request: Request, settings: ServiceSettings) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-def error_body(path: str | None, status: int, message: str, field: str | None = None) -> dict:
-    """The body of an answer other than 200 on ``path``, in that route's format: OpenAI's error object under
-    ``/v1/``, else ``{"error": "<one line>", "field": …}`` (EAS's routes and every other)."""
-    if path and path.startswith(openai_images.PREFIX):
-        return openai_images.error(status, message, field)
-    return {"error": message} if field is None else {"error": message, "field": field}
+class ErrorFormat:
+    """Answers other than 200 in their path's format: an app route's own under its prefix, else
+    ``{"error": "<one line>", "field": …}`` (EAS's routes and every other)."""
 
+    def __init__(self, routes: Sequence[ApiRoute]):
+        self.routes = tuple(routes)
 
-def answer(problem: Problem, path: str | None) -> JSONResponse:
-    return JSONResponse(error_body(path, problem.status, str(problem), problem.field), status_code=problem.status,
-                        headers=problem.headers)
+    def route(self, path: str | None) -> ApiRoute | None:
+        return next((r for r in self.routes if path and path.startswith(r.prefix)), None)
+
+    def body(self, path: str | None, status: int, message: str, field: str | None = None) -> dict:
+        route = self.route(path)
+        if route is not None:
+            return route.error(status, message, field)
+        return {"error": message} if field is None else {"error": message, "field": field}
+
+    def answer(self, problem: Problem, path: str | None) -> JSONResponse:
+        return JSONResponse(self.body(path, problem.status, str(problem), problem.field), status_code=problem.status,
+                            headers=problem.headers)
 
 
 INTERNAL_ERROR = "internal server error (see the service log)"
@@ -173,8 +200,9 @@ class _Responses:
     logged 500 with a one-line body in the route's format (never a traceback to the client); a request cancelled
     because shutdown ran out of time gets a 503 in that format (uvicorn's would be a plain-text 500)."""
 
-    def __init__(self, app, metrics: Metrics, gate: Callable[[Request], Response | None]):
-        self.app, self.metrics, self.gate = app, metrics, gate
+    def __init__(self, app, metrics: Metrics, gate: Callable[[Request], Response | None],
+                 answer: Callable[[Problem, str | None], Response]):
+        self.app, self.metrics, self.gate, self.answer = app, metrics, gate, answer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -195,13 +223,13 @@ class _Responses:
         except Exception:
             logger.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
             if not status["code"]:
-                await answer(Problem(500, INTERNAL_ERROR), scope.get("path"))(scope, receive, counting_send)
+                await self.answer(Problem(500, INTERNAL_ERROR), scope.get("path"))(scope, receive, counting_send)
             else:
                 status["code"] = 500
         except asyncio.CancelledError:
             if not status["code"]:
                 with contextlib.suppress(Exception):
-                    await answer(Problem(503, STOPPED, headers={"Retry-After": "1"}), scope.get("path"))(
+                    await self.answer(Problem(503, STOPPED, headers={"Retry-After": "1"}), scope.get("path"))(
                         scope, receive, counting_send)
             raise
         finally:
@@ -214,6 +242,9 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
     metrics = Metrics()
     replays = auth.ReplayCache()
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easynlp-parse")  # request bodies: see prepare
+    routes = tuple(handler.routes())
+    errors = ErrorFormat(routes)
+    answer = errors.answer
 
     def start() -> None:
         try:
@@ -246,15 +277,16 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                   docs_url="/docs" if settings.docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if settings.docs else None,
                   description="PAI-EAS compatible: POST {\"text\", \"num_inference_steps\", \"num_images\"} → "
-                              "{\"text\", \"images_base64\"}; OpenAI images API at /v1/images/generations")
+                              "{\"text\", \"images_base64\"}" + "".join(f"; {r.name} at {r.path}" for r in routes))
     app.state.begin_shutdown = begin_shutdown
+    app.state.error_body = errors.body
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         path = request.url.path
-        routes = "POST /v1/images/generations" if path.startswith(openai_images.PREFIX) else \
-            "POST / or /api/predict/<service>, GET /health"
-        message = {404: f"no route {path}; {routes}",
+        api = errors.route(path)
+        allowed = f"POST {api.path}" if api else "POST / or /api/predict/<service>, GET /health"
+        message = {404: f"no route {path}; {allowed}",
                    405: f"{request.method} is not allowed on {path}"}.get(err.status_code, str(err.detail))
         return answer(Problem(err.status_code, message, headers=getattr(err, "headers", None)), path)
 
@@ -313,19 +345,19 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                     raise Problem(408, f"the request waited more than {settings.request_timeout_s:g} s in the queue")
                 raise Problem(504, f"the request did not finish within {settings.request_timeout_s:g} s")
 
-    def prepare(raw: bytes, openai: bool) -> tuple[Parsed, str]:
+    def prepare(raw: bytes, api: ApiRoute | None) -> tuple[Parsed, str]:
         """A body → its job and its share key, in the ``parser`` thread: the JSON (up to ``max_body_bytes``) and the
         handler's parse (image decoding) never hold the event loop, so /health answers meanwhile; one body at a
         time, so one request's images are decoded at once."""
         body = parse_json(raw)
-        if openai:
-            body = openai_images.to_contract(body)
+        if api:
+            body = api.to_contract(body)
         parsed = handler.parse(body)
         # a digest, not the body: a queued job must not keep a second copy of a request's images
         return parsed, hashlib.sha256(json.dumps(body, sort_keys=True).encode("ascii")).hexdigest()
 
-    async def generate(request: Request, raw: bytes, openai: bool) -> dict:
-        parsed, share_key = await asyncio.get_running_loop().run_in_executor(parser, prepare, raw, openai)
+    async def generate(request: Request, raw: bytes, api: ApiRoute | None) -> dict:
+        parsed, share_key = await asyncio.get_running_loop().run_in_executor(parser, prepare, raw, api)
         batcher: Batcher = state["batcher"]
         units = min(parsed.units, settings.max_batch_size)  # a large request runs alone rather than never
         if not parsed.deterministic and batcher.waited_for(share_key):
@@ -336,7 +368,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         try:
             job = batcher.submit(parsed.key, parsed.payload, units, share_key, parsed.deterministic)
         except QueueFull as err:
-            raise Problem(429 if openai else 450, f"queue full ({err}); retry later",
+            raise Problem(api.queue_full_status if api else 450, f"queue full ({err}); retry later",
                           headers={"Retry-After": "1"}) from None
         except ShuttingDown:
             raise stopping from None
@@ -349,11 +381,11 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         except Exception as err:
             logger.error("request failed: %s: %s", type(err).__name__, err)
             raise Problem(500, f"generation failed: {type(err).__name__}: {err}") from None
-        if openai:
-            return openai_images.from_contract(result)
+        if api:
+            return api.from_contract(result)
         return {**result, "warnings": list(parsed.warnings)} if parsed.warnings else result
 
-    def route(openai: bool):
+    def route(api: ApiRoute | None):
         async def generation_route(request: Request):
             started, claimed, response = time.monotonic(), None, None
             try:
@@ -367,7 +399,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                 raw = await read_body(request, settings)
                 if signed:
                     claimed = check_token(request, raw)
-                response = JSONResponse(await generate(request, raw, openai))
+                response = JSONResponse(await generate(request, raw, api))
             except RequestError as err:
                 response = answer(Problem(400, str(err), err.field), request.url.path)
             except Problem as problem:
@@ -383,11 +415,11 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
 
         return generation_route
 
-    eas = route(openai=False)
+    eas = route(None)
     for path in ("/", "/predict", "/api/predict/{service_name}"):
         app.add_api_route(path, eas, methods=["POST"], summary="Generate images (the EAS contract)")
-    app.add_api_route("/v1/images/generations", route(openai=True), methods=["POST"],
-                      summary="Generate images (OpenAI's images API)")
+    for api in routes:
+        app.add_api_route(api.path, route(api), methods=["POST"], summary=api.summary)
     def gate(request: Request) -> Response | None:
         """Before routing: another service's name at /api/predict/ is a 404; FastAPI's docs routes need the token."""
         path = request.url.path
@@ -402,7 +434,7 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
                 return answer(problem, path)
         return None
 
-    app.add_middleware(_Responses, metrics=metrics, gate=gate)
+    app.add_middleware(_Responses, metrics=metrics, gate=gate, answer=answer)
 
     # ----------------------------------------------------------------------------------------- the rest
     @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
@@ -429,11 +461,13 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
     app.add_api_route("/info", guarded(info), methods=["GET"], summary="The model and the limits")
     app.add_api_route("/metrics", guarded(prometheus), methods=["GET"], summary="Prometheus metrics")
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        """The web page (static; with a token it asks for it and keeps it in the browser tab's session)."""
-        with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as handle:
-            return handle.read()
+    page_file = handler.page()
+    if page_file:
+        @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+        def page():
+            """The app's web page (static; with a token it asks for it and keeps it in the browser tab's session)."""
+            with open(page_file, encoding="utf-8") as handle:
+                return handle.read()
 
     @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
     def favicon():
@@ -452,7 +486,7 @@ def build_server(handler: ServiceHandler, settings: ServiceSettings, host: str, 
                        header_timeout_s=settings.header_timeout_s, limit_concurrency=settings.max_connections,
                        graceful_timeout_s=settings.shutdown_timeout_s, on_exit=app.state.begin_shutdown,
                        log_level=log_level or os.environ.get("EASYNLP_LOG_LEVEL", "info").lower(),
-                       error_body=error_body)
+                       error_body=app.state.error_body)
 
 
 def serve(handler: ServiceHandler, settings: ServiceSettings, host: str, port: int) -> None:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from easynlp_ldm.serving.errors import RequestError
+from easynlp_ldm.serving.server import ApiRoute
 
 PREFIX = "/v1/"  # OpenAI's routes: every answer under it (404, 405, 5xx … included) is in OpenAI's error shape
 IGNORED = ("model", "user")  # any model name is this service's model; user is the caller's own end-user id
@@ -62,3 +63,8 @@ def error(status: int, message: str, contract_field: str | None = None) -> dict:
 
 def from_contract(result: dict) -> dict:
     return {"created": int(time.time()), "data": [{"b64_json": image} for image in result["images_base64"]]}
+
+
+ROUTE = ApiRoute(path="/v1/images/generations", prefix=PREFIX, name="OpenAI images API",
+                 summary="Generate images (OpenAI's images API)", to_contract=to_contract, from_contract=from_contract,
+                 error=error, queue_full_status=429)  # OpenAI's "rate limited": its clients retry it
