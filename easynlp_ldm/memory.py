@@ -12,20 +12,18 @@ What a run holds (bytes; ``MemoryEstimate.parts``):
   ema          one copy of the trained weights (``use_ema``), on the training device or in RAM (``ema_device=cpu``)
   amp_copies   ``--use_amp``: autocast keeps a half-precision copy of each trained weight during the step (the
                part alive at the peak: the backward pass frees them as it allocates the gradients)
-  activations  what the backward pass keeps: counted per UNet block from the architecture (feature-map elements ×
-               saved tensors per block), × micro-batch × bytes per element; with gradient checkpointing, the blocks'
-               inputs and one block's recomputation. The coefficients are calibrated on measured peaks
-               (``bench/train_memory.py``)
-  text_activations  a trained text encoder's activations (``train_text_encoder``)
   overhead     allocator slack and temporaries of a step, per trained parameter (measured)
   runtime      the interpreter, torch and the libraries, their thread pools (RAM only)
   save_copy    at each checkpoint of a GPU run the model's state dict is copied into RAM before it is written (on a CPU
                the state dict holds the live weights: no copy)
-  encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
+
+and the app's, from its model's ``ActivationPlan`` (the latent_diffusion app's: appzoo/latent_diffusion/memory_plan.py):
+
+  activations  what the step's passes keep for backward (the plan may name several such parts)
+  encode       a pass over the data before the optimiser exists (an app's cache of encoded inputs), no gradients
 
 Phases: ``load`` (the built modules, then the memory-mapped file's tensors in their place: the weights, in RAM),
-``encode`` (before
-the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
+``encode`` (before the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
 activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
 """
@@ -36,32 +34,26 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
+
+from easynlp_ldm import cgroups
 
 logger = logging.getLogger("easynlp.memory")
 
 GIB = 1024 ** 3
 
-# Calibrated on bench/train_memory.py's peak RSS of SD-1.5's architecture on CPU (1 031 M parameters, micro-batch 1):
-# fp32 and bf16 autocast without checkpointing at 512², the memory recipe (checkpointing + autocast) at 256² and
-# 512², AdamW + EMA fp32 at 256². Held out: AdamW + EMA fp32 at 512², micro-batch 2, PAI-Diffusion's architecture —
-# 0.95-1.01 of the measured peak (table in bench/train_memory.py). On an H100 (SD-1.5's UNet alone, 512²) the same
-# coefficients gave 1.07-1.11 × torch.cuda.max_memory_allocated.
+# Calibrated, with the latent_diffusion app's activation coefficients, on bench/train_memory.py's peak RSS of SD-1.5's
+# architecture on CPU (1 031 M parameters, micro-batch 1): fp32 and bf16 autocast without checkpointing at 512², the
+# memory recipe (checkpointing + autocast) at 256² and 512², AdamW + EMA fp32 at 256². Held out: AdamW + EMA fp32 at
+# 512², micro-batch 2, PAI-Diffusion's architecture — 0.95-1.01 of the measured peak (table in bench/train_memory.py).
+# On an H100 (SD-1.5's UNet alone, 512²) the same coefficients gave 1.07-1.11 × torch.cuda.max_memory_allocated.
 RUNTIME_BYTES = int(0.55 * GIB)  # interpreter + torch/diffusers/transformers + oneDNN/OpenMP buffers, CPU runs
 STEP_OVERHEAD_PER_PARAM = 1.1  # bytes per trained parameter on top of the counted parts during a step: allocator
 #                               slack and temporaries (measured ~0.9 GiB for SD-1.5's UNet, whatever the resolution)
-RESNET_TENSORS = 10.0  # feature maps a ResNet block keeps for backward (norms, activations, convs, skip), × C·H·W
-ATTENTION_TENSORS = 32.0  # a transformer block: norms, q/k/v/out of two attentions, GEGLU feed-forward (8×), …
-SAMPLER_TENSORS = 2.0  # down/up-sampling convolution
-CHECKPOINT_TENSORS = 2.0  # per checkpointed block with gradient checkpointing: its input (+ the skip it keeps)
-ACTIVATION_SCALE = 0.46  # measured / counted, without gradient checkpointing (0.87 GiB at 512², fp32)
-CHECKPOINT_SCALE = 0.38  # measured / counted, with gradient checkpointing
-AMP_ACTIVATION_BYTES = 3.26  # bytes per saved element under bf16 autocast (norms, softmax, attention stay fp32)
 AMP_COPY_BYTES = 0.42  # bytes per trained parameter of autocast's half-precision weight copies alive at the peak
 #                        (2 bytes each, but the backward pass frees them as it allocates the gradients)
-VAE_ENCODE_TENSORS = 6.5  # live full-resolution feature maps of the VAE encoder's first level (no gradients)
-MAX_ENCODE_BATCH = 32  # latents are cached at min(micro-batch, this) images per VAE call
 FIT_MARGIN = 0.9  # the options proposed bring the estimate under this share of the memory available
 
 
@@ -78,22 +70,28 @@ class MemorySettings:
     ema_device: str  # "": the training device; "cpu"
     save_optimizer: bool  # disk only: the optimiser state is saved from where it lives, without a copy
     device: str  # "cpu" or "cuda"
-    cache_latents: bool = True
+    cache_inputs: bool = True  # the app encodes its inputs once, before training (encode), not at every step
+
+
+class ActivationPlan(Protocol):
+    """An app's count, in bytes, of what its model's passes keep alive for a run's settings."""
+
+    labels: Mapping[str, str]  # part → its name in the one-line estimate (default: the part's own name)
+
+    def step(self, settings: MemorySettings) -> dict[str, int]: ...  # part → bytes kept for backward at the step
+
+    def encode(self, settings: MemorySettings) -> int: ...  # the pass before the optimiser exists (0: none)
 
 
 @dataclass(frozen=True)
 class ModelFootprint:
     """What the estimate needs to know of the model: parameter shapes per component, trained or frozen, and the
-    architectures whose activations it counts."""
+    app's count of its activations."""
 
     trained: dict[str, list[tuple[int, ...]]]  # component → shapes of its trained parameters
     frozen: dict[str, int]  # component → number of frozen parameters
     param_bytes: int = 4
-    unet_config: dict[str, Any] | None = None  # trained diffusion UNet (activations counted); None: not counted
-    vae_config: dict[str, Any] | None = None  # the VAE that encodes images for the cache
-    vae_scale_factor: int = 8
-    text_config: dict[str, Any] | None = None  # a trained text encoder's config (hidden_size, layers, …)
-    text_length: int = 77
+    activations: ActivationPlan | None = None  # None: no activations counted
 
     @property
     def trained_count(self) -> int:
@@ -130,11 +128,9 @@ class MemoryEstimate:
         s, f = self.settings, self.footprint
         names = {"weights": "weights", "gradients": "gradients", "optimizer": f"optimizer ({s.optimizer})",
                  "ema": "EMA" + (" in RAM" if s.ema_device == "cpu" and s.device != "cpu" else ""),
-                 "amp_copies": "AMP weight copies", "activations": "activations",
-                 "text_activations": "text-encoder activations", "overhead": "step overhead", "runtime": "runtime",
-                 "save_copy": "checkpoint copy",
-                 "encode": "VAE encode"}
-        parts = ", ".join(f"{names[k]} {v / GIB:.2f}" for k, v in self.parts.items() if v)
+                 "amp_copies": "AMP weight copies", "overhead": "step overhead", "runtime": "runtime",
+                 "save_copy": "checkpoint copy", **(f.activations.labels if f.activations else {})}
+        parts = ", ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in self.parts.items() if v)
         where = "GPU" if s.device != "cpu" else "RAM"
         checkpointing = "gradient checkpointing, " if s.gradient_checkpointing else ""
         text = (f"{self.peak / GIB:.1f} GiB of {where} at the {self.phase()} (parts, GiB: {parts}; "
@@ -162,103 +158,32 @@ def optimizer_state_elements(shapes: list[tuple[int, ...]], optimizer: str) -> i
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
-def _unet_blocks(config: dict[str, Any], latent: int) -> list[tuple[str, int, int]]:
-    """(kind, channels, side) of every block of a diffusers UNet2DConditionModel at a latent side."""
-    channels = list(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    layers = config.get("layers_per_block", 2)
-    down = config.get("down_block_types", ())
-    up = config.get("up_block_types", ())
-    levels = len(channels)
-    blocks = [("sampler", channels[0], latent)]  # conv_in
-    for i, kind in enumerate(down):
-        side = max(1, latent >> i)
-        for _ in range(layers):
-            blocks.append(("resnet", channels[i], side))
-            if "CrossAttn" in kind or "Attn" in kind:
-                blocks.append(("attention", channels[i], side))
-        if i < levels - 1:
-            blocks.append(("sampler", channels[i], max(1, side // 2)))
-    side = max(1, latent >> (levels - 1))
-    blocks += [("resnet", channels[-1], side), ("attention", channels[-1], side), ("resnet", channels[-1], side)]
-    for j, kind in enumerate(up):
-        i = levels - 1 - j
-        side = max(1, latent >> i)
-        for _ in range(layers + 1):
-            blocks.append(("resnet", channels[i], side))
-            if "CrossAttn" in kind or "Attn" in kind:
-                blocks.append(("attention", channels[i], side))
-        if i > 0:
-            blocks.append(("sampler", channels[i], side * 2))
-    blocks.append(("sampler", channels[0], latent))  # norm_out, conv_out
-    return blocks
-
-
-_TENSORS = {"resnet": RESNET_TENSORS, "attention": ATTENTION_TENSORS, "sampler": SAMPLER_TENSORS}
-
-
-def unet_activation_bytes(config: dict[str, Any], latent: int, micro_batch: int, checkpointing: bool,
-                          amp: bool) -> int:
-    """What the UNet's backward pass keeps for ``micro_batch`` samples at a latent side (see the module docstring)."""
-    per_element = AMP_ACTIVATION_BYTES if amp else 4.0
-    blocks = _unet_blocks(config, latent)
-    counted = [_TENSORS[kind] * c * side * side for kind, c, side in blocks]
-    if not checkpointing:
-        elements = ACTIVATION_SCALE * sum(counted)
-    else:  # each block's input kept, one block's activations alive during its recomputation
-        kept = sum(CHECKPOINT_TENSORS * c * side * side for kind, c, side in blocks)
-        elements = CHECKPOINT_SCALE * (kept + max(counted))
-    return int(elements * per_element * micro_batch)
-
-
-def vae_encode_bytes(config: dict[str, Any] | None, resolution: int, batch: int, amp: bool) -> int:
-    if not config:
-        return 0
-    first = list(config.get("block_out_channels", (128,)))[0]
-    return int(VAE_ENCODE_TENSORS * first * resolution * resolution * (2.6 if amp else 4.0) * batch)
-
-
-def text_activation_bytes(config: dict[str, Any] | None, length: int, micro_batch: int, amp: bool) -> int:
-    if not config:
-        return 0
-    hidden = config.get("hidden_size", 768)
-    layers = config.get("num_hidden_layers", 12)
-    inner = config.get("intermediate_size", 4 * hidden)
-    heads = config.get("num_attention_heads", 12)
-    per_layer = length * (12 * hidden + 2 * inner) + 3 * heads * length * length
-    return int(layers * per_layer * (AMP_ACTIVATION_BYTES if amp else 4.0) * micro_batch)
-
-
 def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstimate:
     s, f = settings, footprint
     pb = f.param_bytes
     trained = f.trained_count
     trained_shapes = [shape for shapes in f.trained.values() for shape in shapes]
     optimizer = s.optimizer if s.optimizer != "adam" else "adamw"
-    latent = s.resolution // f.vae_scale_factor
+    activations = f.activations.step(s) if f.activations else {}
     parts = {
         "weights": (trained + f.frozen_count) * pb,
         "gradients": trained * 4,
         "optimizer": optimizer_state_elements(trained_shapes, optimizer) * 4,
         "ema": trained * pb if s.use_ema else 0,
         "amp_copies": int(trained * AMP_COPY_BYTES) if s.use_amp else 0,
-        "activations": (unet_activation_bytes(f.unet_config, latent, s.micro_batch_size, s.gradient_checkpointing,
-                                              s.use_amp) if f.unet_config else 0),
-        "text_activations": text_activation_bytes(f.text_config, f.text_length, s.micro_batch_size, s.use_amp),
+        **activations,
         "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
         "runtime": RUNTIME_BYTES,
         # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
         "save_copy": (trained + f.frozen_count) * pb if s.device != "cpu" else 0,
-        "encode": (vae_encode_bytes(f.vae_config, s.resolution, min(s.micro_batch_size, MAX_ENCODE_BATCH), s.use_amp)
-                   if s.cache_latents else 0),
+        "encode": f.activations.encode(s) if f.activations else 0,
     }
-    if not s.cache_latents:  # the VAE encodes every micro-batch during the step instead
-        parts["activations"] += vae_encode_bytes(f.vae_config, s.resolution, s.micro_batch_size, s.use_amp)
     p = parts
     ema_with_weights = p["ema"] if (s.ema_device != "cpu" or s.device == "cpu") else 0
     on_device = {
         "encode": p["weights"] + p["encode"],
         "step": (p["weights"] + p["gradients"] + p["optimizer"] + ema_with_weights + p["amp_copies"]
-                 + p["activations"] + p["text_activations"] + p["overhead"]),
+                 + sum(activations.values()) + p["overhead"]),
         "save": p["weights"] + p["optimizer"] + ema_with_weights,
     }
     result = MemoryEstimate(settings, footprint, parts)
@@ -277,17 +202,6 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
 
 
 # --------------------------------------------------------------------------------------------- what is available
-def _cgroup_limit() -> tuple[int, str] | None:
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path, encoding="ascii").read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < (1 << 60):
-            return int(text), f"cgroup {path}"
-    return None
-
-
 def available_memory(device: str) -> tuple[int, str]:
     """(bytes, where from) the run may use: on a GPU its free memory plus what this process's torch already
     holds; on a CPU the machine's RAM (``os.sysconf``) or the cgroup's limit when lower, shared by the training
@@ -302,7 +216,7 @@ def available_memory(device: str) -> tuple[int, str]:
         source = "RAM"
     except (ValueError, OSError):
         ram, source = 1 << 62, "RAM (unknown)"
-    limit = _cgroup_limit()
+    limit = cgroups.memory_limit()
     if limit and limit[0] < ram:
         ram, source = limit
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
@@ -413,64 +327,3 @@ def check(footprint: ModelFootprint, settings: MemorySettings, *, limit_gb: floa
         raise UserError(message)
     logger.warning("memory_check=False: %s", message)
     return result
-
-
-# -------------------------------------------------------------------------------------------- the diffusion app
-CONTROLNET_COPIES = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.", "add_embedding.", "class_embedding.")
-def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
-                               text_length: int = 77) -> ModelFootprint:
-    """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts)."""
-    components = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
-    if train_target == "unet":
-        trained_names = {"unet"} | ({"text_encoder"} if train_text_encoder else set())
-    elif train_target == "lora":  # the adapters, added later, are a few M parameters: the backward pass counts
-        trained_names = set()
-    elif train_target in ("vae", "vae_decoder"):
-        trained_names = {"vae"}
-    elif train_target == "controlnet":  # a trained copy of the UNet's encoder half; the UNet itself stays frozen
-        trained_names = {"unet"}
-    else:
-        trained_names = set()
-    trained: dict[str, list[tuple[int, ...]]] = {}
-    frozen: dict[str, int] = {}
-    for name, module in components.items():
-        for pname, param in module.named_parameters():
-            is_trained = name in trained_names and not (
-                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv."))
-            ) and not (train_target == "controlnet" and not pname.startswith(CONTROLNET_COPIES))
-            if is_trained:
-                trained.setdefault(name, []).append(tuple(param.shape))
-            else:
-                frozen[name] = frozen.get(name, 0) + param.numel()
-    first = next(model.unet.parameters())
-    diffusion = train_target in ("unet", "lora", "controlnet")
-    unet_config = dict(model.unet.config) if diffusion else None
-    text_config = None
-    if train_target == "unet" and train_text_encoder:
-        text_config = dict(getattr(model.text_encoder, "config", {}).to_dict()) \
-            if hasattr(getattr(model.text_encoder, "config", None), "to_dict") else {}
-    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), unet_config=unet_config,
-                          vae_config=dict(model.vae.config) if diffusion else None,
-                          vae_scale_factor=model.vae_scale_factor, text_config=text_config, text_length=text_length)
-
-
-def check_latent_diffusion_training(model, flags, params: dict[str, Any], resolution: int,
-                                    text_length: int) -> MemoryEstimate:
-    """The memory plan of ``--mode=train`` for the latent_diffusion app: called once the model is loaded, before
-    latents are cached and the optimiser is built."""
-    device = next(model.unet.parameters()).device.type
-    random_pixels = params["random_crop"] or params["random_flip"]
-    optimizer = params["optimizer"]
-    if optimizer == "adamw":
-        optimizer = {"SGD": "sgd", "Adam": "adam"}.get(flags.optimizer_type, "adamw")
-    settings = MemorySettings(
-        micro_batch_size=flags.micro_batch_size, resolution=resolution,
-        gradient_checkpointing=bool(params["gradient_checkpointing"]), use_amp=bool(flags.use_amp),
-        optimizer=optimizer, use_ema=bool(params["use_ema"]), ema_device=params["ema_device"],
-        save_optimizer=bool(params["save_optimizer"]), device="cpu" if device == "cpu" else "cuda",
-        cache_latents=bool(params["cache_latents"]) and not random_pixels)
-    footprint = latent_diffusion_footprint(model, train_target=params["train_target"],
-                                           train_text_encoder=bool(params["train_text_encoder"]),
-                                           text_length=text_length)
-    return check(footprint, settings, limit_gb=params["memory_limit_gb"], enforce=params["memory_check"],
-                 effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)

@@ -2,8 +2,8 @@
 
 * ``cpu_budget()``: the CPUs this process may really use: the smaller of its CPU affinity (``taskset``, Docker's
   ``--cpuset-cpus``) and its cgroup CPU quota (Docker's ``--cpus``, Kubernetes' CPU limit; cgroup v2 ``cpu.max`` or
-  v1 ``cpu.cfs_quota_us``), rounded to the nearest whole CPU, at least 1. ``os.cpu_count()`` sees neither, and
-  threads beyond the quota are throttled in every period.
+  v1 ``cpu.cfs_quota_us``: cgroups.py), rounded to the nearest whole CPU, at least 1. ``os.cpu_count()`` sees
+  neither, and threads beyond the quota are throttled in every period.
 * ``configure(worker_cpu)``: called once at start-up, before torch is imported: the OpenMP thread count (and
   torch's) to ``--worker_cpu`` when given, else the budget; the OpenMP wait policy to PASSIVE unless the user set
   ``OMP_WAIT_POLICY`` (spinning workers burn the shared cores a neighbour or the OpenVINO runtime needs). An
@@ -15,38 +15,17 @@ from __future__ import annotations
 import math
 import os
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+from easynlp_ldm import cgroups
+
 _set_by_us: str | None = None  # the OMP_NUM_THREADS value configure() wrote last
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def cgroup_quota(root: str = CGROUP_ROOT) -> float | None:
-    """CPUs allowed by the cgroup quota (e.g. 1.5), or None when there is no limit or no cgroup to read."""
-    v2 = _read(os.path.join(root, "cpu.max"))
-    if v2:
-        quota, _, period = v2.partition(" ")
-        if quota != "max" and period:
-            return int(quota) / int(period)
-        return None
-    quota, period = (_read(os.path.join(root, "cpu", name)) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-    if quota and period and int(quota) > 0:
-        return int(quota) / int(period)
-    return None
-
-
-def cpu_budget(root: str = CGROUP_ROOT) -> int:
+def cpu_budget(root: str = cgroups.ROOT) -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = cgroup_quota(root)
+    quota = cgroups.cpu_quota(root)
     if quota is not None:
         cpus = min(cpus, max(1, math.floor(quota + 0.5)))
     return max(1, cpus)

@@ -25,6 +25,7 @@ from appzoo.latent_diffusion.data import (
 from appzoo.latent_diffusion.inputs import InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.losses import DiskLatentCache, LatentCache, module_digest
+from appzoo.latent_diffusion.memory_plan import MAX_ENCODE_BATCH, check_latent_diffusion_training
 from appzoo.latent_diffusion.train_tasks import (
     CONTROL_COLUMN,
     ControlNetTrainTask,
@@ -36,7 +37,6 @@ from appzoo.latent_diffusion.train_tasks import (
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.memory import MAX_ENCODE_BATCH, check_latent_diffusion_training
 from easynlp_ldm.tables import BadRowPolicy, table_digest
 from easynlp_ldm.trainer import Trainer, TrainerConfig
 from modelzoo.esrgan import training_advice

@@ -6,28 +6,12 @@ import os
 import pytest
 import torch
 
-from easynlp_ldm import threads
+from easynlp_ldm import cgroups, threads
 
 
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-def test_cgroup_v2_quota(tmp_path):
-    write(tmp_path / "cpu.max", "150000 100000\n")
-    assert threads.cgroup_quota(str(tmp_path)) == 1.5
-    write(tmp_path / "cpu.max", "max 100000\n")
-    assert threads.cgroup_quota(str(tmp_path)) is None
-
-
-def test_cgroup_v1_quota(tmp_path):
-    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "50000")
-    write(tmp_path / "cpu" / "cpu.cfs_period_us", "100000")
-    assert threads.cgroup_quota(str(tmp_path)) == 0.5
-    write(tmp_path / "cpu" / "cpu.cfs_quota_us", "-1")  # v1's "no limit"
-    assert threads.cgroup_quota(str(tmp_path)) is None
-    assert threads.cgroup_quota(str(tmp_path / "absent")) is None
 
 
 def test_budget_is_the_smaller_of_affinity_and_quota(tmp_path, monkeypatch):
@@ -44,7 +28,7 @@ def test_budget_is_the_smaller_of_affinity_and_quota(tmp_path, monkeypatch):
 def clean_env(monkeypatch):
     for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(threads, "cpu_budget", lambda root=threads.CGROUP_ROOT: 4)
+    monkeypatch.setattr(threads, "cpu_budget", lambda root=cgroups.ROOT: 4)
     before = torch.get_num_threads()
     yield monkeypatch
     torch.set_num_threads(before)
