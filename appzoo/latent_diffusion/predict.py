@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import json
 import logging
 import os
@@ -40,7 +39,15 @@ from appzoo.latent_diffusion.loading import load_for_inference
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
-from easynlp_ldm.files import atomic_open, atomic_write_bytes
+from easynlp_ldm.files import atomic_write_bytes
+from easynlp_ldm.predicting import (
+    Progress,
+    file_fingerprint,
+    merge_parts,
+    part_path,
+    progress_counts,
+    truncate_rows,
+)
 from easynlp_ldm.tables import (
     BadRow,
     BadRowPolicy,
@@ -130,67 +137,20 @@ def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
                        params["n_samples"] * params["n_iter"], inputs.image_column, mask, controls)
 
 
-def _file_fingerprint(path: str) -> dict:
-    stat = os.stat(path)
-    with open(path, "rb") as handle:
-        head = hashlib.sha256(handle.read(1 << 20)).hexdigest()
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head": head}
-
-
 def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) -> str:
     model_files = {}
     package = getattr(model, "package_path", None)  # a .tar.gz is unpacked in a new temporary folder every run
     source = package or getattr(model, "source_path", "")
     if package:
-        model_files["package"] = _file_fingerprint(package)
+        model_files["package"] = file_fingerprint(package)
     for name in () if package else ("config.json", "pytorch_model.bin", "model_index.json"):
         if source and os.path.isfile(os.path.join(source, name)):
-            model_files[name] = _file_fingerprint(os.path.join(source, name))
-    record = {"input": _file_fingerprint(plan.table), "model": [source, model_files], "params": params,
+            model_files[name] = file_fingerprint(os.path.join(source, name))
+    record = {"input": file_fingerprint(plan.table), "model": [source, model_files], "params": params,
               "seed": flags.random_seed, "schema": flags.input_schema, "output": plan.output_columns,
               "append": plan.append_columns, "prompt": plan.prompt_column, "skip_first_line": flags.skip_first_line,
               "sequence_length": requested_text_length(flags)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class Progress:
-    """``OUTPUT.progress.json``: which settings wrote the output, the last input line done and the rows written."""
-
-    def __init__(self, outputs: str, fingerprint: str):
-        self.path = outputs + ".progress.json"
-        self.fingerprint = fingerprint
-        self.last_line, self.rows = 0, 0
-
-    def load_resumable(self, outputs: str) -> bool:
-        if not (os.path.isfile(self.path) and os.path.isfile(outputs)):
-            return False
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                record = json.load(handle)
-        except (OSError, ValueError):
-            return False
-        if record.get("fingerprint") != self.fingerprint:
-            return False
-        self.last_line, self.rows = int(record["last_line"]), int(record["rows"])
-        return True
-
-    def save(self, done: bool = False) -> None:
-        atomic_write_bytes(self.path, json.dumps({"fingerprint": self.fingerprint, "last_line": self.last_line,
-                                                  "rows": self.rows, "done": done}).encode())
-
-
-def truncate_rows(path: str, rows: int) -> None:
-    """Keep the first ``rows`` complete lines (rows written after the last progress record are redone)."""
-    with open(path, "rb+") as handle:
-        kept = 0
-        position = 0
-        for line in handle:
-            if kept == rows:
-                break
-            position += len(line)
-            kept += 1
-        handle.seek(position)
-        handle.truncate()
 
 
 class ImageFiles:
@@ -222,53 +182,16 @@ class ImageFiles:
         return path
 
 
-def merge_parts(outputs: str, parts: list[str]) -> int:
-    """Rank parts (each line prefixed with its input line number, in input order) → one output in input order."""
-    def rows(path):
-        with open(path, "rb") as handle:
-            for line in handle:
-                number, _, rest = line.partition(b"\t")
-                yield int(number), rest
-
-    count = 0
-    with atomic_open(outputs, "wb") as out:
-        for _, rest in heapq.merge(*(rows(p) for p in parts), key=lambda item: item[0]):
-            out.write(rest)
-            count += 1
-    return count
-
-
-def count_prompts(path: str, skip_first_line: bool, done_through: int,
-                  shard: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The progress bar's total and starting point: the non-blank data lines of this process's share of the table
-    (``count_rows``'s lines, sharded by line number as the rows are), and how many of them lie at or before input
-    line ``done_through`` (done by an earlier run that this one resumes)."""
-    total = done = 0
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if (skip_first_line and line_number == 1) or not raw.strip():
-                continue
-            if shard and line_number % shard[1] != shard[0]:
-                continue
-            total += 1
-            done += line_number <= done_through
-    return total, done
-
-
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     ctx = distributed.context()
     if not ctx.enabled:
         return predict_rows(flags, params, flags.outputs)
     # Rows are sharded by input line number; each rank writes (and can resume) its own part, rank 0 merges them.
-    part = f"{flags.outputs}.part{ctx.rank}of{ctx.world_size}"
+    part = part_path(flags.outputs, ctx.rank, ctx.world_size)
     predict_rows(flags, params, part, shard=(ctx.rank, ctx.world_size))
     distributed.barrier()
     if ctx.is_main:
-        parts = [f"{flags.outputs}.part{r}of{ctx.world_size}" for r in range(ctx.world_size)]
-        count = merge_parts(flags.outputs, parts)
-        for path in parts:
-            os.unlink(path)
-            os.unlink(path + ".progress.json")
+        count = merge_parts(flags.outputs, ctx.world_size)
         logger.info("merged %d rows from %d processes into %s", count, ctx.world_size, flags.outputs)
     distributed.barrier()
     return 0
@@ -292,8 +215,8 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     policy = BadRowPolicy(skip=params["skip_bad_rows"])
     # The bar counts prompts (input rows); a resumed run's starts at the prompts already done, so it ends at
     # total/total and its rate and ETA count this run's work only.
-    total, done = count_prompts(plan.table, flags.skip_first_line or starts_with_header(plan.table, plan.schema),
-                                progress.last_line, shard)
+    total, done = progress_counts(plan.table, flags.skip_first_line or starts_with_header(plan.table, plan.schema),
+                                  progress.last_line, shard)
     writer = TsvWriter(outputs, append=resuming)
     progress.save()
     image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"
