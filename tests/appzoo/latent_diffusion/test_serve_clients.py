@@ -148,14 +148,15 @@ def test_openai_images_api(secured):
 
 
 def readme_block(starting):
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "docs", "serving.md"), encoding="utf-8").read()
     return next(block for block in re.findall(r"```(?:python|bash)\n(.*?)```", text, re.S)
                 if block.startswith(starting))
 
 
 def test_the_readme_eas_examples_run_as_written(secured, tmp_path):
-    """The SDK snippet, the curl command and the OpenAI snippet of the README, against a service on the README's
-    address (127.0.0.1:8000 replaced by the test server's) with the token filled in."""
+    """The SDK snippet, the curl command and the OpenAI snippet of docs/serving.md (the serving reference the README
+    points to), against a service on its address (127.0.0.1:8000 replaced by the test server's) with the token
+    filled in."""
     def fill(block):
         return block.replace("http://127.0.0.1:8000", secured.url).replace("<token>", "s3cret-token")
 
