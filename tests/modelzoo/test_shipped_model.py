@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.settings import GenerationSettings
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
 from shapes_data import judge
 
@@ -19,7 +20,7 @@ PROMPTS = [
     ("请画一个黄色的正方形", "黄色", "正方形"), ("我想要一张图：绿色三角形", "绿色", "三角形"),
     ("画一只橙色的圆形吧", "橙色", "圆形"), ("三角形，紫色的", "紫色", "三角形"),
 ]
-FLOOR_COLOUR, FLOOR_SHAPE = 10, 9  # measured 12 and 11 of 12 at release (bench in the README)
+FLOOR_COLOUR, FLOOR_SHAPE = 10, 9  # measured 12 and 11 of 12 at release (docs/embedded_model_research.md)
 
 
 @pytest.fixture(scope="module")
