@@ -39,9 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     import numpy as np
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+    from appzoo.latent_diffusion.generation import Generator, image_seed
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
+    from appzoo.latent_diffusion.settings import GenerationSettings
     from shapes_data import generate_dataset, judge
     from shapes_data.scoring import load_truth_by_idx, truth_path_for
 

@@ -30,8 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+    from appzoo.latent_diffusion.generation import Generator
     from appzoo.latent_diffusion.loading import load_model
+    from appzoo.latent_diffusion.settings import GenerationSettings
 
     model = load_model(args.model, optimize=args.optimize)
     settings = GenerationSettings(steps=args.steps)

@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--model", default="")
     args = parser.parse_args()
     from appzoo.latent_diffusion.evaluate import prompt_following
-    from appzoo.latent_diffusion.generation import GenerationSettings
     from appzoo.latent_diffusion.inputs import PROMPT_SCHEMA, InputTables
     from appzoo.latent_diffusion.loading import load_model
+    from appzoo.latent_diffusion.settings import GenerationSettings
     from easynlp_ldm.tables import BadRowPolicy, parse_schema
     from shapes_data.scoring import load_truth_by_idx, truth_path_for
 

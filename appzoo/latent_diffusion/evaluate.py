@@ -18,11 +18,12 @@ import logging
 import os
 from typing import Any
 
-from appzoo.latent_diffusion.data import index_table
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed
+from appzoo.latent_diffusion.data import LatentCache, index_table
+from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_for_inference
-from appzoo.latent_diffusion.losses import LatentCache, fixed_noise_loss
+from appzoo.latent_diffusion.losses import fixed_noise_loss
+from appzoo.latent_diffusion.settings import GenerationSettings, InferenceSettings
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_bytes
@@ -47,19 +48,20 @@ def prompt_following(model, inputs: InputTables, truth: dict[str, dict], setting
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
+    inference = InferenceSettings.from_params(params)
     inputs = input_tables(flags, "evaluate", default_schema=PAIR_SCHEMA)
     table = inputs.table
-    truth_path = scoring.truth_path_for(table, params["truth_file"])
+    truth_path = scoring.truth_path_for(table, inference.truth_file)
     if inputs.image_column is None and not truth_path:
         raise UserError(f"{table}: nothing to evaluate: the schema has no image column "
                         f"({flags.second_sequence or 'imgbase64'}) for the denoising loss and there is no ground-truth "
                         f"sidecar ({os.path.splitext(table)[0]}.truth.jsonl, or truth_file=...) for prompt-following "
                         f"accuracy")
-    model = load_for_inference(flags, params)
+    model = load_for_inference(flags, inference)
     # Sampling settings that cannot apply (e.g. ddim_eta with PLMS) fail here, not after the denoising loss.
-    settings = GenerationSettings.from_params(params).for_model(model) if truth_path else None
+    settings = inference.generation().for_model(model) if truth_path else None
     length = text_length(model, flags)
-    policy = BadRowPolicy(skip=params["skip_bad_rows"])
+    policy = BadRowPolicy(skip=inference.skip_bad_rows)
     metrics: dict = {"table": table}
     if inputs.image_column is not None:
         cache = LatentCache(model, model.image_size)
@@ -70,7 +72,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), length)
     if truth_path:
         metrics["truth_file"] = truth_path
-        metrics["steps"] = params["ddim_steps"]
+        metrics["steps"] = inference.ddim_steps
         metrics["accuracy"] = prompt_following(model, inputs, scoring.load_truth_by_idx(truth_path), settings,
                                                flags.random_seed, flags.micro_batch_size, length, policy)
     if policy.total:

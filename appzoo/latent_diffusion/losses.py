@@ -1,7 +1,6 @@
-"""The diffusion training objective and the latent cache, shared by train (its loss and validation loss) and evaluate
-(the denoising loss of a table with images).
+"""The diffusion training objective, shared by train (its loss and validation loss) and evaluate (the denoising loss
+of a table with images; its latents come from data.py's ``LatentCache``).
 
-* ``LatentCache``: images encoded once by the frozen VAE; the latent distribution's moments (mean, logvar) kept.
 * ``DiffusionObjective``: noise → noisy latents → the target the model's scheduler config says the UNet predicts
   (``epsilon`` or ``v_prediction``; anything else is an error, never silently treated as epsilon), MSE, optional
   Min-SNR weighting.
@@ -12,14 +11,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from appzoo.latent_diffusion.data import preprocess_image
 from easynlp_ldm.errors import UserError
 from modelzoo.ldm import LatentDiffusion
 
@@ -27,133 +24,6 @@ VALIDATION_SEED = 20240601  # fixed noise and timesteps: validation losses compa
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 HIGH_NOISE_LOSSES = ("epsilon", "x0")
 X0_WEIGHT_MAX = 1000.0  # caps 1/SNR (the x0 error's weight on the epsilon error) where the SNR is near zero
-
-
-class LatentCache:
-    """Encodes images with the frozen VAE in batches and keeps the latent distribution's moments (mean, logvar).
-    ``size_of(index, image)``: each image's training size (its aspect-ratio bucket; default the square
-    ``resolution``); images of one size are encoded together. With ``use_amp`` the encoder runs under the same
-    autocast as the training step, exactly as it would if the latents were not cached (and ~1.7× faster on CPU at
-    256²). ``encoded`` counts the images encoded."""
-
-    def __init__(self, model: LatentDiffusion, resolution: int, batch_size: int = 32, use_amp: bool = False,
-                 size_of=None):
-        self.model, self.resolution, self.batch_size = model, resolution, batch_size
-        self.use_amp = use_amp
-        self.size_of = size_of or (lambda index, image: (resolution, resolution))
-        self.pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        self.done: dict[int, torch.Tensor] = {}
-        self.encoded = 0
-        self.channels_last = False
-
-    def add(self, index: int, image) -> None:
-        size = self.size_of(index, image)
-        group = self.pending.setdefault(size, [])
-        group.append((index, preprocess_image(image, size)))
-        if len(group) >= self.batch_size:
-            self._encode(size)
-
-    @torch.no_grad()
-    def _encode(self, size: tuple[int, int]) -> None:
-        from easynlp_ldm.trainer import amp_dtype
-
-        group = self.pending.pop(size, [])
-        if not group:
-            return
-        device = self.model.vae.device
-        pixels = torch.stack([pixels for _, pixels in group]).to(device, self.model.vae.dtype)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=self.use_amp):
-            moments = self.model.vae.encode(pixels).latent_dist.parameters.float().cpu()
-        # The encoder's memory format (channels-last from oneDNN's convolutions on CPU) is kept for the batches: the
-        # step then computes as it would on latents encoded in the step.
-        self.channels_last = moments.dim() == 4 and not moments.is_contiguous() and moments.is_contiguous(
-            memory_format=torch.channels_last)
-        for (index, _), moment in zip(group, moments):
-            self.done[index] = moment
-        self.encoded += len(group)
-
-    def flush(self) -> None:
-        for size in list(self.pending):
-            self._encode(size)
-
-    def per_image(self) -> list[torch.Tensor]:
-        """Every image's moments, in index order (shapes differ between buckets)."""
-        self.flush()
-        return [self.done[i] for i in sorted(self.done)]
-
-    def cached(self) -> CachedLatents:
-        return CachedLatents(self.per_image(), self.channels_last)
-
-    def moments(self) -> torch.Tensor:
-        """Every image's moments stacked (all of one size: the square ``resolution``)."""
-        items = self.per_image()
-        return torch.stack(items) if items else torch.empty(0)
-
-
-class CachedLatents:
-    """The cached moments of a table's images (one tensor per image: their bucket sizes differ), and the memory
-    format the encoder gave them."""
-
-    def __init__(self, moments: list[torch.Tensor], channels_last: bool = False):
-        self.moments, self.channels_last = moments, channels_last
-
-    def __len__(self) -> int:
-        return len(self.moments)
-
-    def batch(self, indices: list[int]) -> torch.Tensor:
-        stacked = torch.stack([self.moments[i] for i in indices])
-        return stacked.contiguous(memory_format=torch.channels_last) if self.channels_last else stacked
-
-
-LATENT_CACHE_DIR = "latent_cache"
-
-
-def module_digest(module: torch.nn.Module) -> str:
-    """A digest of a module's weights (names, shapes, dtypes and bytes)."""
-    import hashlib
-
-    digest = hashlib.blake2b()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-class DiskLatentCache:
-    """A table's cached latents on disk, in ``<checkpoint_dir>/latent_cache/<key>.pt``, the key a digest of the
-    table's bytes, the VAE's weights and every setting of the preprocessing and encoding (``key_parts``): a resumed
-    or repeated run reads them instead of encoding every image again; any change is another key (older files of the
-    same ``name`` are removed when a new one is written). Read with ``weights_only=True``."""
-
-    def __init__(self, folder: str, name: str, key_parts: dict):
-        import hashlib
-        import json
-
-        key = hashlib.blake2b(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-        self.folder, self.name = os.path.join(folder, LATENT_CACHE_DIR), name
-        self.path = os.path.join(self.folder, f"{name}-{key}.pt")
-
-    def load(self, count: int | None = None) -> CachedLatents | None:
-        if not os.path.isfile(self.path):
-            return None
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            cached = CachedLatents(list(saved["moments"]), bool(saved["channels_last"]))
-        except Exception as err:  # a damaged file: encode again
-            logging.getLogger("easynlp.train").warning("%s: unreadable (%s); encoding the images again", self.path,
-                                                       type(err).__name__)
-            return None
-        return cached if count is None or len(cached) == count else None
-
-    def save(self, cached: CachedLatents) -> None:
-        from easynlp_ldm.files import atomic_torch_save
-
-        os.makedirs(self.folder, exist_ok=True)
-        atomic_torch_save({"moments": [m.contiguous() for m in cached.moments],
-                           "channels_last": cached.channels_last}, self.path)
-        for name in os.listdir(self.folder):  # the same table's caches for other settings: stale
-            if name.startswith(self.name + "-") and name != os.path.basename(self.path):
-                os.remove(os.path.join(self.folder, name))
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from appzoo.latent_diffusion.settings import TrainingSettings
 from easynlp_ldm.memory import MemoryEstimate, MemorySettings, ModelFootprint, check
 
 # Calibrated on bench/train_memory.py's peak RSS of SD-1.5's architecture on CPU (1 031 M parameters, micro-batch 1)
@@ -167,23 +168,22 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
     return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), activations=activations)
 
 
-def check_latent_diffusion_training(model, flags, params: dict[str, Any], resolution: int,
+def check_latent_diffusion_training(model, flags, training: TrainingSettings, resolution: int,
                                     text_length: int) -> MemoryEstimate:
     """The memory plan of ``--mode=train`` for the latent_diffusion app: called once the model is loaded, before
     latents are cached and the optimiser is built."""
     device = next(model.unet.parameters()).device.type
-    random_pixels = params["random_crop"] or params["random_flip"]
-    optimizer = params["optimizer"]
+    optimizer = training.optimizer
     if optimizer == "adamw":
         optimizer = {"SGD": "sgd", "Adam": "adam"}.get(flags.optimizer_type, "adamw")
     settings = MemorySettings(
         micro_batch_size=flags.micro_batch_size, resolution=resolution,
-        gradient_checkpointing=bool(params["gradient_checkpointing"]), use_amp=bool(flags.use_amp),
-        optimizer=optimizer, use_ema=bool(params["use_ema"]), ema_device=params["ema_device"],
-        save_optimizer=bool(params["save_optimizer"]), device="cpu" if device == "cpu" else "cuda",
-        cache_inputs=bool(params["cache_latents"]) and not random_pixels)
-    footprint = latent_diffusion_footprint(model, train_target=params["train_target"],
-                                           train_text_encoder=bool(params["train_text_encoder"]),
+        gradient_checkpointing=bool(training.gradient_checkpointing), use_amp=bool(flags.use_amp),
+        optimizer=optimizer, use_ema=bool(training.use_ema), ema_device=training.ema_device,
+        save_optimizer=bool(training.save_optimizer), device="cpu" if device == "cpu" else "cuda",
+        cache_inputs=bool(training.caches_latents))
+    footprint = latent_diffusion_footprint(model, train_target=training.train_target,
+                                           train_text_encoder=bool(training.train_text_encoder),
                                            text_length=text_length)
-    return check(footprint, settings, limit_gb=params["memory_limit_gb"], enforce=params["memory_check"],
+    return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,
                  effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)

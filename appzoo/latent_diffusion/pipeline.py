@@ -8,6 +8,7 @@ Image *k* of prompt number *i* (counted from 1, as predict counts input lines) g
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from typing import Any
 
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, check_masks
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator, image_seed, redraw_problem
+from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.params import PARAMS
+from appzoo.latent_diffusion.settings import InferenceSettings, image_input_problem
 from easynlp_ldm.args import validate_parameters
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import encode_image
@@ -32,11 +34,11 @@ logger = logging.getLogger("easynlp")
 class LatentDiffusionPipeline:
     def __init__(self, model_path: str | None, params: dict[str, Any], *, random_seed: int = DEFAULT_RANDOM_SEED,
                  batch_size: int = 16, device: str | torch.device | None = None):
-        self.params = params
+        self.settings = InferenceSettings.from_params(params)
         self.random_seed, self.batch_size = random_seed, batch_size
-        self.model = load_model(model_path or "", device=device, optimize=params["optimize"],
-                                precision=params["precision"], lora=params["lora"], what="pipeline() model")
-        self.generator = Generator(self.model, GenerationSettings.from_params(params))
+        self.model = load_model(model_path or "", device=device, optimize=self.settings.optimize,
+                                precision=self.settings.precision, lora=self.settings.lora, what="pipeline() model")
+        self.generator = Generator(self.model, self.settings.generation())
         self.files = None
         self.written = 0  # image folders written (write_image=True), numbered on across calls as EasyNLP's counter
 
@@ -56,14 +58,15 @@ class LatentDiffusionPipeline:
         if fixed:
             raise UserError(f"reset(): {', '.join(fixed)} is decided when the model loads; make a new pipeline() "
                             f"with it instead")
-        params = {**self.params, **{name: values[name] for name in names}}
-        self.generator = Generator(self.model, GenerationSettings.from_params(params))
-        self.params = params
-        logger.info("pipeline reset: %s", ", ".join(f"{name}={params[name]}" for name in sorted(names)))
+        settings = dataclasses.replace(self.settings, **{name: values[name] for name in names
+                                                         if name in InferenceSettings.__dataclass_fields__})
+        self.generator = Generator(self.model, settings.generation())
+        self.settings = settings
+        logger.info("pipeline reset: %s", ", ".join(f"{name}={values[name]}" for name in sorted(names)))
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.params["n_samples"] * self.params["n_iter"]
+        return self.settings.n_samples * self.settings.n_iter
 
     def __call__(self, prompts: str | list[str], latents: torch.Tensor | None = None, *, images=None, masks=None,
                  control_images=None) -> list[dict[str, Any]]:
@@ -83,12 +86,14 @@ class LatentDiffusionPipeline:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise UserError("pipeline input must be a string or a list of strings")
         inputs = self._image_inputs(len(prompts), images, masks, control_images)
-        if self.params["strength"] and images is None:
-            logger.warning("strength=%g has no effect without images=", self.params["strength"])
-        problem = images is not None and redraw_problem(self.params["ddim_steps"], self.params["strength"],
-                                                        masks is not None)
-        if problem:
-            raise UserError(problem)
+        generation = self.generator.settings
+        problem = image_input_problem(generation.steps, generation.strength, generation.guidance_rescale,
+                                      image=images is not None, mask=masks is not None,
+                                      controlnet=bool(generation.controlnets))
+        if problem and not problem.error:
+            logger.warning("%s (images=)", problem.message)
+        elif problem:
+            raise UserError(problem.message)
         jobs = [(i, prompt, sample, image_seed(self.random_seed, i + 1, sample))
                 for i, prompt in enumerate(prompts) for sample in range(self.samples_per_prompt)]
         if latents is not None and len(latents) != len(jobs):
@@ -114,26 +119,26 @@ class LatentDiffusionPipeline:
 
     def _easynlp_views(self, records: list[dict[str, Any]]) -> None:
         """EasyNLP's ``image_tensor`` per prompt and round, and its image folders when write_image=True."""
-        n_samples = self.params["n_samples"]
+        n_samples = self.settings.n_samples
         for start in range(0, len(records), n_samples):
             group = records[start:start + n_samples]
             tensor = torch.from_numpy(np.stack([np.asarray(r["image"].convert("RGB")) for r in group]))
             tensor = tensor.permute(0, 3, 1, 2).float().div_(255)
             for record in group:
                 record["image_tensor"] = tensor
-            if self.params["write_image"]:
+            if self.settings.write_image:
                 self._write(group)
 
     def _write(self, group: list[dict[str, Any]]) -> None:
         from appzoo.latent_diffusion.predict import ImageFiles
 
         if self.files is None:
-            self.files = ImageFiles(self.params["image_prefix"], self.params["image_format"])
+            self.files = ImageFiles(self.settings.image_prefix, self.settings.image_format)
         number = self.written
         self.written += 1
         for sample, record in enumerate(group):
             record["path"] = self.files.write(str(number), number + 1, record["text"], sample,
-                                              encode_image(record["image"], self.params["image_format"]))
+                                              encode_image(record["image"], self.settings.image_format))
 
     @staticmethod
     def _image_inputs(count: int, images, masks, control_images) -> ImageInputs | None:

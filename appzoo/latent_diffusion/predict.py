@@ -21,13 +21,7 @@ import torch
 from tqdm import tqdm
 
 from appzoo.latent_diffusion.conditioning import ImageInputs, parse_controlnets
-from appzoo.latent_diffusion.generation import (
-    GenerationSettings,
-    Generator,
-    image_seed,
-    image_strength,
-    redraw_problem,
-)
+from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.inputs import (
     PROMPT_SCHEMA,
     input_tables,
@@ -36,6 +30,7 @@ from appzoo.latent_diffusion.inputs import (
     text_length,
 )
 from appzoo.latent_diffusion.loading import load_for_inference
+from appzoo.latent_diffusion.settings import InferenceSettings, image_input_problem, image_strength
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -104,7 +99,7 @@ class PredictPlan:
         return init, mask, [image(column) for column in self.control_columns]
 
 
-def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
+def plan_from_flags(flags: ParsedFlags, settings: InferenceSettings) -> PredictPlan:
     if not flags.outputs:
         raise UserError("--outputs is required for --mode=predict (the output TSV path)")
     inputs = input_tables(flags, "predict", default_schema=PROMPT_SCHEMA)
@@ -115,26 +110,28 @@ def plan_from_flags(flags: ParsedFlags, params: dict[str, Any]) -> PredictPlan:
     if mask and not inputs.image_column:
         raise UserError("--input_schema has a mask column but no image column to inpaint (imgbase64, or the column "
                         "--second_sequence names)")
-    wanted = len(parse_controlnets(params["controlnet"]))
+    wanted = len(parse_controlnets(settings.controlnet))
     if wanted != len(controls):
         raise UserError(f"controlnet= names {wanted} ControlNet(s) but --input_schema has {len(controls)} "
                         f"conditioning-image column(s) ({', '.join(controls) or 'none'}); name them control, "
                         f"control2, … one per ControlNet")
-    if params["strength"] and not inputs.image_column:
-        logger.warning("strength=%g has no effect without input images: name an image column in --input_schema "
-                       "(imgbase64) or --second_sequence", params["strength"])
-    problem = inputs.image_column and redraw_problem(params["ddim_steps"], params["strength"], bool(mask))
-    if problem:
-        raise UserError(f"ddim_steps={params['ddim_steps']}, strength={params['strength']:g}: {problem}")
+    problem = image_input_problem(settings.ddim_steps, settings.strength, settings.guidance_rescale,
+                                  image=bool(inputs.image_column), mask=bool(mask), controlnet=bool(controls))
+    if problem and not problem.error:
+        logger.warning("%s: name an image column in --input_schema (imgbase64) or --second_sequence", problem.message)
+    elif problem and problem.setting == "strength":
+        raise UserError(f"ddim_steps={settings.ddim_steps}, strength={settings.strength:g}: {problem.message}")
+    elif problem:
+        raise UserError(problem.message)
     if inputs.image_column or controls:
         logger.info("generating from images: %s", ", ".join(filter(None, [
             inputs.image_column and f"input images from column {inputs.image_column} (strength "
-                                    f"{image_strength(params['strength'], bool(mask)):g})",
+                                    f"{image_strength(settings.strength, bool(mask)):g})",
             mask and "inpainting masks from column mask (white = repaint)",
             controls and f"ControlNet conditioning images from {', '.join(controls)} (control_preprocessor="
-                         f"{params['control_preprocessor']})"])))
+                         f"{settings.control_preprocessor})"])))
     return PredictPlan(inputs.table, inputs.schema, inputs.text_column, generated, appended,
-                       params["n_samples"] * params["n_iter"], inputs.image_column, mask, controls)
+                       settings.n_samples * settings.n_iter, inputs.image_column, mask, controls)
 
 
 def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) -> str:
@@ -155,7 +152,7 @@ def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) ->
 
 class ImageFiles:
     """``image_prefix/<idx>/0000.png …`` plus ``prompt.txt``, contained in image_prefix: one folder per row, named by
-    its idx (EasyNLP numbered folders ``image_prefix + str(counter)``; see README "Image files")."""
+    its idx (EasyNLP numbered folders ``image_prefix + str(counter)``; see docs/generation.md "Image files")."""
 
     def __init__(self, prefix: str, image_format: str):
         self.prefix = prefix
@@ -199,9 +196,10 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
 
 def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                  shard: tuple[int, int] | None = None) -> int:
-    plan = plan_from_flags(flags, params)
-    model = load_for_inference(flags, params)
-    generator = Generator(model, GenerationSettings.from_params(params), text_length(model, flags))
+    settings = InferenceSettings.from_params(params)
+    plan = plan_from_flags(flags, settings)
+    model = load_for_inference(flags, settings)
+    generator = Generator(model, settings.generation(), text_length(model, flags))
     fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
     progress = Progress(outputs, fingerprint)
     resuming = progress.load_resumable(outputs)
@@ -211,15 +209,15 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                     "settings)", outputs, progress.last_line, progress.rows)
     elif os.path.exists(outputs):
         logger.info("replacing %s: it was not written by this input, model and settings", outputs)
-    files = ImageFiles(params["image_prefix"], params["image_format"]) if params["write_image"] else None
-    policy = BadRowPolicy(skip=params["skip_bad_rows"])
+    files = ImageFiles(settings.image_prefix, settings.image_format) if settings.write_image else None
+    policy = BadRowPolicy(skip=settings.skip_bad_rows)
     # The bar counts prompts (input rows); a resumed run's starts at the prompts already done, so it ends at
     # total/total and its rate and ETA count this run's work only.
     total, done = progress_counts(plan.table, flags.skip_first_line or starts_with_header(plan.table, plan.schema),
                                   progress.last_line, shard)
     writer = TsvWriter(outputs, append=resuming)
     progress.save()
-    image_format = "jpeg" if params["image_format"] in ("jpeg", "jpg") else "png"
+    image_format = "jpeg" if settings.image_format in ("jpeg", "jpg") else "png"
     bar = tqdm(total=total, initial=done, unit="prompt", dynamic_ncols=True,
                disable=os.environ.get("EASYNLP_PROGRESS") == "0" or bool(shard and shard[0]))
     started, images_done = time.time(), 0
@@ -251,9 +249,9 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
         batch_start = time.perf_counter()
         prompts = [str(row[plan.prompt_column]) for row in batch]
         out_rows: dict[int, list] = {row.line_number: [] for row in batch}
-        for iteration in range(params["n_iter"]):
-            jobs = [(row, prompt, iteration * params["n_samples"] + s) for row, prompt in zip(batch, prompts)
-                    for s in range(params["n_samples"])]
+        for iteration in range(settings.n_iter):
+            jobs = [(row, prompt, iteration * settings.n_samples + s) for row, prompt in zip(batch, prompts)
+                    for s in range(settings.n_samples)]
             seeds = [image_seed(flags.random_seed, row.line_number, sample) for row, _, sample in jobs]
             inputs = None
             if from_images:
@@ -308,7 +306,7 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     progress.save(done=True)
     message = f"wrote {progress.rows} rows ({plan.samples_per_row} per prompt) to {outputs}"
     if files:
-        message += f"; images under {os.path.abspath(params['image_prefix'])}"
+        message += f"; images under {os.path.abspath(settings.image_prefix)}"
     if policy.total:
         message += f"; {policy.summary()}"
     logger.info(message)

@@ -70,15 +70,16 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed + [f"the contents of {path} changed" for path in now if path in before and before[path] != now[path]]
 
 
-def decide(flags: ParsedFlags, params: dict[str, Any]) -> str:
+def decide(flags: ParsedFlags, params: dict[str, Any], overwrite: bool = False) -> str:
     """Before anything else is done: ``"new"`` (start from the pretrained model), ``"resume"`` (continue the
     interrupted identical run in --checkpoint_dir, or what --resume_from_checkpoint names) or ``"complete"`` (the
-    identical run finished there: nothing to do). A different run in the folder is a ``UserError``."""
+    identical run finished there: nothing to do). A different run in the folder is a ``UserError``. ``params``: the
+    user-defined parameters as given (the run's identity); ``overwrite``: overwrite_checkpoint_dir."""
     out = flags.checkpoint_dir
     has_state = _step(out) is not None
     if flags.resume_from_checkpoint:
         return "resume"
-    if params["overwrite_checkpoint_dir"]:
+    if overwrite:
         if has_state:
             logger.warning("overwrite_checkpoint_dir=True: starting over from the pretrained model in %s (its run is "
                            "replaced as this one saves)", out)

@@ -118,7 +118,7 @@ def test_reset_checks_what_it_changes(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="reset\\(\\): lora is decided when the model loads"):
         gen.reset(lora="x.safetensors")
     gen.reset(n_samples=3)
-    assert len(gen("红色的圆形")) == 3 and gen.params["ddim_steps"] == 2  # the rest kept
+    assert len(gen("红色的圆形")) == 3 and gen.settings.ddim_steps == 2  # the rest kept
 
 
 def test_write_image_writes_easynlp_style_folders(tiny_model_dir, tmp_path):
