@@ -13,11 +13,10 @@ import torch
 
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_files
+from modelzoo.families import family_of
+from modelzoo.families.base import TXT2IMG
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py
-FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"  # peft's name for the adapter being trained
 
 
@@ -63,36 +62,40 @@ def parse_library(text: str, what: str = "lora_library") -> dict[str, LoraSpec]:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def target_modules(text: str) -> tuple[str, ...]:
-    """``attention``, ``ff`` and module names, separated by commas → module names."""
-    groups = {"attention": ATTENTION_TARGETS, "ff": FEED_FORWARD_TARGETS}
+def target_modules(text: str, model) -> tuple[str, ...]:
+    """Names of the family's target groups (``attention``, ``ff`` for SD-1.x) and module names, separated by commas →
+    module names of ``model``'s denoiser."""
+    groups = family_of(model).lora_targets
     names: list[str] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         names += [name for name in groups.get(item, (item,)) if name not in names]
     if not names:
-        raise UserError("lora_target_modules is empty; use attention, ff or module names")
+        raise UserError(f"lora_target_modules is empty; use {', '.join(groups)} or module names")
     return tuple(names)
 
 
 def add_training_adapters(model, rank: int, alpha: float, dropout: float, targets: tuple[str, ...],
                           text_encoder: bool) -> int:
-    """Freeze the model and add a trainable LoRA adapter to the UNet's ``targets`` (and the text encoder's attention
-    when ``text_encoder``); returns the number of trainable parameters."""
+    """Freeze the model and add a trainable LoRA adapter to the denoiser's ``targets`` (and the text encoder's
+    attention, the family's ``text_encoder_lora_targets``, when ``text_encoder``); returns the number of trainable
+    parameters."""
     from peft import LoraConfig
 
-    model.unet.requires_grad_(False)
+    family = family_of(model)
+    denoiser = getattr(model, family.denoiser)
+    denoiser.requires_grad_(False)
     model.text_encoder.requires_grad_(False)
     config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian")
     try:
-        model.unet.add_adapter(LoraConfig(target_modules=list(targets), **config))
+        denoiser.add_adapter(LoraConfig(target_modules=list(targets), **config))
     except ValueError as err:
         raise UserError(f"lora_target_modules: {err}") from None
     if text_encoder:
         if not hasattr(model.text_encoder, "add_adapter"):
             raise UserError(f"lora_text_encoder=True: the text encoder ({type(model.text_encoder).__name__}) takes no "
                             "peft adapter; train the UNet's LoRA alone")
-        model.text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **config))
-    return sum(p.numel() for module in (model.unet, model.text_encoder) for p in module.parameters()
+        model.text_encoder.add_adapter(LoraConfig(target_modules=list(family.text_encoder_lora_targets), **config))
+    return sum(p.numel() for module in (denoiser, model.text_encoder) for p in module.parameters()
                if p.requires_grad)
 
 
@@ -105,14 +108,13 @@ def _peft_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[str]:
     """``weights`` (the trainer's, EMA applied) → ``folder/pytorch_lora_weights.safetensors`` in diffusers' format,
     written atomically; returns the files written."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     unet = convert_state_dict_to_diffusers(_peft_state(weights, "unet."))
     text_state = _peft_state(weights, "text_encoder.")
     text = convert_state_dict_to_diffusers(text_state) if text_state else None
     with atomic_files(folder) as staging:
-        StableDiffusionPipeline.save_lora_weights(
+        _pipeline_class(model).save_lora_weights(
             staging, unet_lora_layers=unet, text_encoder_lora_layers=text, safe_serialization=True,
             unet_lora_adapter_metadata=model.unet.peft_config[ADAPTER].to_dict(),
             text_encoder_lora_adapter_metadata=model.text_encoder.peft_config[ADAPTER].to_dict() if text else None)
@@ -120,15 +122,14 @@ def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ inference
+def _pipeline_class(model):
+    """The family's text-to-image pipeline class: diffusers' LoRA loading and saving are its class methods."""
+    family = family_of(model)
+    return family.pipeline_class(family.pipelines[(TXT2IMG, False)])
+
+
 def _pipeline(model):
-    from diffusers import StableDiffusionPipeline
-
-    from modelzoo.samplers import make_scheduler
-
-    scheduler = make_scheduler("", model.scheduler_config, model.scheduler_class)
-    return _lora_modules(StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    return _lora_modules(family_of(model).pipeline(model, TXT2IMG))
 
 
 def _lora_modules(pipe):

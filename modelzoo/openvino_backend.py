@@ -331,24 +331,39 @@ def _decoder_forward(decoder, runner: OpenVINORunner):
     return forward
 
 
-def use_openvino(model, precision: str = "", threads: int = 0, max_shapes: int = MAX_SHAPES) -> dict:
-    """Route the UNet and the VAE decoder of ``model`` (fp32, on CPU) through OpenVINO, in place, with ``threads``
-    inference threads (0: torch's thread count, which ``easynlp_ldm.threads.configure`` set), each keeping the
-    compiled models of ``max_shapes`` input shapes. Returns what was done. Conversion happens on the first call of
-    each (it needs real shapes), then comes from the disk cache."""
+def _convert_unet(model, precision: str, threads: int, max_shapes: int) -> OpenVINORunner:
+    unet = model.unet
+    runner = OpenVINORunner(_UNetGraph(unet).eval(), "unet", weights_key(unet, {"graph": "unet"}), precision, threads,
+                            max_shapes=max_shapes)
+    unet.forward = _unet_forward(unet, runner)
+    return runner
+
+
+def _convert_vae_decoder(model, precision: str, threads: int, max_shapes: int) -> OpenVINORunner:
+    decoder = model.vae.decoder
+    runner = OpenVINORunner(_DecoderGraph(decoder).eval(), "vae_decoder", weights_key(decoder, {"graph": "decoder"}),
+                            precision, threads, max_shapes=max_shapes)
+    decoder.forward = _decoder_forward(decoder, runner)
+    return runner
+
+
+# The parts a model family may name in its ``openvino_parts``, each routed through OpenVINO by its converter.
+CONVERTERS = {"unet": _convert_unet, "vae_decoder": _convert_vae_decoder}
+
+
+def use_openvino(model, precision: str = "", threads: int = 0, max_shapes: int = MAX_SHAPES,
+                 parts: tuple[str, ...] = ("unet", "vae_decoder")) -> dict:
+    """Route ``parts`` of ``model`` (fp32, on CPU; its family's ``openvino_parts``: the UNet and the VAE decoder for
+    SD-1.x) through OpenVINO, in place, with ``threads`` inference threads (0: torch's thread count, which
+    ``easynlp_ldm.threads.configure`` set), each keeping the compiled models of ``max_shapes`` input shapes. Returns
+    what was done. Conversion happens on the first call of each (it needs real shapes), then comes from the disk
+    cache."""
     precision = choose_precision(precision)
     threads = threads or torch.get_num_threads()
-    unet, decoder = model.unet, model.vae.decoder
-    unet_runner = OpenVINORunner(_UNetGraph(unet).eval(), "unet", weights_key(unet, {"graph": "unet"}), precision,
-                                 threads, max_shapes=max_shapes)
-    unet.forward = _unet_forward(unet, unet_runner)
-    decoder_runner = OpenVINORunner(_DecoderGraph(decoder).eval(), "vae_decoder",
-                                    weights_key(decoder, {"graph": "decoder"}), precision, threads,
-                                    max_shapes=max_shapes)
-    decoder.forward = _decoder_forward(decoder, decoder_runner)
+    converted = {part: CONVERTERS[part](model, precision, threads, max_shapes) for part in parts}
     return {"backend": "openvino", "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
-            "openvino": ["unet", "vae.decoder"], "threads": threads, "streams": unet_runner.streams,
-            "max_shapes": max_shapes}
+            "openvino": [part.replace("vae_", "vae.") for part in converted], "threads": threads,
+            "streams": next(iter(converted.values())).streams, "max_shapes": max_shapes}
 
 
 def runners(model) -> dict[str, OpenVINORunner]:

@@ -31,6 +31,8 @@ import logging
 
 import torch
 
+from modelzoo.families import family_of
+
 logger = logging.getLogger(__name__)
 
 LEVELS = ("none", "auto", "max", "openvino", "torch", "compile")
@@ -156,8 +158,10 @@ def optimize_unet(unet, level: str, dtype: torch.dtype) -> dict:
     return done
 
 
-def resolve_level(level: str, device: torch.device, switchable: bool = False) -> tuple[str, str]:
-    """``auto``/``max`` → the concrete level for this device and model, with the reason (for logs)."""
+def resolve_level(level: str, device: torch.device, switchable: bool = False,
+                  openvino_parts: tuple[str, ...] = ("unet", "vae_decoder")) -> tuple[str, str]:
+    """``auto``/``max`` → the concrete level for this device and model, with the reason (for logs).
+    ``openvino_parts``: what the model's family converts to OpenVINO (none: it runs in PyTorch)."""
     if level not in LEVELS:
         raise ValueError(f"optimize must be one of {', '.join(LEVELS)}")
     if level not in ("auto", "max"):
@@ -168,6 +172,8 @@ def resolve_level(level: str, device: torch.device, switchable: bool = False) ->
 
     if switchable:
         return "torch", "switchable LoRA adapters need PyTorch modules"
+    if not openvino_parts:
+        return "torch", "the model's family converts nothing to OpenVINO"
     if not openvino_backend.available():
         return "torch", "the openvino package is not installed"
     return "openvino", f"{level} on CPU"
@@ -177,7 +183,8 @@ def prepare_for_inference(model, level: str = "auto", precision: str = "") -> di
     """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
     device = model.unet.device
     switchable = bool(getattr(model.unet, "peft_config", None))
-    concrete, reason = resolve_level(level, device, switchable)
+    parts = family_of(model).openvino_parts
+    concrete, reason = resolve_level(level, device, switchable, parts)
     model.eval()
     if concrete == "openvino":
         if device.type != "cpu":
@@ -187,7 +194,9 @@ def prepare_for_inference(model, level: str = "auto", precision: str = "") -> di
                              "modules); merge them (lora=...) or use optimize=torch")
         from modelzoo.openvino_backend import use_openvino
 
-        done = {"level": level, "ran_as": concrete, **use_openvino(model, precision)}
+        if not parts:
+            raise ValueError("optimize=openvino: the model's family converts nothing to OpenVINO; use optimize=auto")
+        done = {"level": level, "ran_as": concrete, **use_openvino(model, precision, parts=parts)}
         if reason:
             done["why"] = reason
         model.optimization = done

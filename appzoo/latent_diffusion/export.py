@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from appzoo.latent_diffusion.generation import StableDiffusionPipeline
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.settings import InferenceSettings
 from easynlp_ldm.args import ParsedFlags
@@ -43,7 +42,7 @@ from easynlp_ldm.files import atomic_copy, atomic_folder, atomic_open, atomic_wr
 from modelzoo import families
 from modelzoo import text_encoder as te
 from modelzoo import wukong as wukong_code
-from modelzoo.families.base import ModelFormatError
+from modelzoo.families.base import TXT2IMG, ModelFormatError
 from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
 from modelzoo.formats.easynlp import NotExpressible
 from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME
@@ -76,6 +75,12 @@ def export_tar(model, destination: str) -> list[str]:
     return names
 
 
+def text_to_image_class(model):
+    """diffusers' text-to-image pipeline class of ``model``'s family (``StableDiffusionPipeline`` for SD-1.x)."""
+    family = families.family_of(model)
+    return family.pipeline_class(family.pipelines[(TXT2IMG, False)])
+
+
 def export_diffusers(model, destination: str) -> None:
     encoder = model.text_encoder
     if type(encoder).__name__ == "BertModel":
@@ -83,9 +88,9 @@ def export_diffusers(model, destination: str) -> None:
     wukong = isinstance(encoder, te.WukongTextEncoder)
     tokenizer = copy.deepcopy(model.tokenizer)
     tokenizer.model_max_length = model.text_max_length  # diffusers tokenises to it; our predict to text_max_length
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=encoder, tokenizer=tokenizer, unet=model.unet,
-                                   scheduler=make_scheduler("", model.scheduler_config, model.scheduler_class),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    family = families.family_of(model)
+    pipe = text_to_image_class(model)(**{**family.pipeline_components(model, family.scheduler(model)),
+                                         "text_encoder": encoder, "tokenizer": tokenizer})
     with atomic_folder(destination) as folder:
         pipe.save_pretrained(folder, safe_serialization=True)
         legacy_text_encoder_weights(type(encoder).__name__, os.path.join(folder, "text_encoder"))
@@ -204,7 +209,7 @@ def check_diffusers_loads(model, folder: str, remote_code: bool, destination: st
     text encoder's code travels with it) into the same weights and encodes a prompt as ``model`` does."""
     try:
         with _quiet_diffusers():
-            pipe = StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=remote_code)
+            pipe = text_to_image_class(model).from_pretrained(folder, trust_remote_code=remote_code)
     except Exception as err:  # whatever diffusers or transformers raise: the folder does not load
         _fail("diffusers", destination, f"StableDiffusionPipeline.from_pretrained: {type(err).__name__}: {err}")
     components = ("text_encoder", "unet", "vae")

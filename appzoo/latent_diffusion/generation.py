@@ -1,150 +1,34 @@
 """Prompts + seeds → images: the one generation step predict, evaluate, serve and training's sample images share.
 
-* ``GenerationSettings`` is the one vocabulary of sampling settings. It is frozen and hashable: serve batches the
-  requests whose settings are equal. Each outside vocabulary is mapped to it in exactly one place —
-  ``GenerationSettings.from_params`` for ``--user_defined_parameters`` (EasyNLP's names, ``PARAM_NAMES``) and
-  ``serve.REQUEST_FIELDS`` for an HTTP request. Adding a sampling setting is its field here, its pass-through in
-  ``generate``, and one entry per vocabulary.
-* Images come from diffusers' own ``StableDiffusionPipeline`` over our components, with one seeded generator per image,
+* The settings are a ``GenerationSettings`` (settings.py: its fields, its one mapping from the user-defined
+  parameters, its checks).
+* Images come from the model family's diffusers pipelines (``StableDiffusionPipeline`` and its variants for SD-1.x)
+  over our components, with one seeded generator per image,
   so an image depends on its seed alone, not on the batch it was generated in (up to matmul blocking: with bf16 a
   pixel may differ by 1/255 between batch compositions).
 * ``image_seed``: each image's seed from (``--random_seed``, input line, sample number).
-* Size rules (``size_factor``) and ×4 super-resolution (``SuperResolution``) live here too.
+* ×4 super-resolution (``SuperResolution``) lives here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers.utils import logging as transformers_logging
 
 from appzoo.latent_diffusion.conditioning import ImageInputs
+from appzoo.latent_diffusion.settings import GenerationSettings, image_input_problem, image_strength
 from easynlp_ldm.errors import UserError
+from modelzoo.families import family_of
+from modelzoo.families.base import TXT2IMG
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.lora import has_adapters, select_adapters
-from modelzoo.samplers import eta_samplers, make_scheduler, sampler_label, scheduler_class_name, step_takes
 
 logger = logging.getLogger("easynlp")
-
-
-def _import_pipeline_class():
-    """diffusers' pipeline module imports transformers' CLIP image processor (for a safety checker we never use),
-    which without torchvision warns on every command; that line says nothing to our users."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        from diffusers import StableDiffusionPipeline
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    return StableDiffusionPipeline
-
-
-StableDiffusionPipeline = _import_pipeline_class()
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    steps: int = 20
-    guidance_scale: float = 5.0
-    height: int = 0  # pixels; 0: the model's native size (``for_model`` fills it in)
-    width: int = 0
-    sampler: str = ""  # a sampler's short name; "": the model's own scheduler
-    negative_prompt: str = ""
-    eta: float = 0.0  # DDIM's stochasticity
-    guidance_cutoff: float = 1.0  # fraction of the steps (the first ones) run with classifier-free guidance
-    guidance_rescale: float = 0.0  # rescales the guided prediction's std to the text one's (Lin et al. 2023, §3.4)
-    do_sr: bool = False  # ESRGAN ×4 after decoding
-    sr_tile: int = 256  # super-resolution tile, input pixels (0: whole image)
-    sr_channel_order: str = ""  # rgb or bgr; "": the model's config, else rgb
-    adapters: tuple[tuple[str, float], ...] = ()  # switchable LoRA adapters (serve's lora_library) and their scales
-    strength: float = 0.0  # img2img / inpainting: how much of the init image is noised away (0: 0.8, 1.0 inpainting)
-    controlnets: tuple[tuple[str, float], ...] = ()  # ControlNet folders and their conditioning scales
-    control_preprocessor: str = "none"  # what turns a conditioning image into the ControlNet's input (none, canny)
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
-        """``--user_defined_parameters`` (EasyNLP's names) → settings."""
-        from appzoo.latent_diffusion.conditioning import parse_controlnets
-
-        settings = cls(**{field: params[name] for field, name in PARAM_NAMES.items()},
-                       controlnets=parse_controlnets(params.get("controlnet", "")))
-        for note in settings.unused_settings():
-            logger.warning(note)
-        return settings
-
-    def for_model(self, model: LatentDiffusion) -> GenerationSettings:
-        """The concrete settings for ``model``: native size and ESRGAN channel order filled in, size checked."""
-        settings = dataclasses.replace(self, height=self.height or model.image_size,
-                                       width=self.width or model.image_size, sr_channel_order=self.sr_channel_order or
-                                       model.extra.get("esrgan_channel_order", "rgb"))
-        check_size(model, settings.height, settings.width)
-        problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class)
-        if problem:
-            raise UserError(problem)
-        return settings
-
-    def unused_settings(self) -> list[str]:
-        """Notes on the user's settings that the others leave without effect (each would otherwise be silently
-        ignored): guidance's companions without guidance, ESRGAN's without do_sr, a preprocessor without a
-        ControlNet."""
-        notes = []
-        if self.guidance_scale <= 1:  # diffusers runs classifier-free guidance only above 1
-            given = [f"{PARAM_NAMES[name]}={value!r}" for name, value, default in (
-                ("negative_prompt", self.negative_prompt, ""), ("guidance_cutoff", self.guidance_cutoff, 1.0),
-                ("guidance_rescale", self.guidance_rescale, 0.0)) if value != default]
-            if given:
-                notes.append(f"{', '.join(given)} has no effect with scale={self.guidance_scale:g}: classifier-free "
-                             f"guidance runs only with scale > 1")
-        if not self.do_sr:
-            given = [f"{PARAM_NAMES[name]}={value!r}" for name, value, default in (
-                ("sr_tile", self.sr_tile, 256), ("sr_channel_order", self.sr_channel_order, "")) if value != default]
-            if given:
-                notes.append(f"{', '.join(given)} has no effect without do_sr=True")
-        if self.control_preprocessor != "none" and not self.controlnets:
-            notes.append(f"control_preprocessor={self.control_preprocessor} has no effect without controlnet=")
-        return notes
-
-
-def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | None:
-    """Why ``ddim_eta`` cannot apply with ``sampler`` (diffusers passes eta only to a scheduler whose step takes it, and
-    would silently ignore it otherwise; EasyNLP's PLMS sampler refused it), or None. An unknown sampler name is left
-    to ``make_scheduler`` to report."""
-    class_name = scheduler_class_name(sampler, model_scheduler_class)
-    if not eta or class_name is None or step_takes(class_name, "eta"):
-        return None
-    choices = "|".join(eta_samplers())
-    return (f"ddim_eta={eta:g} cannot apply to {sampler_label(sampler, model_scheduler_class)}: DDIM's eta "
-            f"applies only to sampler={choices}; set sampler={choices} or leave ddim_eta at 0")
-
-
-def image_strength(strength: float, inpainting: bool) -> float:
-    """The strength an img2img (0.8) or inpainting (1.0) run uses when ``strength`` is 0 (not given)."""
-    return strength or (1.0 if inpainting else 0.8)
-
-
-def redraw_problem(steps: int, strength: float, inpainting: bool) -> str | None:
-    """Why generation from an image at ``strength`` would redraw no step (diffusers then fails), or None."""
-    strength = image_strength(strength, inpainting)
-    if int(steps * strength) >= 1:
-        return None
-    return (f"num_inference_steps × strength is {steps} × {strength:g}: less than one step of the image would be "
-            f"redrawn; raise strength or num_inference_steps")
-
-
-# GenerationSettings field → its user_defined_parameter (declared in params.py).
-PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", "width": "W", "sampler": "sampler",
-               "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
-               "guidance_rescale": "guidance_rescale", "strength": "strength",
-               "control_preprocessor": "control_preprocessor",
-               "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
 
 
 SEED_LIMIT = 2**53  # seeds handed out stay below it: a JSON number any client (a browser's double) holds exactly
@@ -154,19 +38,6 @@ def image_seed(random_seed: int, line_number: int, sample: int) -> int:
     """A 53-bit seed per image from (--random_seed, input line number, sample number)."""
     digest = hashlib.sha256(f"{random_seed}:{line_number}:{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> (64 - SEED_LIMIT.bit_length() + 1)
-
-
-def size_factor(model: LatentDiffusion) -> int:
-    """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
-    return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
-
-
-def check_size(model: LatentDiffusion, height: int, width: int) -> None:
-    factor = size_factor(model)
-    for name, value in (("H", height), ("W", width)):
-        if value % factor:
-            raise UserError(f"{name}={value} must be a multiple of {factor} for this model (VAE factor "
-                            f"{model.vae_scale_factor} × UNet downsampling, and 8)")
 
 
 # --------------------------------------------------------------------------------------------- the pipeline
@@ -197,18 +68,17 @@ def _step_callback(cutoff: float | None, should_stop):
     return callback
 
 
-def build_pipeline(model: LatentDiffusion, sampler: str = "") -> StableDiffusionPipeline:
-    scheduler = make_scheduler(sampler, model.scheduler_config, model.scheduler_class)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def build_pipeline(model: LatentDiffusion, sampler: str = ""):
+    """The family's text-to-image pipeline over ``model``'s components, with the scheduler of ``sampler``."""
+    family = family_of(model)
+    pipe = family.pipeline(model, TXT2IMG, scheduler=family.scheduler(model, sampler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.inference_mode()
 def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], settings: GenerationSettings,
-             pipe: StableDiffusionPipeline | None = None, max_length: int | None = None,
+             pipe=None, max_length: int | None = None,
              latents: torch.Tensor | None = None, should_stop=None, inputs: ImageInputs | None = None,
              controlnet=None) -> list[Image.Image]:
     """One image per (prompt, seed), before super-resolution. ``latents`` (one per image, as diffusers' pipelines
@@ -252,48 +122,39 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
                   num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
                   generator=generators, output_type="np")
     if inputs or controlnet is not None:
-        output = _generate_from_images(pipe, common, settings, inputs or ImageInputs(), controlnet, height, width,
-                                       None if latents is None else latents.to(model.unet.device), len(prompts))
+        output = _generate_from_images(model, pipe, common, settings, inputs or ImageInputs(), controlnet, height,
+                                       width, None if latents is None else latents.to(model.unet.device),
+                                       len(prompts))
     else:
         output = pipe(**common, height=height, width=width, guidance_rescale=settings.guidance_rescale,
                       latents=latents.to(model.unet.device))
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 
 
-_VARIANTS = {("img2img", False): "StableDiffusionImg2ImgPipeline", ("inpaint", False): "StableDiffusionInpaintPipeline",
-             ("txt2img", True): "StableDiffusionControlNetPipeline",
-             ("img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
-             ("inpaint", True): "StableDiffusionControlNetInpaintPipeline"}
-
-
-def variant(pipe: StableDiffusionPipeline, kind: str, controlnet=None):
-    """diffusers' pipeline for ``kind`` (img2img, inpaint; txt2img with a ControlNet) over ``pipe``'s components,
+def variant(model: LatentDiffusion, pipe, kind: str, controlnet=None):
+    """The family's pipeline for ``kind`` (img2img, inpaint; txt2img with a ControlNet) over ``pipe``'s components,
     built once per (kind, ControlNet) and kept on ``pipe``."""
-    import diffusers
-
     cache = pipe.__dict__.setdefault("_easynlp_variants", {})
     key = (kind, id(controlnet) if controlnet is not None else None)
     if key not in cache:
-        cls = getattr(diffusers, _VARIANTS[(kind, controlnet is not None)])
-        extra = {"controlnet": controlnet} if controlnet is not None else {}
-        built = cls(**pipe.components, **extra)
+        built = family_of(model).pipeline(model, kind, controlnet, base=pipe)
         built.set_progress_bar_config(disable=True)
         cache[key] = built
     return cache[key]
 
 
-def _generate_from_images(pipe, common: dict, settings: GenerationSettings, inputs: ImageInputs, controlnet,
-                          height: int, width: int, latents: torch.Tensor, count: int):
+def _generate_from_images(model: LatentDiffusion, pipe, common: dict, settings: GenerationSettings,
+                          inputs: ImageInputs, controlnet, height: int, width: int, latents: torch.Tensor, count: int):
     from appzoo.latent_diffusion.conditioning import fit
 
-    if settings.guidance_rescale:
-        raise UserError("guidance_rescale is not available with an input image, a mask or a ControlNet (diffusers' "
-                        "pipelines for them do not take it); leave it at 0")
+    problem = image_input_problem(settings.steps, settings.strength, settings.guidance_rescale,
+                                  image=bool(inputs.images), mask=bool(inputs.masks),
+                                  controlnet=controlnet is not None or bool(inputs.controls))
+    if problem and problem.error:
+        raise UserError(problem.message)
     for name, items in (("image", inputs.images), ("mask", inputs.masks)):
         if items is not None and len(items) != count:
             raise ValueError(f"one {name} per image")
-    if inputs.masks and not inputs.images:
-        raise UserError("a mask needs the image it applies to (inpainting repaints the mask's white part of it)")
     kind = "inpaint" if inputs.masks else "img2img" if inputs.images else "txt2img"
     kwargs = dict(common)
     if inputs.images:
@@ -315,7 +176,7 @@ def _generate_from_images(pipe, common: dict, settings: GenerationSettings, inpu
         kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
     elif inputs.controls:
         raise UserError("a conditioning image was given but no ControlNet: pass controlnet=FOLDER[:scale]")
-    return variant(pipe, kind, controlnet)(**kwargs)
+    return variant(model, pipe, kind, controlnet)(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------- super-resolution

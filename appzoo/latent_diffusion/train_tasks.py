@@ -197,7 +197,7 @@ class LoraTrainTask(DiffusionTrainTask):
         self.lora_text_encoder = bool(settings.lora_text_encoder)
         trainable = lora.add_training_adapters(model, settings.lora_rank, settings.lora_alpha or settings.lora_rank,
                                                settings.lora_dropout, lora.target_modules(
-                                                   settings.lora_target_modules), self.lora_text_encoder)
+                                                   settings.lora_target_modules, model), self.lora_text_encoder)
         self.train_text_encoder = self.lora_text_encoder  # the text encoder's forward pass needs gradients then
         model.text_encoder.train(self.lora_text_encoder)
         total = sum(p.numel() for part in (model.unet, model.text_encoder) for p in part.parameters())

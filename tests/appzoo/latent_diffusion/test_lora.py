@@ -23,7 +23,8 @@ STEPS, GUIDANCE = 4, 5.0
 
 def make_adapter(model_dir, folder, seed, rank=4, alpha=8):
     """A LoRA of the tiny model with random (non-zero) up-projections, saved as train_target=lora saves one."""
-    from modelzoo.lora import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, add_training_adapters, save_adapters
+    from modelzoo.families.sd import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
+    from modelzoo.lora import add_training_adapters, save_adapters
 
     model = sd.load(model_dir)
     add_training_adapters(model, rank, alpha, 0.0, ATTENTION_TARGETS + FEED_FORWARD_TARGETS, text_encoder=False)
