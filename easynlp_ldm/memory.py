@@ -17,7 +17,7 @@ What a run holds (bytes; ``MemoryEstimate.parts``):
   save_copy    at each checkpoint of a GPU run the model's state dict is copied into RAM before it is written (on a CPU
                the state dict holds the live weights: no copy)
 
-and the app's, from its model's ``ActivationPlan`` (the latent_diffusion app's: appzoo/latent_diffusion/memory_plan.py):
+and the app's, from its model's ``ActivationPlan`` (a model family's: SD-1.x's in modelzoo/families/sd_memory.py):
 
   activations  what the step's passes keep for backward (the plan may name several such parts)
   encode       a pass over the data before the optimiser exists (an app's cache of encoded inputs), no gradients

@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from appzoo.latent_diffusion.inputs import InputTables
-from appzoo.latent_diffusion.memory_plan import MAX_ENCODE_BATCH
 from appzoo.latent_diffusion.settings import TrainingSettings
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
@@ -39,6 +38,7 @@ from easynlp_ldm.tables import (
     read_table,
     table_digest,
 )
+from modelzoo.families.sd_memory import MAX_ENCODE_BATCH
 from modelzoo.ldm import LatentDiffusion
 
 logger = logging.getLogger("easynlp.train")  # the reading pass is the first part of a training run's log

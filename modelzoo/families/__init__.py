@@ -1,8 +1,10 @@
 """The model families and their registry: which family a folder or a model belongs to.
 
 ``FAMILIES`` maps a family's name to where its ``ModelFamily`` lives (``module:attribute``, imported on first use).
-Folders are offered to the families in registration order; the first that recognises one loads it. Adding a family
-is one module and one ``register`` call (or one line in ``FAMILIES``).
+A folder is offered to the families latest registration first, so a family registered later (more specific: its own
+``model_index.json`` class, or a format it shares with SD-1.x marked with its name) is asked before the SD-1.x
+family, which takes every diffusers folder and checkpoint left. Adding a family is one module and one ``register``
+call (or one line in ``FAMILIES``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def registered() -> list[ModelFamily]:
 
 
 def family_for_folder(folder: str) -> ModelFamily:
-    for family in registered():
+    for family in reversed(registered()):
         if family.recognises(folder):
             return family
     raise UnknownModelFolder(

@@ -80,6 +80,11 @@ class SDFamily(ModelFamily):
 
         return make_scheduler(sampler, model.scheduler_config, model.scheduler_class)
 
+    def memory_footprint(self, model: ldm.LatentDiffusion, **settings):
+        from modelzoo.families.sd_memory import latent_diffusion_footprint
+
+        return latent_diffusion_footprint(model, **settings)
+
     def pipeline_components(self, model: ldm.LatentDiffusion, scheduler) -> dict[str, Any]:
         return dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
                     scheduler=scheduler if scheduler is not None else self.scheduler(model), safety_checker=None,

@@ -1,6 +1,6 @@
-"""The memory plan of latent_diffusion (appzoo/latent_diffusion/memory_plan.py over easynlp_ldm/memory.py): the
-estimate's response to each setting, on SD-1.5's architecture built on the meta device (shapes only, no memory), the
-options it proposes, and ``--mode=train`` refusing a run that cannot fit with a one-line error (exit 2) — or only
+"""The memory plan of latent_diffusion (appzoo/latent_diffusion/memory_plan.py, the SD-1.x family's coefficients in
+modelzoo/families/sd_memory.py, over easynlp_ldm/memory.py): the estimate's response to each setting, on SD-1.5's
+architecture built on the meta device (shapes only, no memory), the options it proposes, and ``--mode=train`` refusing a run that cannot fit with a one-line error (exit 2) — or only
 warning with memory_check=False."""
 
 import dataclasses
@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from appzoo.latent_diffusion import memory_plan
 from easynlp_ldm import cli, memory
+from modelzoo.families import sd_memory
 from tests.helpers import ROOT, train_argv
 
 GIB = memory.GIB
@@ -25,7 +25,7 @@ def sd15(tmp_path_factory):
     write_vocab(vocab)
     with torch.device("meta"):
         model = build_from_preset(os.path.join(ROOT, "configs", "sd15_arch.json"), vocab)
-    return memory_plan.latent_diffusion_footprint(model)
+    return sd_memory.latent_diffusion_footprint(model)
 
 
 BASE = memory.MemorySettings(micro_batch_size=4, resolution=512, gradient_checkpointing=False, use_amp=False,
