@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers.training_utils import compute_snr  # noqa: E402
 
 from appzoo.latent_diffusion.data import preprocess_image  # noqa: E402
-from appzoo.latent_diffusion.losses import DiffusionObjective  # noqa: E402
 from appzoo.latent_diffusion.params import default_params  # noqa: E402
 from appzoo.latent_diffusion.pipeline import LatentDiffusionPipeline  # noqa: E402
 from modelzoo.families import sd
 from modelzoo.ldm import LatentDiffusion  # noqa: E402
+from modelzoo.objectives import DiffusionObjective  # noqa: E402
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models  # noqa: E402
 from shapes_data.generate import (  # noqa: E402
     BACKGROUNDS,

@@ -30,6 +30,12 @@ if "HF_MODULES_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
 
+# The test suite's second model family (tests/modelzoo/toy_family.py), registered here and nowhere else.
+from modelzoo import families  # noqa: E402
+
+families.register("toy-flow", "tests.modelzoo.toy_family:FAMILY")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random model in PAI's diffusers layout (.bin weights), at the path PAI's tutorial names."""

@@ -1,6 +1,6 @@
 """The latent_diffusion app: a dispatch table, mode → the module whose ``run(flags, params)`` carries it out.
 
-A mode module imports the shared modules (loading, generation, losses, inputs, data) and never another mode; it is
+A mode module imports the shared modules (loading, generation, settings, inputs, data) and never another mode; it is
 imported only when its mode runs, so ``--mode=export`` does not pay for the trainer's imports.
 """
 

@@ -22,12 +22,12 @@ from appzoo.latent_diffusion.data import LatentCache, index_table
 from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_for_inference
-from appzoo.latent_diffusion.losses import fixed_noise_loss
 from appzoo.latent_diffusion.settings import GenerationSettings, InferenceSettings
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_bytes
 from easynlp_ldm.tables import BadRowPolicy, read_table
+from modelzoo.objectives import fixed_noise_loss
 from shapes_data import scoring
 
 logger = logging.getLogger("easynlp.evaluate")

@@ -27,11 +27,11 @@ from appzoo.latent_diffusion.data import (
     sample_generator,
 )
 from appzoo.latent_diffusion.generation import generate
-from appzoo.latent_diffusion.losses import DiffusionObjective, fixed_noise_loss, sample_latents
 from appzoo.latent_diffusion.settings import GenerationSettings, TrainingSettings
 from easynlp_ldm.errors import UserError
 from modelzoo import families
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
+from modelzoo.objectives import fixed_noise_loss, sample_latents
 
 logger = logging.getLogger("easynlp.train")
 
@@ -65,7 +65,8 @@ class DiffusionTrainTask:
         self.seed, self.resolution, self.text_length = seed, resolution, text_length
         self.pixels = PixelReader(data.train, self.sizes, seed=seed, random_crop=settings.random_crop,
                                   random_flip=settings.random_flip)
-        self.objective = DiffusionObjective(model, settings.snr_gamma, settings.high_noise_loss)
+        self.objective = families.family_of(model).objective(model, snr_gamma=settings.snr_gamma,
+                                                             high_noise_loss=settings.high_noise_loss)
         self.num_timesteps = self.objective.num_timesteps
         if settings.high_noise_share and not 0 <= settings.high_noise_from < self.num_timesteps:
             raise UserError(f"high_noise_from={settings.high_noise_from}: the model's schedule has timesteps 0-"

@@ -80,6 +80,11 @@ class SDFamily(ModelFamily):
 
         return make_scheduler(sampler, model.scheduler_config, model.scheduler_class)
 
+    def objective(self, model: ldm.LatentDiffusion, snr_gamma: float = 0.0, high_noise_loss: str = "epsilon"):
+        from modelzoo.objectives import DiffusionObjective
+
+        return DiffusionObjective(model, snr_gamma, high_noise_loss)
+
     def memory_footprint(self, model: ldm.LatentDiffusion, **settings):
         from modelzoo.families.sd_memory import latent_diffusion_footprint
 

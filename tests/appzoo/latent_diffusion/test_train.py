@@ -371,7 +371,7 @@ def test_use_amp_without_native_bf16_trains_in_fp32_and_says_so(tiny_model_dir, 
 
 def test_high_noise_share_draws_the_noisiest_timesteps_and_leaves_the_other_draws(tiny_model_dir, shapes_data,
                                                                                    tmp_path, monkeypatch, capsys):
-    from appzoo.latent_diffusion.losses import DiffusionObjective
+    from modelzoo.objectives import DiffusionObjective
 
     seen = []
     original = DiffusionObjective.loss

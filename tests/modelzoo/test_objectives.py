@@ -1,11 +1,11 @@
-"""losses.py: the objective follows the model's prediction type; anything else is an error, not epsilon."""
+"""modelzoo/objectives.py: the objective follows the model's prediction type; anything else is an error, not epsilon."""
 
 import pytest
 import torch
 
-from appzoo.latent_diffusion.losses import DiffusionObjective
 from easynlp_ldm.errors import UserError
 from modelzoo.families import sd
+from modelzoo.objectives import DiffusionObjective
 
 
 def test_target_follows_prediction_type_and_unknown_is_an_error(tiny_model_dir):

@@ -1,11 +1,16 @@
-"""The diffusion training objective, shared by train (its loss and validation loss) and evaluate (the denoising loss
-of a table with images; its latents come from data.py's ``LatentCache``).
+"""Training objectives of the model families (``ModelFamily.objective``), shared by train (its loss and validation
+loss) and evaluate (the denoising loss of a table with images; its latents come from the app's ``LatentCache``).
+
+An objective has ``num_timesteps`` (the task draws integer timesteps below it), ``per_sample_loss(latents, noise,
+timesteps, embeds, min_snr=True, residuals=None)`` and ``loss(latents, noise, timesteps, embeds, high=None,
+high_share=0.0, residuals=None)``; ``residuals(noisy, timesteps, embeds)`` gives extra inputs of the denoiser (a
+ControlNet's).
 
 * ``DiffusionObjective``: noise → noisy latents → the target the model's scheduler config says the UNet predicts
   (``epsilon`` or ``v_prediction``; anything else is an error, never silently treated as epsilon), MSE, optional
   Min-SNR weighting.
-* ``fixed_noise_loss``: the plain objective with latent means, fixed noise and evenly spread timesteps — comparable
-  across steps, runs and machines' batch sizes.
+* ``fixed_noise_loss``: the plain objective of the model's family with latent means, fixed noise and evenly spread
+  timesteps — comparable across steps, runs and machines' batch sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from easynlp_ldm.errors import UserError
+from modelzoo.families import family_of
 from modelzoo.ldm import LatentDiffusion
 
 VALIDATION_SEED = 20240601  # fixed noise and timesteps: validation losses compare across steps and runs
@@ -111,7 +117,7 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
                      batch_size: int = 32, residuals=None) -> float:
     """Plain denoising MSE with latent means, fixed noise and timesteps spread evenly over the schedule.
     ``residuals(start, stop)``: the per-chunk extra UNet inputs (see ``per_sample_loss``)."""
-    objective = DiffusionObjective(model)
+    objective = family_of(model).objective(model)
     steps = objective.num_timesteps
     n = len(captions)
     g = torch.Generator().manual_seed(VALIDATION_SEED)
