@@ -46,7 +46,6 @@ from modelzoo.families.base import TXT2IMG, ModelFormatError
 from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
 from modelzoo.formats.easynlp import NotExpressible
 from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME
-from modelzoo.samplers import make_scheduler
 from modelzoo.weights import find_weights
 
 logger = logging.getLogger("easynlp.export")
@@ -182,9 +181,17 @@ def _fail(export_format: str, destination: str, problem: str) -> None:
                     f"was written to {destination}")
 
 
+def noise_schedule(model) -> tuple[str, list[float]]:
+    """The sampling scheduler of ``model``'s family and its schedule (ᾱ of a DDPM-style schedule, else its sigmas)."""
+    scheduler = families.family_of(model).scheduler(model)
+    values = getattr(scheduler, "alphas_cumprod", None)
+    return type(scheduler).__name__, (values if values is not None else scheduler.sigmas).tolist()
+
+
 def check_loads(model, folder: str, export_format: str, destination: str) -> None:
     """This toolkit's loader reads ``folder`` back as ``model``: the same weights, tokenisation, text length, native
-    size, noise schedule and super-resolution net. Raises ``UserError`` (the export is then discarded) if not."""
+    size, family, noise schedule and super-resolution net. Raises ``UserError`` (the export is then discarded) if
+    not."""
     try:
         loaded = families.load(folder)
     except (ModelFormatError, ValueError) as err:
@@ -195,8 +202,8 @@ def check_loads(model, folder: str, export_format: str, destination: str) -> Non
     checks = {"tokenisation": (model.tokenize([PROBE_PROMPT]).tolist(), loaded.tokenize([PROBE_PROMPT]).tolist()),
               "text length": (model.text_max_length, loaded.text_max_length),
               "native size": (model.image_size, loaded.image_size),
-              "noise schedule": tuple(make_scheduler("", m.scheduler_config, m.scheduler_class).alphas_cumprod.tolist()
-                                      for m in (model, loaded)),
+              "family": (model.family, loaded.family),
+              "noise schedule": (noise_schedule(model), noise_schedule(loaded)),
               "ESRGAN net and channel order": tuple(m.esrgan_path and m.extra.get("esrgan_channel_order", "rgb")
                                                     for m in (model, loaded))}
     problem = problem or next((f"{what} differs" for what, (a, b) in checks.items() if a != b), None)
@@ -249,6 +256,10 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                         "export_format=diffusers or easynlp)")
     settings = InferenceSettings.from_params(params)
     model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora)
+    family = families.family_of(model)
+    if settings.export_format not in family.export_formats:
+        raise UserError(f"export_format={settings.export_format} is not available for {family.name} models (they "
+                        f"export as {', '.join(family.export_formats)})")
     if settings.export_format == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s; checked: this toolkit loads it)", flags.outputs, ", ".join(names))

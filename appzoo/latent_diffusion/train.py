@@ -31,6 +31,7 @@ from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import BadRowPolicy
 from easynlp_ldm.trainer import Trainer, TrainerConfig
 from modelzoo.esrgan import training_advice
+from modelzoo.families import family_of
 from modelzoo.formats.easynlp import is_easynlp_model
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 
@@ -105,7 +106,11 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     inputs = dataclasses.replace(inputs, tables=settings.tables_read(inputs.tables))
     model = load_model(settings.pretrain_model_name_or_path, modelzoo_base_dir=flags.modelzoo_base_dir,
                        what="pretrain_model_name_or_path")
-    flags = native_amp_only(flags, model.unet.device)
+    family = family_of(model)
+    if settings.train_target not in family.train_targets:
+        raise UserError(f"train_target={settings.train_target} is not available for {family.name} models (they "
+                        f"train {', '.join(family.train_targets)})")
+    flags = native_amp_only(flags, model.device)
     length = text_length(model, flags, settings.text_len)  # EasyNLP's text_len decides over --sequence_length
     resolution = settings.resolution or model.image_size
     if resolution % model.vae_scale_factor:

@@ -73,3 +73,26 @@ def test_train_runs_the_second_familys_objective_and_saves_in_its_format(toy_mod
     assert cli.main(predict_argv(table, predictions, out, udp="ddim_steps=2 scale=1.0 n_samples=1")) == 0
     assert png(read_rows(predictions)[0][-1]).size == (32, 32)
     assert not os.path.exists(os.path.join(out, "model_index.json"))
+
+
+def test_what_a_family_does_not_offer_is_a_one_line_error(toy_model_dir, shapes_data, tmp_path, capsys):
+    argv = train_argv(shapes_data, str(tmp_path / "vae"), toy_model_dir, udp="train_target=vae")
+    assert cli.main(argv) == 2
+    assert "train_target=vae is not available for toy-flow models (they train unet, lora)" in capsys.readouterr().err
+    export = ["--mode=export", f"--checkpoint_dir={toy_model_dir}", f"--outputs={tmp_path / 'exported'}",
+              "--user_defined_parameters=export_format=diffusers"]
+    assert cli.main(export) == 2
+    assert "export_format=diffusers is not available for toy-flow models (they export as tar)" in \
+        capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "exported")
+
+
+def test_the_second_family_exports_as_a_package_that_serves_its_images(toy_model_dir, tmp_path):
+    package = str(tmp_path / "toy.tar.gz")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={toy_model_dir}", f"--outputs={package}"]) == 0
+    table = tmp_path / "prompts.tsv"
+    table.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
+    udp = "ddim_steps=3 scale=1.0 n_samples=1 optimize=none"
+    assert cli.main(predict_argv(table, tmp_path / "a.tsv", toy_model_dir, udp=udp)) == 0
+    assert cli.main(predict_argv(table, tmp_path / "b.tsv", package, udp=udp)) == 0
+    assert [row[-1] for row in read_rows(tmp_path / "a.tsv")] == [row[-1] for row in read_rows(tmp_path / "b.tsv")]

@@ -1,6 +1,7 @@
 """The memory plan of latent_diffusion (appzoo/latent_diffusion/memory_plan.py, the SD-1.x family's coefficients in
 modelzoo/families/sd_memory.py, over easynlp_ldm/memory.py): the estimate's response to each setting, on SD-1.5's
-architecture built on the meta device (shapes only, no memory), the options it proposes, and ``--mode=train`` refusing a run that cannot fit with a one-line error (exit 2) — or only
+architecture built on the meta device (shapes only, no memory), the options it proposes, and ``--mode=train`` refusing a
+run that cannot fit with a one-line error (exit 2) — or only
 warning with memory_check=False."""
 
 import dataclasses
