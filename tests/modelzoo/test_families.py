@@ -14,6 +14,7 @@ from tests.helpers import png, predict_argv, read_rows, train_argv
 from tests.modelzoo import toy_family
 
 PROMPTS = ["红色的圆形", "蓝色的正方形在左边"]
+UDP = "ddim_steps=3 scale=1.0 n_samples=1 optimize=none"  # fp32, no guidance: what the hand-run pipeline does
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def _direct_images(model_dir, seeds, steps):
 def test_predict_runs_through_the_second_family(toy_model_dir, tmp_path):
     table, out = tmp_path / "prompts.tsv", tmp_path / "out.tsv"
     table.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
-    assert cli.main(predict_argv(table, out, toy_model_dir, udp="ddim_steps=3 scale=1.0 n_samples=1 optimize=none")) == 0
+    assert cli.main(predict_argv(table, out, toy_model_dir, udp=UDP)) == 0
     images = [np.asarray(png(row[-1]).convert("RGB")) for row in read_rows(out)]
     expected = _direct_images(toy_model_dir, [1, 2], 3)
     assert len(images) == 2
@@ -92,7 +93,6 @@ def test_the_second_family_exports_as_a_package_that_serves_its_images(toy_model
     assert cli.main(["--mode=export", f"--checkpoint_dir={toy_model_dir}", f"--outputs={package}"]) == 0
     table = tmp_path / "prompts.tsv"
     table.write_text("".join(f"{i}\t{p}\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
-    udp = "ddim_steps=3 scale=1.0 n_samples=1 optimize=none"
-    assert cli.main(predict_argv(table, tmp_path / "a.tsv", toy_model_dir, udp=udp)) == 0
-    assert cli.main(predict_argv(table, tmp_path / "b.tsv", package, udp=udp)) == 0
+    assert cli.main(predict_argv(table, tmp_path / "a.tsv", toy_model_dir, udp=UDP)) == 0
+    assert cli.main(predict_argv(table, tmp_path / "b.tsv", package, udp=UDP)) == 0
     assert [row[-1] for row in read_rows(tmp_path / "a.tsv")] == [row[-1] for row in read_rows(tmp_path / "b.tsv")]
