@@ -258,23 +258,25 @@ def main() -> None:
     from appzoo.latent_diffusion.loading import load_model
     from appzoo.latent_diffusion.params import default_params
     from appzoo.latent_diffusion.serve import LatentDiffusionService, service_settings
+    from appzoo.latent_diffusion.settings import InferenceSettings
     from easynlp_ldm.serving.server import build_server
 
-    params = default_params(optimize=args.optimize, max_batch_size=args.max_batch_size, max_wait_ms=50.0)
+    settings = InferenceSettings.from_params(default_params(optimize=args.optimize, max_batch_size=args.max_batch_size,
+                                                            max_wait_ms=50.0))
     if args.scenario != "batching":
-        if not 1 <= args.heavy_images <= params["max_num_images"]:
-            parser.error(f"--heavy_images must be within 1..{params['max_num_images']} (the service's max_num_images)")
-        if not 1 <= args.heavy_steps <= params["max_steps"]:
-            parser.error(f"--heavy_steps must be within 1..{params['max_steps']} (the service's max_steps)")
+        if not 1 <= args.heavy_images <= settings.max_num_images:
+            parser.error(f"--heavy_images must be within 1..{settings.max_num_images} (the service's max_num_images)")
+        if not 1 <= args.heavy_steps <= settings.max_steps:
+            parser.error(f"--heavy_steps must be within 1..{settings.max_steps} (the service's max_steps)")
         if args.repeat < 1 or args.well_behaved < 1 or args.requests_per_client < 1:
             parser.error("--repeat, --well_behaved and --requests_per_client must be positive")
     model = load_model(args.model, optimize=args.optimize)
-    service = LatentDiffusionService(model, params)
+    service = LatentDiffusionService(model, settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The service exactly as --mode=serve runs it with these parameters (limits, cancellation, hardened server).
-    server = build_server(service, service_settings(params, None), "127.0.0.1", port, "warning")
+    server = build_server(service, service_settings(settings, None), "127.0.0.1", port, "warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -150,6 +150,7 @@ class InProcessServer:
         from appzoo.latent_diffusion.loading import load_model
         from appzoo.latent_diffusion.params import PARAMS
         from appzoo.latent_diffusion.serve import LatentDiffusionService, service_settings
+        from appzoo.latent_diffusion.settings import InferenceSettings
         from easynlp_ldm.serving.server import build_server
 
         values = {p.name: p.default for p in PARAMS}
@@ -157,10 +158,11 @@ class InProcessServer:
         token = params.pop("api_token", None)
         model = params.pop("model", None) or load_model(model_dir)
         values.update(params)
-        self.service = LatentDiffusionService(model, values)
+        settings = InferenceSettings.from_params(values)
+        self.service = LatentDiffusionService(model, settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = build_server(self.service, service_settings(values, token), "127.0.0.1", self.port, "warning")
+        self.server = build_server(self.service, service_settings(settings, token), "127.0.0.1", self.port, "warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_ready(self.url)

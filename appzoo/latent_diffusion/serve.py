@@ -24,17 +24,16 @@ from typing import Any
 
 from appzoo.latent_diffusion import openai_images
 from appzoo.latent_diffusion.conditioning import ImageInputs, fit, preprocess_control
-from appzoo.latent_diffusion.generation import (
-    SEED_LIMIT,
-    GenerationSettings,
-    Generator,
-    Stopped,
-    eta_problem,
-    redraw_problem,
-    size_factor,
-)
+from appzoo.latent_diffusion.generation import SEED_LIMIT, Generator, Stopped
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_for_inference
+from appzoo.latent_diffusion.settings import (
+    GenerationSettings,
+    InferenceSettings,
+    eta_problem,
+    image_input_problem,
+    size_factor,
+)
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.memory import process_figures
 from easynlp_ldm.serving.batcher import Cancelled
@@ -55,7 +54,7 @@ def _integer(name: str, value: Any, low: int, high: int) -> int:
 
 
 def _steps(service: LatentDiffusionService, name: str, value: Any) -> int:
-    return _integer(name, value, 1, service.params["max_steps"])
+    return _integer(name, value, 1, service.settings.max_steps)
 
 
 def _size(service: LatentDiffusionService, name: str, value: Any) -> int:
@@ -86,7 +85,7 @@ def _text(service: LatentDiffusionService, name: str, value: Any) -> str:
 def _check_strings(service: LatentDiffusionService, name: str, value: Any) -> None:
     """Every string in field ``name`` (its value, or nested in it: keys, list items) is Unicode text of at most
     ``max_text_chars`` characters, or a RequestError naming the field (the string itself is never echoed)."""
-    limit = service.params["max_text_chars"]
+    limit = service.settings.max_text_chars
     stack = [value]
     while stack:
         item = stack.pop()
@@ -152,7 +151,7 @@ def _image(service: LatentDiffusionService, name: str, value: Any):
     if not isinstance(value, str):
         raise RequestError(f"{name} must be a base64 string of a PNG or JPEG image (a data:image/…;base64, prefix is "
                            "allowed)", name)
-    limit = service.params["max_image_pixels"]
+    limit = service.settings.max_image_pixels
     try:
         data = decode_base64(value)
         try:
@@ -180,10 +179,7 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
         image = _image(service, "image", body["image"])
         width, height = image.size
         image = fit(image, *size)
-    if "mask" in body:
-        if image is None:
-            raise RequestError("mask needs image: the mask marks (white = repaint) the part of image to repaint",
-                               "mask")
+    if "mask" in body and image is not None:  # a mask without its image is refused below, undecoded
         mask = _image(service, "mask", body["mask"]).convert("L")
         if mask.size != (width, height):
             raise RequestError(f"mask is {mask.width}×{mask.height} but image is {width}×{height}; give a mask of "
@@ -206,13 +202,20 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
     elif nets:
         raise RequestError(f"control_image is required: this service runs {nets} ControlNet(s) (controlnet=), each "
                            "needs a conditioning image", "control_image")
-    if settings.guidance_rescale and (image is not None or nets):
-        raise RequestError("guidance_rescale is not available with an image or a ControlNet (diffusers' pipelines "
-                           "for them do not take it); set it to 0", "guidance_rescale")
-    problem = image is not None and redraw_problem(settings.steps, settings.strength, mask is not None)
-    if problem:
-        raise RequestError(problem, "strength" if "strength" in body else "num_inference_steps")
+    problem = image_input_problem(settings.steps, settings.strength, settings.guidance_rescale,
+                                  image=image is not None, mask="mask" in body, controlnet=bool(nets))
+    if problem and problem.error:  # not a note: a request's strength without an image is no error
+        field = "num_inference_steps" if problem.setting == "strength" and "strength" not in body else problem.setting
+        raise RequestError(IMAGE_INPUT_WORDS.get(problem.setting, problem.message), field)
     return {"image": image, "mask": mask, "controls": controls}
+
+
+# image_input_problem's reasons in the request's words (its fields), where generation's words name other things.
+IMAGE_INPUT_WORDS = {
+    "guidance_rescale": "guidance_rescale is not available with an image or a ControlNet (diffusers' pipelines for "
+                        "them do not take it); set it to 0",
+    "mask": "mask needs image: the mask marks (white = repaint) the part of image to repaint",
+}
 
 
 def _adapters(service: LatentDiffusionService, name: str, value: Any) -> tuple[tuple[str, float], ...]:
@@ -253,17 +256,17 @@ MAX_GENERATORS = 16
 class LatentDiffusionService:
     """Implements ``easynlp_ldm.serving.server.ServiceHandler``: requests whose settings are equal share a batch."""
 
-    def __init__(self, model, params: dict[str, Any], text_length: int | None = None):
-        self.model, self.params = model, params
+    def __init__(self, model, settings: InferenceSettings, text_length: int | None = None):
+        self.model, self.settings = model, settings
         self.text_length = text_length or model.text_max_length
         self.factor = size_factor(model)
         self.adapter_names = sorted(getattr(model.unet, "peft_config", {}) or {})
-        self.max_size = params["max_size"] or 2 * model.image_size
-        self.defaults = GenerationSettings.from_params(params).for_model(model)
+        self.max_size = settings.max_size or 2 * model.image_size
+        self.defaults = settings.generation().for_model(model)
         # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a
         # scheduler; the model and the super-resolution net are shared by all).
         self.generators: collections.OrderedDict[GenerationSettings, Generator] = collections.OrderedDict()
-        limit_compiled_shapes(model, params["max_cached_shapes"])
+        limit_compiled_shapes(model, settings.max_cached_shapes)
         # parse's own tokenizer: a fast tokenizer's padding setting is shared state, set before each encoding, and
         # parse (the server's parser thread) counting tokens unpadded beside the batch thread's padded encoding took
         # a batch's padding away (its prompts and negative prompt of different lengths: a 500)
@@ -289,11 +292,11 @@ class LatentDiffusionService:
         settings = dataclasses.replace(self.defaults, **{
             setting: check(self, name, body[name]) for name, (setting, check) in REQUEST_FIELDS.items()
             if name in body})
-        count = _integer("num_images", body.get("num_images", 1), 1, self.params["max_num_images"])
+        count = _integer("num_images", body.get("num_images", 1), 1, self.settings.max_num_images)
         work = count * settings.steps * settings.width * settings.height / self.model.image_size ** 2
-        if work > self.params["max_request_work"]:
+        if work > self.settings.max_request_work:
             raise RequestError(f"num_images × num_inference_steps × (width×height ÷ {self.model.image_size}²) is "
-                               f"{work:g}; at most {self.params['max_request_work']} per request (max_request_work): "
+                               f"{work:g}; at most {self.settings.max_request_work} per request (max_request_work): "
                                "ask for fewer images or steps, or split the request", "num_images")
         seed = body.get("seed")
         if seed is None:
@@ -390,11 +393,11 @@ class LatentDiffusionService:
                 self.model.image_size, "super_resolution": bool(self.model.esrgan_path),
                 "lora_adapters": self.adapter_names, "controlnets": len(self.defaults.controlnets),
                 "fields": list(FIELDS),
-                "limits": {"max_num_images": self.params["max_num_images"], "max_steps": self.params["max_steps"],
+                "limits": {"max_num_images": self.settings.max_num_images, "max_steps": self.settings.max_steps,
                            "max_size": self.max_size, "size_multiple": self.factor,
-                           "max_request_work": self.params["max_request_work"],
-                           "max_text_chars": self.params["max_text_chars"], "text_tokens": self.text_length,
-                           "max_image_pixels": self.params["max_image_pixels"]}}
+                           "max_request_work": self.settings.max_request_work,
+                           "max_text_chars": self.settings.max_text_chars, "text_tokens": self.text_length,
+                           "max_image_pixels": self.settings.max_image_pixels}}
 
     def routes(self) -> list:
         """Beyond the EAS contract: OpenAI's images API (openai_images.py)."""
@@ -420,9 +423,10 @@ class LatentDiffusionService:
         return lines
 
 
-def service_settings(params: dict[str, Any], api_token: str | None) -> ServiceSettings:
+def service_settings(settings: InferenceSettings, api_token: str | None) -> ServiceSettings:
     """The server's settings from the serve parameters (``SERVER_PARAMS``: ServiceSettings field → parameter)."""
-    return ServiceSettings(api_token=api_token, **{field: params[name] for field, name in SERVER_PARAMS.items()})
+    return ServiceSettings(api_token=api_token, **{field: getattr(settings, name) for field, name in
+                                                   SERVER_PARAMS.items()})
 
 
 # ServiceSettings field → its user_defined_parameter (declared in params.py).
@@ -436,16 +440,17 @@ SERVER_PARAMS = {"max_batch_size": "max_batch_size", "max_wait_ms": "max_wait_ms
 
 
 def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
-    model = load_for_inference(flags, params)
+    inference = InferenceSettings.from_params(params)
+    model = load_for_inference(flags, inference)
     token = flags.api_token or os.environ.get("EASYNLP_API_TOKEN") or None
-    settings = service_settings(params, token)
+    settings = service_settings(inference, token)
     if flags.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logger.warning("listening on %s without --api_token: anyone who can reach it can use it", flags.host)
     name = settings.service_name or "<service_name>"
     logger.info("serving %s on http://%s:%d (POST /, /predict, /api/predict/%s, /v1/images/generations; GET /health, "
                 "/info, /metrics; web page at /)", getattr(model, "source_path", flags.checkpoint_dir), flags.host,
                 flags.port, name)
-    service = LatentDiffusionService(model, params, text_length(model, flags))
+    service = LatentDiffusionService(model, inference, text_length(model, flags))
     # What exists now (the libraries, the model) lives as long as the process: out of the cyclic collector's sight,
     # so that a full collection scans only what requests make. Scanning it all (460 k objects with the embedded model)
     # took 0.29 s with the GIL held, and /health waited for it.
