@@ -130,7 +130,7 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
         stop = min(n, start + batch_size)
         mean, _ = torch.chunk(moments[start:stop], 2, dim=1)
         latents = (mean * model.vae_scaling_factor).to(device)
-        embeds = model.encode_prompts(captions[start:stop], text_length)
+        embeds = family_of(model).encode_prompts(model, captions[start:stop], text_length)
         loss = objective.per_sample_loss(latents, noise[start:stop].to(device), timesteps[start:stop].to(device),
                                          embeds, min_snr=False,
                                          residuals=residuals(start, stop) if residuals is not None else None)

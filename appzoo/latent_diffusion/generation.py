@@ -91,11 +91,12 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     pipe = pipe or build_pipeline(model, settings.sampler)
     height = settings.height or model.image_size
     width = settings.width or model.image_size
-    prompt_embeds = model.encode_prompts(list(prompts), max_length)
+    family = family_of(model)
+    prompt_embeds = family.encode_prompts(model, list(prompts), max_length)
     negative = None
     if settings.guidance_scale > 1:
         # Tokenised to the prompts' length (Wukong's embeddings are n_repeat long, not one per token)
-        negative = model.encode_prompts([settings.negative_prompt] * len(prompts), max_length)
+        negative = family.encode_prompts(model, [settings.negative_prompt] * len(prompts), max_length)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     # Each image's initial noise, drawn in fp32 from its own generator exactly as diffusers' randn_tensor draws it for
     # a single image; the generators then go on to the sampler (ancestral samplers draw from them per step). Drawing
