@@ -130,7 +130,7 @@ PARAMS: tuple[Param, ...] = (
           "(the default here; EasyNLP's models had it on), False turns it on", modes=TRAIN),
     Param("cache_latents", bool, True, "encode each image with the frozen VAE once, not every epoch "
           "(ignored with random crops/flips, which change the pixels every epoch)", modes=TRAIN),
-    # Memory plan (easynlp_ldm/memory.py): estimated before the first step, refused when it cannot fit.
+    # Memory plan (memory_plan.py over easynlp_ldm/memory.py): estimated before the first step; refused if too big.
     Param("optimizer", str, "adamw", "adamw: the optimiser --optimizer_type names (AdamW by default: two fp32 "
           "moments, 8 bytes per trained parameter); adafactor: transformers' Adafactor with factored second moments "
           "and no first moment (a few % of that for linear layers, 2/3 of the weights for 3×3 convolutions), "
