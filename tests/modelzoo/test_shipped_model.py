@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from appzoo.latent_diffusion.generation import GenerationSettings, Generator
+from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.loading import load_model
+from appzoo.latent_diffusion.settings import GenerationSettings
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
 from shapes_data import judge
 
