@@ -54,8 +54,13 @@ def family_of(model) -> ModelFamily:
 
 
 def load(folder: str, dtype=None):
-    """The model in ``folder``, read by the family that recognises it."""
-    return family_for_folder(folder).load(folder, dtype)
+    """The model in ``folder``, read by the family that recognises it; where none does, the first registered family
+    (SD-1.x) says what is wrong with it."""
+    try:
+        family = family_for_folder(folder)
+    except UnknownModelFolder:
+        family = get(next(iter(FAMILIES)))
+    return family.load(folder, dtype)
 
 
 def save(model, folder: str, **options) -> list[str]:
