@@ -94,9 +94,21 @@ def add_training_adapters(model, rank: int, alpha: float, dropout: float, target
         if not hasattr(model.text_encoder, "add_adapter"):
             raise UserError(f"lora_text_encoder=True: the text encoder ({type(model.text_encoder).__name__}) takes no "
                             "peft adapter; train the UNet's LoRA alone")
-        model.text_encoder.add_adapter(LoraConfig(target_modules=list(family.text_encoder_lora_targets), **config))
+        add_text_encoder_adapter(model.text_encoder, LoraConfig(target_modules=list(family.text_encoder_lora_targets),
+                                                                **config))
     return sum(p.numel() for module in (denoiser, model.text_encoder) for p in module.parameters()
                if p.requires_grad)
+
+
+def add_text_encoder_adapter(text_encoder, config) -> None:
+    """``text_encoder.add_adapter(config)`` as diffusers' LoRA script calls it, through peft itself: transformers 5's
+    ``add_adapter`` refuses peft releases before 0.22 (none is published yet), while peft injects the same LoRA
+    layers under the same names; ``peft_config`` is recorded as transformers records it."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+    text_encoder.peft_config = {ADAPTER: config}
+    text_encoder._hf_peft_config_loaded = True
 
 
 def _peft_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

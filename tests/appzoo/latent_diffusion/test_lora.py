@@ -96,6 +96,28 @@ def test_training_writes_a_small_adapter_that_diffusers_loads(trained, tiny_mode
     assert np.abs(reference(pipe, PROMPTS[0], 0) - before).max() > 0
 
 
+def test_a_text_encoder_lora_trains_and_loads_as_diffusers_loads_it(tiny_model_dir, shapes_data, tmp_path):
+    """lora_text_encoder=True with transformers 5 and the peft on PyPI (< 0.22, which transformers' add_adapter
+    refuses): the text encoder's adapter is trained, saved in diffusers' format, and encodes a prompt here as it
+    does in diffusers after pipe.load_lora_weights."""
+    out = str(tmp_path / "run")
+    argv = train_argv(shapes_data, out, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=1",
+                      "--learning_rate=2e-2", "--warmup_proportion=0",
+                      udp="train_target=lora lora_text_encoder=True caption_dropout=0")
+    assert cli.main(argv) == 0
+    state = load_file(os.path.join(out, LORA_FILE))
+    text = {k: v for k, v in state.items() if k.startswith("text_encoder.")}
+    assert text and max(float(v.abs().max()) for k, v in text.items() if ".up." in k) > 0
+    pipe = diffusers_pipe(tiny_model_dir)
+    ids = pipe.tokenizer([PROMPTS[0]], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    before = pipe.text_encoder(ids)[0]
+    pipe.load_lora_weights(out)
+    theirs = pipe.text_encoder(ids)[0]
+    assert (theirs - before).abs().max() > 1e-4  # the adapter changes the encoding: the comparison means something
+    mine = load_model(tiny_model_dir, device="cpu", lora=out).text_encoder(ids)[0]
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_predict_with_lora_matches_diffusers_load_lora_weights(adapter, tiny_model_dir, prompts_table, tmp_path):
     out = str(tmp_path / "o.tsv")
     argv = predict_argv(prompts_table, out, tiny_model_dir, "--output_schema=text,seed,gen_imgbase64",
