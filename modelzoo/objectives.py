@@ -124,7 +124,7 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
     latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
     noise = torch.randn((n, *latent_shape), generator=g)
     timesteps = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
-    device = model.unet.device
+    device = model.device
     total = 0.0
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)

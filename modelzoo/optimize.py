@@ -181,7 +181,7 @@ def resolve_level(level: str, device: torch.device, switchable: bool = False,
 
 def prepare_for_inference(model, level: str = "auto", precision: str = "") -> dict:
     """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
-    device = model.unet.device
+    device = model.device
     switchable = bool(getattr(model.unet, "peft_config", None))
     parts = family_of(model).openvino_parts
     concrete, reason = resolve_level(level, device, switchable, parts)

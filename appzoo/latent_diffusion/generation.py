@@ -124,11 +124,11 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
                   generator=generators, output_type="np")
     if inputs or controlnet is not None:
         output = _generate_from_images(model, pipe, common, settings, inputs or ImageInputs(), controlnet, height,
-                                       width, None if latents is None else latents.to(model.unet.device),
+                                       width, None if latents is None else latents.to(model.device),
                                        len(prompts))
     else:
         output = pipe(**common, height=height, width=width, guidance_rescale=settings.guidance_rescale,
-                      latents=latents.to(model.unet.device))
+                      latents=latents.to(model.device))
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 
 
@@ -191,7 +191,7 @@ class SuperResolution:
         from modelzoo.esrgan import load_rrdbnet
 
         try:
-            self.net = load_rrdbnet(model.esrgan_path).to(model.unet.device)
+            self.net = load_rrdbnet(model.esrgan_path).to(model.device)
         except ValueError as err:
             raise UserError(str(err)) from None
 
@@ -217,7 +217,7 @@ def controlnet_of(model: LatentDiffusion, specs: tuple[tuple[str, float], ...]):
     if paths not in cache:
         from appzoo.latent_diffusion.conditioning import load_controlnets
 
-        models = load_controlnets(list(paths), model.unet.device, model.unet.dtype)
+        models = load_controlnets(list(paths), model.device, model.dtype)
         if len(models) == 1:
             cache[paths] = models[0]
         else:

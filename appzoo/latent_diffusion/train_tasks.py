@@ -76,7 +76,7 @@ class DiffusionTrainTask:
         model.text_encoder.requires_grad_(self.train_text_encoder)
         model.text_encoder.train(self.train_text_encoder)
         model.unet.requires_grad_(True).train()
-        if use_amp and model.unet.device.type == "cpu":
+        if use_amp and model.device.type == "cpu":
             from modelzoo.attention import Float32AttentionProcessor
 
             model.unet.set_attn_processor(Float32AttentionProcessor())
@@ -152,7 +152,7 @@ class DiffusionTrainTask:
         noise = batch["noise"]
         if self.settings.noise_offset:
             noise = noise + self.settings.noise_offset * batch["offsets"]
-        device = self.model.unet.device
+        device = self.model.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
             embeds = self.model.encode_tokens(batch["input_ids"])
         return self.objective.loss(latents.to(device), noise.to(device), batch["timesteps"].to(device), embeds,
@@ -240,13 +240,13 @@ class ControlNetTrainTask(DiffusionTrainTask):
         if start:
             from appzoo.latent_diffusion.conditioning import load_controlnets
 
-            self.controlnet = load_controlnets([start[0][0]], model.unet.device, torch.float32)[0]
+            self.controlnet = load_controlnets([start[0][0]], model.device, torch.float32)[0]
             logger.info("train_target=controlnet: continuing %s", start[0][0])
         else:
             torch.manual_seed(self.seed)
             self.controlnet = ControlNetModel.from_unet(
                 model.unet, conditioning_embedding_out_channels=controlnet_conditioning_channels(
-                    model.vae_scale_factor)).to(model.unet.device, torch.float32)
+                    model.vae_scale_factor)).to(model.device, torch.float32)
         self.controlnet.train()
         if self.settings.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
@@ -436,7 +436,7 @@ class RRDBTrainTask:
             # A warning when an EasyNLP-format model's file would not load in EasyNLP (rrdb_nf/nb/gc given).
             level = logging.WARNING if plan.easynlp_format and not plan.easynlp_loads else logging.INFO
             logger.log(level, "training %s", plan.describe())
-        self.device = model.unet.device
+        self.device = model.device
         self.net.to(self.device).train()
         self.patch = settings.sr_patch
 
