@@ -117,6 +117,13 @@ def _peft_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
             for name, tensor in weights.items() if name.startswith(prefix)}
 
 
+def _metadata(config) -> dict:
+    """An adapter's config for the file's metadata, its sets (``target_modules``) as sorted lists: a set's order
+    changes with each process's string hashing, and the same run would otherwise write other bytes."""
+    return {key: sorted(value) if isinstance(value, (set, frozenset)) else value
+            for key, value in config.to_dict().items()}
+
+
 def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[str]:
     """``weights`` (the trainer's, EMA applied) → ``folder/pytorch_lora_weights.safetensors`` in diffusers' format,
     written atomically; returns the files written."""
@@ -128,8 +135,8 @@ def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[
     with atomic_files(folder) as staging:
         _pipeline_class(model).save_lora_weights(
             staging, unet_lora_layers=unet, text_encoder_lora_layers=text, safe_serialization=True,
-            unet_lora_adapter_metadata=model.unet.peft_config[ADAPTER].to_dict(),
-            text_encoder_lora_adapter_metadata=model.text_encoder.peft_config[ADAPTER].to_dict() if text else None)
+            unet_lora_adapter_metadata=_metadata(model.unet.peft_config[ADAPTER]),
+            text_encoder_lora_adapter_metadata=_metadata(model.text_encoder.peft_config[ADAPTER]) if text else None)
     return [os.path.join(folder, LORA_FILE)]
 
 

@@ -118,6 +118,29 @@ def test_a_text_encoder_lora_trains_and_loads_as_diffusers_loads_it(tiny_model_d
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
+def test_the_same_adapter_has_the_same_metadata_in_every_process(tiny_model_dir, tmp_path):
+    """The file's metadata holds the adapter's config, whose target modules are a set in peft: written sorted, not in
+    the order of the process's string hashing. (The file's bytes may still differ: safetensors orders its metadata
+    keys by a hash map of its own.)"""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    written = []
+    for hash_seed in ("1", "2"):
+        folder = str(tmp_path / hash_seed)
+        code = (f"import torch; torch.manual_seed(0); from tests.appzoo.latent_diffusion.test_lora import "
+                f"make_adapter; make_adapter({tiny_model_dir!r}, {folder!r}, seed=1)")
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        with safe_open(os.path.join(folder, LORA_FILE), "pt") as handle:
+            written.append((handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}))
+    (metadata, tensors), (other_metadata, other_tensors) = written
+    assert metadata == other_metadata
+    assert tensors.keys() == other_tensors.keys() and all(torch.equal(v, other_tensors[k]) for k, v in tensors.items())
+
+
 def test_predict_with_lora_matches_diffusers_load_lora_weights(adapter, tiny_model_dir, prompts_table, tmp_path):
     out = str(tmp_path / "o.tsv")
     argv = predict_argv(prompts_table, out, tiny_model_dir, "--output_schema=text,seed,gen_imgbase64",
