@@ -256,6 +256,10 @@ MAX_GENERATORS = 16
 class LatentDiffusionService:
     """Implements ``easynlp_ldm.serving.server.ServiceHandler``: requests whose settings are equal share a batch."""
 
+    title = "easynlp-ldm text-to-image service"
+    contract = ('PAI-EAS compatible: POST {"text", "num_inference_steps", "num_images"} → {"text", '
+                '"images_base64"}')
+
     def __init__(self, model, settings: InferenceSettings, text_length: int | None = None):
         self.model, self.settings = model, settings
         self.text_length = text_length or model.text_max_length

@@ -84,6 +84,9 @@ class ApiRoute:
 
 
 class ServiceHandler(Protocol):
+    title: str  # the service's name in /docs
+    contract: str  # the request and answer of its main route, in one line, for /docs
+
     def parse(self, body: Any) -> Parsed: ...  # or RequestError
 
     def run_batch(self, payloads: list[Any], should_stop: Callable[[], bool]) -> list[Any]: ...
@@ -273,11 +276,10 @@ def create_app(handler: ServiceHandler, settings: ServiceSettings):
         begin_shutdown()
         parser.shutdown(wait=False)
 
-    app = FastAPI(title="easynlp-ldm text-to-image service", lifespan=lifespan,
+    app = FastAPI(title=handler.title, lifespan=lifespan,
                   docs_url="/docs" if settings.docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if settings.docs else None,
-                  description="PAI-EAS compatible: POST {\"text\", \"num_inference_steps\", \"num_images\"} → "
-                              "{\"text\", \"images_base64\"}" + "".join(f"; {r.name} at {r.path}" for r in routes))
+                  description=handler.contract + "".join(f"; {r.name} at {r.path}" for r in routes))
     app.state.begin_shutdown = begin_shutdown
     app.state.error_body = errors.body
 
