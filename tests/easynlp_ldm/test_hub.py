@@ -187,3 +187,141 @@ def test_easynlp_local_modelzoo(tmp_path, monkeypatch):
     assert resolve_model("alibaba-pai/pai-painter-base-zh") == str(zoo / "alibaba-pai" / "pai-painter-base-zh")
     with pytest.raises(UserError):
         resolve_model("pai-painter-large-zh")
+
+
+MS_REPO = "Tongyi-MAI/Z-Image-Turbo"
+DOTTED = "Qwen/Qwen2.5-Image"  # ModelScope's SDKs before 1.38 store its files in Qwen/Qwen2___5-Image
+
+
+def _ms_env(monkeypatch, tmp_path, cache=None):
+    """A ModelScope cache at ``cache`` (``$MODELSCOPE_CACHE``), or at its default under HOME = tmp_path/home; empty
+    Hugging Face caches and EasyNLP zoo."""
+    _hf_env(monkeypatch, tmp_path, HF_HUB_CACHE=tmp_path / "hf-empty")
+    monkeypatch.setenv("EASYNLP_CACHE_ROOT", str(tmp_path / "easynlp-empty"))
+    if cache is None:
+        monkeypatch.delenv("MODELSCOPE_CACHE", raising=False)
+        return tmp_path / "home" / ".cache" / "modelscope"
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
+    return cache
+
+
+def _ms_model(folder, marker="model_index.json", mtime=None):
+    folder.mkdir(parents=True)
+    (folder / marker).write_text("{}")
+    (folder / ".mdl").write_bytes(b"written by the SDK, never read here")
+    if mtime is not None:
+        os.utime(folder, (mtime, mtime))
+    return str(folder)
+
+
+@pytest.mark.parametrize("layout", ["models/Qwen/Qwen2___5-Image", "hub/models/Qwen/Qwen2___5-Image",
+                                    "models/Qwen--Qwen2.5-Image/snapshots/master", "Qwen/Qwen2.5-Image",
+                                    "Qwen/Qwen2___5-Image", "hub/Qwen/Qwen2.5-Image", "hub/Qwen/Qwen2___5-Image"])
+def test_modelscope_cache_layouts_of_every_sdk_version(tmp_path, monkeypatch, layout):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    folder = _ms_model(cache / layout)
+    assert resolve_model(DOTTED, what="pretrain_model_name_or_path") == folder
+
+
+def test_modelscope_default_cache_under_home(tmp_path, monkeypatch):
+    """`modelscope download --model Tongyi-MAI/Z-Image-Turbo` with SDK 1.2x-1.37 (root ~/.cache/modelscope/hub), then
+    with SDK 1.38+ (root ~/.cache/modelscope, which reuses the older folder first)."""
+    cache = _ms_env(monkeypatch, tmp_path)
+    new = _ms_model(cache / "models" / "Tongyi-MAI--Z-Image-Turbo" / "snapshots" / "master")
+    assert resolve_model(MS_REPO) == new
+    old = _ms_model(cache / "hub" / "models" / "Tongyi-MAI" / "Z-Image-Turbo", marker="config.json")
+    assert resolve_model(MS_REPO) == old
+
+
+def test_modelscope_comes_after_every_other_place(tmp_path, monkeypatch):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    in_modelscope = _ms_model(cache / "models" / "alibaba-pai" / "pai-diffusion-general-large-zh")
+    assert resolve_model(REPO) == in_modelscope
+    zoo = tmp_path / "easynlp" / "modelzoo" / "alibaba-pai" / "pai-diffusion-general-large-zh"
+    zoo.mkdir(parents=True)
+    monkeypatch.setenv("EASYNLP_CACHE_ROOT", str(tmp_path / "easynlp"))
+    assert resolve_model(REPO) == str(zoo)
+    in_hf = _snapshot(tmp_path / "hf", MAIN, main=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert resolve_model(REPO) == in_hf
+    assert resolve_model(REPO, embedded={REPO: "/embedded"}) == "/embedded"
+    local = tmp_path / "alibaba-pai" / "pai-diffusion-general-large-zh"
+    local.mkdir(parents=True)
+    assert resolve_model(REPO) == str(local)
+
+
+def test_modelscope_snapshot_master_then_main_then_newest(tmp_path, monkeypatch):
+    snapshots = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms") / "models" / "Tongyi-MAI--Z-Image-Turbo" / \
+        "snapshots"
+    (snapshots / "empty-newest").mkdir(parents=True)  # the SDK skips an empty snapshot folder too
+    _ms_model(snapshots / "v1.0", mtime=1_000_000_000)
+    newer = _ms_model(snapshots / "v1.1", mtime=2_000_000_000)
+    os.utime(snapshots / "empty-newest", (3_000_000_000, 3_000_000_000))
+    assert resolve_model(MS_REPO) == newer
+    main = _ms_model(snapshots / "main", mtime=1_500_000_000)
+    assert resolve_model(MS_REPO) == main
+    master = _ms_model(snapshots / "master", mtime=1_200_000_000)
+    assert resolve_model(MS_REPO) == master
+
+
+def test_an_empty_modelscope_folder_is_passed_over_as_the_sdk_does(tmp_path, monkeypatch):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    (cache / "models" / "Tongyi-MAI" / "Z-Image-Turbo").mkdir(parents=True)
+    flat = _ms_model(cache / "Tongyi-MAI" / "Z-Image-Turbo")
+    assert resolve_model(MS_REPO) == flat
+
+
+def test_a_finished_download_leaves_empty_folders_in_the_temp_folder(tmp_path, monkeypatch):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    folder = _ms_model(cache / "models" / "Tongyi-MAI" / "Z-Image-Turbo")
+    (cache / "models" / "._____temp" / "Tongyi-MAI" / "Z-Image-Turbo" / "transformer").mkdir(parents=True)
+    assert resolve_model(MS_REPO) == folder
+
+
+@pytest.mark.parametrize("case", ["temp", "incomplete", "no_index"])
+def test_unfinished_modelscope_download_is_a_one_line_error_not_another_copy(tmp_path, monkeypatch, case):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    _ms_model(cache / "Qwen" / "Qwen2___5-Image")  # a complete older copy, never taken instead
+    folder = cache / "models" / "Qwen" / "Qwen2___5-Image"
+    if case == "temp":  # SDK 1.2x-1.37 interrupted: a file still waits in its temporary folder
+        _ms_model(folder)
+        temp = cache / "models" / "._____temp" / "Qwen" / "Qwen2.5-Image" / "transformer"
+        temp.mkdir(parents=True)
+        (temp / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        where = str(temp.parent)
+    elif case == "incomplete":  # SDK 1.38+ interrupted: the file is written beside its final name
+        _ms_model(folder)
+        (folder / "transformer").mkdir()
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors.incomplete").write_bytes(b"half")
+        where = str(folder / "transformer" / "diffusion_pytorch_model.safetensors.incomplete")
+    else:
+        folder.mkdir(parents=True)
+        (folder / "transformer").mkdir()
+        where = f"{folder} has neither model_index.json nor config.json"
+    with pytest.raises(UserError) as err:
+        resolve_model(DOTTED, what="--checkpoint_dir")
+    message = str(err.value)
+    assert message.startswith(f"--checkpoint_dir '{DOTTED}' is only partly in the ModelScope cache: ")
+    assert where in message and f"modelscope download --model {DOTTED}" in message and "\n" not in message
+
+
+def test_not_found_lists_the_places_looked_in_including_modelscope(tmp_path, monkeypatch):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    with pytest.raises(UserError) as err:
+        resolve_model(MS_REPO)
+    message = str(err.value)
+    assert f"ModelScope cache entry ({cache})" in message and str(tmp_path / "hf-empty") in message
+    assert str(tmp_path / "easynlp-empty" / "modelzoo") in message and f"modelscope download --model {MS_REPO}" in \
+        message and "\n" not in message
+    monkeypatch.delenv("MODELSCOPE_CACHE")
+    with pytest.raises(UserError, match="ModelScope cache entry .*/home/.cache/modelscope"):
+        resolve_model(MS_REPO)
+
+
+def test_names_that_are_no_modelscope_id_or_are_the_caches_own_folders(tmp_path, monkeypatch):
+    cache = _ms_env(monkeypatch, tmp_path, cache=tmp_path / "ms")
+    _ms_model(cache / "models" / "Tongyi-MAI" / "Z-Image-Turbo")
+    for name in ("models/Tongyi-MAI", "hub/models", "Z-Image-Turbo", "models/Tongyi-MAI/Z-Image-Turbo",
+                 ".hidden/Z-Image-Turbo", "Tongyi-MAI/.."):
+        with pytest.raises(UserError, match="not found"):
+            resolve_model(name)
