@@ -1,6 +1,7 @@
 """loading.py: one path from a name, folder or package to a ready model, with plain arguments."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from appzoo.latent_diffusion.loading import load_model
 from easynlp_ldm import cli
 from easynlp_ldm.errors import UserError
 from modelzoo.pretrained import DEFAULT_MODEL, embedded_models
-from tests.helpers import ROOT, free_port, png, wait_ready
+from tests.helpers import ROOT, free_port, png, predict_argv, read_rows, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,31 @@ def test_missing_model_is_one_line_naming_the_setting(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a diffusers-layout model"):
         load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("where", ["MODELSCOPE_CACHE", "HOME"])
+def test_predict_finds_a_model_downloaded_with_modelscope_by_its_name(tiny_model_dir, tmp_path, monkeypatch, where):
+    """`modelscope download --model PAI/pai-diffusion-tiny-zh-v1.0` (SDK 1.2x-1.37, which writes the dot as ___), under
+    $MODELSCOPE_CACHE or, unset, its default ~/.cache/modelscope/hub: the name alone finds it, with no other hub."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    monkeypatch.setenv("EASYNLP_CACHE_ROOT", str(tmp_path / "easynlp-empty"))
+    if where == "HOME":
+        monkeypatch.delenv("MODELSCOPE_CACHE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        root = tmp_path / "home" / ".cache" / "modelscope" / "hub"
+    else:
+        monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+        root = tmp_path / "ms"
+    folder = root / "models" / "PAI" / "pai-diffusion-tiny-zh-v1___0"
+    shutil.copytree(tiny_model_dir, folder)
+    name = "PAI/pai-diffusion-tiny-zh-v1.0"
+    assert load_model(name, device="cpu", what="pretrain_model_name_or_path").source_path == str(folder)
+    table = tmp_path / "p.tsv"
+    table.write_text("1\t蓝色的正方形\n", encoding="utf-8")
+    images = []
+    for model in (name, tiny_model_dir):
+        out = tmp_path / f"out-{len(images)}.tsv"
+        assert cli.main(predict_argv(table, out, model, udp="ddim_steps=2 n_samples=1 optimize=none")) == 0
+        images.append(read_rows(out)[0][-1])
+    assert images[0] == images[1]  # the same model, by its ModelScope name and by its folder
