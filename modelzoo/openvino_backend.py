@@ -368,6 +368,7 @@ def use_openvino(model, precision: str = "", threads: int = 0, max_shapes: int =
 
 def runners(model) -> dict[str, OpenVINORunner]:
     """The OpenVINO runners of a prepared model by part (``unet``, ``vae_decoder``); empty when it runs PyTorch."""
-    found = {"unet": getattr(model.unet.forward, "openvino_runner", None),
+    unet = getattr(model, "unet", None)  # a transformer family's model has none (and no OpenVINO parts)
+    found = {"unet": getattr(unet.forward, "openvino_runner", None) if unet is not None else None,
              "vae_decoder": getattr(model.vae.decoder.forward, "openvino_runner", None)}
     return {part: runner for part, runner in found.items() if runner is not None}

@@ -182,7 +182,8 @@ def resolve_level(level: str, device: torch.device, switchable: bool = False,
 def prepare_for_inference(model, level: str = "auto", precision: str = "") -> dict:
     """Apply an optimisation level in place; returns what was done (for logs and benchmarks)."""
     device = model.device
-    switchable = bool(getattr(model.unet, "peft_config", None))
+    denoiser = getattr(model, family_of(model).denoiser)
+    switchable = bool(getattr(denoiser, "peft_config", None))
     parts = family_of(model).openvino_parts
     concrete, reason = resolve_level(level, device, switchable, parts)
     model.eval()
@@ -202,6 +203,14 @@ def prepare_for_inference(model, level: str = "auto", precision: str = "") -> di
         model.optimization = done
         return done
     dtype = choose_dtype(concrete, precision, device)
+    if denoiser is not getattr(model, "unet", None):
+        # A transformer family's pipelines cast their own inputs and keep the VAE's; the fused kernels, layouts and
+        # compilation below are the UNet's. (nn.Module.to: ModelMixin.to warns of an empty list of fp32 modules.)
+        torch.nn.Module.to(denoiser, dtype)
+        model.text_encoder.to(dtype)
+        model.optimization = {"level": level, "ran_as": concrete, "dtype": str(dtype).replace("torch.", ""),
+                              **({"why": reason} if reason else {})}
+        return model.optimization
     done = {"level": level, "ran_as": concrete, "dtype": str(dtype).replace("torch.", ""),
             **optimize_unet(model.unet, concrete, dtype)}
     if reason:

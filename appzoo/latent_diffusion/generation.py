@@ -92,12 +92,9 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     height = settings.height or model.image_size
     width = settings.width or model.image_size
     family = family_of(model)
-    prompt_embeds = family.encode_prompts(model, list(prompts), max_length)
-    negative = None
-    if settings.guidance_scale > 1:
-        # Tokenised to the prompts' length (Wukong's embeddings are n_repeat long, not one per token)
-        negative = family.encode_prompts(model, [settings.negative_prompt] * len(prompts), max_length)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    arguments = family.pipeline_arguments(model, list(prompts), generators, settings, max_length)
+    negative = arguments.get("negative_prompt_embeds")
     # Each image's initial noise, drawn in fp32 from its own generator exactly as diffusers' randn_tensor draws it for
     # a single image; the generators then go on to the sampler (ancestral samplers draw from them per step). Drawing
     # here keeps the latents (and so the scheduler arithmetic) fp32 whatever the UNet's precision.
@@ -119,16 +116,13 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     if cutoff is not None or should_stop is not None:
         callback = {"callback_on_step_end": _step_callback(cutoff, should_stop),
                     "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
-    common = dict(**callback, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
-                  num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
-                  generator=generators, output_type="np")
+    common = dict(**callback, **arguments)
     if inputs or controlnet is not None:
         output = _generate_from_images(model, pipe, common, settings, inputs or ImageInputs(), controlnet, height,
                                        width, None if latents is None else latents.to(model.device),
                                        len(prompts))
     else:
-        output = pipe(**common, height=height, width=width, guidance_rescale=settings.guidance_rescale,
-                      latents=latents.to(model.device))
+        output = pipe(**common, **family.txt2img_arguments(model, settings, height, width, latents.to(model.device)))
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in output.images]
 
 
@@ -138,7 +132,11 @@ def variant(model: LatentDiffusion, pipe, kind: str, controlnet=None):
     cache = pipe.__dict__.setdefault("_easynlp_variants", {})
     key = (kind, id(controlnet) if controlnet is not None else None)
     if key not in cache:
-        built = family_of(model).pipeline(model, kind, controlnet, base=pipe)
+        family = family_of(model)
+        if (kind, controlnet is not None) not in family.pipelines:
+            what = f"{kind} with a ControlNet" if controlnet is not None else kind
+            raise UserError(f"{family.name} models cannot run {what} here yet (text-to-image only)")
+        built = family.pipeline(model, kind, controlnet, base=pipe)
         built.set_progress_bar_config(disable=True)
         cache[key] = built
     return cache[key]
@@ -243,7 +241,7 @@ class Generator:
 
     def __call__(self, prompts: list[str], seeds: list[int], latents: torch.Tensor | None = None,
                  should_stop=None, inputs: ImageInputs | None = None) -> list[Image.Image]:
-        if has_adapters(self.model.unet):
+        if has_adapters(getattr(self.model, family_of(self.model).denoiser)):
             select_adapters(self.pipe, self.settings.adapters)
         if inputs is not None and inputs.controls is not None:
             from appzoo.latent_diffusion.conditioning import preprocess_control

@@ -192,6 +192,13 @@ PARAMS: tuple[Param, ...] = (
           "downsampling factor (8 for SD-style models)", modes=SAMPLING, aliases=("width",), check=_non_negative),
     Param("negative_prompt", str, "", "text the images should not look like (quote it if it has spaces)",
           modes=SAMPLING),
+    Param("cfg_normalization", float, 0.0, "Z-Image models: cap the guided prediction's norm at this multiple of "
+          "the prompt-only one's (0: off, as ZImagePipeline's default)", modes=SAMPLING, check=_non_negative),
+    Param("cfg_truncation", float, 1.0, "Z-Image models: guidance stops at the steps whose t/1000 is past this "
+          "(1: guided at every step, as ZImagePipeline's default)", modes=SAMPLING, check=_non_negative),
+    Param("true_cfg_scale", float, 4.0, "Qwen-Image models: classifier-free guidance scale, with negative_prompt "
+          "(empty or not) as the unconditional text; 1: no guidance (scale is only the input of a "
+          "guidance-distilled transformer)", modes=SAMPLING, check=_non_negative),
     Param("lora", str, "", "LoRA adapters applied to the model, merged into its weights: path[:scale],path[:scale] "
           "— a .safetensors file (diffusers', peft's or kohya-ss/WebUI format) or a folder holding "
           "pytorch_lora_weights.safetensors (what train_target=lora writes); scale 1 by default",

@@ -39,6 +39,7 @@ from easynlp_ldm.memory import process_figures
 from easynlp_ldm.serving.batcher import Cancelled
 from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
 from easynlp_ldm.tables import BadRow, decode_base64, decode_image, encode_image, encode_image_base64
+from modelzoo.families import family_of
 from modelzoo.optimize import compiled_shapes, limit_compiled_shapes
 from modelzoo.samplers import canonical_name, sampler_names
 
@@ -264,7 +265,7 @@ class LatentDiffusionService:
         self.model, self.settings = model, settings
         self.text_length = text_length or model.text_max_length
         self.factor = size_factor(model)
-        self.adapter_names = sorted(getattr(model.unet, "peft_config", {}) or {})
+        self.adapter_names = sorted(getattr(getattr(model, family_of(model).denoiser), "peft_config", {}) or {})
         self.max_size = settings.max_size or 2 * model.image_size
         self.defaults = settings.generation().for_model(model)
         # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from appzoo.latent_diffusion.conditioning import parse_controlnets
 from appzoo.latent_diffusion.params import PARAMS
 from easynlp_ldm.errors import UserError
+from modelzoo.families import family_of
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.samplers import eta_samplers, sampler_label, scheduler_class_name, step_takes
 
@@ -133,6 +133,9 @@ class GenerationSettings:
     strength: float = 0.0  # img2img / inpainting: how much of the init image is noised away (0: 0.8, 1.0 inpainting)
     controlnets: tuple[tuple[str, float], ...] = ()  # ControlNet folders and their conditioning scales
     control_preprocessor: str = "none"  # what turns a conditioning image into the ControlNet's input (none, canny)
+    cfg_normalization: float = 0.0  # Z-Image: the guided prediction's norm capped at this × the prompt's (0: off)
+    cfg_truncation: float = 1.0  # Z-Image: guidance stops once the step's t/1000 passes it (1: every step)
+    true_cfg_scale: float = 4.0  # Qwen-Image: classifier-free guidance scale (> 1: with the negative prompt)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
@@ -149,7 +152,8 @@ class GenerationSettings:
                                        width=self.width or model.image_size, sr_channel_order=self.sr_channel_order or
                                        model.extra.get("esrgan_channel_order", "rgb"))
         check_size(model, settings.height, settings.width)
-        problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class)
+        problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class) or \
+            family_of(model).sampling_problem(settings)
         if problem:
             raise UserError(problem)
         return settings
@@ -181,7 +185,9 @@ PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", 
                "negative_prompt": "negative_prompt", "eta": "ddim_eta", "guidance_cutoff": "guidance_cutoff",
                "guidance_rescale": "guidance_rescale", "strength": "strength",
                "control_preprocessor": "control_preprocessor",
-               "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order"}
+               "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order",
+               "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation",
+               "true_cfg_scale": "true_cfg_scale"}
 
 
 def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | None:
@@ -243,8 +249,9 @@ def image_input_problem(steps: int, strength: float, guidance_rescale: float, *,
 
 
 def size_factor(model: LatentDiffusion) -> int:
-    """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
-    return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
+    """Image sizes must be multiples of this (the model's family says: SD-1.x's is the VAE factor × the UNet's
+    downsampling, and 8)."""
+    return family_of(model).size_factor(model)
 
 
 def check_size(model: LatentDiffusion, height: int, width: int) -> None:

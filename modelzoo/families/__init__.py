@@ -13,7 +13,9 @@ import importlib
 
 from modelzoo.families.base import ModelFamily, ModelFormatError
 
-FAMILIES: dict[str, str | ModelFamily] = {"sd": "modelzoo.families.sd:FAMILY"}
+FAMILIES: dict[str, str | ModelFamily] = {"sd": "modelzoo.families.sd:FAMILY",
+                                          "zimage": "modelzoo.families.dit:ZIMAGE",
+                                          "qwenimage": "modelzoo.families.dit:QWENIMAGE"}
 
 
 class UnknownModelFolder(ModelFormatError):

@@ -12,6 +12,7 @@ Adding a family is one module implementing this class and one registration (``mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,6 +98,32 @@ class ModelFamily:
 
     def pipeline_components(self, model, scheduler) -> dict[str, Any]:
         raise NotImplementedError
+
+    def pipeline_arguments(self, model, prompts: list[str], generators, settings,
+                           max_length: int | None = None) -> dict[str, Any]:
+        """The arguments of every call of the family's pipelines for ``prompts`` (one seeded generator per image)
+        with the sampling ``settings`` (a ``GenerationSettings``). This default is SD-style pipelines': prompt
+        embeddings, the negative prompt's when guidance runs (scale > 1, as diffusers decides), DDIM's eta."""
+        prompt_embeds = self.encode_prompts(model, list(prompts), max_length)
+        negative = None
+        if settings.guidance_scale > 1:
+            # Tokenised to the prompts' length (Wukong's embeddings are n_repeat long, not one per token)
+            negative = self.encode_prompts(model, [settings.negative_prompt] * len(prompts), max_length)
+        return dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale, eta=settings.eta, generator=generators, output_type="np")
+
+    def txt2img_arguments(self, model, settings, height: int, width: int, latents) -> dict[str, Any]:
+        """What the text-to-image pipeline takes besides ``pipeline_arguments``: the size and the seeds' initial noise
+        (``latents``: one (channels, height, width) tensor per image, as the SD pipelines take them)."""
+        return dict(height=height, width=width, guidance_rescale=settings.guidance_rescale, latents=latents)
+
+    def sampling_problem(self, settings) -> str | None:
+        """Why the sampling ``settings`` cannot apply to this family's models (one line), or None."""
+        return None
+
+    def size_factor(self, model) -> int:
+        """Image sizes must be multiples of this: the VAE factor × the UNet's downsampling, and 8 (diffusers')."""
+        return math.lcm(8, model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1))
 
     # ------------------------------------------------------------------------------------------ training
     def objective(self, model, **options):
