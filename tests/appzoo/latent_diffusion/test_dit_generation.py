@@ -60,7 +60,7 @@ def predicted(folders, tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_predict_equals_the_diffusers_pipeline_called_by_hand(folders, predicted, name):
-    pipe = easynlp_ldm_family_pipeline(folders[name])
+    pipe = _diffusers_pipeline(folders[name])
     assert len(predicted[name]) == len(PROMPTS) * 2
     for line, sample, seed, image in predicted[name]:
         assert seed == image_seed(SEED, line, sample)
@@ -72,7 +72,7 @@ def test_predict_equals_the_diffusers_pipeline_called_by_hand(folders, predicted
     assert not np.array_equal(predicted[name][0][3], predicted[name][1][3])  # each seed its own image
 
 
-def easynlp_ldm_family_pipeline(folder):
+def _diffusers_pipeline(folder):
     """The folder's own diffusers pipeline, loaded as a diffusers user loads it."""
     from diffusers import DiffusionPipeline
 
