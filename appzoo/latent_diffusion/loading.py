@@ -1,8 +1,9 @@
 """Where a model comes from and how it is made ready: the one loading path of every mode, bench and test.
 
-``load_model(name_or_path, device=..., optimize=..., precision=...)`` takes plain arguments: a local folder (this
-toolkit's checkpoint or PAI's diffusers layout), an embedded model's name, a Hugging Face cache entry on disk, or a
-``.tar.gz`` package from ``--mode=export``; empty means the embedded default model. Nothing is ever downloaded.
+``load_model(name_or_path, device=..., optimize=..., precision=...)`` takes plain arguments: a local folder (of any
+registered model family: this toolkit's checkpoint, PAI's diffusers layout, a Z-Image or Qwen-Image folder, …), an
+embedded model's name, a Hugging Face or ModelScope cache entry on disk, or a ``.tar.gz`` package from
+``--mode=export``; empty means the embedded default model. Nothing is ever downloaded.
 
 A package is unpacked into a temporary folder that lives as long as the process: it is removed when the process
 ends normally, on an uncaught exception and on SIGTERM (``_Unpacked``); only SIGKILL leaves it behind.

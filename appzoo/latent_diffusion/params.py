@@ -38,7 +38,7 @@ PARAMS: tuple[Param, ...] = (
     # Model.
     Param("pretrain_model_name_or_path", str, "",
           "model to start from: a local folder (diffusers layout or this toolkit's checkpoint), an embedded "
-          "model's name, or a Hugging Face cache entry on disk (default: the embedded default model)",
+          "model's name, or a Hugging Face / ModelScope cache entry on disk (default: the embedded default model)",
           modes=TRAIN),
     Param("overwrite_checkpoint_dir", bool, False,
           "start a new run from the pretrained model in a --checkpoint_dir that already holds a training run (its "
