@@ -1,4 +1,5 @@
-"""Tiny random Z-Image and Qwen-Image folders (for tests; never for pictures), built offline in seconds.
+"""Tiny random Z-Image and Qwen-Image folders and their ControlNets (for tests; never for pictures), built offline in
+seconds.
 
 The sizes are diffusers' own fast tests' (tests/pipelines/z_image/test_z_image.py and
 tests/pipelines/qwenimage/test_qwenimage.py). Those tests download a tiny Qwen tokenizer from the hub; here a
@@ -134,4 +135,41 @@ def make_tiny_qwenimage_model(folder: str, *, seed: int = 0, image_size: int = 3
                              transformer=transformer)
     pipe.save_pretrained(folder)
     _mark_native_size(folder, image_size)
+    return folder
+
+
+def _unzero(model: torch.nn.Module, std: float = 0.2) -> None:
+    """ControlNets start with zero output projections (so training starts from the base model): drawn at random
+    instead, so a tiny ControlNet moves pixels and a test can see it act."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, std)
+
+
+def make_tiny_zimage_controlnet(folder: str, *, seed: int = 0) -> str:
+    """A tiny ``ZImageControlNetModel`` folder for ``make_tiny_zimage_model``'s transformer (dim 32, one control
+    layer, one refiner layer; the pipeline shares the transformer's embedders with it)."""
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(
+        control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=16, all_patch_size=(2,),
+        all_f_patch_size=(1,), dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True)
+    _unzero(controlnet)
+    controlnet.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_qwenimage_controlnet(folder: str, *, seed: int = 0) -> str:
+    """A tiny ``QwenImageControlNetModel`` folder for ``make_tiny_qwenimage_model``'s transformer (diffusers' fast
+    test's sizes: 2 layers, 3 heads of 16)."""
+    from diffusers import QwenImageControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = QwenImageControlNetModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    _unzero(controlnet)
+    controlnet.save_pretrained(folder)
     return folder

@@ -6,7 +6,9 @@ ready for diffusers' pipelines (``StableDiffusionImg2ImgPipeline``, ``StableDiff
   conditioning image per ControlNet. Init and conditioning images are resized to the generation size (Lanczos, as
   diffusers' image processor does); a mask must have its image's size.
 * ``parse_controlnets``: ``controlnet=path[:scale],…`` → (path, scale) pairs; ``load_controlnets`` reads
-  diffusers' ``ControlNetModel`` folders (as PAI publishes them) or a ControlNet shipped with the package, by name.
+  diffusers' ControlNet folders of the model family's class (SD-1.x: ``ControlNetModel``, as PAI publishes them;
+  Z-Image, Qwen-Image: ``ZImageControlNetModel``, ``QwenImageControlNetModel``) or a ControlNet shipped with the
+  package, by name.
 * ``preprocess_control``: the built-in preprocessors that need no weights — ``canny`` edges and ``none`` (the
   conditioning image is used as it is).
 """
@@ -125,24 +127,42 @@ def parse_controlnets(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(specs)
 
 
-def load_controlnets(paths: list[str], device, dtype):
-    """diffusers ``ControlNetModel`` folders, read from local disk only."""
+def _check_controlnet_class(path: str, class_name: str) -> None:
+    """A ControlNet of another model family (its config.json's ``_class_name``) is refused in one line: diffusers
+    would load it with random weights where the configs differ."""
+    import json
     import os
 
-    from diffusers import ControlNetModel
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            found = json.load(handle).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained reports what is wrong with the file
+    if found and found != class_name:
+        raise UserError(f"controlnet={path}: a {found} folder, but this model takes a {class_name}")
+
+
+def load_controlnets(paths: list[str], device, dtype, class_name: str = "ControlNetModel"):
+    """diffusers ControlNet folders of the class ``class_name`` (the model family's: ``ControlNetModel`` for
+    SD-1.x), read from local disk only."""
+    import os
+
+    import diffusers
 
     from modelzoo.pretrained import embedded_controlnets
 
+    controlnet_class = getattr(diffusers, class_name)
     models = []
     embedded = embedded_controlnets()
     for path in paths:
         if not os.path.isdir(path) and path in embedded:  # a ControlNet shipped with the package, by name
             path = embedded[path]
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"controlnet={path}: not a ControlNet folder (expected diffusers' ControlNetModel layout: "
+            raise UserError(f"controlnet={path}: not a ControlNet folder (expected diffusers' {class_name} layout: "
                             f"config.json and diffusion_pytorch_model.safetensors or .bin)")
+        _check_controlnet_class(path, class_name)
         try:
-            models.append(ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            models.append(controlnet_class.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
                           .to(device).eval())
         except (OSError, ValueError) as err:
             raise UserError(f"controlnet={path}: cannot read it ({err})") from None

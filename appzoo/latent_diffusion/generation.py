@@ -24,7 +24,7 @@ from appzoo.latent_diffusion.conditioning import ImageInputs
 from appzoo.latent_diffusion.settings import GenerationSettings, image_input_problem, image_strength
 from easynlp_ldm.errors import UserError
 from modelzoo.families import family_of
-from modelzoo.families.base import TXT2IMG
+from modelzoo.families.base import IMG2IMG, INPAINT, TXT2IMG
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.lora import has_adapters, select_adapters
 
@@ -101,11 +101,15 @@ def generate(model: LatentDiffusion, prompts: list[str], seeds: list[int], setti
     factor = model.vae_scale_factor
     shape = (1, model.latent_channels, height // factor, width // factor)
     from_noise = not (inputs and inputs.images)  # img2img and inpainting draw their noise in the pipeline
+    own_noise = controlnet is not None and not family.controlnet_takes_latents
     if latents is None:
-        if from_noise:
+        if from_noise and not own_noise:
             latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
     elif not from_noise:
         raise UserError("latents cannot be given with an input image (img2img and inpainting noise the image)")
+    elif own_noise:
+        raise UserError(f"latents cannot be given with a ControlNet of a {family.name} model (its pipeline draws "
+                        f"the noise from the seeds)")
     elif tuple(latents.shape) != (len(prompts), *shape[1:]):
         raise UserError(f"latents must have shape {(len(prompts), *shape[1:])} (one per image), got "
                         f"{tuple(latents.shape)}")
@@ -135,7 +139,9 @@ def variant(model: LatentDiffusion, pipe, kind: str, controlnet=None):
         family = family_of(model)
         if (kind, controlnet is not None) not in family.pipelines:
             what = f"{kind} with a ControlNet" if controlnet is not None else kind
-            raise UserError(f"{family.name} models cannot run {what} here yet (text-to-image only)")
+            runs = ", ".join(f"{name} with a ControlNet" if with_controlnet else name
+                             for name, with_controlnet in family.pipelines)
+            raise UserError(f"{family.name} models cannot run {what} here yet (only {runs})")
         built = family.pipeline(model, kind, controlnet, base=pipe)
         built.set_progress_bar_config(disable=True)
         cache[key] = built
@@ -154,28 +160,23 @@ def _generate_from_images(model: LatentDiffusion, pipe, common: dict, settings: 
     for name, items in (("image", inputs.images), ("mask", inputs.masks)):
         if items is not None and len(items) != count:
             raise ValueError(f"one {name} per image")
-    kind = "inpaint" if inputs.masks else "img2img" if inputs.images else "txt2img"
-    kwargs = dict(common)
-    if inputs.images:
-        kwargs["image"] = [fit(image, width, height) for image in inputs.images]
-        kwargs["strength"] = image_strength(settings.strength, bool(inputs.masks))
-    if inputs.masks:
-        kwargs["mask_image"] = [mask.convert("L").resize((width, height), Image.NEAREST)
-                                if mask.size != (width, height) else mask.convert("L") for mask in inputs.masks]
-    if kind != "img2img" or controlnet is not None:
-        kwargs.update(height=height, width=width)
-    if kind == "txt2img":
-        kwargs["latents"] = latents  # the seeds' noise, as text-to-image draws it
+    kind = INPAINT if inputs.masks else IMG2IMG if inputs.images else TXT2IMG
+    images = [fit(image, width, height) for image in inputs.images] if inputs.images else None
+    masks = [mask.convert("L").resize((width, height), Image.NEAREST) if mask.size != (width, height)
+             else mask.convert("L") for mask in inputs.masks] if inputs.masks else None
+    controls = scales = None
     if controlnet is not None:
         if not inputs.controls or len(inputs.controls) != len(settings.controlnets):
             raise UserError(f"{len(settings.controlnets)} ControlNet(s) need a conditioning image each")
         controls = [[fit(image, width, height) for image in per_net] for per_net in inputs.controls]
         scales = [scale for _, scale in settings.controlnets]
-        kwargs["image" if kind == "txt2img" else "control_image"] = controls[0] if len(controls) == 1 else controls
-        kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+        controls, scales = (controls[0], scales[0]) if len(controls) == 1 else (controls, scales)
     elif inputs.controls:
         raise UserError("a conditioning image was given but no ControlNet: pass controlnet=FOLDER[:scale]")
-    return variant(model, pipe, kind, controlnet)(**kwargs)
+    pipeline = variant(model, pipe, kind, controlnet)
+    return pipeline(**common, **family_of(model).image_arguments(
+        model, kind, images=images, masks=masks, controls=controls, control_scales=scales,
+        strength=image_strength(settings.strength, bool(inputs.masks)), height=height, width=width, latents=latents))
 
 
 # ----------------------------------------------------------------------------------------- super-resolution
@@ -206,8 +207,9 @@ class SuperResolution:
 
 
 def controlnet_of(model: LatentDiffusion, specs: tuple[tuple[str, float], ...]):
-    """The ControlNet (one, or diffusers' ``MultiControlNetModel`` of several) for ``specs``, loaded once per model
-    and set of folders, on the UNet's device and dtype; None without specs."""
+    """The ControlNet (one, or the family's ``multi_controlnet_class`` of several) for ``specs``, loaded once per
+    model and set of folders as the family's ``controlnet_class``, on the denoiser's device and dtype; None without
+    specs."""
     if not specs:
         return None
     cache = model.__dict__.setdefault("_controlnets", {})
@@ -215,13 +217,16 @@ def controlnet_of(model: LatentDiffusion, specs: tuple[tuple[str, float], ...]):
     if paths not in cache:
         from appzoo.latent_diffusion.conditioning import load_controlnets
 
-        models = load_controlnets(list(paths), model.device, model.dtype)
+        family = family_of(model)
+        if len(paths) > 1 and not family.multi_controlnet_class:
+            raise UserError(f"controlnet=: {family.name} models run one ControlNet at a time, got {len(paths)}")
+        models = load_controlnets(list(paths), model.device, model.dtype, family.controlnet_class)
         if len(models) == 1:
             cache[paths] = models[0]
         else:
-            from diffusers import MultiControlNetModel
+            import diffusers
 
-            cache[paths] = MultiControlNetModel(models)
+            cache[paths] = getattr(diffusers, family.multi_controlnet_class)(models)
     return cache[paths]
 
 

@@ -39,7 +39,7 @@ from easynlp_ldm.memory import process_figures
 from easynlp_ldm.serving.batcher import Cancelled
 from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, serve
 from easynlp_ldm.tables import BadRow, decode_base64, decode_image, encode_image, encode_image_base64
-from modelzoo.families import family_of
+from modelzoo.families import family_of, registered
 from modelzoo.optimize import compiled_shapes, limit_compiled_shapes
 from modelzoo.samplers import canonical_name, sampler_names
 
@@ -233,6 +233,20 @@ def _adapters(service: LatentDiffusionService, name: str, value: Any) -> tuple[t
     return tuple(sorted((key, float(scale)) for key, scale in value.items() if scale))
 
 
+def _family_setting(check: Callable[[LatentDiffusionService, str, Any], Any]):
+    """``check`` for a setting only some model families' pipelines take (their ``own_settings``): refused, naming
+    the field, where the service's model is of another family."""
+    def checked(service: LatentDiffusionService, name: str, value: Any):
+        setting, family = REQUEST_FIELDS[name][0], family_of(service.model)
+        if setting not in family.own_settings:
+            takers = [other.name for other in registered() if setting in other.own_settings]
+            raise RequestError(f"{name} applies to {' and '.join(takers)} models only; this service's model is "
+                               f"{family.name}", name)
+        return check(service, name, value)
+
+    return checked
+
+
 # The HTTP request vocabulary → GenerationSettings: request field → (settings field, checker). The one mapping of a
 # request's sampling settings; an absent field keeps the service's default (its user_defined_parameters).
 REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any], Any]]] = {
@@ -246,6 +260,9 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
     "sampler": ("sampler", _sampler),
     "do_sr": ("do_sr", _do_sr),
     "lora": ("adapters", _adapters),
+    "cfg_normalization": ("cfg_normalization", _family_setting(_guidance)),
+    "cfg_truncation": ("cfg_truncation", _family_setting(_unit)),
+    "true_cfg_scale": ("true_cfg_scale", _family_setting(_guidance)),
 }
 # Images a request may bring (base64 PNG/JPEG/…, a data: URI prefix allowed): per request, not settings; every image
 # generated for the request uses them. ``control_image``: one per ControlNet the service runs (a string or a list).

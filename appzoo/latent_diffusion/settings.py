@@ -25,7 +25,7 @@ from typing import Any
 from appzoo.latent_diffusion.conditioning import parse_controlnets
 from appzoo.latent_diffusion.params import PARAMS
 from easynlp_ldm.errors import UserError
-from modelzoo.families import family_of
+from modelzoo.families import family_of, registered
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.samplers import eta_samplers, sampler_label, scheduler_class_name, step_takes
 
@@ -156,7 +156,21 @@ class GenerationSettings:
             family_of(model).sampling_problem(settings)
         if problem:
             raise UserError(problem)
+        for note in settings.other_families_settings(model):
+            logger.warning(note)
         return settings
+
+    def other_families_settings(self, model: LatentDiffusion) -> list[str]:
+        """Notes on the settings given (not at their defaults) that only another model family's pipelines take."""
+        own = family_of(model)
+        notes = []
+        for family in registered():
+            given = [f"{PARAM_NAMES[name]}={getattr(self, name)!r}" for name in family.own_settings
+                     if name not in own.own_settings and getattr(self, name) != GENERATION_DEFAULTS[name]]
+            if given:
+                notes.append(f"{', '.join(given)} has no effect on {own.name} models (a setting of {family.name} "
+                             f"models)")
+        return notes
 
     def unused_settings(self) -> list[str]:
         """Notes on the user's settings that the others leave without effect (each would otherwise be silently
@@ -188,6 +202,7 @@ PARAM_NAMES = {"steps": "ddim_steps", "guidance_scale": "scale", "height": "H", 
                "do_sr": "do_sr", "sr_tile": "sr_tile", "sr_channel_order": "sr_channel_order",
                "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation",
                "true_cfg_scale": "true_cfg_scale"}
+GENERATION_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationSettings)}
 
 
 def eta_problem(eta: float, sampler: str, model_scheduler_class: str) -> str | None:

@@ -36,6 +36,14 @@ class ModelFamily:
     export_formats: tuple[str, ...] = ()
     # (kind, with a ControlNet) → the name of the diffusers pipeline class that runs it.
     pipelines: Mapping[tuple[str, bool], str] = {}
+    # diffusers' class of the family's ControlNet folders, and the class that runs several at once ("": one only).
+    controlnet_class: str = "ControlNetModel"
+    multi_controlnet_class: str = "MultiControlNetModel"
+    # Whether the ControlNet text-to-image pipeline takes the seeds' noise as ``latents`` (drawn before it runs);
+    # False: it draws the noise from the seeds' generators itself, after what encoding the conditioning image draws.
+    controlnet_takes_latents: bool = True
+    # GenerationSettings fields only this family's pipelines take (its own guidance settings).
+    own_settings: tuple[str, ...] = ()
     # Named groups of the denoiser's LoRA target modules (``lora_target_modules``), and the text encoder's targets.
     lora_targets: Mapping[str, tuple[str, ...]] = {}
     text_encoder_lora_targets: tuple[str, ...] = ()
@@ -116,6 +124,28 @@ class ModelFamily:
         """What the text-to-image pipeline takes besides ``pipeline_arguments``: the size and the seeds' initial noise
         (``latents``: one (channels, height, width) tensor per image, as the SD pipelines take them)."""
         return dict(height=height, width=width, guidance_rescale=settings.guidance_rescale, latents=latents)
+
+    def image_arguments(self, model, kind: str, *, images, masks, controls, control_scales, strength: float,
+                        height: int, width: int, latents) -> dict[str, Any]:
+        """What the pipeline for ``kind`` takes besides ``pipeline_arguments`` when generating from images: the init
+        ``images`` and ``masks`` (fitted to the size; None without), the ControlNets' conditioning images
+        (``controls``: as the pipeline takes them, None without a ControlNet) and ``control_scales``, the img2img /
+        inpainting ``strength``, and for text-to-image the seeds' noise (``latents``, as ``txt2img_arguments`` takes
+        them). This default is SD-style pipelines': img2img's size is its image's, and a ControlNet's conditioning
+        image is ``image`` when there is no init image."""
+        arguments = {}
+        if images:
+            arguments.update(image=images, strength=strength)
+        if masks:
+            arguments["mask_image"] = masks
+        if kind != IMG2IMG or controls is not None:
+            arguments.update(height=height, width=width)
+        if kind == TXT2IMG:
+            arguments["latents"] = latents
+        if controls is not None:
+            arguments["image" if kind == TXT2IMG else "control_image"] = controls
+            arguments["controlnet_conditioning_scale"] = control_scales
+        return arguments
 
     def sampling_problem(self, settings) -> str | None:
         """Why the sampling ``settings`` cannot apply to this family's models (one line), or None."""

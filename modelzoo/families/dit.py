@@ -1,11 +1,12 @@
 """The flow-matching DiT families: Z-Image (a single-stream DiT, Qwen3 text encoder) and Qwen-Image (an MMDiT,
-Qwen2.5-VL text encoder), sampled by their own diffusers pipelines (``ZImagePipeline``, ``QwenImagePipeline``).
+Qwen2.5-VL text encoder), sampled by their own diffusers pipelines (``ZImagePipeline``, ``QwenImagePipeline`` and
+their img2img, inpainting and ControlNet variants; a ControlNet folder is the family's ``controlnet_class``).
 
 Folders they read: diffusers folders whose ``model_index.json`` names the family's pipeline class, loaded with
 diffusers' and transformers' own ``from_pretrained`` (offline, no remote code). The model (``DiTModel``) holds the
 components and what the app asks of a model: device, dtype, native image size, VAE factor, scheduler config, text
-length, tokenizer. Text-to-image only for now: img2img, inpainting, ControlNet, training, LoRA and export are refused
-with one line where a mode asks for them (the family's ``pipelines``, ``train_targets``, ``export_formats``).
+length, tokenizer. What the families cannot do yet is refused with one line where a mode asks for it (the family's
+``pipelines``, ``train_targets``, ``export_formats``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from modelzoo.families.base import TXT2IMG, ModelFamily, ModelFormatError
+from modelzoo.families.base import IMG2IMG, INPAINT, TXT2IMG, ModelFamily, ModelFormatError
 
 # Where a folder says nothing of its native size (model_index.json's ``_image_size``, or the VAE's sample_size):
 # what both pipelines generate by default.
@@ -95,6 +96,9 @@ class DiTFamily(ModelFamily):
     denoiser = "transformer"
     folder_classes: tuple[str, ...] = ()  # model_index.json ``_class_name``s of this family's folders
     own_guidance = ""  # the family's own guidance settings, named where SD-1.x's are refused
+    # Qwen-Image's ControlNet pipeline samples the conditioning image's latents from the seed's generator before the
+    # noise: the pipelines draw the noise themselves, so a seed gives diffusers' image.
+    controlnet_takes_latents = False
     openvino_parts = ()
     train_targets = ()
     export_formats = ()
@@ -171,14 +175,36 @@ class DiTFamily(ModelFamily):
                     output_type="np", max_sequence_length=max_length or model.text_max_length)
 
     def txt2img_arguments(self, model: DiTModel, settings, height: int, width: int, latents) -> dict[str, Any]:
-        return dict(height=height, width=width, latents=latents)
+        return dict(height=height, width=width, latents=self.initial_latents(latents))
+
+    def initial_latents(self, latents):
+        """The seeds' noise (N, C, h, w) as the family's pipelines take ``latents``."""
+        return latents
+
+    def image_arguments(self, model, kind, *, images, masks, controls, control_scales, strength, height, width,
+                        latents):
+        """The size always (img2img too: these pipelines otherwise generate their default size, not the image's),
+        the conditioning images as ``control_image`` (these ControlNet pipelines' name), no ``latents``
+        (``controlnet_takes_latents``)."""
+        arguments = dict(height=height, width=width)
+        if images:
+            arguments.update(image=images, strength=strength)
+        if masks:
+            arguments["mask_image"] = masks
+        if controls is not None:
+            arguments.update(control_image=controls, controlnet_conditioning_scale=control_scales)
+        return arguments
 
 
 class ZImageFamily(DiTFamily):
     name = "zimage"
     folder_classes = ("ZImagePipeline",)
-    pipelines = {(TXT2IMG, False): "ZImagePipeline"}
+    pipelines = {(TXT2IMG, False): "ZImagePipeline", (IMG2IMG, False): "ZImageImg2ImgPipeline",
+                 (INPAINT, False): "ZImageInpaintPipeline", (TXT2IMG, True): "ZImageControlNetPipeline"}
+    controlnet_class = "ZImageControlNetModel"
+    multi_controlnet_class = ""  # ZImageControlNetPipeline runs one ControlNet
     own_guidance = "Z-Image's are cfg_truncation and cfg_normalization"
+    own_settings = ("cfg_normalization", "cfg_truncation")
 
     def native_size(self, pipe) -> int:
         return int(getattr(pipe.vae.config, "sample_size", 0) or DEFAULT_IMAGE_SIZE)
@@ -200,8 +226,12 @@ class ZImageFamily(DiTFamily):
 class QwenImageFamily(DiTFamily):
     name = "qwenimage"
     folder_classes = ("QwenImagePipeline",)
-    pipelines = {(TXT2IMG, False): "QwenImagePipeline"}
+    pipelines = {(TXT2IMG, False): "QwenImagePipeline", (IMG2IMG, False): "QwenImageImg2ImgPipeline",
+                 (INPAINT, False): "QwenImageInpaintPipeline", (TXT2IMG, True): "QwenImageControlNetPipeline"}
+    controlnet_class = "QwenImageControlNetModel"
+    multi_controlnet_class = "QwenImageMultiControlNetModel"
     own_guidance = "Qwen-Image's is true_cfg_scale"
+    own_settings = ("true_cfg_scale",)
 
     def latent_channels(self, pipe) -> int:
         return int(pipe.transformer.config.in_channels) // 4
@@ -219,12 +249,11 @@ class QwenImageFamily(DiTFamily):
                     true_cfg_scale=settings.true_cfg_scale,
                     guidance_scale=settings.guidance_scale if distilled else None)
 
-    def txt2img_arguments(self, model, settings, height, width, latents):
+    def initial_latents(self, latents):
         """The seeds' noise, drawn per image as the pipeline draws it, packed into its 2×2 patches."""
         count, channels, rows, columns = latents.shape
-        packed = self.pipeline_class(self.pipelines[TXT2IMG, False])._pack_latents(
+        return self.pipeline_class(self.pipelines[TXT2IMG, False])._pack_latents(
             latents, count, channels, rows, columns)
-        return dict(height=height, width=width, latents=packed)
 
 
 ZIMAGE = ZImageFamily()

@@ -10,7 +10,8 @@ import torch
 import easynlp_ldm
 from appzoo.latent_diffusion.generation import image_seed
 from easynlp_ldm import cli
-from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
+from modelzoo import families
+from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_controlnet, make_tiny_zimage_model
 from tests.helpers import InProcessServer, decode, png, predict_argv, read_rows, train_argv
 
 PROMPTS = ["一个红色的圆形", "dance monkey in a blue square"]
@@ -90,15 +91,49 @@ def test_python_api_and_serve_give_predicts_image_for_the_same_seed(folders, pre
     for record in records:
         assert np.array_equal(np.asarray(record["image"].convert("RGB"), dtype=np.int16), by_seed[record["seed"]])
     line, _, seed, image = predicted[name][1]
-    server = InProcessServer(folders[name], **{k: v for k, v in params.items() if k != "n_samples"})
+    served = _served(folders[name], {k: v for k, v in params.items() if k != "n_samples"},
+                     {"text": PROMPTS[line - 1], "num_images": 1, "seed": seed, "num_inference_steps": STEPS})
+    assert np.abs(served - image).max() <= 1  # batch composition may move a pixel by rounding
+
+
+def _served(folder, params, body):
+    """The image a service started with ``params`` answers ``body`` with."""
+    server = InProcessServer(folder, **params)
     try:
-        response = httpx.post(server.url + "/", json={"text": PROMPTS[line - 1], "num_images": 1, "seed": seed,
-                                                      "num_inference_steps": STEPS}, timeout=60)
+        response = httpx.post(server.url + "/", json=body, timeout=60)
     finally:
         server.stop()
     assert response.status_code == 200, response.text
-    served = np.asarray(png(response.json()["images_base64"][0]).convert("RGB"), dtype=np.int16)
-    assert np.abs(served - image).max() <= 1  # batch composition may move a pixel by rounding
+    return np.asarray(png(response.json()["images_base64"][0]).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_request_sets_the_familys_own_settings(folders, predicted, name):
+    """The service started without the family's own settings (cfg_normalization, cfg_truncation; true_cfg_scale);
+    the request brings them and gets predict's image."""
+    own = {k: v for k, v in _params(name).items() if k in families.get(name).own_settings}
+    assert own
+    shared = {k: v for k, v in _params(name).items() if k not in own and k != "n_samples"}
+    line, _, seed, image = predicted[name][0]
+    served = _served(folders[name], shared, {"text": PROMPTS[line - 1], "num_images": 1, "seed": seed,
+                                             "num_inference_steps": STEPS, **own})
+    assert np.abs(served - image).max() <= 1
+
+
+def test_the_families_settings_on_an_sd_model(tiny_model_dir, tmp_path, caplog):
+    """A request answers 400 naming the field; predict runs and notes that the setting has no effect."""
+    server = InProcessServer(tiny_model_dir)
+    try:
+        response = httpx.post(server.url + "/", json={"text": "红色的圆形", "cfg_truncation": 0.5}, timeout=60)
+    finally:
+        server.stop()
+    assert response.status_code == 400 and response.json()["field"] == "cfg_truncation"
+    assert "cfg_truncation applies to zimage models only; this service's model is sd" in response.json()["error"]
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("0\t红色的圆形\n", encoding="utf-8")
+    assert cli.main(predict_argv(prompts, tmp_path / "out.tsv", tiny_model_dir,
+                                 udp="ddim_steps=2 true_cfg_scale=2.5 optimize=none")) == 0
+    assert "true_cfg_scale=2.5 has no effect on sd models (a setting of qwenimage models)" in caplog.text
 
 
 def _one_line_error(capsys, argv, expected):
@@ -116,10 +151,13 @@ def test_what_these_families_cannot_do_yet_is_a_one_line_error(folders, shapes_d
                     "export_format=tar is not available for zimage models")
     table = tmp_path / "pairs.tsv"
     with open(f"{shapes_data}/T2I_train.tsv", encoding="utf-8") as handle:
-        table.write_text(handle.readline(), encoding="utf-8")
-    argv = predict_argv(table, tmp_path / "img2img.tsv", folder, udp=f"ddim_steps={STEPS} n_samples=1 optimize=none")
-    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1"
-    _one_line_error(capsys, argv, "zimage models cannot run img2img here yet")
+        row = handle.readline().rstrip("\n")
+        table.write_text(f"{row}\t{row.split(chr(9))[2]}\n", encoding="utf-8")  # the image as the control image too
+    controlnet = make_tiny_zimage_controlnet(str(tmp_path / "controlnet"))
+    argv = predict_argv(table, tmp_path / "img2img.tsv", folder,
+                        udp=f"ddim_steps={STEPS} n_samples=1 optimize=none controlnet={controlnet}")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,control:str:1"
+    _one_line_error(capsys, argv, "zimage models cannot run img2img with a ControlNet here yet")
     prompts = tmp_path / "prompts.tsv"
     prompts.write_text("0\t红色的圆形\n", encoding="utf-8")
     _one_line_error(capsys, predict_argv(prompts, tmp_path / "rescale.tsv", folders["qwenimage"],
