@@ -48,15 +48,18 @@ META_FILE = "trainer_meta.json"
 
 
 # ------------------------------------------------------------------------------------------ model files
-def _link_files(files: list[str] | None, folder: str) -> bool:
-    """Hard-link ``files`` into ``folder``, each replacing its namesake atomically. False (and nothing half done
-    that matters: the caller writes the folder in full) where the file system has no hard links."""
+def _link_files(files: list[str] | None, folder: str, root: str) -> bool:
+    """Hard-link ``files`` (written under ``root``) into ``folder`` at the same paths relative to it (a model of
+    subfolders, as diffusers writes one, keeps them), each replacing its namesake atomically. False (and nothing half
+    done that matters: the caller writes the folder in full) where the file system has no hard links."""
     if not files:
         return False
     os.makedirs(folder, exist_ok=True)
     try:
         for path in files:
-            atomic_link(path, os.path.join(folder, os.path.basename(path)))
+            target = os.path.join(folder, os.path.relpath(path, root))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            atomic_link(path, target)
     except OSError as err:
         logger.debug("hard links into %s failed (%s); writing it in full", folder, err)
         return False
@@ -71,7 +74,7 @@ def save_model_files(task: Any, out: str, weights: dict[str, torch.Tensor], step
     last = os.path.join(out, "last")
     if best:  # the best is also the last: written once, last/ gets hard links to the same files
         files = task.save_model(out, weights)
-        if not _link_files(files, last):
+        if not _link_files(files, last, out):
             files = task.save_model(last, weights)
     else:
         files = task.save_model(last, weights)

@@ -129,6 +129,14 @@ def save_adapters(folder: str, model, weights: dict[str, torch.Tensor]) -> list[
     written atomically; returns the files written."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    denoiser = family_of(model).denoiser
+    if denoiser != "unet":  # a transformer's adapter, saved as diffusers' DreamBooth-LoRA scripts for DiTs save it
+        with atomic_files(folder) as staging:
+            _pipeline_class(model).save_lora_weights(
+                staging, safe_serialization=True, **{
+                    f"{denoiser}_lora_layers": _peft_state(weights, f"{denoiser}."),
+                    f"{denoiser}_lora_adapter_metadata": _metadata(getattr(model, denoiser).peft_config[ADAPTER])})
+        return [os.path.join(folder, LORA_FILE)]
     unet = convert_state_dict_to_diffusers(_peft_state(weights, "unet."))
     text_state = _peft_state(weights, "text_encoder.")
     text = convert_state_dict_to_diffusers(text_state) if text_state else None

@@ -9,6 +9,9 @@ ControlNet's).
 * ``DiffusionObjective``: noise → noisy latents → the target the model's scheduler config says the UNet predicts
   (``epsilon`` or ``v_prediction``; anything else is an error, never silently treated as epsilon), MSE, optional
   Min-SNR weighting.
+* ``FlowMatchingObjective``: rectified flow as diffusers' DreamBooth-LoRA scripts for Z-Image and Qwen-Image
+  compute it (timestep density and loss weighting from ``diffusers.training_utils``, the scheduler's shift); the
+  families' transformers are called through ``predict_flow``. ``fixed_noise_flow_loss`` is its validation loss.
 * ``fixed_noise_loss``: the plain objective of the model's family with latent means, fixed noise and evenly spread
   timesteps — comparable across steps, runs and machines' batch sizes.
 """
@@ -134,5 +137,73 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
         loss = objective.per_sample_loss(latents, noise[start:stop].to(device), timesteps[start:stop].to(device),
                                          embeds, min_snr=False,
                                          residuals=residuals(start, stop) if residuals is not None else None)
+        total += float(loss.mean()) * (stop - start)
+    return total / n
+
+
+# ------------------------------------------------------------------------------------------ flow matching
+class FlowMatchingObjective:
+    """Rectified flow as diffusers' DreamBooth-LoRA scripts for Z-Image and Qwen-Image compute it: a training
+    timestep is an index into the scheduler's own schedule (its ``shift`` applied as the folder's scheduler config
+    says), drawn by ``compute_density_for_timestep_sampling`` (``weighting_scheme`` with ``logit_mean``,
+    ``logit_std``, ``mode_scale``); noisy = (1 - sigma) · latents + sigma · noise; the family's transformer
+    (``ModelFamily.predict_flow``) predicts noise - latents; the squared error is weighted by
+    ``compute_loss_weighting_for_sd3``. ``texts``: one text embedding per sample (the family's ``encode_texts``)."""
+
+    def __init__(self, model, weighting_scheme: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.model, self.family = model, family_of(model)
+        self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, logit_mean, logit_std
+        self.mode_scale = mode_scale
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+
+    def draw_index(self, generator: torch.Generator) -> int:
+        """One sample's index into the schedule, from its own seeded generator."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(weighting_scheme=self.weighting_scheme, batch_size=1,
+                                                  logit_mean=self.logit_mean, logit_std=self.logit_std,
+                                                  mode_scale=self.mode_scale, generator=generator)
+        return min(int(u * self.num_timesteps), self.num_timesteps - 1)
+
+    def per_sample_loss(self, latents: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor, texts,
+                        weighted: bool = True) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        indices = indices.cpu()
+        timesteps = self.scheduler.timesteps[indices].to(latents.device)
+        sigmas = self.scheduler.sigmas[indices].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        prediction = self.family.predict_flow(self.model, noisy, timesteps, texts)
+        scheme = self.weighting_scheme if weighted else "none"
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+        error = weighting.float() * (prediction.float() - (noise - latents).float()) ** 2
+        return error.reshape(len(latents), -1).mean(dim=1)
+
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor, texts, **unused) -> torch.Tensor:
+        return self.per_sample_loss(latents, noise, indices, texts).mean()
+
+
+@torch.no_grad()
+def fixed_noise_flow_loss(model, texts: list[torch.Tensor], moments: torch.Tensor, batch_size: int = 32) -> float:
+    """The flow-matching validation loss: latent means, fixed noise, schedule indices spread evenly, unweighted —
+    comparable across steps, runs and weighting schemes."""
+    family = family_of(model)
+    objective = family.objective(model)
+    steps, n = objective.num_timesteps, len(texts)
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    noise = torch.randn((n, moments.shape[1] // 2, *moments.shape[2:]), generator=g)
+    indices = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
+    device = model.device
+    total = 0.0
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        mean, logvar = torch.chunk(moments[start:stop], 2, dim=1)
+        latents = family.training_latents(model, mean.to(device), logvar.to(device), None)
+        loss = objective.per_sample_loss(latents, noise[start:stop].to(device), indices[start:stop],
+                                         texts[start:stop], weighted=False)
         total += float(loss.mean()) * (stop - start)
     return total / n

@@ -1,5 +1,6 @@
 """The table path of training (and of evaluate's denoising loss): TSV rows → validated, indexed examples → images
-→ aspect-ratio buckets → cached VAE latents (in memory and on disk) → pixel batches.
+→ aspect-ratio buckets → cached VAE latents (in memory and on disk) → pixel batches; for the families that train on a
+text-embedding cache (``caches_text_embeddings``), each caption encoded once (``cached_text_embeddings``).
 
 ``read_training_data`` is the one call of ``--mode=train``: one validating pass over each table (every bad row found
 and reported at once), each image given its bucket and, with cached latents, encoded by the frozen VAE as it is read
@@ -38,6 +39,7 @@ from easynlp_ldm.tables import (
     read_table,
     table_digest,
 )
+from modelzoo.families import family_of
 from modelzoo.families.sd_memory import MAX_ENCODE_BATCH
 from modelzoo.ldm import LatentDiffusion
 
@@ -206,7 +208,7 @@ class LatentCache:
         device = self.model.vae.device
         pixels = torch.stack([pixels for _, pixels in group]).to(device, self.model.vae.dtype)
         with torch.autocast(device.type, dtype=amp_dtype(device), enabled=self.use_amp):
-            moments = self.model.vae.encode(pixels).latent_dist.parameters.float().cpu()
+            moments = family_of(self.model).vae_moments(self.model, pixels).float().cpu()
         # The encoder's memory format (channels-last from oneDNN's convolutions on CPU) is kept for the batches: the
         # step then computes as it would on latents encoded in the step.
         self.channels_last = moments.dim() == 4 and not moments.is_contiguous() and moments.is_contiguous(
@@ -315,6 +317,44 @@ def read_and_encode(path: str, name: str, inputs: InputTables, policy: BadRowPol
     return table, cached
 
 
+# ------------------------------------------------------------------------------------------- text embeddings
+TEXT_ENCODE_BATCH = 16
+
+
+def cached_text_embeddings(model, captions: list[str], folder: str, text_length: int) -> dict[str, torch.Tensor]:
+    """Each distinct caption encoded once by the frozen text encoder (the family's ``encode_texts``, as its pipeline
+    encodes prompts), so that no training step runs it: read from ``<folder>/latent_cache/text-<key>.pt`` when it
+    holds them for exactly these captions, this text encoder's weights and text length, else encoded now and written
+    there (rank 0). Read with ``weights_only=True``."""
+    from easynlp_ldm.files import atomic_torch_save
+
+    family = family_of(model)
+    unique = sorted(set(captions))
+    key = {"family": family.name, "text_encoder": module_digest(model.text_encoder), "text_length": text_length,
+           "device": model.device.type, "captions": hashlib.blake2b("\n".join(unique).encode()).hexdigest()}
+    name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(folder, LATENT_CACHE_DIR, f"text-{name}.pt")
+    if os.path.isfile(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["captions"] == unique:
+                logger.info("text embeddings of %d captions read from %s (none encoded)", len(unique), path)
+                return dict(zip(unique, saved["embeddings"]))
+        except Exception as err:  # a damaged file: encode again
+            logger.warning("%s: unreadable (%s); encoding the captions again", path, type(err).__name__)
+    embeddings: list[torch.Tensor] = []
+    for start in range(0, len(unique), TEXT_ENCODE_BATCH):
+        embeddings += family.encode_texts(model, unique[start:start + TEXT_ENCODE_BATCH], text_length)
+    if distributed.context().is_main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_torch_save({"captions": unique, "embeddings": [e.contiguous() for e in embeddings]}, path)
+        for old in os.listdir(os.path.dirname(path)):  # embeddings of other captions or another encoder: stale
+            if old.startswith("text-") and old != os.path.basename(path):
+                os.remove(os.path.join(os.path.dirname(path), old))
+    logger.info("%d captions encoded once by the text encoder; embeddings cached in %s", len(unique), path)
+    return dict(zip(unique, embeddings))
+
+
 # ------------------------------------------------------------------------------------------- the reading pass
 class Buckets:
     """The aspect-ratio buckets of a run (``bucket=True``; otherwise the one square ``resolution``) and what the
@@ -395,7 +435,8 @@ def check_reading_pass(policy: BadRowPolicy, out: str, train: IndexedTable, val:
 
 
 CONTROL_COLUMN = "control"  # a ControlNet's conditioning images (train_target=controlnet)
-DIFFUSION_TARGETS = ("unet", "lora", "controlnet")  # the train_targets trained on the diffusion objective
+# the train_targets trained on the diffusion (or flow-matching) objective
+DIFFUSION_TARGETS = ("unet", "transformer", "lora", "controlnet")
 
 
 @dataclass
@@ -410,6 +451,7 @@ class TrainingData:
     train_latents: CachedLatents | None = None
     val_moments: torch.Tensor | None = None
     data_threads: int = 0
+    texts: dict[str, torch.Tensor] | None = None  # caption → its cached text embedding (caches_text_embeddings)
 
     @property
     def val_captions(self) -> list[str]:
@@ -417,7 +459,7 @@ class TrainingData:
 
 
 def read_training_data(model: LatentDiffusion, inputs: InputTables, flags: ParsedFlags, settings: TrainingSettings,
-                       policy: BadRowPolicy, resolution: int) -> TrainingData:
+                       policy: BadRowPolicy, resolution: int, text_length: int | None = None) -> TrainingData:
     """``--tables`` read once for ``settings.train_target``: every bad row found (and reported, then a stop unless
     skip_bad_rows), and for the diffusion targets each image's bucket and cached latents."""
     if settings.train_target not in DIFFUSION_TARGETS:
@@ -459,7 +501,11 @@ def read_training_data(model: LatentDiffusion, inputs: InputTables, flags: Parse
     data_threads = flags.data_threads if not use_cache else 0
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
-    return TrainingData(train, val, sizes, cached, val_moments, min(data_threads, os.cpu_count() or 1))
+    texts = None
+    if family_of(model).caches_text_embeddings:
+        texts = cached_text_embeddings(model, ["", *train.captions, *(val.captions if val is not None else [])],
+                                       flags.checkpoint_dir, text_length)
+    return TrainingData(train, val, sizes, cached, val_moments, min(data_threads, os.cpu_count() or 1), texts)
 
 
 # ------------------------------------------------------------------------------------------------ pixel batches

@@ -58,8 +58,10 @@ PARAMS: tuple[Param, ...] = (
           "UNet — and of the text encoder with lora_text_encoder — on peft as diffusers does; the model stays frozen "
           "and the checkpoint is pytorch_lora_weights.safetensors in diffusers' format), controlnet (a ControlNet "
           "for the model, from its UNet as diffusers' train_controlnet.py does, on the table's conditioning-image "
-          "column 'control'; the checkpoint is a diffusers ControlNetModel folder for controlnet=)", modes=TRAIN,
-          choices=("unet", "vae", "vae_decoder", "rrdb", "lora", "controlnet")),
+          "column 'control'; the checkpoint is a diffusers ControlNetModel folder for controlnet=); for Z-Image and "
+          "Qwen-Image: transformer (the whole transformer, flow matching; the checkpoint is a diffusers folder) or "
+          "lora (of the transformer's attention)", modes=TRAIN,
+          choices=("unet", "transformer", "vae", "vae_decoder", "rrdb", "lora", "controlnet")),
     Param("lora_rank", int, 4, "LoRA rank (train_target=lora)", modes=TRAIN, check=_positive),
     Param("lora_alpha", float, 0.0, "LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, scale 1, "
           "as diffusers' script)", modes=TRAIN, check=_non_negative),
@@ -125,6 +127,14 @@ PARAMS: tuple[Param, ...] = (
           "as high_noise_share : 1 - high_noise_share", modes=TRAIN, choices=("epsilon", "x0")),
     Param("noise_offset", float, 0.0, "offset noise strength (helps very dark/bright images)", modes=TRAIN,
           check=_non_negative),
+    Param("weighting_scheme", str, "none", "flow-matching models (Z-Image, Qwen-Image): how training timesteps are "
+          "drawn and the loss weighted, as diffusers.training_utils does (none: uniform; logit_normal, mode: timestep "
+          "densities; sigma_sqrt, cosmap: loss weights)", modes=TRAIN,
+          choices=("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")),
+    Param("logit_mean", float, 0.0, "mean of weighting_scheme=logit_normal", modes=TRAIN),
+    Param("logit_std", float, 1.0, "standard deviation of weighting_scheme=logit_normal", modes=TRAIN,
+          check=_positive),
+    Param("mode_scale", float, 1.29, "scale of weighting_scheme=mode", modes=TRAIN),
     Param("gradient_checkpointing", bool, False, "recompute activations in backward to save memory", modes=TRAIN),
     Param("not_use_gradient_checkpoint", bool, None, "EasyNLP's inverse of gradient_checkpointing: True keeps it off "
           "(the default here; EasyNLP's models had it on), False turns it on", modes=TRAIN),

@@ -21,6 +21,8 @@ from appzoo.latent_diffusion.settings import TrainingSettings
 from appzoo.latent_diffusion.train_tasks import (
     ControlNetTrainTask,
     DiffusionTrainTask,
+    FlowMatchingLoraTask,
+    FlowMatchingTrainTask,
     LoraTrainTask,
     RRDBTrainTask,
     VAETrainTask,
@@ -46,7 +48,10 @@ def build_task(model: LatentDiffusion, settings: TrainingSettings, data: Trainin
         return VAETrainTask(model, settings, data, flags.random_seed, resolution, decoder_only=target == "vae_decoder")
     if target == "rrdb":
         return RRDBTrainTask(model, settings, data, flags.random_seed)
-    task_class = {"lora": LoraTrainTask, "controlnet": ControlNetTrainTask}.get(target, DiffusionTrainTask)
+    if family_of(model).caches_text_embeddings:  # the flow-matching DiTs: transformer or lora
+        task_class = FlowMatchingLoraTask if target == "lora" else FlowMatchingTrainTask
+    else:
+        task_class = {"lora": LoraTrainTask, "controlnet": ControlNetTrainTask}.get(target, DiffusionTrainTask)
     return task_class(model, settings, data, seed=flags.random_seed, resolution=resolution, text_length=text_length,
                       use_amp=flags.use_amp)
 
@@ -119,7 +124,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     policy = BadRowPolicy(skip=settings.skip_bad_rows, collect=True)  # every bad row found in one pass
     if settings.train_target == "unet":
         record_native_size(model, resolution)
-    data = read_training_data(model, inputs, flags, settings, policy, resolution)
+    data = read_training_data(model, inputs, flags, settings, policy, resolution, length)
     task = build_task(model, settings, data, flags, resolution, length)
     ctx = distributed.context()
     config = TrainerConfig.from_flags(flags, rank=ctx.rank, world_size=ctx.world_size, use_ema=settings.use_ema,
@@ -146,7 +151,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     if policy.total:
         summary += f"; {policy.summary()}"
     logger.info(summary)
-    if not os.path.isfile(os.path.join(out, ESRGAN_NAME)) and distributed.context().is_main:
+    if "rrdb" in family.train_targets and not os.path.isfile(os.path.join(out, ESRGAN_NAME)) \
+            and distributed.context().is_main:
         logger.warning("%s has no %s: EasyNLP's packaging command (tar czf … config.json pytorch_model.bin %s "
                        "vocab.txt) needs one — copy the ×4 super-resolution weights you use into %s (or %s), or leave "
                        "the file out of the tar command (do_sr is then unavailable)",

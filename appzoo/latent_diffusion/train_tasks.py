@@ -1,5 +1,6 @@
 """What ``--mode=train`` can train, each as a ``TrainTask`` for the framework trainer (optimiser, EMA, checkpoints,
-resume, logs): the diffusion model (``train_target=unet``: UNet, optionally the text encoder), the autoencoder
+resume, logs): the diffusion model (``train_target=unet``: UNet, optionally the text encoder; ``transformer``:
+a flow-matching DiT's transformer, its captions from a text-embedding cache), the autoencoder
 (``vae``, or only its decoder with ``vae_decoder``) and the ESRGAN ×4 net (``rrdb``). Per-sample randomness is seeded
 by (seed, epoch, index) everywhere."""
 
@@ -31,7 +32,7 @@ from appzoo.latent_diffusion.settings import GenerationSettings, TrainingSetting
 from easynlp_ldm.errors import UserError
 from modelzoo import families
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
-from modelzoo.objectives import fixed_noise_loss, sample_latents
+from modelzoo.objectives import fixed_noise_flow_loss, fixed_noise_loss, sample_latents
 
 logger = logging.getLogger("easynlp.train")
 
@@ -58,13 +59,7 @@ class DiffusionTrainTask:
 
     def __init__(self, model: LatentDiffusion, settings: TrainingSettings, data: TrainingData, *, seed: int,
                  resolution: int, text_length: int, use_amp: bool = False):
-        self.model, self.settings, self.data = model, settings, data
-        self.train_table, self.train_moments, self.val_table = data.train, data.train_latents, data.val
-        self.sizes = data.sizes or [(resolution, resolution)] * len(data.train)
-        self.val_captions, self.val_moments = data.val_captions, data.val_moments
-        self.seed, self.resolution, self.text_length = seed, resolution, text_length
-        self.pixels = PixelReader(data.train, self.sizes, seed=seed, random_crop=settings.random_crop,
-                                  random_flip=settings.random_flip)
+        self._take_data(model, settings, data, seed, resolution, text_length)
         self.objective = families.family_of(model).objective(model, snr_gamma=settings.snr_gamma,
                                                              high_noise_loss=settings.high_noise_loss)
         self.num_timesteps = self.objective.num_timesteps
@@ -84,6 +79,17 @@ class DiffusionTrainTask:
             model.unet.enable_gradient_checkpointing()
             if self.train_text_encoder and hasattr(model.text_encoder, "gradient_checkpointing_enable"):
                 model.text_encoder.gradient_checkpointing_enable()
+
+    def _take_data(self, model, settings: TrainingSettings, data: TrainingData, seed: int, resolution: int,
+                   text_length: int) -> None:
+        self.model, self.settings, self.data = model, settings, data
+        self.denoiser = getattr(model, families.family_of(model).denoiser)
+        self.train_table, self.train_moments, self.val_table = data.train, data.train_latents, data.val
+        self.sizes = data.sizes or [(resolution, resolution)] * len(data.train)
+        self.val_captions, self.val_moments = data.val_captions, data.val_moments
+        self.seed, self.resolution, self.text_length = seed, resolution, text_length
+        self.pixels = PixelReader(data.train, self.sizes, seed=seed, random_crop=settings.random_crop,
+                                  random_flip=settings.random_flip)
 
     # ---------------------------------------------------------------------------------------- the protocol
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -111,7 +117,7 @@ class DiffusionTrainTask:
             shape = self.latent_shape(index)
             g = sample_generator(self.seed, epoch, index, TRAIN_STAGE)
             dropout.append(float(torch.rand(1, generator=g)) < self.settings.caption_dropout)
-            timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
+            timesteps.append(self._timestep(g))
             noise.append(torch.randn(shape, generator=g))
             eps.append(torch.randn(shape, generator=g))
             offsets.append(torch.randn((channels, 1, 1), generator=g))
@@ -124,13 +130,19 @@ class DiffusionTrainTask:
                 "noise": torch.stack(noise), "eps": torch.stack(eps), "offsets": torch.stack(offsets),
                 "high": torch.tensor(high, dtype=torch.bool)}
 
+    def _timestep(self, g: torch.Generator) -> int:
+        return int(torch.randint(0, self.num_timesteps, (1,), generator=g))
+
+    def _text_inputs(self, captions: list[str]) -> dict[str, Any]:
+        return {"input_ids": self.model.tokenize(captions, self.text_length)}
+
     def batches(self, order: list[list[int]], epoch: int):
         pixel_iter = self.pixels.batches(order, epoch, self.data.data_threads) if self.train_moments is None else None
         for indices in order:
             captions = [self.train_table.captions[i] for i in indices]
             draws = self._draws(indices, epoch)
             captions = ["" if drop else caption for drop, caption in zip(draws["dropout"], captions)]
-            batch = {"input_ids": self.model.tokenize(captions, self.text_length), **draws}
+            batch = {**self._text_inputs(captions), **draws}
             if self.train_moments is not None:
                 batch["moments"] = self.train_moments.batch(indices)
             else:
@@ -167,7 +179,7 @@ class DiffusionTrainTask:
     def validate(self) -> float | None:
         if not self.val_captions:
             return None
-        with eval_mode(self.model.unet):
+        with eval_mode(self.denoiser):
             return fixed_noise_loss(self.model, self.val_captions, self.val_moments, self.text_length)
 
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
@@ -175,7 +187,7 @@ class DiffusionTrainTask:
 
     def sample_images(self, count: int) -> list[tuple[str, Any]]:
         captions = self.val_captions[:count] or self.train_table.captions[:count]
-        with eval_mode(self.model.unet):
+        with eval_mode(self.denoiser):
             sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution)
             images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], sampling,
@@ -201,7 +213,7 @@ class LoraTrainTask(DiffusionTrainTask):
                                                    settings.lora_target_modules, model), self.lora_text_encoder)
         self.train_text_encoder = self.lora_text_encoder  # the text encoder's forward pass needs gradients then
         model.text_encoder.train(self.lora_text_encoder)
-        total = sum(p.numel() for part in (model.unet, model.text_encoder) for p in part.parameters())
+        total = sum(p.numel() for part in (self.denoiser, model.text_encoder) for p in part.parameters())
         logger.info("train_target=lora: %d trainable parameters (%.2f %% of %d)", trainable, 100 * trainable / total,
                     total)
 
@@ -209,6 +221,73 @@ class LoraTrainTask(DiffusionTrainTask):
         from modelzoo import lora
 
         return lora.save_adapters(folder, self.model, weights)
+
+
+class FlowMatchingTrainTask(DiffusionTrainTask):
+    """``train_target=transformer`` for the families that train on a text-embedding cache (Z-Image, Qwen-Image): the
+    family's flow-matching objective (diffusers' DreamBooth-LoRA scripts': timestep density, sigmas of the
+    scheduler's shift, loss weighting) on the whole transformer; the VAE and the text encoder stay frozen, each
+    caption's embedding read from the cache (``TrainingData.texts``) — the text encoder never runs in a step. Buckets,
+    cached latents, seeded per-sample draws and EMA as for SD-1.x; checkpoints are diffusers folders."""
+
+    SD_ONLY = ("snr_gamma", "high_noise_share", "noise_offset", "train_text_encoder", "lora_text_encoder")
+
+    def __init__(self, model, settings: TrainingSettings, data: TrainingData, *, seed: int, resolution: int,
+                 text_length: int, use_amp: bool = False):
+        self._take_data(model, settings, data, seed, resolution, text_length)
+        family = families.family_of(model)
+        given = [f"{name}={getattr(settings, name)}" for name in self.SD_ONLY if getattr(settings, name)]
+        if given:
+            raise UserError(f"{', '.join(given)}: SD-1.x's training settings do not apply to {family.name} models "
+                            f"(their flow-matching loss is shaped by weighting_scheme, logit_mean, logit_std, "
+                            f"mode_scale; the text encoder stays frozen)")
+        self.objective = family.objective(model, weighting_scheme=settings.weighting_scheme,
+                                          logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+                                          mode_scale=settings.mode_scale)
+        self.num_timesteps = self.objective.num_timesteps
+        self.train_text_encoder = False
+        self.texts = data.texts
+        self.val_texts = [self.texts[caption] for caption in self.val_captions]
+        model.vae.requires_grad_(False).eval()
+        model.text_encoder.requires_grad_(False).eval()
+        self.denoiser.requires_grad_(True).train()
+        if settings.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {families.family_of(self.model).denoiser: self.denoiser}
+
+    def _timestep(self, g: torch.Generator) -> int:
+        return self.objective.draw_index(g)
+
+    def _text_inputs(self, captions: list[str]) -> dict[str, Any]:
+        return {"texts": [self.texts[caption] for caption in captions]}
+
+    def _latents(self, batch: dict) -> torch.Tensor:
+        family, vae = families.family_of(self.model), self.model.vae
+        if "moments" in batch:
+            moments = batch["moments"].to(vae.device)
+        else:
+            with torch.no_grad():
+                moments = family.vae_moments(self.model, batch["pixels"].to(vae.device, vae.dtype)).float()
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return family.training_latents(self.model, mean, logvar, batch["eps"])
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        device = self.model.device
+        return self.objective.loss(self._latents(batch).to(device), batch["noise"].to(device), batch["timesteps"],
+                                   batch["texts"])
+
+    def validate(self) -> float | None:
+        if not self.val_captions:
+            return None
+        with eval_mode(self.denoiser):
+            return fixed_noise_flow_loss(self.model, self.val_texts, self.val_moments)
+
+
+class FlowMatchingLoraTask(LoraTrainTask, FlowMatchingTrainTask):
+    """``train_target=lora`` for those families: a LoRA of the transformer's attention (the targets of diffusers'
+    scripts) on the flow-matching objective, saved as the family's pipeline saves LoRA weights."""
 
 
 def controlnet_conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:

@@ -51,6 +51,9 @@ class ModelFamily:
     openvino_parts: tuple[str, ...] = ()
     # What ``train_target`` may name for this family's models.
     train_targets: tuple[str, ...] = ()
+    # Training encodes each caption once into a cache (``encode_texts``) and the denoiser is trained on the family's
+    # flow-matching objective from it; otherwise captions are tokenised and encoded at every step (SD-1.x's way).
+    caches_text_embeddings: bool = False
 
     # ------------------------------------------------------------------------------------------- loading
     def recognises(self, folder: str) -> bool:
@@ -159,6 +162,10 @@ class ModelFamily:
     def objective(self, model, **options):
         """What training optimises for ``model`` (``options``: the training settings that shape the loss)."""
         raise NotImplementedError
+
+    def vae_moments(self, model, pixels):
+        """Images in [-1, 1] (N, 3, H, W) → the VAE posterior's (mean, logvar) stacked on the channels."""
+        return model.vae.encode(pixels).latent_dist.parameters
 
     def memory_footprint(self, model, **settings):
         """What the memory plan counts for training ``model`` (an ``easynlp_ldm.memory.ModelFootprint``)."""

@@ -5,8 +5,10 @@ their img2img, inpainting and ControlNet variants; a ControlNet folder is the fa
 Folders they read: diffusers folders whose ``model_index.json`` names the family's pipeline class, loaded with
 diffusers' and transformers' own ``from_pretrained`` (offline, no remote code). The model (``DiTModel``) holds the
 components and what the app asks of a model: device, dtype, native image size, VAE factor, scheduler config, text
-length, tokenizer. What the families cannot do yet is refused with one line where a mode asks for it (the family's
-``pipelines``, ``train_targets``, ``export_formats``).
+length, tokenizer. Training (``train_target=transformer`` or ``lora``) is diffusers' DreamBooth-LoRA scripts' flow
+matching (``objective``, ``encode_texts`` for the text-embedding cache, ``training_latents``, ``predict_flow``); a
+fine-tuned model is saved as a diffusers folder (``save``). What the families cannot do yet is refused with one
+line where a mode asks for it (the family's ``pipelines``, ``train_targets``, ``export_formats``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from modelzoo.families.base import IMG2IMG, INPAINT, TXT2IMG, ModelFamily, Model
 DEFAULT_IMAGE_SIZE = 1024
 # max_sequence_length both pipelines tokenise prompts to by default; Qwen-Image's pipeline refuses more than 1024.
 DEFAULT_TEXT_LENGTH = 512
+# The transformer's attention projections: the LoRA targets of diffusers' DreamBooth-LoRA scripts for both models.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The parts of a folder its save writes, each its own subfolder (model_index.json names them).
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 class DiTModel(torch.nn.Module):
@@ -73,7 +79,7 @@ def _read_index(folder: str) -> dict:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """diffusers' and transformers' progress bars off while a model loads (the app logs what it loads)."""
+    """diffusers' and transformers' progress bars off while a model loads or is saved (the app logs what it does)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -100,8 +106,10 @@ class DiTFamily(ModelFamily):
     # noise: the pipelines draw the noise themselves, so a seed gives diffusers' image.
     controlnet_takes_latents = False
     openvino_parts = ()
-    train_targets = ()
+    train_targets = ("transformer", "lora")
     export_formats = ()
+    lora_targets = {"attention": ATTENTION_TARGETS}
+    caches_text_embeddings = True
 
     # ------------------------------------------------------------------------------------------- loading
     def recognises(self, folder: str) -> bool:
@@ -137,8 +145,49 @@ class DiTFamily(ModelFamily):
     def text_length_limit(self, pipe) -> int:
         raise NotImplementedError
 
-    def save(self, model, folder: str, **options) -> list[str]:
-        raise ModelFormatError(f"{self.name} models cannot be saved by this toolkit yet")
+    def save(self, model: DiTModel, folder: str, *, overrides=None, dtype=None, format=None) -> list[str]:
+        """A diffusers folder the family loads again (``model_index.json`` of the folder the model was read from):
+        each component's subfolder replaced atomically (``atomic_replace_folder``), ``model_index.json`` last; the
+        transformer's weights are ``overrides`` (the trainer's ``transformer.*``, EMA applied) over its own."""
+        from safetensors.torch import save_file
+
+        from easynlp_ldm.files import atomic_replace_folder, atomic_write_text
+
+        if format not in (None, "diffusers"):
+            raise ValueError(f"{self.name} models are saved as diffusers folders only, not {format!r}")
+        os.makedirs(folder, exist_ok=True)
+        prefix = f"{self.denoiser}."
+        state = {name: tensor for name, tensor in model.transformer.state_dict().items()}
+        state.update({name[len(prefix):]: tensor for name, tensor in (overrides or {}).items()
+                      if name.startswith(prefix)})
+        state = {name: tensor.detach().to("cpu", dtype or tensor.dtype).contiguous() for name, tensor in state.items()}
+        written = []
+        for name in COMPONENTS:
+            with atomic_replace_folder(os.path.join(folder, name)) as staging, _quiet_loading():
+                if name == "transformer":
+                    model.transformer.save_config(staging)
+                    save_file(state, os.path.join(staging, "diffusion_pytorch_model.safetensors"),
+                              metadata={"format": "pt"})
+                elif name == "scheduler":
+                    self.scheduler(model).save_pretrained(staging)
+                else:
+                    getattr(model, name).save_pretrained(staging)
+            written += [os.path.join(folder, name, file) for file in sorted(os.listdir(os.path.join(folder, name)))]
+        index = _read_index(model.source_path) if getattr(model, "source_path", None) else {}
+        index = index or self.folder_index(model)
+        index["_image_size"] = model.image_size
+        index_path = os.path.join(folder, "model_index.json")
+        atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return written + [index_path]
+
+    def folder_index(self, model: DiTModel) -> dict:
+        """``model_index.json`` for a model read from no folder: the pipeline class and each component's class."""
+        index = {"_class_name": self.folder_classes[0]}
+        for name in COMPONENTS:
+            part = self.scheduler(model) if name == "scheduler" else getattr(model, name)
+            library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
+            index[name] = [library, type(part).__name__]
+        return index
 
     # ---------------------------------------------------------------------------------------- generation
     def scheduler(self, model: DiTModel, sampler: str = ""):
@@ -195,6 +244,46 @@ class DiTFamily(ModelFamily):
             arguments.update(control_image=controls, controlnet_conditioning_scale=control_scales)
         return arguments
 
+    # ------------------------------------------------------------------------------------------ training
+    def objective(self, model: DiTModel, **options):
+        """diffusers' flow matching (``modelzoo.objectives.FlowMatchingObjective``); ``options``: its
+        ``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``."""
+        from modelzoo.objectives import FlowMatchingObjective
+
+        return FlowMatchingObjective(model, **options)
+
+    @torch.no_grad()
+    def encode_texts(self, model: DiTModel, captions: list[str], max_length: int) -> list[torch.Tensor]:
+        """Each caption's text embedding as the pipeline computes it for generation (its template, its hidden
+        layer, padding dropped): one (tokens, width) tensor per caption, on the CPU."""
+        raise NotImplementedError
+
+    def training_latents(self, model: DiTModel, mean: torch.Tensor, logvar: torch.Tensor, eps) -> torch.Tensor:
+        """The transformer's latents from the posterior's moments (``eps``: the seeded draw where the family's
+        script samples the posterior; None: its mean)."""
+        raise NotImplementedError
+
+    def predict_flow(self, model: DiTModel, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     texts: list[torch.Tensor]) -> torch.Tensor:
+        """The transformer's prediction of noise - latents for ``noisy`` (N, C, h, w) at the schedule's
+        ``timesteps``, called as the family's training script calls it."""
+        raise NotImplementedError
+
+    def memory_footprint(self, model: DiTModel, *, train_target: str = "transformer", **unused):
+        """Parameters only (trained or frozen; the LoRA adapters, a few M parameters, are not counted): the
+        activations of these transformers are not measured yet, so none are counted."""
+        from easynlp_ldm.memory import ModelFootprint
+
+        trained: dict[str, list[tuple[int, ...]]] = {}
+        frozen: dict[str, int] = {}
+        for name in ("transformer", "text_encoder", "vae"):
+            for param in getattr(model, name).parameters():
+                if name == "transformer" and train_target == "transformer":
+                    trained.setdefault(name, []).append(tuple(param.shape))
+                else:
+                    frozen[name] = frozen.get(name, 0) + param.numel()
+        return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize)
+
 
 class ZImageFamily(DiTFamily):
     name = "zimage"
@@ -221,6 +310,27 @@ class ZImageFamily(DiTFamily):
         return dict(super().pipeline_arguments(model, prompts, generators, settings, max_length),
                     negative_prompt=[settings.negative_prompt] * len(prompts), guidance_scale=settings.guidance_scale,
                     cfg_normalization=settings.cfg_normalization, cfg_truncation=settings.cfg_truncation)
+
+    # ------------------------------------------------------------------------------------------ training
+    @torch.no_grad()
+    def encode_texts(self, model, captions, max_length):
+        pipe = self.pipeline(model, TXT2IMG)
+        embeds, _ = pipe.encode_prompt(list(captions), device=model.device, do_classifier_free_guidance=False,
+                                       max_sequence_length=max_length)
+        return [embed.cpu() for embed in embeds]
+
+    def training_latents(self, model, mean, logvar, eps):
+        """The posterior's mode, shifted and scaled (train_dreambooth_lora_z_image.py)."""
+        return (mean - model.vae.config.shift_factor) * model.vae.config.scaling_factor
+
+    def predict_flow(self, model, noisy, timesteps, texts):
+        """One (C, 1, h, w) latent per sample, the time as 1 - t / 1000, the prediction negated (Z-Image's
+        transformer predicts latents - noise)."""
+        transformer = model.transformer
+        inputs = list(noisy.to(transformer.dtype).unsqueeze(2).unbind(dim=0))
+        texts = [text.to(noisy.device, transformer.dtype) for text in texts]
+        predictions = transformer(inputs, (1000 - timesteps) / 1000, texts, return_dict=False)[0]
+        return -torch.stack(predictions, dim=0).squeeze(2)
 
 
 class QwenImageFamily(DiTFamily):
@@ -254,6 +364,46 @@ class QwenImageFamily(DiTFamily):
         count, channels, rows, columns = latents.shape
         return self.pipeline_class(self.pipelines[TXT2IMG, False])._pack_latents(
             latents, count, channels, rows, columns)
+
+    # ------------------------------------------------------------------------------------------ training
+    @torch.no_grad()
+    def encode_texts(self, model, captions, max_length):
+        pipe = self.pipeline(model, TXT2IMG)
+        embeds, mask = pipe.encode_prompt(list(captions), device=model.device, max_sequence_length=max_length)
+        lengths = mask.sum(dim=1).tolist() if mask is not None else [embeds.shape[1]] * len(captions)
+        return [embed[:int(length)].cpu() for embed, length in zip(embeds, lengths)]
+
+    def vae_moments(self, model, pixels):
+        """Qwen-Image's VAE takes (and gives) one-frame videos: (N, C, 1, H, W)."""
+        return model.vae.encode(pixels.unsqueeze(2)).latent_dist.parameters.squeeze(2)
+
+    def training_latents(self, model, mean, logvar, eps):
+        """A posterior sample, normalised by the VAE's latents_mean / latents_std (train_dreambooth_lora_qwen_image.py
+        samples the posterior; ``eps`` is the seeded draw)."""
+        latents = mean if eps is None else mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
+        config = model.vae.config
+        shape = (1, config.z_dim, 1, 1)
+        latents_mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
+        return (latents - latents_mean) * latents_std
+
+    def predict_flow(self, model, noisy, timesteps, texts):
+        """Latents packed into 2×2 patches, the texts zero-padded with their mask (none when all are as long), the
+        time as t / 1000, the prediction unpacked."""
+        pipeline_class = self.pipeline_class(self.pipelines[TXT2IMG, False])
+        transformer = model.transformer
+        count, channels, rows, columns = noisy.shape
+        packed = pipeline_class._pack_latents(noisy.to(transformer.dtype), count, channels, rows, columns)
+        longest = max(len(text) for text in texts)
+        embeds = torch.stack([torch.cat([text, text.new_zeros(longest - len(text), text.shape[1])])
+                              for text in texts]).to(noisy.device, transformer.dtype)
+        mask = torch.stack([torch.arange(longest) < len(text) for text in texts]).long().to(noisy.device)
+        prediction = transformer(hidden_states=packed, encoder_hidden_states=embeds,
+                                 encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                                 timestep=timesteps / 1000, img_shapes=[(1, rows // 2, columns // 2)] * count,
+                                 return_dict=False)[0]
+        factor = model.vae_scale_factor
+        return pipeline_class._unpack_latents(prediction, rows * factor, columns * factor, factor).squeeze(2)
 
 
 ZIMAGE = ZImageFamily()

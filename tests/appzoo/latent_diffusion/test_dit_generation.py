@@ -145,8 +145,8 @@ def _one_line_error(capsys, argv, expected):
 
 def test_what_these_families_cannot_do_yet_is_a_one_line_error(folders, shapes_data, tmp_path, capsys):
     folder = folders["zimage"]
-    _one_line_error(capsys, train_argv(shapes_data, str(tmp_path / "run"), folder, udp="train_target=lora"),
-                    "train_target=lora is not available for zimage models")
+    _one_line_error(capsys, train_argv(shapes_data, str(tmp_path / "run"), folder, udp="train_target=controlnet"),
+                    "train_target=controlnet is not available for zimage models")
     _one_line_error(capsys, ["--mode=export", f"--checkpoint_dir={folder}", f"--outputs={tmp_path / 'out'}"],
                     "export_format=tar is not available for zimage models")
     table = tmp_path / "pairs.tsv"

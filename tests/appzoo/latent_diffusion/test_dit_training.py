@@ -1,0 +1,155 @@
+"""Fine-tuning Z-Image and Qwen-Image (issue 32): train_target=transformer lowers the flow-matching validation loss
+and saves a diffusers folder that loads as the same family; train_target=lora writes pytorch_lora_weights.safetensors
+that diffusers' pipe.load_lora_weights takes as it is, giving predict's lora= image; captions are encoded once (the
+text-embedding cache); an interrupted run resumed ends with the uninterrupted run's weights."""
+
+import glob
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from appzoo.latent_diffusion.loading import load_model
+from easynlp_ldm import cli
+from modelzoo import families
+from modelzoo.lora import LORA_FILE
+from modelzoo.objectives import fixed_noise_flow_loss
+from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
+from tests.helpers import decode, predict_argv, read_rows, train_argv
+
+MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
+FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
+STEPS, SEED = 2, 7
+TOLERANCE = 3  # of 255
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    return {name: make(str(root / name)) for name, make in MAKERS.items()}
+
+
+def _cached(run, name):
+    """What the run cached: the validation latents' moments and the text embeddings of its captions."""
+    [path] = glob.glob(os.path.join(run, "latent_cache", f"{name}-*.pt"))
+    return torch.load(path, weights_only=True)
+
+
+def _validation_loss(model, run, captions):
+    """The run's validation loss of ``model`` (fixed noise) on the validation table's cached latents and captions."""
+    texts = _cached(run, "text")
+    by_caption = dict(zip(texts["captions"], texts["embeddings"]))
+    moments = torch.stack(_cached(run, "val")["moments"])
+    return fixed_noise_flow_loss(model, [by_caption[caption] for caption in captions], moments)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_full_fine_tuning_lowers_validation_loss_and_saves_a_folder_of_the_family(folders, shapes_data, tmp_path,
+                                                                                   name, caplog):
+    caplog.set_level(logging.INFO)
+    run = str(tmp_path / "run")
+    argv = train_argv(shapes_data, run, folders[name], *FAST, "--epoch_num=6", "--learning_rate=2e-3",
+                      udp="train_target=transformer caption_dropout=0 use_ema=False sample_images=0")
+    assert cli.main(argv) == 0
+    assert "captions encoded once by the text encoder" in caplog.text
+    captions = [row[1] for row in read_rows(os.path.join(shapes_data, "T2I_val.tsv"))]
+    before, after = families.load(folders[name]), families.load(run)
+    assert after.family == name and type(after.transformer) is type(before.transformer)
+    for part in ("vae", "text_encoder"):  # frozen: saved as they were
+        for key, value in getattr(before, part).state_dict().items():
+            assert torch.equal(getattr(after, part).state_dict()[key], value), (part, key)
+    loss_before, loss_after = _validation_loss(before, run, captions), _validation_loss(after, run, captions)
+    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
+
+
+def _pipeline(folder):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _predicted(tmp_path, folder, udp):
+    table = tmp_path / "prompts.tsv"
+    table.write_text("0\t一个红色的圆形\n", encoding="utf-8")
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.tsv"
+    argv = predict_argv(table, out, folder, "--output_schema=idx,text,gen_imgbase64,sample_id,seed",
+                        f"--random_seed={SEED}", udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {udp}")
+    assert cli.main(argv) == 0
+    [(_, _, image, _, seed)] = read_rows(out)
+    return decode(image), int(seed)
+
+
+# The family's own guidance off in both calls: the images then differ by the adapter alone.
+GUIDANCE = {"zimage": ("scale=0", dict(guidance_scale=0.0)), "qwenimage": ("true_cfg_scale=1", {})}
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_lora_loads_in_diffusers_as_it_is_and_gives_predicts_lora_image(folders, shapes_data, tmp_path, name):
+    run = str(tmp_path / "lora")
+    argv = train_argv(shapes_data, run, folders[name], *FAST, "--epoch_num=4", "--learning_rate=5e-2",
+                      udp="train_target=lora lora_rank=4 caption_dropout=0 use_ema=False sample_images=0")
+    assert cli.main(argv) == 0
+    state = load_file(os.path.join(run, LORA_FILE))
+    assert state and all(key.startswith("transformer.") for key in state)
+    udp, by_hand = GUIDANCE[name]
+    plain, seed = _predicted(tmp_path, folders[name], udp)
+    adapted, seed_again = _predicted(tmp_path, folders[name], f"{udp} lora={run}")
+    assert seed == seed_again
+    assert np.abs(adapted - plain).max() > 10  # it learnt something
+
+    pipe = _pipeline(folders[name])
+    pipe.load_lora_weights(run)  # the folder as the run left it: diffusers finds pytorch_lora_weights.safetensors
+    expected = pipe("一个红色的圆形", height=32, width=32, num_inference_steps=STEPS, output_type="np",
+                    generator=torch.Generator().manual_seed(seed), **by_hand).images[0]
+    expected = (expected * 255).round().astype(np.int16)
+    assert np.abs(adapted - expected).max() <= TOLERANCE
+
+
+def test_interrupted_run_resumed_ends_with_the_uninterrupted_runs_weights(folders, shapes_data, tmp_path,
+                                                                         monkeypatch):
+    """Killed after its first checkpoint, then the identical command: the transformer of a run never stopped (EMA,
+    optimiser state, the per-sample draws and the caches read back from disk)."""
+    from easynlp_ldm.trainer import Trainer
+
+    common = [*FAST, "--learning_rate=1e-3", "--save_checkpoint_steps=3", "--epoch_num=2"]
+    udp = "train_target=transformer caption_dropout=0.3 ema_decay=0.9 weighting_scheme=logit_normal sample_images=0"
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert cli.main(train_argv(shapes_data, straight, folders["zimage"], *common, udp=udp)) == 0
+    save = Trainer.save_training_state
+
+    def killed_after_saving(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
+    assert cli.main(train_argv(shapes_data, resumed, folders["zimage"], *common, udp=udp)) == 130  # as Ctrl-C
+    monkeypatch.setattr(Trainer, "save_training_state", save)
+    assert cli.main(train_argv(shapes_data, resumed, folders["zimage"], *common, udp=udp)) == 0
+    a, b = (load_file(os.path.join(run, "last", "transformer", "diffusion_pytorch_model.safetensors"))
+            for run in (straight, resumed))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert max(float((a[k] - load_model(folders["zimage"]).transformer.state_dict()[k]).abs().max())
+               for k in a) > 0
+
+
+def test_text_embedding_cache_is_read_back_and_sd_settings_are_refused(folders, shapes_data, tmp_path, caplog,
+                                                                       capsys):
+    caplog.set_level(logging.INFO)
+    run = str(tmp_path / "run")
+    argv = train_argv(shapes_data, run, folders["qwenimage"], *FAST, "--epoch_num=1",
+                      udp="train_target=lora sample_images=0")
+    assert cli.main(argv) == 0
+    saved = _cached(run, "text")
+    assert saved["captions"][0] == "" and len(saved["captions"]) == len(set(saved["captions"]))
+    caplog.clear()
+    assert cli.main(train_argv(shapes_data, run, folders["qwenimage"], *FAST, "--epoch_num=1",
+                               udp="train_target=lora sample_images=0 overwrite_checkpoint_dir=True")) == 0
+    assert "(none encoded)" in caplog.text and "captions encoded once" not in caplog.text
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "snr"), folders["zimage"], *FAST,
+                               udp="train_target=transformer snr_gamma=5")) == 2
+    assert "SD-1.x's training settings do not apply to zimage models" in capsys.readouterr().err
