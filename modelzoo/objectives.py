@@ -115,6 +115,15 @@ class DiffusionObjective:
         return high_share * high_part + (1 - high_share) * low_part
 
 
+def validation_draws(n: int, steps: int, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed noise of ``n`` validation latents (of ``moments``' shape) and their timesteps spread evenly over
+    ``steps``."""
+    g = torch.Generator().manual_seed(VALIDATION_SEED)
+    latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
+    noise = torch.randn((n, *latent_shape), generator=g)
+    return noise, (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
+
+
 @torch.no_grad()
 def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch.Tensor, text_length: int,
                      batch_size: int = 32, residuals=None) -> float:
@@ -123,10 +132,7 @@ def fixed_noise_loss(model: LatentDiffusion, captions: list[str], moments: torch
     objective = family_of(model).objective(model)
     steps = objective.num_timesteps
     n = len(captions)
-    g = torch.Generator().manual_seed(VALIDATION_SEED)
-    latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
-    noise = torch.randn((n, *latent_shape), generator=g)
-    timesteps = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
+    noise, timesteps = validation_draws(n, steps, moments)
     device = model.device
     total = 0.0
     for start in range(0, n, batch_size):
@@ -193,11 +199,8 @@ def fixed_noise_flow_loss(model, texts: list[torch.Tensor], moments: torch.Tenso
     comparable across steps, runs and weighting schemes."""
     family = family_of(model)
     objective = family.objective(model)
-    steps, n = objective.num_timesteps, len(texts)
-    g = torch.Generator().manual_seed(VALIDATION_SEED)
-    noise = torch.randn((n, moments.shape[1] // 2, *moments.shape[2:]), generator=g)
-    indices = (torch.arange(n) * steps // n + steps // (2 * n)).clamp(max=steps - 1).long()
-    device = model.device
+    noise, indices = validation_draws(len(texts), objective.num_timesteps, moments)
+    n, device = len(texts), model.device
     total = 0.0
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
