@@ -108,6 +108,15 @@ def export_diffusers(model, destination: str) -> None:
         check_loads(model, folder, "diffusers", destination)
 
 
+def export_family_folder(model, destination: str) -> None:
+    """A model whose family's own format is a diffusers folder (Z-Image, Qwen-Image): the family's ``save``, loaded
+    back by the family's diffusers pipeline and by this toolkit."""
+    with atomic_folder(destination) as folder:
+        families.save(model, folder)
+        check_diffusers_loads(model, folder, False, destination)
+        check_loads(model, folder, "diffusers", destination)
+
+
 def legacy_text_encoder_weights(class_name: str, folder: str) -> None:
     """Rename the saved text encoder's weights (``model.safetensors`` or its shards and index) in ``folder`` to the
     names transformers 4.x reads, which the current release maps back on load."""
@@ -188,6 +197,18 @@ def noise_schedule(model) -> tuple[str, list[float]]:
     return type(scheduler).__name__, (values if values is not None else scheduler.sigmas).tolist()
 
 
+def compared_components(model) -> tuple[str, ...]:
+    """The parts whose weights an export must hold as the model does."""
+    return ("text_encoder", families.family_of(model).denoiser, "vae")
+
+
+def probe_tokens(model) -> list[list[int]]:
+    """``PROBE_PROMPT``'s token ids as the model tokenises it (its own ``tokenize``, else its tokenizer's)."""
+    if hasattr(model, "tokenize"):
+        return model.tokenize([PROBE_PROMPT]).tolist()
+    return model.tokenizer([PROBE_PROMPT])["input_ids"]
+
+
 def check_loads(model, folder: str, export_format: str, destination: str) -> None:
     """This toolkit's loader reads ``folder`` back as ``model``: the same weights, tokenisation, text length, native
     size, family, noise schedule and super-resolution net. Raises ``UserError`` (the export is then discarded) if
@@ -196,10 +217,10 @@ def check_loads(model, folder: str, export_format: str, destination: str) -> Non
         loaded = families.load(folder)
     except (ModelFormatError, ValueError) as err:
         _fail(export_format, destination, f"this toolkit cannot read it: {err}")
-    components = ("text_encoder", "unet", "vae")
+    components = compared_components(model)
     problem = different_weights({name: getattr(model, name) for name in components},
                                 {name: getattr(loaded, name) for name in components})
-    checks = {"tokenisation": (model.tokenize([PROBE_PROMPT]).tolist(), loaded.tokenize([PROBE_PROMPT]).tolist()),
+    checks = {"tokenisation": (probe_tokens(model), probe_tokens(loaded)),
               "text length": (model.text_max_length, loaded.text_max_length),
               "native size": (model.image_size, loaded.image_size),
               "family": (model.family, loaded.family),
@@ -212,17 +233,22 @@ def check_loads(model, folder: str, export_format: str, destination: str) -> Non
 
 
 def check_diffusers_loads(model, folder: str, remote_code: bool, destination: str) -> None:
-    """diffusers' ``StableDiffusionPipeline.from_pretrained`` loads ``folder`` (with ``trust_remote_code`` when the
-    text encoder's code travels with it) into the same weights and encodes a prompt as ``model`` does."""
+    """diffusers' text-to-image pipeline of the family (``StableDiffusionPipeline`` for SD-1.x) loads ``folder``
+    (with ``trust_remote_code`` when the text encoder's code travels with it) into the same weights and encodes a
+    prompt as ``model`` does (a family whose pipeline encodes prompts itself: tokenises it the same)."""
+    loader = f"{text_to_image_class(model).__name__}.from_pretrained"
     try:
         with _quiet_diffusers():
             pipe = text_to_image_class(model).from_pretrained(folder, trust_remote_code=remote_code)
     except Exception as err:  # whatever diffusers or transformers raise: the folder does not load
-        _fail("diffusers", destination, f"StableDiffusionPipeline.from_pretrained: {type(err).__name__}: {err}")
-    components = ("text_encoder", "unet", "vae")
+        _fail("diffusers", destination, f"{loader}: {type(err).__name__}: {err}")
+    components = compared_components(model)
     problem = different_weights({name: getattr(model, name) for name in components},
                                 {name: getattr(pipe, name) for name in components})
-    if problem is None:
+    if problem is None and not hasattr(model, "encode_prompts"):
+        if pipe.tokenizer([PROBE_PROMPT])["input_ids"] != probe_tokens(model):
+            problem = "it tokenises a prompt differently"
+    elif problem is None:
         device = model.text_encoder.device  # the same device (and kernels) as the model's encoding
         try:
             with torch.no_grad():
@@ -235,13 +261,13 @@ def check_diffusers_loads(model, folder: str, remote_code: bool, destination: st
             if theirs.shape != ours.shape or float((theirs.float() - ours.float()).abs().max()) > 1e-4:
                 problem = "it encodes a prompt differently"
     if problem:
-        _fail("diffusers", destination, f"StableDiffusionPipeline.from_pretrained: {problem}")
+        _fail("diffusers", destination, f"{loader}: {problem}")
 
 
 def diffusers_note(model, folder: str) -> str:
     """What loads an exported diffusers folder, as the log says it."""
     if not isinstance(model.text_encoder, te.WukongTextEncoder):
-        return f"StableDiffusionPipeline.from_pretrained({folder!r}) and this toolkit load it"
+        return f"{text_to_image_class(model).__name__}.from_pretrained({folder!r}) and this toolkit load it"
     return (f"this toolkit loads it in every mode, and diffusers' StableDiffusionPipeline.from_pretrained({folder!r}, "
             f"trust_remote_code=True) does (the text encoder is EasyNLP's Wukong transformer, not a transformers "
             f"class: its code is text_encoder/{WUKONG_MODULE}.py; without trust_remote_code diffusers refuses the "
@@ -267,6 +293,6 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         export_easynlp(model, flags.outputs)
         logger.info("wrote EasyNLP latent_diffusion folder %s (checked: this toolkit loads it)", flags.outputs)
     else:
-        export_diffusers(model, flags.outputs)
+        (export_diffusers if family.denoiser == "unet" else export_family_folder)(model, flags.outputs)
         logger.info("wrote diffusers folder %s (checked: %s)", flags.outputs, diffusers_note(model, flags.outputs))
     return 0

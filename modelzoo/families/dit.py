@@ -107,7 +107,7 @@ class DiTFamily(ModelFamily):
     controlnet_takes_latents = False
     openvino_parts = ()
     train_targets = ("transformer", "lora")
-    export_formats = ()
+    export_formats = ("diffusers",)  # the folder ``save`` writes: the family's own format
     lora_targets = {"attention": ATTENTION_TARGETS}
     caches_text_embeddings = True
 

@@ -73,3 +73,18 @@ def test_lora_reads_comfyui_layout_as_the_diffusers_file(folders, adapters, tmp_
     from_comfyui = predicted(tmp_path, folders[name], f"{GUIDANCE[name]} lora={comfyui_file}")
     assert np.abs(adapted - plain).max() > 10  # the adapter moves pixels
     assert np.abs(from_comfyui - adapted).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_diffusers_export_with_lora_merged_predicts_the_lora_image(folders, adapters, tmp_path, name):
+    from diffusers import DiffusionPipeline
+
+    exported = str(tmp_path / "exported")
+    argv = ["--mode=export", f"--checkpoint_dir={folders[name]}", f"--outputs={exported}",
+            f"--user_defined_parameters=export_format=diffusers lora={adapters[name]}"]
+    assert cli.main(argv) == 0
+    assert families.family_of(families.load(exported)).name == name
+    pipe = DiffusionPipeline.from_pretrained(exported, local_files_only=True)
+    assert not any("lora" in key for key in pipe.transformer.state_dict())  # merged, no adapter layers left
+    adapted = predicted(tmp_path, folders[name], f"{GUIDANCE[name]} lora={adapters[name]}")
+    assert np.abs(predicted(tmp_path, exported, GUIDANCE[name]) - adapted).max() <= TOLERANCE
