@@ -1,11 +1,18 @@
 """Fine-tuning Z-Image and Qwen-Image (issue 32): train_target=transformer lowers the flow-matching validation loss
 and saves a diffusers folder that loads as the same family; train_target=lora writes pytorch_lora_weights.safetensors
 that diffusers' pipe.load_lora_weights takes as it is, giving predict's lora= image; captions are encoded once (the
-text-embedding cache); an interrupted run resumed ends with the uninterrupted run's weights."""
+text-embedding cache); an interrupted run resumed (in-process, or SIGKILLed and the identical command run again) ends
+with the uninterrupted run's weights; 2 processes of micro-batch 4 train like 1 of 8; gradient_checkpointing=True
+recomputes the transformer's blocks and trains as without it."""
 
 import glob
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +25,7 @@ from modelzoo import families
 from modelzoo.lora import LORA_FILE
 from modelzoo.objectives import fixed_noise_flow_loss
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
-from tests.helpers import decode, predict_argv, read_rows, train_argv
+from tests.helpers import ROOT, decode, free_port, predict_argv, read_rows, train_argv
 
 MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
 FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
@@ -153,3 +160,90 @@ def test_text_embedding_cache_is_read_back_and_sd_settings_are_refused(folders, 
     assert cli.main(train_argv(shapes_data, str(tmp_path / "snr"), folders["zimage"], *FAST,
                                udp="train_target=transformer snr_gamma=5")) == 2
     assert "SD-1.x's training settings do not apply to zimage models" in capsys.readouterr().err
+
+
+def _easynlp(argv):
+    """The `easynlp` command in a process of its own (one thread: the same sums in every run), outside any torchrun."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "EASYNLP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finished(process):
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _largest_difference(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# What each train_target leaves in last/: the adapter, or the transformer of a diffusers folder (EMA on: its state too).
+SIGKILLED = {"lora": ("train_target=lora lora_rank=2 use_ema=False", LORA_FILE),
+             "transformer": ("train_target=transformer ema_decay=0.9",
+                             os.path.join("transformer", "diffusion_pytorch_model.safetensors"))}
+
+
+@pytest.mark.parametrize("target", sorted(SIGKILLED))
+def test_run_sigkilled_after_a_checkpoint_resumes_by_the_identical_command(folders, shapes_data, tmp_path, target):
+    common = [*FAST, "--learning_rate=1e-2", "--save_checkpoint_steps=3", "--epoch_num=5"]
+    udp, saved = SIGKILLED[target]
+    udp += " caption_dropout=0.3 sample_images=0"
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert "captions encoded once" in _finished(_easynlp(train_argv(shapes_data, straight, folders["zimage"], *common,
+                                                                       udp=udp)))
+    process = _easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
+    meta = os.path.join(killed, "training_state", "trainer_meta.json")
+    deadline = time.time() + 300
+    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_step = json.load(open(meta))["step"]
+    assert saved_step < 20, "the run finished before it could be killed"
+    output = _finished(_easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
+    assert f"resumed from {killed}/training_state at step {saved_step}" in output
+    assert "captions encoded once" not in output  # the text-embedding cache read back
+    a, b = (load_file(os.path.join(run, "last", saved)) for run in (straight, killed))
+    assert _largest_difference(a, b) <= 1e-5
+
+
+def test_two_processes_of_4_train_like_one_of_8(folders, shapes_data, tmp_path):
+    common = ["--warmup_proportion=0", "--max_grad_norm=0", "--learning_rate=1e-3", "--epoch_num=1"]
+    udp = "train_target=transformer caption_dropout=0.3 use_ema=False sample_images=0"
+    runs = {"one": ["--micro_batch_size=8"], "two": ["--micro_batch_size=4", "--worker_gpu=2",
+                                                     f"--master_port={free_port()}"]}
+    for name, extra in runs.items():
+        _finished(_easynlp(train_argv(shapes_data, str(tmp_path / name), folders["zimage"], *extra, *common,
+                                      udp=udp)))
+    a, b = (load_file(os.path.join(tmp_path, name, "last", "transformer", "diffusion_pytorch_model.safetensors"))
+            for name in runs)
+    assert _largest_difference(a, b) <= 1e-4
+    assert _largest_difference(a, load_model(folders["zimage"]).transformer.state_dict()) > 0  # it trained
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same(folders, shapes_data, tmp_path, name,
+                                                                           monkeypatch):
+    import torch.utils.checkpoint
+
+    checkpoint, calls = torch.utils.checkpoint.checkpoint, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    runs = {}
+    for checkpointing in (False, True):
+        run = str(tmp_path / f"checkpointing{checkpointing}")
+        udp = f"train_target=transformer use_ema=False sample_images=0 gradient_checkpointing={checkpointing}"
+        assert cli.main(train_argv(shapes_data, run, folders[name], *FAST, "--epoch_num=1", "--learning_rate=1e-3",
+                                   udp=udp)) == 0
+        assert bool(calls) is checkpointing
+        runs[checkpointing] = load_file(glob.glob(os.path.join(run, "last", "transformer", "*.safetensors"))[0])
+    assert _largest_difference(runs[False], runs[True]) <= 1e-5
