@@ -15,6 +15,10 @@
 * ``export_format=easynlp``: a folder in EasyNLP's own latent_diffusion format (CompVis ``config.json``,
   ``pytorch_model.bin``, ``vocab.txt``, ``RRDB_ESRGAN_x4.pth``) that EasyNLP's ``LatentDiffusion`` loads; only for
   models conditioned by EasyNLP's Wukong text encoder (``modelzoo.formats.easynlp``).
+* Z-Image and Qwen-Image: ``export_format=diffusers`` is the family's own folder (its ``save``), loaded back by the
+  family's diffusers pipeline; ``lora_format=comfyui`` writes the LoRA given as ``lora=`` (instead of the model) as
+  one file in ComfyUI's key layout (``modelzoo.formats.comfyui_lora``), checked by diffusers' loader reading it back
+  to the same weight changes.
 
 Every export loads what it wrote before it is in place — with diffusers' ``StableDiffusionPipeline.from_pretrained``
 (and this toolkit) for a diffusers folder, with this toolkit's loader otherwise — and compares weights, tokenisation
@@ -43,9 +47,11 @@ from modelzoo import families
 from modelzoo import text_encoder as te
 from modelzoo import wukong as wukong_code
 from modelzoo.families.base import TXT2IMG, ModelFormatError
+from modelzoo.formats.comfyui_lora import diffusers_to_comfyui, module_deltas, transformer_config
 from modelzoo.formats.easynlp import FORMAT as EASYNLP_FORMAT
 from modelzoo.formats.easynlp import NotExpressible
 from modelzoo.ldm import CHECKPOINT_FILES, DIFFUSERS_ESRGAN_ORDER, ESRGAN_NAME
+from modelzoo.lora import LORA_FILE, parse_specs
 from modelzoo.weights import find_weights
 
 logger = logging.getLogger("easynlp.export")
@@ -115,6 +121,44 @@ def export_family_folder(model, destination: str) -> None:
         families.save(model, folder)
         check_diffusers_loads(model, folder, False, destination)
         check_loads(model, folder, "diffusers", destination)
+
+
+def export_lora(model, specs, lora_format: str, destination: str) -> None:
+    """The LoRA ``specs`` (one file or run folder of any layout diffusers' loader of the family reads, its scale
+    applied) as one ``.safetensors`` file in ``lora_format``'s key layout (``comfyui``:
+    ``modelzoo.formats.comfyui_lora``), written atomically once diffusers' loader reads it back to the same weight
+    changes of ``model``'s modules."""
+    from safetensors.torch import save
+
+    family = families.family_of(model)
+    if lora_format not in family.lora_export_formats:
+        raise UserError(f"lora_format={lora_format} is not available for {family.name} models")
+    if len(specs) != 1:
+        raise UserError(f"lora_format={lora_format}: give lora= one LoRA file or run folder to convert (it has "
+                        f"{len(specs)})")
+    spec = specs[0]
+    path = os.path.join(spec.path, LORA_FILE) if os.path.isdir(spec.path) else spec.path
+    tensors, config = _read_lora(model, path, spec.path)
+    try:
+        converted = diffusers_to_comfyui(tensors, config, spec.scale)
+    except ValueError as err:
+        raise UserError(f"lora_format={lora_format}: {spec.path}: {err}") from None
+    with atomic_open(destination, "wb") as handle:
+        handle.write(save(converted, metadata={"format": "pt"}))
+        handle.flush()
+        check_lora_loads(model, module_deltas(tensors, config, spec.scale), handle.name, lora_format, destination)
+
+
+def _read_lora(model, path: str, given: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA file as the family's diffusers loader converts it (``transformer.<module>.lora_A/lora_B``) and its
+    transformer adapter's config."""
+    try:
+        with _quiet_diffusers():
+            tensors, metadata = text_to_image_class(model).lora_state_dict(path, return_lora_metadata=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise UserError(f"lora: {given}: cannot read it as a LoRA for this model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:300]})") from None
+    return tensors, transformer_config(metadata)
 
 
 def legacy_text_encoder_weights(class_name: str, folder: str) -> None:
@@ -264,6 +308,29 @@ def check_diffusers_loads(model, folder: str, remote_code: bool, destination: st
         _fail("diffusers", destination, f"{loader}: {problem}")
 
 
+def check_lora_loads(model, expected: dict[str, torch.Tensor], path: str, lora_format: str,
+                     destination: str) -> None:
+    """diffusers' loader of ``model``'s family reads the LoRA file at ``path`` to the weight changes ``expected``
+    (module → ``scale × alpha / rank × B @ A``), each of a module ``model``'s transformer has."""
+    loader = f"{text_to_image_class(model).__name__}.lora_state_dict"
+    try:
+        with _quiet_diffusers():
+            tensors, metadata = text_to_image_class(model).lora_state_dict(path, return_lora_metadata=True)
+    except Exception as err:  # whatever diffusers' converters raise: the file does not load
+        problem = f"{type(err).__name__}: {err}"
+    else:
+        loaded = module_deltas(tensors, transformer_config(metadata))
+        modules = dict(getattr(model, families.family_of(model).denoiser).named_modules())
+        problem = next((f"the model has no module {name}" for name in sorted(loaded) if name not in modules), None)
+        if set(loaded) != set(expected):
+            problem = f"other modules ({sorted(set(loaded) ^ set(expected))[:2]})"
+        problem = problem or next((f"{name}'s weight change differs" for name, delta in expected.items()
+                                   if not torch.allclose(loaded[name], delta, rtol=1e-5, atol=1e-7)), None)
+    if problem:
+        raise UserError(f"lora_format={lora_format}: the file does not load as it should ({loader}: {problem}); "
+                        f"nothing was written to {destination}")
+
+
 def diffusers_note(model, folder: str) -> str:
     """What loads an exported diffusers folder, as the log says it."""
     if not isinstance(model.text_encoder, te.WukongTextEncoder):
@@ -281,6 +348,12 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         raise UserError("--outputs is required for --mode=export (the .tar.gz path, or a folder for "
                         "export_format=diffusers or easynlp)")
     settings = InferenceSettings.from_params(params)
+    if settings.lora_format:  # the LoRA converted, the model (unchanged) read to check it against
+        model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir)
+        export_lora(model, parse_specs(settings.lora), settings.lora_format, flags.outputs)
+        logger.info("wrote %s (a LoRA in %s's key layout; checked: diffusers' loader reads it to the same weight "
+                    "changes)", flags.outputs, settings.lora_format)
+        return 0
     model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora)
     family = families.family_of(model)
     if settings.export_format not in family.export_formats:

@@ -298,6 +298,11 @@ PARAMS: tuple[Param, ...] = (
           "in EasyNLP's own latent_diffusion format; Wukong-conditioned models only); each export is loaded back "
           "and checked before it is in place",
           modes=EXPORT, choices=("tar", "diffusers", "easynlp")),
+    Param("lora_format", str, "", "export: instead of the model, the LoRA given as lora= (one file or run folder, "
+          "its scale applied) as one .safetensors file at --outputs in this key layout: comfyui (ComfyUI's "
+          "diffusion_model.<module>.lora_A/lora_B with alpha; Z-Image and Qwen-Image models); checked by loading it "
+          "back with diffusers' loader before it is in place",
+          modes=EXPORT, choices=("", "comfyui")),
 )
 
 

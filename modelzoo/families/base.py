@@ -34,6 +34,8 @@ class ModelFamily:
     # Checkpoint formats ``save`` writes, the first the family's own; ``export_formats``: what --mode=export offers.
     formats: tuple[str, ...] = ()
     export_formats: tuple[str, ...] = ()
+    # Key layouts of other tools that --mode=export lora_format= converts the family's LoRA files to.
+    lora_export_formats: tuple[str, ...] = ()
     # (kind, with a ControlNet) → the name of the diffusers pipeline class that runs it.
     pipelines: Mapping[tuple[str, bool], str] = {}
     # diffusers' class of the family's ControlNet folders, and the class that runs several at once ("": one only).

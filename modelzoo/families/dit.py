@@ -108,6 +108,7 @@ class DiTFamily(ModelFamily):
     openvino_parts = ()
     train_targets = ("transformer", "lora")
     export_formats = ("diffusers",)  # the folder ``save`` writes: the family's own format
+    lora_export_formats = ("comfyui",)  # key layouts --mode=export lora_format= converts a LoRA to
     lora_targets = {"attention": ATTENTION_TARGETS}
     caches_text_embeddings = True
 

@@ -11,28 +11,18 @@ its metadata) holds the same adapter under other names.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 COMFYUI_PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
 LORA_PAIR = (".lora_A.weight", ".lora_B.weight")
-# The metadata key diffusers' save_lora_weights writes the adapters' peft configs under (JSON, each config's keys
-# prefixed by its component: ``transformer.lora_alpha``).
-DIFFUSERS_METADATA = "lora_adapter_metadata"
 
 
-def read_diffusers_lora(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A diffusers LoRA file's tensors and its transformer adapter's config (``{}`` when the file has none)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        metadata = handle.metadata() or {}
-    packed = json.loads(metadata.get(DIFFUSERS_METADATA) or "{}")
-    return tensors, {key[len(DIFFUSERS_PREFIX):]: value for key, value in packed.items()
-                     if key.startswith(DIFFUSERS_PREFIX)}
+def transformer_config(metadata: dict | None) -> dict:
+    """The transformer adapter's peft config from diffusers' LoRA metadata (``lora_state_dict(...,
+    return_lora_metadata=True)``: each config's keys prefixed by its component, ``transformer.lora_alpha``)."""
+    return {key[len(DIFFUSERS_PREFIX):]: value for key, value in (metadata or {}).items()
+            if key.startswith(DIFFUSERS_PREFIX)}
 
 
 def lora_modules(tensors: dict[str, torch.Tensor], prefix: str) -> list[str]:
@@ -65,8 +55,12 @@ def diffusers_to_comfyui(tensors: dict[str, torch.Tensor], config: dict, scale: 
     return converted
 
 
-def module_deltas(tensors: dict[str, torch.Tensor], prefix: str, scales: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Each module's weight change, ``scale × B @ A`` (``scales``: per module, 1 where not given)."""
-    return {module: scales.get(module, 1.0) * (tensors[prefix + module + LORA_PAIR[1]].double()
-                                               @ tensors[prefix + module + LORA_PAIR[0]].double())
-            for module in lora_modules(tensors, prefix)}
+def module_deltas(tensors: dict[str, torch.Tensor], config: dict, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Each module's weight change in a diffusers transformer LoRA: ``scale × lora_alpha / rank × B @ A``
+    (``lora_alpha`` from ``config``, the rank where it has none, as diffusers' loader takes it)."""
+    deltas = {}
+    for module in lora_modules(tensors, DIFFUSERS_PREFIX):
+        down, up = (tensors[DIFFUSERS_PREFIX + module + end].double() for end in LORA_PAIR)
+        alpha = float(config.get("lora_alpha") or down.shape[0])
+        deltas[module] = scale * alpha / down.shape[0] * (up @ down)
+    return deltas
