@@ -3,9 +3,11 @@ each other; fixtures live in conftest.py."""
 
 import base64
 import io
+import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -280,3 +282,16 @@ def make_test_controlnet(model_dir, folder):
                 param.copy_(torch.randn_like(param) * 0.5)
     net.save_pretrained(folder)
     return folder
+
+
+def kill_after_first_checkpoint(process, run_dir, timeout=120):
+    """SIGKILL a training ``process`` as soon as it has saved its first training state in ``run_dir``; returns the
+    step that state holds."""
+    meta = os.path.join(run_dir, "training_state", "trainer_meta.json")
+    deadline = time.time() + timeout
+    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with open(meta, encoding="utf-8") as handle:
+        return json.load(handle)["step"]

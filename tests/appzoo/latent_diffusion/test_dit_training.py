@@ -6,13 +6,10 @@ with the uninterrupted run's weights; 2 processes of micro-batch 4 train like 1 
 recomputes the transformer's blocks and trains as without it."""
 
 import glob
-import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ from modelzoo import families
 from modelzoo.lora import LORA_FILE
 from modelzoo.objectives import fixed_noise_flow_loss
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
-from tests.helpers import ROOT, decode, free_port, predict_argv, read_rows, train_argv
+from tests.helpers import ROOT, decode, free_port, kill_after_first_checkpoint, predict_argv, read_rows, train_argv
 
 MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
 FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
@@ -197,13 +194,7 @@ def test_run_sigkilled_after_a_checkpoint_resumes_by_the_identical_command(folde
     assert "captions encoded once" in _finished(_easynlp(train_argv(shapes_data, straight, folders["zimage"], *common,
                                                                        udp=udp)))
     process = _easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
-    meta = os.path.join(killed, "training_state", "trainer_meta.json")
-    deadline = time.time() + 300
-    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    saved_step = json.load(open(meta))["step"]
+    saved_step = kill_after_first_checkpoint(process, killed, timeout=300)
     assert saved_step < 20, "the run finished before it could be killed"
     output = _finished(_easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
     assert f"resumed from {killed}/training_state at step {saved_step}" in output

@@ -3,10 +3,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from tests.helpers import (
     SEED_TRAIN,
     decode,
     easynlp_checkpoint,
+    kill_after_first_checkpoint,
     predict_argv,
     read_rows,
     train_argv,
@@ -104,13 +103,7 @@ def test_sigkill_after_first_checkpoint_then_the_identical_command_resumes(tiny_
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     assert _run(train_argv(shapes_data, full, tiny_model_dir, *common)).wait() == 0
     process = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))
-    meta = os.path.join(killed, "training_state", "trainer_meta.json")
-    deadline = time.time() + 120
-    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    saved_step = json.load(open(meta))["step"]
+    saved_step = kill_after_first_checkpoint(process, killed, timeout=120)
     assert saved_step < 40, "the run finished before it could be killed"
     sd.load(killed)  # the last complete checkpoint loads
     resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))  # the same command, nothing added

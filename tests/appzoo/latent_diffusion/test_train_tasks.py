@@ -5,7 +5,7 @@ import torch
 
 from easynlp_ldm import cli
 from modelzoo.families import sd
-from tests.helpers import train_argv
+from tests.helpers import kill_after_first_checkpoint, train_argv
 
 
 def train_vae(target, model_dir, data, out, udp=""):
@@ -131,10 +131,8 @@ def test_train_controlnet_from_the_unet_then_generate_with_it(tiny_model_dir, sh
 
 
 def test_controlnet_training_resumes_exactly_after_sigkill(tiny_model_dir, shapes_data, tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
     from tests.helpers import ROOT
 
@@ -150,13 +148,7 @@ def test_controlnet_training_resumes_exactly_after_sigkill(tiny_model_dir, shape
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     assert run(full).wait() == 0
     process = run(killed)
-    meta = os.path.join(killed, "training_state", "trainer_meta.json")
-    deadline = time.time() + 120
-    while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    step = json.load(open(meta))["step"]
+    step = kill_after_first_checkpoint(process, killed, timeout=120)
     assert step < 32, "the run finished before it could be killed"
     resumed = run(killed)
     output = resumed.communicate()[0]
