@@ -1,7 +1,8 @@
 """LoRA adapters, on peft as diffusers does: added for training, saved in diffusers' LoRA format
 (``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights`` loads as it is, with the adapter's config in
 the file's metadata), and applied for inference — one or several, each with its scale, merged into the weights
-(``fuse``) or kept switchable. diffusers reads kohya-ss / WebUI files too (it converts them)."""
+(``fuse``) or kept switchable, on the denoiser the model's family names. diffusers reads kohya-ss / WebUI files too,
+and for Z-Image / Qwen-Image musubi and ComfyUI files (it converts them)."""
 
 from __future__ import annotations
 
