@@ -295,3 +295,22 @@ def kill_after_first_checkpoint(process, run_dir, timeout=120):
     process.wait()
     with open(meta, encoding="utf-8") as handle:
         return json.load(handle)["step"]
+
+
+def random_adapter(model, folder, targets, seed, rank=4, alpha=8, scale=1.0):
+    """A LoRA of ``model``'s denoiser (its family's) on ``targets``, its up-projections random (× ``scale``) so that it
+    changes images, saved as train_target=lora saves one; returns ``folder``."""
+    from modelzoo.families import family_of
+    from modelzoo.lora import add_training_adapters, save_adapters
+
+    add_training_adapters(model, rank, alpha, 0.0, targets, text_encoder=False)
+    denoiser = family_of(model).denoiser
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, param in getattr(model, denoiser).named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * scale
+        if param.requires_grad:
+            weights[f"{denoiser}.{name}"] = param.detach()
+    save_adapters(folder, model, weights)
+    return folder

@@ -14,9 +14,9 @@ from easynlp_ldm import cli
 from modelzoo import families
 from modelzoo.families.dit import ATTENTION_TARGETS
 from modelzoo.formats.comfyui_lora import diffusers_to_comfyui, transformer_config
-from modelzoo.lora import LORA_FILE, add_training_adapters, save_adapters
+from modelzoo.lora import LORA_FILE
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
-from tests.helpers import decode, predict_argv, read_rows
+from tests.helpers import decode, predict_argv, random_adapter, read_rows
 
 MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
 # The family's own guidance off: the images then differ by the adapter alone.
@@ -34,17 +34,7 @@ def folders(tmp_path_factory):
 def make_dit_adapter(model_dir, folder, seed=1, rank=4, alpha=8):
     """A LoRA of the tiny transformer's attention with random (non-zero) up-projections, saved as train_target=lora
     saves one; alpha ≠ rank, so a file that lost the adapter's alpha gives another image."""
-    model = families.load(model_dir)
-    add_training_adapters(model, rank, alpha, 0.0, ATTENTION_TARGETS, text_encoder=False)
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, param in model.transformer.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator)
-        if param.requires_grad:
-            weights["transformer." + name] = param.detach()
-    save_adapters(folder, model, weights)
-    return folder
+    return random_adapter(families.load(model_dir), folder, ATTENTION_TARGETS, seed, rank, alpha)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from appzoo.latent_diffusion.settings import GenerationSettings
 from easynlp_ldm import cli
 from modelzoo.families import sd
 from modelzoo.lora import LORA_FILE, load_adapters, parse_specs, select_adapters
-from tests.helpers import PROMPTS, decode, predict_argv, read_rows, train_argv
+from tests.helpers import PROMPTS, decode, predict_argv, random_adapter, read_rows, train_argv
 
 STEPS, GUIDANCE = 4, 5.0
 
@@ -24,19 +24,9 @@ STEPS, GUIDANCE = 4, 5.0
 def make_adapter(model_dir, folder, seed, rank=4, alpha=8):
     """A LoRA of the tiny model with random (non-zero) up-projections, saved as train_target=lora saves one."""
     from modelzoo.families.sd import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
-    from modelzoo.lora import add_training_adapters, save_adapters
 
-    model = sd.load(model_dir)
-    add_training_adapters(model, rank, alpha, 0.0, ATTENTION_TARGETS + FEED_FORWARD_TARGETS, text_encoder=False)
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, param in model.unet.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-        if param.requires_grad:
-            weights["unet." + name] = param.detach()
-    save_adapters(folder, model, weights)
-    return folder
+    return random_adapter(sd.load(model_dir), folder, ATTENTION_TARGETS + FEED_FORWARD_TARGETS, seed, rank, alpha,
+                          scale=0.3)
 
 
 @pytest.fixture(scope="module")
