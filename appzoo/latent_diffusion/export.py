@@ -16,7 +16,10 @@
   ``pytorch_model.bin``, ``vocab.txt``, ``RRDB_ESRGAN_x4.pth``) that EasyNLP's ``LatentDiffusion`` loads; only for
   models conditioned by EasyNLP's Wukong text encoder (``modelzoo.formats.easynlp``).
 * Z-Image and Qwen-Image: ``export_format=diffusers`` is the family's own folder (its ``save``), loaded back by the
-  family's diffusers pipeline; ``lora_format=comfyui`` writes the LoRA given as ``lora=`` (instead of the model) as
+  family's diffusers pipeline; ``export_format=tar`` (the default) packs that folder (``model_index.json`` and its
+  component folders at the top of the archive), which ``--checkpoint_dir=PACKAGE.tar.gz`` loads in every mode and
+  which is unpacked and checked as the folder is; ``export_format=easynlp`` is refused (EasyNLP's format holds SD-1.x
+  models only); ``lora_format=comfyui`` writes the LoRA given as ``lora=`` (instead of the model) as
   one file in ComfyUI's key layout (``modelzoo.formats.comfyui_lora``), checked by diffusers' loader reading it back
   to the same weight changes.
 
@@ -61,12 +64,21 @@ logger = logging.getLogger("easynlp.export")
 # and 5.x renames the prefixed ones on load (its conversion_mapping: PrefixChange(prefix_to_remove="text_model")).
 LEGACY_TEXT_ENCODER_PREFIX = {"CLIPTextModel": "text_model."}
 WUKONG_MODULE = "wukong"  # text_encoder/wukong.py of an exported folder: modelzoo/wukong.py, for trust_remote_code
+# Why a format is refused for the families that do not offer it: what it can hold.
+FORMAT_LIMITS = {"easynlp": "EasyNLP's latent_diffusion format holds SD-1.x models only"}
 
 
 def export_tar(model, destination: str) -> list[str]:
+    """A ``.tar.gz`` of the family's own save at its top level: EasyNLP's checkpoint files for SD-1.x, the whole
+    diffusers folder (``model_index.json`` and a folder per component) for a family whose own format is one
+    (Z-Image, Qwen-Image). Unpacked and checked as that format's export is before it is put in place."""
+    own_diffusers_folder = families.family_of(model).denoiser != "unet"
     with tempfile.TemporaryDirectory() as folder:
         families.save(model, folder)
-        names = list(CHECKPOINT_FILES) + ([ESRGAN_NAME] if model.esrgan_path else [])
+        if own_diffusers_folder:
+            names = sorted(os.listdir(folder))  # tarfile adds a folder's files recursively, in sorted order
+        else:
+            names = list(CHECKPOINT_FILES) + ([ESRGAN_NAME] if model.esrgan_path else [])
         with atomic_open(destination, "wb") as handle:
             with tarfile.open(fileobj=handle, mode="w:gz") as archive:
                 for name in names:
@@ -76,6 +88,8 @@ def export_tar(model, destination: str) -> list[str]:
             with tempfile.TemporaryDirectory() as unpacked:
                 with tarfile.open(handle.name, "r:gz") as archive:
                     archive.extractall(unpacked, filter="data")
+                if own_diffusers_folder:
+                    check_diffusers_loads(model, unpacked, False, destination, export_format="tar")
                 check_loads(model, unpacked, "tar", destination)
     return names
 
@@ -276,16 +290,18 @@ def check_loads(model, folder: str, export_format: str, destination: str) -> Non
         _fail(export_format, destination, f"read back by this toolkit: {problem}")
 
 
-def check_diffusers_loads(model, folder: str, remote_code: bool, destination: str) -> None:
+def check_diffusers_loads(model, folder: str, remote_code: bool, destination: str,
+                          export_format: str = "diffusers") -> None:
     """diffusers' text-to-image pipeline of the family (``StableDiffusionPipeline`` for SD-1.x) loads ``folder``
     (with ``trust_remote_code`` when the text encoder's code travels with it) into the same weights and encodes a
-    prompt as ``model`` does (a family whose pipeline encodes prompts itself: tokenises it the same)."""
+    prompt as ``model`` does (a family whose pipeline encodes prompts itself: tokenises it the same).
+    ``export_format`` names the export in the error (``tar``: the folder unpacked from the package)."""
     loader = f"{text_to_image_class(model).__name__}.from_pretrained"
     try:
         with _quiet_diffusers():
             pipe = text_to_image_class(model).from_pretrained(folder, trust_remote_code=remote_code)
     except Exception as err:  # whatever diffusers or transformers raise: the folder does not load
-        _fail("diffusers", destination, f"{loader}: {type(err).__name__}: {err}")
+        _fail(export_format, destination, f"{loader}: {type(err).__name__}: {err}")
     components = compared_components(model)
     problem = different_weights({name: getattr(model, name) for name in components},
                                 {name: getattr(pipe, name) for name in components})
@@ -305,7 +321,7 @@ def check_diffusers_loads(model, folder: str, remote_code: bool, destination: st
             if theirs.shape != ours.shape or float((theirs.float() - ours.float()).abs().max()) > 1e-4:
                 problem = "it encodes a prompt differently"
     if problem:
-        _fail("diffusers", destination, f"{loader}: {problem}")
+        _fail(export_format, destination, f"{loader}: {problem}")
 
 
 def check_lora_loads(model, expected: dict[str, torch.Tensor], path: str, lora_format: str,
@@ -357,8 +373,9 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     model = load_model(flags.checkpoint_dir, modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora)
     family = families.family_of(model)
     if settings.export_format not in family.export_formats:
-        raise UserError(f"export_format={settings.export_format} is not available for {family.name} models (they "
-                        f"export as {', '.join(family.export_formats)})")
+        why = FORMAT_LIMITS.get(settings.export_format, "")
+        raise UserError(f"export_format={settings.export_format} is not available for {family.name} models "
+                        f"({why + '; ' if why else ''}they export as {', '.join(family.export_formats)})")
     if settings.export_format == "tar":
         names = export_tar(model, flags.outputs)
         logger.info("wrote %s (%s; checked: this toolkit loads it)", flags.outputs, ", ".join(names))

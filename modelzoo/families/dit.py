@@ -107,7 +107,8 @@ class DiTFamily(ModelFamily):
     controlnet_takes_latents = False
     openvino_parts = ()
     train_targets = ("transformer", "lora")
-    export_formats = ("diffusers",)  # the folder ``save`` writes: the family's own format
+    # The folder ``save`` writes (the family's own format), as it is or packed in a .tar.gz (--mode=export's default)
+    export_formats = ("tar", "diffusers")
     lora_export_formats = ("comfyui",)  # key layouts --mode=export lora_format= converts a LoRA to
     lora_targets = {"attention": ATTENTION_TARGETS}
     caches_text_embeddings = True

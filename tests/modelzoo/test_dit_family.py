@@ -57,7 +57,7 @@ def test_folders_load_through_their_family(folders, name, latent_channels, vae_f
     assert model.source_path == os.path.abspath(folders[name])
     family = families.get(name)
     assert family.train_targets == ("transformer", "lora")
-    assert family.export_formats == ("diffusers",) and family.openvino_parts == ()
+    assert family.export_formats == ("tar", "diffusers") and family.openvino_parts == ()
     assert type(family.pipeline(model)).__name__ == family.pipelines["txt2img", False]
 
 
