@@ -173,3 +173,25 @@ def make_tiny_qwenimage_controlnet(folder: str, *, seed: int = 0) -> str:
     _unzero(controlnet)
     controlnet.save_pretrained(folder)
     return folder
+
+
+def make_tiny_qwenimage_edit_model(folder: str, *, seed: int = 0, image_size: int = 32) -> str:
+    """A tiny Qwen-Image-Edit folder: ``make_tiny_qwenimage_model``'s components (its Qwen2.5-VL vision tower reads
+    the input image) and a ``processor/`` (the tiny tokenizer and a Qwen2-VL image processor of 14-pixel patches
+    merged 2×2, images scaled to 56²–112² pixels so the image takes a few tokens), ``model_index.json`` naming
+    ``QwenImageEditPipeline``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from modelzoo.qwen_vl_processor import StillImageQwen2VLProcessor
+
+    make_tiny_qwenimage_model(folder, seed=seed, image_size=image_size)
+    processor = StillImageQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56,
+                                                                                    max_pixels=112 * 112),
+                                           tokenizer=make_tiny_tokenizer())
+    processor.save_pretrained(os.path.join(folder, "processor"))
+    path = os.path.join(folder, "model_index.json")
+    with open(path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    index.update(_class_name="QwenImageEditPipeline", processor=["transformers", "Qwen2VLProcessor"])
+    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -203,6 +203,8 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
     elif nets:
         raise RequestError(f"control_image is required: this service runs {nets} ControlNet(s) (controlnet=), each "
                            "needs a conditioning image", "control_image")
+    if image is None and getattr(family_of(service.model), "needs_input_image", False):
+        raise RequestError("image is required: this service's model edits an input image by the instruction", "image")
     problem = image_input_problem(settings.steps, settings.strength, settings.guidance_rescale,
                                   image=image is not None, mask="mask" in body, controlnet=bool(nets))
     if problem and problem.error:  # not a note: a request's strength without an image is no error
@@ -401,11 +403,16 @@ class LatentDiffusionService:
 
     def warmup(self) -> None:
         body = {"text": "白色背景上的红色圆形", "num_images": 1, "seed": 0}
-        if self.defaults.controlnets:  # a ControlNet service needs a conditioning image: a black one
+        # A ControlNet service needs a conditioning image, an edit model an input image: a black one
+        edits = getattr(family_of(self.model), "needs_input_image", False)
+        if self.defaults.controlnets or edits:
             from PIL import Image
 
             black = encode_image_base64(Image.new("RGB", (self.defaults.width, self.defaults.height)))
-            body["control_image"] = [black] * len(self.defaults.controlnets)
+            if self.defaults.controlnets:
+                body["control_image"] = [black] * len(self.defaults.controlnets)
+            if edits:
+                body["image"] = black
         self.run_batch([self.parse(body).payload])
 
     def describe(self) -> dict:

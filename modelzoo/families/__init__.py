@@ -15,7 +15,8 @@ from modelzoo.families.base import ModelFamily, ModelFormatError
 
 FAMILIES: dict[str, str | ModelFamily] = {"sd": "modelzoo.families.sd:FAMILY",
                                           "zimage": "modelzoo.families.dit:ZIMAGE",
-                                          "qwenimage": "modelzoo.families.dit:QWENIMAGE"}
+                                          "qwenimage": "modelzoo.families.dit:QWENIMAGE",
+                                          "qwenimage-edit": "modelzoo.families.dit:QWENIMAGE_EDIT"}
 
 
 class UnknownModelFolder(ModelFormatError):

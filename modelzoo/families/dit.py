@@ -125,8 +125,9 @@ class DiTFamily(ModelFamily):
         options = {"torch_dtype": dtype} if dtype is not None else {}
         try:
             with _quiet_loading():
+                own = self.own_components(folder)
                 pipe = self.pipeline_class(index["_class_name"]).from_pretrained(folder, local_files_only=True,
-                                                                                 **options)
+                                                                                 **options, **own)
         except (OSError, ValueError, KeyError, TypeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelFormatError(f"{folder}: cannot load this {self.name} model ({reason})") from None
@@ -136,7 +137,14 @@ class DiTFamily(ModelFamily):
                          vae_scale_factor=pipe.vae_scale_factor, latent_channels=self.latent_channels(pipe),
                          text_length_limit=self.text_length_limit(pipe))
         model.source_path = os.path.abspath(folder)
+        for name, part in own.items():
+            setattr(model, name, part)
         return model.eval()
+
+    def own_components(self, folder: str) -> dict[str, Any]:
+        """Components of the folder read here rather than by diffusers (handed to its ``from_pretrained``, kept as
+        the model's attributes of those names); none by default."""
+        return {}
 
     def native_size(self, pipe) -> int:
         return DEFAULT_IMAGE_SIZE
@@ -410,3 +418,63 @@ class QwenImageFamily(DiTFamily):
 
 ZIMAGE = ZImageFamily()
 QWENIMAGE = QwenImageFamily()
+
+
+class QwenImageEditFamily(QwenImageFamily):
+    """Qwen-Image-Edit: a Qwen-Image whose pipeline edits an input image by an instruction (``QwenImageEditPipeline``:
+    the image is read by the text encoder's vision tower through the folder's ``processor`` and its latents sit beside
+    the noise). The instruction is the prompt; the image comes where img2img's does (predict's input image column,
+    the request's image), with a mask through ``QwenImageEditInpaintPipeline``. Nothing is generated from text alone,
+    ``strength`` is not taken (the edit redraws the whole image; inpainting repaints the mask fully), and training is
+    not offered."""
+
+    name = "qwenimage-edit"
+    folder_classes = ("QwenImageEditPipeline",)
+    # The text-to-image entry is the family's base pipeline (LoRA loading, components); it refuses to run without an
+    # image (``txt2img_arguments``).
+    pipelines = {(TXT2IMG, False): "QwenImageEditPipeline", (IMG2IMG, False): "QwenImageEditPipeline",
+                 (INPAINT, False): "QwenImageEditInpaintPipeline"}
+    needs_input_image = True  # serve's warm-up request brings one
+    train_targets = ()
+
+    def own_components(self, folder: str) -> dict[str, Any]:
+        """The processor, read without torchvision (modelzoo/qwen_vl_processor.py)."""
+        from modelzoo.qwen_vl_processor import load_processor
+
+        return {"processor": load_processor(os.path.join(folder, "processor"))}
+
+    def save(self, model: DiTModel, folder: str, **options) -> list[str]:
+        """The processor's subfolder first, then the rest as for Qwen-Image (``model_index.json`` last)."""
+        from easynlp_ldm.files import atomic_replace_folder
+
+        os.makedirs(folder, exist_ok=True)
+        with atomic_replace_folder(os.path.join(folder, "processor")) as staging, _quiet_loading():
+            model.processor.save_pretrained(staging)
+        written = [os.path.join(folder, "processor", file) for file in sorted(os.listdir(os.path.join(folder,
+                                                                                                      "processor")))]
+        return written + super().save(model, folder, **options)
+
+    def pipeline_components(self, model: DiTModel, scheduler) -> dict[str, Any]:
+        return dict(super().pipeline_components(model, scheduler), processor=model.processor)
+
+    def sampling_problem(self, settings) -> str | None:
+        if settings.strength:
+            return (f"strength={settings.strength:g}: {self.name} models take no strength (the edit redraws the "
+                    f"whole image; inpainting repaints the mask fully); leave it out")
+        return super().sampling_problem(settings)
+
+    def txt2img_arguments(self, model, settings, height, width, latents):
+        from easynlp_ldm.errors import UserError
+
+        raise UserError(f"{self.name} models edit an input image by the instruction: give the image (predict: the "
+                        f"input image column, imgbase64 or --second_sequence; serve: the request's image)")
+
+    def image_arguments(self, model, kind, **given):
+        """As Qwen-Image's, without img2img's ``strength`` (the edit pipeline takes none)."""
+        arguments = super().image_arguments(model, kind, **given)
+        if kind == IMG2IMG:
+            arguments.pop("strength", None)
+        return arguments
+
+
+QWENIMAGE_EDIT = QwenImageEditFamily()
