@@ -92,6 +92,7 @@ class ModelFootprint:
     frozen: dict[str, int]  # component → number of frozen parameters
     param_bytes: int = 4
     activations: ActivationPlan | None = None  # None: no activations counted
+    frozen_param_bytes: float | None = None  # bytes of a frozen weight when not param_bytes (2: bf16 base weights)
 
     @property
     def trained_count(self) -> int:
@@ -100,6 +101,15 @@ class ModelFootprint:
     @property
     def frozen_count(self) -> int:
         return sum(self.frozen.values())
+
+    @property
+    def frozen_bytes(self) -> int:
+        return int(self.frozen_count * (self.frozen_param_bytes or self.param_bytes))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every component's weights, trained and frozen."""
+        return self.trained_count * self.param_bytes + self.frozen_bytes
 
 
 @dataclass
@@ -134,7 +144,8 @@ class MemoryEstimate:
         where = "GPU" if s.device != "cpu" else "RAM"
         checkpointing = "gradient checkpointing, " if s.gradient_checkpointing else ""
         text = (f"{self.peak / GIB:.1f} GiB of {where} at the {self.phase()} (parts, GiB: {parts}; "
-                f"{f.trained_count / 1e6:.0f} M parameters trained, {f.frozen_count / 1e6:.0f} M frozen; micro-batch "
+                f"{f.trained_count / 1e6:.0f} M parameters trained, {f.frozen_count / 1e6:.0f} M frozen"
+                f"{f' at {f.frozen_param_bytes:g} bytes each' if f.frozen_param_bytes else ''}; micro-batch "
                 f"{s.micro_batch_size} at {s.resolution}², {checkpointing}{'AMP' if s.use_amp else 'fp32'})")
         if s.device != "cpu":
             text += f"; RAM {self.host_peak / GIB:.1f} GiB"
@@ -166,7 +177,7 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
     optimizer = s.optimizer if s.optimizer != "adam" else "adamw"
     activations = f.activations.step(s) if f.activations else {}
     parts = {
-        "weights": (trained + f.frozen_count) * pb,
+        "weights": f.weight_bytes,
         "gradients": trained * 4,
         "optimizer": optimizer_state_elements(trained_shapes, optimizer) * 4,
         "ema": trained * pb if s.use_ema else 0,
@@ -175,7 +186,7 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
         "runtime": RUNTIME_BYTES,
         # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
-        "save_copy": (trained + f.frozen_count) * pb if s.device != "cpu" else 0,
+        "save_copy": f.weight_bytes if s.device != "cpu" else 0,
         "encode": f.activations.encode(s) if f.activations else 0,
     }
     p = parts
