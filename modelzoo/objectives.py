@@ -75,6 +75,9 @@ class DiffusionObjective:
         """``residuals(noisy, timesteps, embeds)``: extra UNet inputs (a ControlNet's down and mid residuals)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         extra = residuals(noisy, timesteps, embeds) if residuals is not None else {}
+        dtype = self.model.unet.dtype
+        if noisy.dtype != dtype:  # a bf16 UNet (base_precision=bf16): its inputs in bf16, as diffusers' scripts cast
+            noisy, embeds = noisy.to(dtype), embeds.to(dtype)
         prediction = self.model.unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
         target = self.target(latents, noise, timesteps)
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

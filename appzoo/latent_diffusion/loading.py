@@ -100,18 +100,18 @@ def extract_package(path: str) -> str:
 
 def load_model(name_or_path: str | None = "", *, device: torch.device | str | None = None, optimize: str | None = None,
                precision: str = "", modelzoo_base_dir: str = "", what: str = "--checkpoint_dir",
-               lora: str = "", lora_library: str = "") -> LatentDiffusion:
+               lora: str = "", lora_library: str = "", dtype: torch.dtype | None = None) -> LatentDiffusion:
     """The model in eval mode on ``device`` (default: this process's device — its GPU when it sees one, else the
-    CPU), with the LoRA adapters ``lora`` (``path[:scale],…``) merged into its weights, prepared for inference at
-    ``optimize`` level (``none``/``auto``/``max``; None: left as loaded, for training and export), and the
-    ``lora_library`` adapters (``name=path,…``) loaded beside them, switchable per call. ``what`` names the setting
-    in error messages."""
+    CPU), its weights in ``dtype`` before they move there (None: as its family reads them), with the LoRA adapters
+    ``lora`` (``path[:scale],…``) merged into its weights, prepared for inference at ``optimize`` level
+    (``none``/``auto``/``max``; None: left as loaded, for training and export), and the ``lora_library`` adapters
+    (``name=path,…``) loaded beside them, switchable per call. ``what`` names the setting in error messages."""
     name = name_or_path or ""
     package = os.path.isfile(name) and name.endswith(PACKAGE_SUFFIXES)
     path = extract_package(name) if package else resolve_model_path(name, modelzoo_base_dir, what)
     logger.info("loading %s", f"{name} (unpacked in {path})" if package else path)
     try:
-        model = families.load(path)
+        model = families.load(path, dtype)
     except ModelFormatError as err:
         raise UserError(str(err)) from None
     # What the user gave, for messages and /info: the package, not the temporary folder its files are read from.

@@ -5,6 +5,8 @@ modelzoo/families/sd_memory.py), checked against the memory available (easynlp_l
 
 from __future__ import annotations
 
+import dataclasses
+
 from appzoo.latent_diffusion.settings import TrainingSettings
 from easynlp_ldm.memory import MemoryEstimate, MemorySettings, check
 from modelzoo.families import family_of
@@ -27,5 +29,7 @@ def check_latent_diffusion_training(model, flags, training: TrainingSettings, re
     footprint = family_of(model).memory_footprint(model, train_target=training.train_target,
                                                   train_text_encoder=bool(training.train_text_encoder),
                                                   text_length=text_length)
+    if training.base_dtype is not None:  # base_precision: the frozen weights loaded in it, what trains in fp32
+        footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=training.base_dtype.itemsize)
     return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,
                  effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)

@@ -71,6 +71,10 @@ PARAMS: tuple[Param, ...] = (
           "module names", modes=TRAIN),
     Param("lora_text_encoder", bool, False, "also train a LoRA of the text encoder's attention (q/k/v/out_proj)",
           modes=TRAIN),
+    Param("base_precision", str, "fp32", "the frozen weights of a LoRA run (train_target=lora: the denoiser, text "
+          "encoder and VAE the adapter trains against): fp32, or bf16 (half their memory; loaded in bf16, the cached "
+          "latents and text embeddings encoded by them, the adapter itself trained and saved in fp32, as diffusers' "
+          "LoRA scripts with weight_dtype)", modes=TRAIN, choices=("fp32", "bf16")),
     Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
           check=_non_negative),
     Param("rrdb_nf", int, 0, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb); "

@@ -66,6 +66,8 @@ class _TrainingRules:
                 notes.append((logging.INFO, "not_use_gradient_checkpoint=True: gradient checkpointing stays off (the "
                                             "default here)"))
             values["gradient_checkpointing"] = not not_use
+        if values["base_precision"] != "fp32" and values["train_target"] != "lora":
+            raise UserError(f"base_precision={values['base_precision']} applies to train_target=lora")
         if not (values["center_crop"] or values["random_crop"]):
             notes.append((logging.INFO, "center_crop=False: images are cropped at a seeded random position "
                                         "(random_crop=True)"))
@@ -84,6 +86,13 @@ class _TrainingRules:
     def random_pixels(self) -> bool:
         """Whether an image's pixels change every epoch (random crops or flips)."""
         return self.random_crop or self.random_flip
+
+    @property
+    def base_dtype(self):
+        """The dtype the model's weights are loaded in (base_precision): bf16, or None (fp32, as read)."""
+        import torch
+
+        return torch.bfloat16 if self.base_precision == "bf16" else None
 
     @property
     def caches_latents(self) -> bool:

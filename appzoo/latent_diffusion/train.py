@@ -110,7 +110,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
     settings.log_notes(logger)
     inputs = dataclasses.replace(inputs, tables=settings.tables_read(inputs.tables))
     model = load_model(settings.pretrain_model_name_or_path, modelzoo_base_dir=flags.modelzoo_base_dir,
-                       what="pretrain_model_name_or_path")
+                       what="pretrain_model_name_or_path", dtype=settings.base_dtype)
     family = family_of(model)
     if settings.train_target not in family.train_targets:
         raise UserError(f"train_target={settings.train_target} is not available for {family.name} models (they "

@@ -216,6 +216,18 @@ class LoraTrainTask(DiffusionTrainTask):
         total = sum(p.numel() for part in (self.denoiser, model.text_encoder) for p in part.parameters())
         logger.info("train_target=lora: %d trainable parameters (%.2f %% of %d)", trainable, 100 * trainable / total,
                     total)
+        if settings.base_precision != "fp32":
+            self._train_adapters_in_fp32()
+
+    def _train_adapters_in_fp32(self) -> None:
+        """Frozen weights loaded in bf16 (base_precision): peft made the adapters in their dtype; they are trained,
+        kept by the optimiser and EMA, and saved in fp32, as diffusers' LoRA scripts upcast them
+        (``cast_training_params``). Each LoRA layer computes its base layer in bf16 and its branch in fp32."""
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params([self.denoiser, self.model.text_encoder], dtype=torch.float32)
+        logger.info("base_precision=%s: the frozen weights in %s, the adapters in fp32", self.settings.base_precision,
+                    str(self.denoiser.dtype).removeprefix("torch."))
 
     def save_model(self, folder: str, weights: dict[str, torch.Tensor]) -> list[str]:
         from modelzoo import lora

@@ -1,0 +1,210 @@
+"""base_precision=bf16 (issue 32): the frozen weights of a LoRA run (SD-1.x and Z-Image) in bf16, half their bytes,
+the adapter trained and saved in fp32 in the layout of an fp32-base run, loading in diffusers to predict's lora=
+image; the loss close to an fp32-base run's; --use_amp with it; the caches keyed apart; exact resume; the memory plan
+counting 2 bytes per frozen parameter; a bad value or another train_target is a one-line error."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from appzoo.latent_diffusion import train
+from easynlp_ldm import cli, memory
+from modelzoo.lora import LORA_FILE
+from modelzoo.tiny_dit import make_tiny_zimage_model
+from tests.helpers import decode, predict_argv, read_rows, train_argv
+
+FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
+LORA = "train_target=lora lora_rank=4 caption_dropout=0 use_ema=False sample_images=0"
+STEPS, SEED, TOLERANCE = 2, 7, 3  # TOLERANCE: of 255
+
+
+@pytest.fixture(scope="module")
+def zimage_dir(tmp_path_factory):
+    return make_tiny_zimage_model(str(tmp_path_factory.mktemp("dit") / "zimage"))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, zimage_dir):
+    return {"sd": tiny_model_dir, "zimage": zimage_dir}
+
+
+def _train(monkeypatch, data, run, model, *extra, udp=LORA):
+    """Train; returns the run's task (its model as it trained)."""
+    built = []
+
+    def keep(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    build = train.build_task
+    monkeypatch.setattr(train, "build_task", keep)
+    assert cli.main(train_argv(data, run, model, *FAST, *extra, udp=udp)) == 0
+    monkeypatch.setattr(train, "build_task", build)
+    return built[-1]
+
+
+@pytest.fixture(scope="module")
+def runs(models, shapes_data, tmp_path_factory):
+    """An fp32-base and a bf16-base LoRA run of each model, same settings: (task, run folder) per (model, precision)."""
+    root = tmp_path_factory.mktemp("base_precision")
+    result = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, folder in models.items():
+            for precision in ("fp32", "bf16"):
+                run = str(root / f"{name}-{precision}")
+                task = _train(monkeypatch, shapes_data, run, folder, "--epoch_num=3", "--learning_rate=5e-2",
+                              udp=f"{LORA} base_precision={precision}")
+                result[name, precision] = task, run
+    return result
+
+
+def _frozen_and_trained_bytes(task):
+    params = [p for part in (task.model.vae, task.model.text_encoder, task.denoiser) for p in part.parameters()]
+    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    trained = {p.dtype for p in params if p.requires_grad}
+    return frozen, trained
+
+
+@pytest.mark.parametrize("name", ["sd", "zimage"])
+def test_the_frozen_weights_take_half_the_bytes_and_the_adapter_trains_in_fp32(runs, name):
+    (fp32_task, _), (bf16_task, _) = runs[name, "fp32"], runs[name, "bf16"]
+    fp32_frozen, fp32_trained = _frozen_and_trained_bytes(fp32_task)
+    bf16_frozen, bf16_trained = _frozen_and_trained_bytes(bf16_task)
+    assert bf16_frozen * 2 == fp32_frozen
+    assert fp32_trained == bf16_trained == {torch.float32}
+    assert {p.dtype for p in bf16_task.denoiser.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", ["sd", "zimage"])
+def test_the_adapter_is_saved_as_with_fp32_base_weights(runs, name):
+    (_, fp32_run), (_, bf16_run) = runs[name, "fp32"], runs[name, "bf16"]
+    files = {}
+    for run in (fp32_run, bf16_run):
+        with safe_open(os.path.join(run, LORA_FILE), "pt") as handle:
+            files[run] = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    (fp32_meta, fp32_state), (bf16_meta, bf16_state) = files[fp32_run], files[bf16_run]
+    assert fp32_meta == bf16_meta
+    assert fp32_state.keys() == bf16_state.keys()
+    assert all(bf16_state[k].dtype == torch.float32 and bf16_state[k].shape == v.shape for k, v in fp32_state.items())
+
+
+@pytest.mark.parametrize("name", ["sd", "zimage"])
+def test_the_loss_is_close_to_the_fp32_base_runs(runs, name):
+    """The validation loss (fixed noise) of each run's adapter as it trained, in its run's precision."""
+    losses = {precision: runs[name, precision][0].validate() for precision in ("fp32", "bf16")}
+    assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * losses["fp32"], losses
+
+
+def _predicted(tmp_path, folder, udp):
+    table = tmp_path / "prompts.tsv"
+    table.write_text("0\t一个红色的圆形\n", encoding="utf-8")
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.tsv"
+    argv = predict_argv(table, out, folder, "--output_schema=idx,text,gen_imgbase64,sample_id,seed",
+                        f"--random_seed={SEED}", udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {udp}")
+    assert cli.main(argv) == 0
+    [(_, _, image, _, seed)] = read_rows(out)
+    return decode(image), int(seed)
+
+
+@pytest.mark.parametrize("name", ["sd", "zimage"])
+def test_the_adapter_loads_in_diffusers_and_gives_predicts_lora_image(runs, models, tmp_path, name):
+    from diffusers import DiffusionPipeline
+
+    _, run = runs[name, "bf16"]
+    udp, by_hand = ("scale=0", dict(guidance_scale=0.0)) if name == "zimage" else ("scale=5", dict(guidance_scale=5.0))
+    plain, seed = _predicted(tmp_path, models[name], udp)
+    adapted, seed_again = _predicted(tmp_path, models[name], f"{udp} lora={run}")
+    assert seed == seed_again
+    assert np.abs(adapted - plain).max() > 10  # it learnt something
+    pipe = DiffusionPipeline.from_pretrained(models[name], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run)
+    expected = pipe("一个红色的圆形", height=32, width=32, num_inference_steps=STEPS, output_type="np",
+                    generator=torch.Generator().manual_seed(seed), **by_hand).images[0]
+    assert np.abs(adapted - (expected * 255).round().astype(np.int16)).max() <= TOLERANCE
+
+
+def test_caches_of_bf16_encoders_are_keyed_apart_from_fp32_ones(runs):
+    for name in ("sd", "zimage"):
+        names = {precision: {os.path.basename(path) for path in glob.glob(
+            os.path.join(runs[name, precision][1], "latent_cache", "*.pt"))} for precision in ("fp32", "bf16")}
+        assert names["fp32"] and names["bf16"] and not names["fp32"] & names["bf16"], names
+
+
+def test_with_use_amp_it_trains_under_autocast(tiny_model_dir, shapes_data, tmp_path, monkeypatch):
+    from modelzoo import optimize
+
+    monkeypatch.setattr(optimize, "cpu_supports_bf16", lambda: True)  # --use_amp stays on on any CPU
+    run = str(tmp_path / "amp")
+    task = _train(monkeypatch, shapes_data, run, tiny_model_dir, "--epoch_num=1", "--learning_rate=5e-2",
+                  "--use_amp", udp=f"{LORA} base_precision=bf16")
+    state = load_file(os.path.join(run, LORA_FILE))
+    assert state and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    assert max(float(v.abs().max()) for k, v in state.items() if ".lora.up." in k) > 0
+    assert np.isfinite(task.validate())
+
+
+def test_an_interrupted_bf16_base_run_resumes_to_the_same_adapter(tiny_model_dir, shapes_data, tmp_path,
+                                                                 monkeypatch):
+    """The frozen weights are not in the training state: read again from the model folder in bf16, as before."""
+    from easynlp_ldm.trainer import Trainer
+
+    common = [*FAST, "--learning_rate=1e-2", "--save_checkpoint_steps=3", "--epoch_num=2"]
+    udp = "train_target=lora lora_rank=2 caption_dropout=0.2 ema_decay=0.9 sample_images=0 base_precision=bf16"
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert cli.main(train_argv(shapes_data, straight, tiny_model_dir, *common, udp=udp)) == 0
+    save = Trainer.save_training_state
+
+    def killed_after_saving(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
+    assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp)) == 130  # as Ctrl-C
+    monkeypatch.setattr(Trainer, "save_training_state", save)
+    assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp)) == 0
+    a, b = (load_file(os.path.join(run, "last", LORA_FILE)) for run in (straight, resumed))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_the_memory_plan_counts_two_bytes_per_frozen_parameter(tiny_model_dir, shapes_data, tmp_path, caplog):
+    footprint = memory.ModelFootprint(trained={}, frozen={"unet": 1 << 20, "vae": 1 << 10})
+    settings = memory.MemorySettings(micro_batch_size=1, resolution=32, gradient_checkpointing=False, use_amp=False,
+                                     optimizer="adamw", use_ema=False, ema_device="", save_optimizer=False,
+                                     device="cuda")
+    fp32 = memory.estimate(footprint, settings)
+    bf16 = memory.estimate(memory.ModelFootprint(trained={}, frozen=footprint.frozen, frozen_param_bytes=2), settings)
+    assert bf16.parts["weights"] * 2 == fp32.parts["weights"] == 4 * footprint.frozen_count
+    assert bf16.parts["save_copy"] * 2 == fp32.parts["save_copy"]
+    assert "M frozen at 2 bytes each" in bf16.describe() and "bytes each" not in fp32.describe()
+
+    from appzoo.latent_diffusion import memory_plan
+
+    planned = []
+    check = memory_plan.check
+    caplog.set_level("INFO")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(memory_plan, "check", lambda footprint, *a, **k: planned.append(footprint) or check(
+            footprint, *a, **k))
+        for precision in ("fp32", "bf16"):
+            assert cli.main(train_argv(shapes_data, str(tmp_path / precision), tiny_model_dir, *FAST,
+                                       "--epoch_num=1", udp=f"{LORA} base_precision={precision}")) == 0
+    assert [footprint.frozen_bytes for footprint in planned] == [4 * planned[0].frozen_count,
+                                                                 2 * planned[0].frozen_count]
+
+
+@pytest.mark.parametrize("udp, message", [
+    ("train_target=lora base_precision=fp16", "base_precision"),
+    ("train_target=unet base_precision=bf16", "base_precision=bf16 applies to train_target=lora"),
+    ("train_target=controlnet base_precision=bf16", "base_precision=bf16 applies to train_target=lora"),
+])
+def test_a_bad_value_or_another_target_is_a_one_line_error(tiny_model_dir, shapes_data, tmp_path, capsys, udp,
+                                                          message):
+    assert cli.main(train_argv(shapes_data, str(tmp_path / "run"), tiny_model_dir, udp=udp)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
