@@ -71,7 +71,16 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # LoRA adapters of the UNet's attention (the model frozen), with checkpointing and bf16 autocast.
     "lora4": (["--use_amp"], "train_target=lora lora_rank=4 gradient_checkpointing=True"),
     "lora16": (["--use_amp"], "train_target=lora lora_rank=16 gradient_checkpointing=True"),
+    # LoRA rank 16 in fp32, without and with gradient checkpointing (the activation counts of a frozen model).
+    "lora16-fp32": ([], "train_target=lora lora_rank=16"),
+    "lora16-ckpt": ([], "train_target=lora lora_rank=16 gradient_checkpointing=True"),
+    # Full fine-tuning with the fixed parts small and gradient checkpointing, fp32 (its activation coefficient).
+    "act-ckpt": ([], "optimizer=adafactor use_ema=False save_optimizer=False gradient_checkpointing=True"),
 }
+# A DiT preset (``"family"`` in its JSON, e.g. bench/configs/zimage_reduced.json) trains train_target=transformer
+# where a recipe names no target, with the captions cut to DIT_TEXT_TOKENS tokens (each cached embedding is then
+# exactly as long as the plan counts: it counts the text length, an upper bound, at every step).
+DIT_TEXT_TOKENS = 32
 
 STEP_LINE = re.compile(r"(\d\d):(\d\d):(\d\d) \S+ easynlp.trainer: step (\d+)/\d+ epoch \d+: loss \S+ lr \S+ "
                        r"grad_norm \S+ (\S+) images/s")
@@ -100,6 +109,9 @@ def run_recipe(name: str, model_dir: str, data: str, out: str, args) -> dict:
             "--epoch_num=1", "--learning_rate=1e-5", "--logging_steps=1", "--random_seed=0", *extra,
             f"--user_defined_parameters=pretrain_model_name_or_path={model_dir} resolution={args.resolution} "
             f"sample_images=0 memory_check={not args.force} {udp}"]
+    if args.family:  # a DiT: the transformer is the target unless the recipe names one
+        argv[-1] += "" if "train_target=" in udp else " train_target=transformer"
+        argv.insert(-1, f"--sequence_length={DIT_TEXT_TOKENS}")
     env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
     start = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -128,7 +140,9 @@ def run_recipe(name: str, model_dir: str, data: str, out: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default=os.path.join(ROOT, "configs", "sd15_arch.json"))
+    parser.add_argument("--preset", default=os.path.join(ROOT, "configs", "sd15_arch.json"),
+                        help="an SD architecture (configs/*.json) or a DiT layout (bench/configs/*.json); a relative "
+                        "path is looked up here, then under the repository and bench/")
     parser.add_argument("--resolution", type=int, default=0, help="0: the preset's image_size")
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -137,7 +151,13 @@ def main() -> None:
     parser.add_argument("--workdir", default="", help="where the model, data and checkpoints go (default: a "
                         "temporary folder, removed at the end)")
     parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--plan", action="store_true", help="run nothing: print the memory plan's estimates of a LoRA "
+                        "of a DiT preset's real architecture (e.g. configs/zimage_turbo.json) on a GPU, built on the "
+                        "meta device (no weights)")
     args = parser.parse_args()
+    if args.plan:
+        print_gpu_lora_plan(resolve_preset(args.preset), args.resolution or 1024)
+        return
 
     import torch
 
@@ -148,8 +168,10 @@ def main() -> None:
     from modelzoo.tiny import write_vocab
     from shapes_data import generate_dataset
 
+    args.preset = resolve_preset(args.preset)
     with open(args.preset, encoding="utf-8") as handle:
         preset = json.load(handle)
+    args.family = preset.get("family", "")
     args.resolution = args.resolution or int(preset.get("image_size", 512))
     work = args.workdir or tempfile.mkdtemp(prefix="train-memory-")
     os.makedirs(work, exist_ok=True)
@@ -158,15 +180,16 @@ def main() -> None:
         if not os.path.isfile(os.path.join(data, "T2I_train.tsv")):
             generate_dataset(data, seed=0, num_train=args.micro_batch * args.steps, num_val=0, num_test=0,
                              num_heldout=0, image_size=args.resolution)
-        if not os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
-            vocab = os.path.join(work, "vocab.txt")
-            write_vocab(vocab)
-            model = build_from_preset(args.preset, vocab)
-            sd.save(model, model_dir)
-            del model
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
-            json.load(handle)
-        model_file = os.path.getsize(os.path.join(model_dir, "pytorch_model.bin"))
+        if args.family:
+            model_file = build_dit_folder(preset, model_dir, args.resolution)
+        else:
+            if not os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
+                vocab = os.path.join(work, "vocab.txt")
+                write_vocab(vocab)
+                model = build_from_preset(args.preset, vocab)
+                sd.save(model, model_dir)
+                del model
+            model_file = os.path.getsize(os.path.join(model_dir, "pytorch_model.bin"))
         ram, source = available_memory("cpu")
         print(f"preset {os.path.relpath(args.preset, ROOT)}, {args.resolution}², micro-batch {args.micro_batch}, "
               f"{args.steps} steps + checkpoint; model file {model_file / GIB:.2f} GiB; {ram / GIB:.1f} GiB {source}; "
@@ -187,6 +210,76 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def resolve_preset(path: str) -> str:
+    """``path`` as given, else relative to the repository, else to bench/ (``--preset configs/zimage_reduced.json``
+    names bench/configs/zimage_reduced.json; the SD architectures are the repository's configs/)."""
+    for candidate in (path, os.path.join(ROOT, path), os.path.join(ROOT, "bench", path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise SystemExit(f"--preset {path}: no such file here, under {ROOT} or under its bench/")
+
+
+def build_dit_folder(preset: dict, folder: str, resolution: int) -> int:
+    """A random DiT folder of the preset's layout (modelzoo/tiny_dit.py's builder, the preset's sizes replacing the
+    tiny ones); the bytes of its weight files."""
+    from modelzoo.tiny_dit import make_tiny_zimage_model
+
+    if preset["family"] != "zimage":
+        raise SystemExit(f"family {preset['family']!r}: only Z-Image layouts are built here")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        overrides = {part: preset[part] for part in ("transformer", "vae", "text_encoder") if part in preset}
+        make_tiny_zimage_model(folder, image_size=resolution, overrides=overrides)
+    return sum(os.path.getsize(os.path.join(base, name)) for base, _, names in os.walk(folder) for name in names
+               if name.endswith((".safetensors", ".bin")))
+
+
+def meta_zimage_model(preset: dict, dtype):
+    """A ``DiTModel`` of a Z-Image preset's architecture on the meta device (shapes only, no memory) in ``dtype``."""
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from modelzoo.families.dit import DiTModel
+
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel(**preset["transformer"]).to(dtype)
+        vae = AutoencoderKL(**preset["vae"]).to(dtype)
+        text_encoder = Qwen3Model(Qwen3Config(**preset["text_encoder"])).to(dtype)
+    return DiTModel("zimage", transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=None,
+                    scheduler_config={}, image_size=preset.get("image_size", 1024), vae_scale_factor=8,
+                    latent_channels=16, text_length_limit=preset["text_encoder"]["max_position_embeddings"])
+
+
+def print_gpu_lora_plan(path: str, resolution: int, rank: int = 16, limit_gib: float = 24.0) -> None:
+    """The plan's estimate of a rank-``rank`` LoRA of the preset's transformer at ``resolution``² on a GPU: bf16
+    weights, bf16 autocast, micro-batch 1, AdamW on the adapters, 512 text tokens (the pipeline's default length, an
+    upper bound), with and without gradient checkpointing; with the text encoder resident (as the run holds it today:
+    it stays on the model after filling the text-embedding cache) and without it. An estimate, not a measurement."""
+    import torch
+
+    from easynlp_ldm.memory import GIB, MemorySettings, estimate
+    from modelzoo.families import family_of
+
+    with open(path, encoding="utf-8") as handle:
+        preset = json.load(handle)
+    model = meta_zimage_model(preset, torch.bfloat16)
+    family = family_of(model)
+    print(f"{os.path.relpath(path, ROOT)}: LoRA rank {rank} of the transformer at {resolution}² on a GPU, bf16 "
+          f"weights + bf16 autocast, micro-batch 1, AdamW, 512 text tokens (estimates, not measured)")
+    for text_encoder in ("resident", "not resident"):
+        if text_encoder == "not resident":
+            model.text_encoder = None
+        footprint = family.memory_footprint(model, train_target="lora", text_length=512, lora_rank=rank)
+        for checkpointing in (False, True):
+            settings = MemorySettings(micro_batch_size=1, resolution=resolution, gradient_checkpointing=checkpointing,
+                                      use_amp=True, optimizer="adamw", use_ema=False, ema_device="",
+                                      save_optimizer=True, device="cuda")
+            result = estimate(footprint, settings)
+            verdict = "fits" if result.peak <= limit_gib * GIB else "does not fit"
+            print(f"  text encoder {text_encoder:<12}  gradient_checkpointing={checkpointing!s:<5}  "
+                  f"{verdict} {limit_gib:g} GB: {result.describe()}")
 
 
 def format_row(row: dict) -> str:

@@ -64,29 +64,37 @@ def _mark_native_size(folder: str, image_size: int) -> None:
     atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def make_tiny_zimage_model(folder: str, *, seed: int = 0, image_size: int = 32) -> str:
+def make_tiny_zimage_model(folder: str, *, seed: int = 0, image_size: int = 32,
+                           overrides: dict[str, dict] | None = None) -> str:
     """A tiny Z-Image folder: ``ZImageTransformer2DModel`` (dim 32, 2 layers), a 16-channel ``AutoencoderKL`` (factor
-    2), a 2-layer ``Qwen3Model`` and the tiny tokenizer, ``FlowMatchEulerDiscreteScheduler``."""
+    2), a 2-layer ``Qwen3Model`` and the tiny tokenizer, ``FlowMatchEulerDiscreteScheduler``. ``overrides``:
+    component (``transformer``, ``vae``, ``text_encoder``) → config keys replacing these sizes (bench/train_memory.py's
+    reduced-width Z-Image layout)."""
+    overrides = overrides or {}
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = make_tiny_tokenizer()
     torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    transformer = ZImageTransformer2DModel(**{
+        **dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+               n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0,
+               t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]),
+        **overrides.get("transformer", {})})
     with torch.no_grad():  # created with torch.empty: fixed, as diffusers' test does, so no NaN can come from them
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-                        latent_channels=16, norm_num_groups=32, sample_size=image_size, scaling_factor=0.3611,
-                        shift_factor=0.1159)
-    text_encoder = Qwen3Model(Qwen3Config(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id)).eval()
+    vae = AutoencoderKL(**{
+        **dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+               up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
+               latent_channels=16, norm_num_groups=32, sample_size=image_size, scaling_factor=0.3611,
+               shift_factor=0.1159),
+        **overrides.get("vae", {})})
+    text_encoder = Qwen3Model(Qwen3Config(**{
+        **dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
+               pad_token_id=tokenizer.pad_token_id),
+        **overrides.get("text_encoder", {})})).eval()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
                           tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(folder)

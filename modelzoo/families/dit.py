@@ -279,20 +279,14 @@ class DiTFamily(ModelFamily):
         ``timesteps``, called as the family's training script calls it."""
         raise NotImplementedError
 
-    def memory_footprint(self, model: DiTModel, *, train_target: str = "transformer", **unused):
-        """Parameters only (trained or frozen; the LoRA adapters, a few M parameters, are not counted): the
-        activations of these transformers are not measured yet, so none are counted."""
-        from easynlp_ldm.memory import ModelFootprint
+    def memory_footprint(self, model: DiTModel, *, train_target: str = "transformer", text_length: int | None = None,
+                         lora_rank: int = 4, **unused):
+        """The transformer's parameters (or a rank-``lora_rank`` LoRA of its attention), the resident VAE and text
+        encoder, and the transformer's activations at ``text_length`` tokens (modelzoo/families/dit_memory.py)."""
+        from modelzoo.families.dit_memory import dit_footprint
 
-        trained: dict[str, list[tuple[int, ...]]] = {}
-        frozen: dict[str, int] = {}
-        for name in ("transformer", "text_encoder", "vae"):
-            for param in getattr(model, name).parameters():
-                if name == "transformer" and train_target == "transformer":
-                    trained.setdefault(name, []).append(tuple(param.shape))
-                else:
-                    frozen[name] = frozen.get(name, 0) + param.numel()
-        return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize)
+        return dit_footprint(model, train_target=train_target, lora_targets=ATTENTION_TARGETS, lora_rank=lora_rank,
+                             text_length=model.clamp_text_length(text_length))
 
 
 class ZImageFamily(DiTFamily):
