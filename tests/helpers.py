@@ -314,3 +314,35 @@ def random_adapter(model, folder, targets, seed, rank=4, alpha=8, scale=1.0):
             weights[f"{denoiser}.{name}"] = param.detach()
     save_adapters(folder, model, weights)
     return folder
+
+
+def interrupt_after_first_checkpoint(monkeypatch, argv):
+    """Run the training command ``argv`` in this process, stopped as by Ctrl-C once it has saved its first training
+    state (exit status 130); the training state is saved as usual again afterwards."""
+    from easynlp_ldm import cli
+    from easynlp_ldm.trainer import Trainer
+
+    save = Trainer.save_training_state
+
+    def killed_after_saving(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(Trainer, "save_training_state", save)
+
+
+def predicted_image(folder, workdir, udp, seed, steps):
+    """predict's one image of "一个红色的圆形" with ``folder`` at ``steps`` steps and ``udp``: (pixels, its seed)."""
+    from easynlp_ldm import cli
+
+    table = os.path.join(workdir, "prompts.tsv")
+    with open(table, "w", encoding="utf-8") as handle:
+        handle.write("0\t一个红色的圆形\n")
+    out = os.path.join(workdir, f"out{len(os.listdir(workdir))}.tsv")
+    argv = predict_argv(table, out, folder, "--output_schema=idx,text,gen_imgbase64,sample_id,seed",
+                        f"--random_seed={seed}", udp=f"ddim_steps={steps} n_samples=1 optimize=none {udp}")
+    assert cli.main(argv) == 0
+    [(_, _, image, _, image_seed)] = read_rows(out)
+    return decode(image), int(image_seed)

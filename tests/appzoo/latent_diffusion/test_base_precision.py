@@ -16,7 +16,7 @@ from appzoo.latent_diffusion import train
 from easynlp_ldm import cli, memory
 from modelzoo.lora import LORA_FILE
 from modelzoo.tiny_dit import make_tiny_zimage_model
-from tests.helpers import decode, predict_argv, read_rows, train_argv
+from tests.helpers import interrupt_after_first_checkpoint, predicted_image, train_argv
 
 FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
 LORA = "train_target=lora lora_rank=4 caption_dropout=0 use_ema=False sample_images=0"
@@ -100,25 +100,14 @@ def test_the_loss_is_close_to_the_fp32_base_runs(runs, name):
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * losses["fp32"], losses
 
 
-def _predicted(tmp_path, folder, udp):
-    table = tmp_path / "prompts.tsv"
-    table.write_text("0\t一个红色的圆形\n", encoding="utf-8")
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.tsv"
-    argv = predict_argv(table, out, folder, "--output_schema=idx,text,gen_imgbase64,sample_id,seed",
-                        f"--random_seed={SEED}", udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {udp}")
-    assert cli.main(argv) == 0
-    [(_, _, image, _, seed)] = read_rows(out)
-    return decode(image), int(seed)
-
-
 @pytest.mark.parametrize("name", ["sd", "zimage"])
 def test_the_adapter_loads_in_diffusers_and_gives_predicts_lora_image(runs, models, tmp_path, name):
     from diffusers import DiffusionPipeline
 
     _, run = runs[name, "bf16"]
     udp, by_hand = ("scale=0", dict(guidance_scale=0.0)) if name == "zimage" else ("scale=5", dict(guidance_scale=5.0))
-    plain, seed = _predicted(tmp_path, models[name], udp)
-    adapted, seed_again = _predicted(tmp_path, models[name], f"{udp} lora={run}")
+    plain, seed = predicted_image(models[name], tmp_path, udp, SEED, STEPS)
+    adapted, seed_again = predicted_image(models[name], tmp_path, f"{udp} lora={run}", SEED, STEPS)
     assert seed == seed_again
     assert np.abs(adapted - plain).max() > 10  # it learnt something
     pipe = DiffusionPipeline.from_pretrained(models[name], local_files_only=True)
@@ -152,21 +141,11 @@ def test_with_use_amp_it_trains_under_autocast(tiny_model_dir, shapes_data, tmp_
 def test_an_interrupted_bf16_base_run_resumes_to_the_same_adapter(tiny_model_dir, shapes_data, tmp_path,
                                                                  monkeypatch):
     """The frozen weights are not in the training state: read again from the model folder in bf16, as before."""
-    from easynlp_ldm.trainer import Trainer
-
     common = [*FAST, "--learning_rate=1e-2", "--save_checkpoint_steps=3", "--epoch_num=2"]
     udp = "train_target=lora lora_rank=2 caption_dropout=0.2 ema_decay=0.9 sample_images=0 base_precision=bf16"
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert cli.main(train_argv(shapes_data, straight, tiny_model_dir, *common, udp=udp)) == 0
-    save = Trainer.save_training_state
-
-    def killed_after_saving(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
-    assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp)) == 130  # as Ctrl-C
-    monkeypatch.setattr(Trainer, "save_training_state", save)
+    interrupt_after_first_checkpoint(monkeypatch, train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp))
     assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp)) == 0
     a, b = (load_file(os.path.join(run, "last", LORA_FILE)) for run in (straight, resumed))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

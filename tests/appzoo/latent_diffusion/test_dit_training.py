@@ -22,7 +22,15 @@ from modelzoo import families
 from modelzoo.lora import LORA_FILE
 from modelzoo.objectives import fixed_noise_flow_loss
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
-from tests.helpers import ROOT, decode, free_port, kill_after_first_checkpoint, predict_argv, read_rows, train_argv
+from tests.helpers import (
+    ROOT,
+    free_port,
+    interrupt_after_first_checkpoint,
+    kill_after_first_checkpoint,
+    predicted_image,
+    read_rows,
+    train_argv,
+)
 
 MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
 FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
@@ -77,17 +85,6 @@ def _pipeline(folder):
     return pipe
 
 
-def _predicted(tmp_path, folder, udp):
-    table = tmp_path / "prompts.tsv"
-    table.write_text("0\t一个红色的圆形\n", encoding="utf-8")
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.tsv"
-    argv = predict_argv(table, out, folder, "--output_schema=idx,text,gen_imgbase64,sample_id,seed",
-                        f"--random_seed={SEED}", udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {udp}")
-    assert cli.main(argv) == 0
-    [(_, _, image, _, seed)] = read_rows(out)
-    return decode(image), int(seed)
-
-
 # The family's own guidance off in both calls: the images then differ by the adapter alone.
 GUIDANCE = {"zimage": ("scale=0", dict(guidance_scale=0.0)), "qwenimage": ("true_cfg_scale=1", {})}
 
@@ -101,8 +98,8 @@ def test_lora_loads_in_diffusers_as_it_is_and_gives_predicts_lora_image(folders,
     state = load_file(os.path.join(run, LORA_FILE))
     assert state and all(key.startswith("transformer.") for key in state)
     udp, by_hand = GUIDANCE[name]
-    plain, seed = _predicted(tmp_path, folders[name], udp)
-    adapted, seed_again = _predicted(tmp_path, folders[name], f"{udp} lora={run}")
+    plain, seed = predicted_image(folders[name], tmp_path, udp, SEED, STEPS)
+    adapted, seed_again = predicted_image(folders[name], tmp_path, f"{udp} lora={run}", SEED, STEPS)
     assert seed == seed_again
     assert np.abs(adapted - plain).max() > 10  # it learnt something
 
@@ -118,21 +115,12 @@ def test_interrupted_run_resumed_ends_with_the_uninterrupted_runs_weights(folder
                                                                          monkeypatch):
     """Killed after its first checkpoint, then the identical command: the transformer of a run never stopped (EMA,
     optimiser state, the per-sample draws and the caches read back from disk)."""
-    from easynlp_ldm.trainer import Trainer
-
     common = [*FAST, "--learning_rate=1e-3", "--save_checkpoint_steps=3", "--epoch_num=2"]
     udp = "train_target=transformer caption_dropout=0.3 ema_decay=0.9 weighting_scheme=logit_normal sample_images=0"
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert cli.main(train_argv(shapes_data, straight, folders["zimage"], *common, udp=udp)) == 0
-    save = Trainer.save_training_state
-
-    def killed_after_saving(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
-    assert cli.main(train_argv(shapes_data, resumed, folders["zimage"], *common, udp=udp)) == 130  # as Ctrl-C
-    monkeypatch.setattr(Trainer, "save_training_state", save)
+    interrupt_after_first_checkpoint(monkeypatch, train_argv(shapes_data, resumed, folders["zimage"], *common,
+                                                             udp=udp))
     assert cli.main(train_argv(shapes_data, resumed, folders["zimage"], *common, udp=udp)) == 0
     a, b = (load_file(os.path.join(run, "last", "transformer", "diffusion_pytorch_model.safetensors"))
             for run in (straight, resumed))

@@ -16,7 +16,15 @@ from appzoo.latent_diffusion.settings import GenerationSettings
 from easynlp_ldm import cli
 from modelzoo.families import sd
 from modelzoo.lora import LORA_FILE, load_adapters, parse_specs, select_adapters
-from tests.helpers import PROMPTS, decode, predict_argv, random_adapter, read_rows, train_argv
+from tests.helpers import (
+    PROMPTS,
+    decode,
+    interrupt_after_first_checkpoint,
+    predict_argv,
+    random_adapter,
+    read_rows,
+    train_argv,
+)
 
 STEPS, GUIDANCE = 4, 5.0
 
@@ -244,22 +252,12 @@ def test_the_service_switches_adapters_per_request_without_reloading(adapter, ti
 def test_lora_training_resumes_to_the_same_adapter(tiny_model_dir, shapes_data, tmp_path, monkeypatch):
     """A run killed after its first checkpoint and resumed ends with the adapter of a run never stopped (the EMA and
     optimiser state of the LoRA parameters are in the training state)."""
-    from easynlp_ldm.trainer import Trainer
-
     common = ["--micro_batch_size=8", "--learning_rate=1e-2", "--warmup_proportion=0", "--save_checkpoint_steps=3",
               "--epoch_num=2"]
     udp = "train_target=lora lora_rank=2 caption_dropout=0.2 ema_decay=0.9"
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert cli.main(train_argv(shapes_data, straight, tiny_model_dir, *common, udp=udp)) == 0
-    save = Trainer.save_training_state
-
-    def killed_after_saving(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Trainer, "save_training_state", killed_after_saving)
-    assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp)) == 130  # as Ctrl-C
-    monkeypatch.setattr(Trainer, "save_training_state", save)
+    interrupt_after_first_checkpoint(monkeypatch, train_argv(shapes_data, resumed, tiny_model_dir, *common, udp=udp))
     assert cli.main(train_argv(shapes_data, resumed, tiny_model_dir, *common, f"--resume_from_checkpoint={resumed}",
                                udp=udp)) == 0
     a, b = (load_file(os.path.join(run, "last", LORA_FILE)) for run in (straight, resumed))
