@@ -72,7 +72,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), length)
     if truth_path:
         metrics["truth_file"] = truth_path
-        metrics["steps"] = inference.ddim_steps
+        metrics["steps"] = settings.steps
         metrics["accuracy"] = prompt_following(model, inputs, scoring.load_truth_by_idx(truth_path), settings,
                                                flags.random_seed, flags.micro_batch_size, length, policy)
     if policy.total:

@@ -142,7 +142,10 @@ def variant(model: LatentDiffusion, pipe, kind: str, controlnet=None):
             runs = ", ".join(f"{name} with a ControlNet" if with_controlnet else name
                              for name, with_controlnet in family.pipelines)
             raise UserError(f"{family.name} models cannot run {what} here yet (only {runs})")
-        built = family.pipeline(model, kind, controlnet, base=pipe)
+        try:
+            built = family.pipeline(model, kind, controlnet, base=pipe)
+        except ValueError as err:  # the family refuses this kind with the chosen sampler
+            raise UserError(str(err)) from None
         built.set_progress_bar_config(disable=True)
         cache[key] = built
     return cache[key]

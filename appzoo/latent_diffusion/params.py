@@ -175,7 +175,8 @@ PARAMS: tuple[Param, ...] = (
     Param("n_samples", int, 4, "images per prompt per iteration", modes=GENERATE, check=_positive),
     Param("n_iter", int, 1, "iterations; each prompt gets n_samples × n_iter images", modes=PREDICT,
           check=_positive),
-    Param("scale", float, 5.0, "classifier-free guidance scale (1: no guidance)", modes=SAMPLING,
+    Param("scale", float, None, "classifier-free guidance scale (1: no guidance; default: the model folder's, "
+          "e.g. 0 for Z-Image-Turbo, else 5)", modes=SAMPLING,
           aliases=("guidance_scale",), check=_non_negative),
     Param("guidance_cutoff", float, 1.0, "fraction of the steps (the first ones) that use classifier-free "
           "guidance; the rest run the prompt's pass alone, at half the cost (1: every step, as diffusers does)",
@@ -193,13 +194,14 @@ PARAMS: tuple[Param, ...] = (
     Param("control_preprocessor", str, "none", "what turns a conditioning image into the ControlNet's input: none "
           "(the image is the ready conditioning image), canny (its Canny edges, thresholds 100/200)",
           modes=SAMPLING, choices=("none", "canny")),
-    Param("ddim_steps", int, 20, "sampler steps", modes=SAMPLING, aliases=("num_inference_steps",),
-          check=_positive),
+    Param("ddim_steps", int, None, "sampler steps (default: the model folder's, e.g. 9 for Z-Image-Turbo, else 20)",
+          modes=SAMPLING, aliases=("num_inference_steps",), check=_positive),
     Param("ddim_eta", float, 0.0, "DDIM eta (stochasticity) for sampler=ddim; a non-zero value with any other "
           "sampler (PLMS, the model's own scheduler unless it is DDIM, ...) is an error, as in EasyNLP", modes=SAMPLING,
           check=_unit),
     Param("sampler", str, "", "sampler by short name: plms, ddim, dpm-solver++, dpm-solver, euler, "
-          "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler)", modes=SAMPLING),
+          "euler-ancestral, heun, lms, unipc, deis, ... (default: the model's own scheduler); Z-Image models: euler; "
+          "Qwen-Image models: euler, unipc", modes=SAMPLING),
     Param("H", int, 0, "image height in pixels (0: the model's native size); a multiple of the model's "
           "downsampling factor (8 for SD-style models)", modes=SAMPLING, aliases=("height",), check=_non_negative),
     Param("W", int, 0, "image width in pixels (0: the model's native size); a multiple of the model's "
@@ -210,9 +212,9 @@ PARAMS: tuple[Param, ...] = (
           "the prompt-only one's (0: off, as ZImagePipeline's default)", modes=SAMPLING, check=_non_negative),
     Param("cfg_truncation", float, 1.0, "Z-Image models: guidance stops at the steps whose t/1000 is past this "
           "(1: guided at every step, as ZImagePipeline's default)", modes=SAMPLING, check=_non_negative),
-    Param("true_cfg_scale", float, 4.0, "Qwen-Image models: classifier-free guidance scale, with negative_prompt "
+    Param("true_cfg_scale", float, None, "Qwen-Image models: classifier-free guidance scale, with negative_prompt "
           "(empty or not) as the unconditional text; 1: no guidance (scale is only the input of a "
-          "guidance-distilled transformer)", modes=SAMPLING, check=_non_negative),
+          "guidance-distilled transformer; default: the model folder's, else 4)", modes=SAMPLING, check=_non_negative),
     Param("lora", str, "", "LoRA adapters applied to the model, merged into its weights: path[:scale],path[:scale] "
           "— a .safetensors file (diffusers', peft's or kohya-ss/WebUI format) or a folder holding "
           "pytorch_lora_weights.safetensors (what train_target=lora writes); scale 1 by default",

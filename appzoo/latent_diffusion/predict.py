@@ -30,7 +30,7 @@ from appzoo.latent_diffusion.inputs import (
     text_length,
 )
 from appzoo.latent_diffusion.loading import load_for_inference
-from appzoo.latent_diffusion.settings import InferenceSettings, image_input_problem, image_strength
+from appzoo.latent_diffusion.settings import GENERATION_DEFAULTS, InferenceSettings, image_input_problem, image_strength
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -115,12 +115,15 @@ def plan_from_flags(flags: ParsedFlags, settings: InferenceSettings) -> PredictP
         raise UserError(f"controlnet= names {wanted} ControlNet(s) but --input_schema has {len(controls)} "
                         f"conditioning-image column(s) ({', '.join(controls) or 'none'}); name them control, "
                         f"control2, … one per ControlNet")
-    problem = image_input_problem(settings.ddim_steps, settings.strength, settings.guidance_rescale,
+    # Before the model loads: ddim_steps not given is checked at the global default here, and at the model folder's
+    # own (e.g. Z-Image-Turbo's 9) as generation starts.
+    steps = GENERATION_DEFAULTS["steps"] if settings.ddim_steps is None else settings.ddim_steps
+    problem = image_input_problem(steps, settings.strength, settings.guidance_rescale,
                                   image=bool(inputs.image_column), mask=bool(mask), controlnet=bool(controls))
     if problem and not problem.error:
         logger.warning("%s: name an image column in --input_schema (imgbase64) or --second_sequence", problem.message)
     elif problem and problem.setting == "strength":
-        raise UserError(f"ddim_steps={settings.ddim_steps}, strength={settings.strength:g}: {problem.message}")
+        raise UserError(f"ddim_steps={steps}, strength={settings.strength:g}: {problem.message}")
     elif problem:
         raise UserError(problem.message)
     if inputs.image_column or controls:

@@ -41,7 +41,7 @@ from easynlp_ldm.serving.server import Parsed, RequestError, ServiceSettings, se
 from easynlp_ldm.tables import BadRow, decode_base64, decode_image, encode_image, encode_image_base64
 from modelzoo.families import family_of, registered
 from modelzoo.optimize import compiled_shapes, limit_compiled_shapes
-from modelzoo.samplers import canonical_name, sampler_names
+from modelzoo.samplers import canonical_name
 
 logger = logging.getLogger("easynlp.serve")
 
@@ -112,8 +112,9 @@ def _check_unicode(name: str, text: str) -> None:
 
 
 def _sampler(service: LatentDiffusionService, name: str, value: Any) -> str:
-    if not isinstance(value, str) or (value and canonical_name(value) not in sampler_names()):
-        raise RequestError(f"{name} must be one of {', '.join(sampler_names())}", name)
+    names = family_of(service.model).sampler_names()
+    if not isinstance(value, str) or (value and canonical_name(value) not in names):
+        raise RequestError(f"{name} must be one of {', '.join(names)}", name)
     problem = eta_problem(service.defaults.eta, value, service.model.scheduler_class)  # the service's ddim_eta
     if problem:
         raise RequestError(f"{name}={value!r}: this service's {problem}", name)

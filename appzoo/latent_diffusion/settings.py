@@ -145,19 +145,33 @@ class GenerationSettings:
     cfg_normalization: float = 0.0  # Z-Image: the guided prediction's norm capped at this × the prompt's (0: off)
     cfg_truncation: float = 1.0  # Z-Image: guidance stops once the step's t/1000 passes it (1: every step)
     true_cfg_scale: float = 4.0  # Qwen-Image: classifier-free guidance scale (> 1: with the negative prompt)
+    # Fields the user did not give (their parameter None): at the defaults above until ``for_model`` puts the model
+    # folder's own defaults (its family's ``generation_defaults``) there; empty once made for a model.
+    unset: frozenset[str] = frozenset()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationSettings:
         """``--user_defined_parameters`` (EasyNLP's names) → settings."""
-        settings = cls(**{field: params[name] for field, name in PARAM_NAMES.items()},
+        values = {field: params[name] for field, name in PARAM_NAMES.items()}
+        unset = frozenset(field for field, value in values.items() if value is None)
+        settings = cls(**{field: value for field, value in values.items() if field not in unset}, unset=unset,
                        controlnets=parse_controlnets(params.get("controlnet", "")))
         for note in settings.unused_settings():
             logger.warning(note)
         return settings
 
     def for_model(self, model: LatentDiffusion) -> GenerationSettings:
-        """The concrete settings for ``model``: native size and ESRGAN channel order filled in, size checked."""
-        settings = dataclasses.replace(self, height=self.height or model.image_size,
+        """The concrete settings for ``model``: the folder's own defaults where the user gave none, native size and
+        ESRGAN channel order filled in, size checked."""
+        defaults, source = family_of(model).generation_defaults(model)
+        applied = {field: value for field, value in defaults.items() if field in self.unset}
+        if applied:
+            logger.info("the model's sampling defaults where user_defined_parameters give none: %s (from %s)",
+                        ", ".join(f"{PARAM_NAMES[field]}={value:g}" for field, value in applied.items()), source)
+            for note in dataclasses.replace(self, **applied).unused_settings():
+                if note not in self.unused_settings():
+                    logger.warning(note)
+        settings = dataclasses.replace(self, **applied, unset=frozenset(), height=self.height or model.image_size,
                                        width=self.width or model.image_size, sr_channel_order=self.sr_channel_order or
                                        model.extra.get("esrgan_channel_order", "rgb"))
         check_size(model, settings.height, settings.width)

@@ -81,6 +81,18 @@ class ModelFamily:
         """The sampling scheduler for ``sampler`` (empty: the model's own)."""
         raise NotImplementedError
 
+    def sampler_names(self) -> list[str]:
+        """The ``sampler=`` short names ``scheduler`` takes (SD-style: modelzoo/samplers.py's table)."""
+        from modelzoo.samplers import sampler_names
+
+        return sampler_names()
+
+    def generation_defaults(self, model) -> tuple[dict[str, Any], str]:
+        """Sampling settings the model's folder asks for where the user gives none (``GenerationSettings`` field →
+        value: ``steps``, ``guidance_scale``, ``true_cfg_scale``), and where they come from, for the log; none by
+        default (SD-1.x: the global defaults)."""
+        return {}, ""
+
     def pipeline(self, model, kind: str = TXT2IMG, controlnet=None, scheduler=None, base=None):
         """diffusers' pipeline for ``kind`` over ``model``'s components (``base``: a pipeline of this model whose
         components are reused)."""

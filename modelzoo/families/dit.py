@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from modelzoo.families.base import IMG2IMG, INPAINT, TXT2IMG, ModelFamily, ModelFormatError
+from modelzoo.families.dit_defaults import INDEX_KEY as DEFAULTS_KEY
+from modelzoo.families.dit_defaults import BadDefaults, folder_defaults, settings_fields
 
 # Where a folder says nothing of its native size (model_index.json's ``_image_size``, or the VAE's sample_size):
 # what both pipelines generate by default.
@@ -112,6 +114,7 @@ class DiTFamily(ModelFamily):
     lora_export_formats = ("comfyui",)  # key layouts --mode=export lora_format= converts a LoRA to
     lora_targets = {"attention": ATTENTION_TARGETS}
     caches_text_embeddings = True
+    samplers: tuple[str, ...] = ("euler",)  # sampler= names its pipelines run (dit_samplers.py)
 
     # ------------------------------------------------------------------------------------------- loading
     def recognises(self, folder: str) -> bool:
@@ -139,6 +142,10 @@ class DiTFamily(ModelFamily):
         model.source_path = os.path.abspath(folder)
         for name, part in own.items():
             setattr(model, name, part)
+        try:
+            model.generation_defaults, model.generation_defaults_source = folder_defaults(folder, index)
+        except BadDefaults as err:
+            raise ModelFormatError(f"{folder}: model_index.json: {err}") from None
         return model.eval()
 
     def own_components(self, folder: str) -> dict[str, Any]:
@@ -186,6 +193,8 @@ class DiTFamily(ModelFamily):
         index = _read_index(model.source_path) if getattr(model, "source_path", None) else {}
         index = index or self.folder_index(model)
         index["_image_size"] = model.image_size
+        if getattr(model, "generation_defaults", None):  # kept for the folder's users (dit_defaults.py)
+            index[DEFAULTS_KEY] = model.generation_defaults
         index_path = os.path.join(folder, "model_index.json")
         atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
         return written + [index_path]
@@ -201,12 +210,29 @@ class DiTFamily(ModelFamily):
 
     # ---------------------------------------------------------------------------------------- generation
     def scheduler(self, model: DiTModel, sampler: str = ""):
-        if sampler:
-            raise ValueError(f"{self.name} models sample with their own flow-matching scheduler only (no sampler= "
-                             f"yet)")
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        """``sampler``: one of the family's ``samplers`` (modelzoo/families/dit_samplers.py says which run and why
+        the others do not); empty: euler, the folder's own flow-matching scheduler."""
+        from modelzoo.families.dit_samplers import flow_scheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+        return flow_scheduler(sampler, self.samplers, self.name, model.scheduler_config)
+
+    def sampler_names(self) -> list[str]:
+        return list(self.samplers)
+
+    def pipeline(self, model, kind: str = TXT2IMG, controlnet=None, scheduler=None, base=None):
+        """The family's pipeline for ``kind``; a sampler the img2img and inpainting pipelines cannot run refused."""
+        from modelzoo.families.dit_samplers import runs_from_images
+
+        pipe = super().pipeline(model, kind, controlnet, scheduler, base)
+        if kind in (IMG2IMG, INPAINT) and not runs_from_images(pipe.scheduler):
+            raise ValueError(f"{self.name} models cannot run {kind} with {type(pipe.scheduler).__name__} (their "
+                             f"{kind} pipeline noises the image with scale_noise, which it lacks); use sampler=euler")
+        return pipe
+
+    def generation_defaults(self, model: DiTModel) -> tuple[dict[str, Any], str]:
+        """What the folder asks for where the user gives no steps / guidance (read at load: dit_defaults.py)."""
+        return settings_fields(getattr(model, "generation_defaults", {})), \
+            getattr(model, "generation_defaults_source", "")
 
     def pipeline_components(self, model: DiTModel, scheduler) -> dict[str, Any]:
         return dict(transformer=model.transformer, vae=model.vae, text_encoder=model.text_encoder,
@@ -346,6 +372,7 @@ class QwenImageFamily(DiTFamily):
     multi_controlnet_class = "QwenImageMultiControlNetModel"
     own_guidance = "Qwen-Image's is true_cfg_scale"
     own_settings = ("true_cfg_scale",)
+    samplers = ("euler", "unipc")
 
     def latent_channels(self, pipe) -> int:
         return int(pipe.transformer.config.in_channels) // 4

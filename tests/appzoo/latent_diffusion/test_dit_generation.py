@@ -166,4 +166,4 @@ def test_what_these_families_cannot_do_yet_is_a_one_line_error(folders, shapes_d
                                          udp="guidance_rescale=0.7 optimize=none"),
                     "guidance_rescale=0.7: SD-1.x's guidance settings do not apply to qwenimage models")
     _one_line_error(capsys, predict_argv(prompts, tmp_path / "sampler.tsv", folder, udp="sampler=ddim"),
-                    "zimage models sample with their own flow-matching scheduler only")
+                    "sampler: unknown sampler 'ddim' for zimage models; choose one of euler")
