@@ -155,29 +155,33 @@ def _unzero(model: torch.nn.Module, std: float = 0.2) -> None:
                 parameter.normal_(0.0, std)
 
 
-def make_tiny_zimage_controlnet(folder: str, *, seed: int = 0) -> str:
+def make_tiny_zimage_controlnet(folder: str, *, seed: int = 0, inpainting: bool = False) -> str:
     """A tiny ``ZImageControlNetModel`` folder for ``make_tiny_zimage_model``'s transformer (dim 32, one control
-    layer, one refiner layer; the pipeline shares the transformer's embedders with it)."""
+    layer, one refiner layer; the pipeline shares the transformer's embedders with it). ``inpainting``: for
+    ``ZImageControlNetInpaintPipeline``, which gives it the control image's latents, the mask and the masked image's
+    latents (16 + 1 + 16 channels)."""
     from diffusers import ZImageControlNetModel
 
     torch.manual_seed(seed)
     controlnet = ZImageControlNetModel(
-        control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=16, all_patch_size=(2,),
+        control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=33 if inpainting else 16,
+        all_patch_size=(2,),
         all_f_patch_size=(1,), dim=32, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True)
     _unzero(controlnet)
     controlnet.save_pretrained(folder)
     return folder
 
 
-def make_tiny_qwenimage_controlnet(folder: str, *, seed: int = 0) -> str:
+def make_tiny_qwenimage_controlnet(folder: str, *, seed: int = 0, inpainting: bool = False) -> str:
     """A tiny ``QwenImageControlNetModel`` folder for ``make_tiny_qwenimage_model``'s transformer (diffusers' fast
-    test's sizes: 2 layers, 3 heads of 16)."""
+    test's sizes: 2 layers, 3 heads of 16). ``inpainting``: for ``QwenImageControlNetInpaintPipeline``, whose
+    conditioning is the masked image's latents and the mask (the mask's channel in 2×2 patches: 4 more inputs)."""
     from diffusers import QwenImageControlNetModel
 
     torch.manual_seed(seed)
     controlnet = QwenImageControlNetModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4), extra_condition_channels=4 if inpainting else 0)
     _unzero(controlnet)
     controlnet.save_pretrained(folder)
     return folder

@@ -412,9 +412,21 @@ class LatentDiffusionService:
             black = encode_image_base64(Image.new("RGB", (self.defaults.width, self.defaults.height)))
             if self.defaults.controlnets:
                 body["control_image"] = [black] * len(self.defaults.controlnets)
-            if edits:
+            if edits or self._controlnet_only_inpaints():  # an inpainting ControlNet: the black image all repainted
                 body["image"] = black
+            if self._controlnet_only_inpaints():
+                body["mask"] = encode_image_base64(Image.new("L", (self.defaults.width, self.defaults.height), 255))
         self.run_batch([self.parse(body).payload])
+
+    def _controlnet_only_inpaints(self) -> bool:
+        """Whether the service's ControlNet conditions inpainting only (its warm-up then inpaints)."""
+        if not self.defaults.controlnets:
+            return False
+        from appzoo.latent_diffusion.generation import controlnet_of
+        from modelzoo.families.base import INPAINT
+
+        return family_of(self.model).controlnet_kinds(
+            self.model, controlnet_of(self.model, self.defaults.controlnets)) == (INPAINT,)
 
     def describe(self) -> dict:
         """For /info: no file paths (the model's folder name only)."""

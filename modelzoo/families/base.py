@@ -106,6 +106,11 @@ class ModelFamily:
             return cls(**base.components, **extra)
         return cls(**self.pipeline_components(model, scheduler), **extra)
 
+    def controlnet_kinds(self, model, controlnet) -> tuple[str, ...]:
+        """The kinds ``controlnet`` (one of the family's ControlNets, or several) can condition: by default every
+        kind the family has a ControlNet pipeline for (an inpainting ControlNet of a DiT family: inpainting only)."""
+        return tuple(kind for kind, with_controlnet in self.pipelines if with_controlnet)
+
     def pipeline_class(self, name: str):
         """diffusers' pipeline class ``name``. diffusers' pipeline modules import transformers' CLIP image processor
         (for a safety checker never used here), which without torchvision warns on every command: that line says

@@ -270,10 +270,18 @@ class DiTFamily(ModelFamily):
                         latents):
         """The size always (img2img too: these pipelines otherwise generate their default size, not the image's),
         the conditioning images as ``control_image`` (these ControlNet pipelines' name), no ``latents``
-        (``controlnet_takes_latents``)."""
+        (``controlnet_takes_latents``). Inpainting with a ControlNet repaints the mask from noise and takes no
+        ``strength``: one other than 1 is refused rather than ignored."""
         arguments = dict(height=height, width=width)
         if images:
-            arguments.update(image=images, strength=strength)
+            arguments["image"] = images
+            if controls is None:
+                arguments["strength"] = strength
+            elif strength != 1:
+                from easynlp_ldm.errors import UserError
+
+                raise UserError(f"strength={strength:g}: {self.name} models inpaint with a ControlNet from noise (its "
+                                f"pipeline, {self.pipelines[kind, True]}, takes no strength); leave strength at 1")
         if masks:
             arguments["mask_image"] = masks
         if controls is not None:
@@ -318,12 +326,25 @@ class DiTFamily(ModelFamily):
 class ZImageFamily(DiTFamily):
     name = "zimage"
     folder_classes = ("ZImagePipeline",)
+    # No ControlNet img2img pipeline exists for these models (diffusers 0.42): (IMG2IMG, True) is refused by name.
     pipelines = {(TXT2IMG, False): "ZImagePipeline", (IMG2IMG, False): "ZImageImg2ImgPipeline",
-                 (INPAINT, False): "ZImageInpaintPipeline", (TXT2IMG, True): "ZImageControlNetPipeline"}
+                 (INPAINT, False): "ZImageInpaintPipeline", (TXT2IMG, True): "ZImageControlNetPipeline",
+                 (INPAINT, True): "ZImageControlNetInpaintPipeline"}
     controlnet_class = "ZImageControlNetModel"
     multi_controlnet_class = ""  # ZImageControlNetPipeline runs one ControlNet
     own_guidance = "Z-Image's are cfg_truncation and cfg_normalization"
     own_settings = ("cfg_normalization", "cfg_truncation")
+
+    def controlnet_kinds(self, model, controlnet):
+        """Text-to-image with any (its pipeline pads the conditioning to the ControlNet's inputs); inpainting with one
+        whose inputs are the conditioning image's latents, the mask and the masked image's latents
+        (Z-Image-Fun-ControlNet-Union 2.x)."""
+        inpaints = controlnet.config.control_in_dim == 2 * model.latent_channels + 1
+        return (TXT2IMG, INPAINT) if inpaints else (TXT2IMG,)
+
+    def pipeline(self, model, kind=TXT2IMG, controlnet=None, scheduler=None, base=None):
+        _refuse_controlnet_kind(self, model, kind, controlnet)
+        return super().pipeline(model, kind, controlnet, scheduler, base)
 
     def native_size(self, pipe) -> int:
         return int(getattr(pipe.vae.config, "sample_size", 0) or DEFAULT_IMAGE_SIZE)
@@ -363,11 +384,60 @@ class ZImageFamily(DiTFamily):
         return -torch.stack(predictions, dim=0).squeeze(2)
 
 
+def _refuse_controlnet_kind(family: DiTFamily, model, kind: str, controlnet) -> None:
+    """A ControlNet asked for a kind its inputs have no place in (an inpainting ControlNet without a mask, a plain one
+    with a mask) is a one-line error, not a shape mismatch deep in the pipeline."""
+    if controlnet is None or kind not in (TXT2IMG, INPAINT):  # img2img: refused by name, no pipeline exists
+        return
+    kinds = family.controlnet_kinds(model, controlnet)
+    if kind in kinds:
+        return
+    from easynlp_ldm.errors import UserError
+
+    if kind == INPAINT:
+        raise UserError(f"controlnet=: this {family.controlnet_class} has no inpainting inputs (the mask, the masked "
+                        f"image): it conditions {' or '.join(kinds)} only; leave the mask out, or inpaint with an "
+                        f"inpainting ControlNet")
+    raise UserError(f"controlnet=: this {family.controlnet_class} is an inpainting ControlNet: give it an input image "
+                    f"and its mask" + ("" if kinds else f" (and one at a time: {family.name} models inpaint with one)"))
+
+
+class GlobalSeedPerImage:
+    """A pipeline that draws from torch's global generator besides the seeds' (``QwenImageControlNetInpaintPipeline``
+    samples its control image's VAE posterior so, diffusers 0.42), run one image at a time with the global generator
+    seeded by the image's seed and restored after: a seed then gives one image whatever the batch, the image diffusers'
+    pipeline gives after ``torch.manual_seed(seed)``. Everything else is the pipeline's."""
+
+    BATCHED = ("prompt", "negative_prompt", "control_image", "control_mask", "generator")  # one entry per image
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name: str):
+        if name == "pipe":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __call__(self, **arguments):
+        import numpy as np
+
+        device = self.pipe._execution_device
+        outputs = []
+        for index, generator in enumerate(arguments["generator"]):
+            one = {name: value[index:index + 1] if name in self.BATCHED and isinstance(value, list) else value
+                   for name, value in arguments.items()}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(generator.initial_seed())
+                outputs.append(self.pipe(**one))
+        return type(outputs[0])(images=np.concatenate([output.images for output in outputs]))
+
+
 class QwenImageFamily(DiTFamily):
     name = "qwenimage"
     folder_classes = ("QwenImagePipeline",)
     pipelines = {(TXT2IMG, False): "QwenImagePipeline", (IMG2IMG, False): "QwenImageImg2ImgPipeline",
-                 (INPAINT, False): "QwenImageInpaintPipeline", (TXT2IMG, True): "QwenImageControlNetPipeline"}
+                 (INPAINT, False): "QwenImageInpaintPipeline", (TXT2IMG, True): "QwenImageControlNetPipeline",
+                 (INPAINT, True): "QwenImageControlNetInpaintPipeline"}
     controlnet_class = "QwenImageControlNetModel"
     multi_controlnet_class = "QwenImageMultiControlNetModel"
     own_guidance = "Qwen-Image's is true_cfg_scale"
@@ -395,6 +465,37 @@ class QwenImageFamily(DiTFamily):
         count, channels, rows, columns = latents.shape
         return self.pipeline_class(self.pipelines[TXT2IMG, False])._pack_latents(
             latents, count, channels, rows, columns)
+
+    def controlnet_kinds(self, model, controlnet):
+        """An inpainting ControlNet (more inputs than the latents: the mask's) inpaints only, one at a time; the
+        others condition text-to-image only."""
+        nets = getattr(controlnet, "nets", [controlnet])
+        if any(net.config.extra_condition_channels for net in nets):
+            return (INPAINT,) if len(nets) == 1 else ()
+        return (TXT2IMG,)
+
+    def pipeline(self, model, kind=TXT2IMG, controlnet=None, scheduler=None, base=None):
+        """Inpainting with a ControlNet seeded per image (``GlobalSeedPerImage``)."""
+        _refuse_controlnet_kind(self, model, kind, controlnet)
+        pipe = super().pipeline(model, kind, controlnet, scheduler, base)
+        return GlobalSeedPerImage(pipe) if kind == INPAINT and controlnet is not None else pipe
+
+    def image_arguments(self, model, kind, **given):
+        """Inpainting with a ControlNet: the pipeline takes no init image; its ControlNet (InstantX's inpainting
+        ControlNet) reads the image it repaints under the mask, as ``control_image`` and ``control_mask``, so the
+        conditioning image must be that image (one ControlNet)."""
+        arguments = super().image_arguments(model, kind, **given)
+        if kind != INPAINT or given["controls"] is None:
+            return arguments
+        from easynlp_ldm.errors import UserError
+
+        images, controls = arguments.pop("image"), arguments["control_image"]  # one ControlNet (controlnet_kinds)
+        if any(image.tobytes() != control.tobytes() for image, control in zip(images, controls)):
+            raise UserError(f"{self.name} models inpaint with a ControlNet that reads the image it repaints under "
+                            f"the mask: give that image as the conditioning image too (the control column, "
+                            f"control_image)")
+        arguments["control_mask"] = arguments.pop("mask_image")
+        return arguments
 
     # ------------------------------------------------------------------------------------------ training
     @torch.no_grad()

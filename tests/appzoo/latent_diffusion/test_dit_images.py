@@ -157,3 +157,108 @@ def test_what_these_families_cannot_run_from_images_is_one_line(folders):
     with pytest.raises(UserError, match="a QwenImageControlNetModel folder, but this model takes a "
                                         "ZImageControlNetModel"):
         Generator(model, GenerationSettings(steps=STEPS, controlnets=((folders["qwenimage"][1], 0.7),)))
+
+
+# ControlNet inpainting: family → the table's columns (the input image, its mask, the conditioning image) for row
+# ``line``, and its pipeline's arguments for them. Qwen-Image's pipeline takes no init image: its ControlNet reads the
+# image it repaints under the mask (control_image, control_mask), so the conditioning image is that image.
+INPAINT_CONTROL = {
+    "zimage": (lambda line: (photo(40 + line), mask(), photo(50 + line)),
+               lambda image, mask_image, control: dict(image=image, mask_image=mask_image, control_image=control)),
+    "qwenimage": (lambda line: (photo(40 + line), mask(), photo(40 + line)),
+                  lambda image, mask_image, control: dict(control_image=control, control_mask=mask_image)),
+}
+
+
+@pytest.fixture(scope="module")
+def inpainting_controlnets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit_inpainting_controlnets")
+    return {name: FAMILIES[name][1](str(root / name), inpainting=True) for name in FAMILIES}
+
+
+def _inpaint_by_hand(folder, controlnet, name, line, seed, **overrides):
+    """diffusers' ControlNet inpainting pipeline of the family, called as its docs call it, after
+    torch.manual_seed(seed) (Qwen-Image's samples its control image's latents from torch's global generator)."""
+    import diffusers
+
+    prefix = FAMILIES[name][2]
+    base = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    net = getattr(diffusers, f"{prefix}ControlNetModel").from_pretrained(controlnet)
+    pipe = getattr(diffusers, f"{prefix}ControlNetInpaintPipeline")(**base.components, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    columns, arguments = INPAINT_CONTROL[name]
+    torch.manual_seed(seed)
+    image = pipe(PROMPTS[line], height=32, width=32, num_inference_steps=STEPS, output_type="np",
+                 generator=torch.Generator().manual_seed(seed),
+                 **{**FAMILIES[name][4], **arguments(*columns(line)), "controlnet_conditioning_scale": 0.7,
+                    **overrides}).images[0]
+    return (image * 255).round().astype(np.int16)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_controlnet_inpainting_equals_the_diffusers_pipeline_called_by_hand_and_serve_gives_its_image(
+        folders, inpainting_controlnets, tmp_path, name):
+    folder, controlnet = folders[name][0], inpainting_controlnets[name]
+    columns = INPAINT_CONTROL[name][0]
+    table, out = tmp_path / "table.tsv", tmp_path / "out.tsv"
+    table.write_text("".join("\t".join([str(line), prompt] + [encode_image_base64(image) for image in columns(line)])
+                             + "\n" for line, prompt in enumerate(PROMPTS)), encoding="utf-8")
+    argv = predict_argv(table, out, folder, "--output_schema=idx,seed,gen_imgbase64", "--micro_batch_size=2",
+                        udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {_udp(FAMILIES[name][3])} "
+                            f"controlnet={controlnet}:0.7")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,mask:str:1,control:str:1"
+    assert cli.main(argv) == 0
+    rows = [(int(idx), int(seed), decode(cell)) for idx, seed, cell in read_rows(out)]
+    assert [line for line, _, _ in rows] == [0, 1]
+    for line, seed, image in rows:
+        expected = _inpaint_by_hand(folder, controlnet, name, line, seed)
+        assert np.abs(image - expected).max() <= TOLERANCE, (name, line)
+    line, seed, image = rows[1]
+    unconditioned = _inpaint_by_hand(folder, controlnet, name, line, seed, controlnet_conditioning_scale=0.0)
+    assert np.abs(image - unconditioned).max() > 10  # the ControlNet acted
+
+    image_, mask_, control = (encode_image_base64(image) for image in columns(line))
+    server = InProcessServer(folder, optimize="none", controlnet=f"{controlnet}:0.7", **FAMILIES[name][3])
+    try:
+        response = httpx.post(server.url + "/", json={"text": PROMPTS[line], "num_images": 1, "seed": seed,
+                                                      "num_inference_steps": STEPS, "image": image_, "mask": mask_,
+                                                      "control_image": control}, timeout=60)
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    served = np.asarray(png(response.json()["images_base64"][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(served - image).max() <= 1
+
+
+def test_what_controlnet_inpainting_cannot_take_is_one_line(folders, inpainting_controlnets):
+    """No ControlNet img2img pipeline exists for these models: refused naming what runs; ControlNet inpainting takes
+    no strength; Qwen-Image's reads the image it repaints, so another conditioning image is refused."""
+    def generate(name, strength=0.0, control=None, controlnet=None, masked=True):
+        model = families.load(folders[name][0])
+        settings = GenerationSettings(steps=STEPS, strength=strength,
+                                      controlnets=((controlnet or inpainting_controlnets[name], 0.7),))
+        inputs = ImageInputs(images=[photo(1)] if masked else None, masks=[mask()] if masked else None,
+                             controls=[[control or photo(1)]])
+        Generator(model, settings)(PROMPTS[:1], [1], inputs=inputs)
+
+    # A ControlNet whose inputs have no place in the kind asked for
+    with pytest.raises(UserError, match="controlnet=: this QwenImageControlNetModel is an inpainting ControlNet: "
+                                        "give it an input image and its mask$"):
+        generate("qwenimage", masked=False)
+    for name in FAMILIES:
+        with pytest.raises(UserError, match=f"controlnet=: this {FAMILIES[name][2]}ControlNetModel has no inpainting "
+                                            f"inputs .*: it conditions txt2img only; leave the mask out"):
+            generate(name, controlnet=folders[name][1])
+
+    model = families.load(folders["qwenimage"][0])
+    settings = GenerationSettings(steps=STEPS, controlnets=((inpainting_controlnets["qwenimage"], 0.7),))
+    with pytest.raises(UserError, match=r"qwenimage models cannot run img2img with a ControlNet here yet \(only "
+                                        r"txt2img, img2img, inpaint, txt2img with a ControlNet, inpaint with a "
+                                        r"ControlNet\)"):
+        Generator(model, settings)(PROMPTS[:1], [1], inputs=ImageInputs(images=[photo(1)], controls=[[photo(2)]]))
+    with pytest.raises(UserError, match="strength=0.5: zimage models inpaint with a ControlNet from noise .* leave "
+                                        "strength at 1"):
+        generate("zimage", strength=0.5)
+    with pytest.raises(UserError, match="qwenimage models inpaint with a ControlNet that reads the image it repaints "
+                                        "under the mask: give that image as the conditioning image too"):
+        generate("qwenimage", control=photo(2))
