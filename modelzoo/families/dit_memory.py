@@ -7,18 +7,22 @@ step of Z-Image's or Qwen-Image's transformer keeps alive.
                elements (norms, modulation, q/k/v and their norms and rotary copies, attention output, projections,
                gates; the feed-forward's hidden activations: SwiGLU keeps 4, GELU 2), and on a CPU the attention's
                heads × L² probabilities (scaled_dot_product_attention's math path, which a padding mask selects there;
-               on a GPU the memory-efficient kernel keeps none). × micro-batch × bytes per element.
+               on a GPU the memory-efficient kernel keeps none), and one block's attention backward creates
+               ATTENTION_BACKWARD_TENSORS × heads × L² temporaries there. × micro-batch × bytes per element.
                Z-Image: ``n_refiner_layers`` noise-refiner blocks over the image tokens, as many context-refiner blocks
                over the text tokens, ``n_layers`` blocks over both. Qwen-Image (an MMDiT): ``num_layers`` dual-stream
                blocks, each the image tokens' and the text tokens' own projections and feed-forwards and one joint
                attention over both. Image tokens = (resolution / VAE factor / patch)², text tokens = the text length
                (an upper bound: the cache holds each caption's embedding without padding), each padded as the model
                pads them. With gradient checkpointing: each block's input, and one block's activations alive during
-               its recomputation. The backward pass frees a block's activations as it allocates that block's
-               gradients (the previous step's are freed before the forward pass): what the activations add to the
-               peak, beside the gradients the plan counts already, is how far they exceed the trained parameters'
-               gradients (most of them at a high resolution, none of a small image's under full fine-tuning; all of
-               a LoRA's, whose gradients are the adapters').
+               its recomputation (a LoRA in fp32 was measured to keep LORA_FP32_CHECKPOINT_TENSORS × dim more per
+               token and block; not explained yet, and absent under bf16 autocast). The backward pass frees a
+               block's activations (with checkpointing: its kept input) as it allocates that block's gradients (the
+               previous step's are freed before the forward pass): what they add to the peak, beside the gradients
+               the plan counts already, is how far they exceed the trained parameters' gradients (most of them at a
+               high resolution, none of a small image's under full fine-tuning; all of a LoRA's, whose gradients are
+               the adapters'), plus the recomputed block's. Under bf16 autocast each projection of fp32 weights also
+               keeps its weight's bf16 copy for backward.
   encode       caching latents: the VAE encoder's live tensors (sd_memory's count); the text-embedding cache's pass
                of the frozen text encoder, no gradients, is counted beside it (the larger of the two).
 
@@ -33,6 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from easynlp_ldm.memory import MemorySettings, ModelFootprint
 from modelzoo.families.sd_memory import MAX_ENCODE_BATCH, vae_encode_bytes
 
@@ -40,11 +46,13 @@ DIM_TENSORS = 18.0  # saved tensors of width dim per token of a block (counted f
 SWIGLU_TENSORS = 4.0  # Z-Image's feed-forward: w1 and w3 outputs, silu, their product (width ffn)
 GELU_TENSORS = 2.0  # Qwen-Image's: the projection and its GELU (width ffn)
 ATTENTION_PROBABILITY_TENSORS = 1.0  # heads × L² saved by the CPU's math attention (probabilities)
+ATTENTION_BACKWARD_TENSORS = 5.0  # heads × L² fp32 temporaries of one block's attention backward on a CPU
 EDGE_TENSORS = 8.0  # the patch embedding, the final layer, the unpatchified output and the loss, × image tokens × dim
 ACTIVATION_SCALE = 1.0  # measured / counted, full fine-tuning without gradient checkpointing
-LORA_SCALE = 1.0  # measured / counted, LoRA (frozen projections keep no inputs for their weights)
-CHECKPOINT_SCALE = 1.0  # measured / counted, with gradient checkpointing
+CHECKPOINT_SCALE = 1.0  # measured / counted, the block recomputed with gradient checkpointing
+AMP_WEIGHT_COPY_BYTES = 2.0  # bf16 copy of each transformer weight that autocast's projections save for backward
 CHECKPOINT_TENSORS = 1.0  # per checkpointed block: its input (L × dim)
+LORA_FP32_CHECKPOINT_TENSORS = 8.0  # measured beside it, per block, for a LoRA in fp32 (not with bf16 autocast)
 AMP_ACTIVATION_BYTES = 3.26  # bytes per saved element under bf16 autocast (norms, RoPE, softmax stay fp32)
 TEXT_ENCODE_BATCH = 16  # appzoo/latent_diffusion/data.py encodes this many captions per call
 TEXT_ENCODE_TENSORS = 4.0  # live tensors of a frozen decoder layer's pass, × tokens × (hidden + intermediate)
@@ -105,19 +113,28 @@ def block_elements(layout: DiTLayout, stream: Stream, image: int, text: int, att
 
 
 def transformer_activation_bytes(layout: DiTLayout, *, resolution: int, vae_scale_factor: int, text_tokens: int,
-                                 micro_batch: int, checkpointing: bool, amp: bool, lora: bool, on_cpu: bool) -> int:
-    """What the transformer's backward pass keeps for ``micro_batch`` samples (see the module docstring)."""
+                                 micro_batch: int, checkpointing: bool, amp: bool, on_cpu: bool,
+                                 lora: bool = False) -> tuple[int, int]:
+    """What the transformer's backward pass keeps for ``micro_batch`` samples (see the module docstring): (bytes
+    freed block by block as the backward pass allocates the gradients, bytes alive throughout it)."""
     side = resolution // vae_scale_factor // layout.patch
     image, text = _padded(side * side, layout.pad_to), _padded(text_tokens, layout.pad_to)
+    tokens = {"image": image, "text": text, "joint": image + text}
     blocks = [(stream, block_elements(layout, stream, image, text, on_cpu)) for stream in layout.streams]
     edges = EDGE_TENSORS * image * layout.dim
+    per_element = (AMP_ACTIVATION_BYTES if amp else 4.0) * micro_batch
+    # a block's backward through the CPU's math attention: the probabilities' and the scores' gradients (fp32)
+    longest = max(tokens[s.tokens] for s in layout.streams)
+    attention_backward = ATTENTION_BACKWARD_TENSORS * layout.heads * longest * longest * 4 * micro_batch \
+        if on_cpu else 0
     if not checkpointing:
-        elements = (LORA_SCALE if lora else ACTIVATION_SCALE) * (sum(s.blocks * e for s, e in blocks) + edges)
-    else:  # each block's input kept, one block's activations alive during its recomputation
-        inputs = sum(s.blocks * CHECKPOINT_TENSORS * layout.dim * {"image": image, "text": text,
-                                                                   "joint": image + text}[s.tokens] for s, _ in blocks)
-        elements = CHECKPOINT_SCALE * (inputs + max(e for _, e in blocks) + edges)
-    return int(elements * (AMP_ACTIVATION_BYTES if amp else 4.0) * micro_batch)
+        return int(ACTIVATION_SCALE * (sum(s.blocks * e for s, e in blocks) + edges) * per_element), \
+            int(attention_backward)
+    # each block's input kept; one block's activations alive while it is recomputed, the last one beside the gradients
+    kept = CHECKPOINT_TENSORS + (LORA_FP32_CHECKPOINT_TENSORS if lora and not amp else 0)
+    inputs = sum(s.blocks * kept * layout.dim * tokens[s.tokens] for s, _ in blocks)
+    return int(inputs * per_element), \
+        int(CHECKPOINT_SCALE * (max(e for _, e in blocks) + edges) * per_element + attention_backward)
 
 
 def text_encode_bytes(config: dict[str, Any] | None, text_tokens: int, amp: bool) -> int:
@@ -140,19 +157,22 @@ class DiTActivations:
     vae_config: dict[str, Any] | None
     vae_scale_factor: int
     text_tokens: int
-    lora: bool = False
     text_config: dict[str, Any] | None = None  # the text encoder that fills the embedding cache (None: not resident)
+    lora: bool = False  # the transformer frozen, a LoRA of it trained
     gradient_bytes: int = 0  # the trained parameters' gradients, allocated as the activations are freed
+    fp32_transformer_parameters: int = 0  # trained or frozen: under autocast each keeps its bf16 copy for backward
 
     labels = {"encode": "VAE/text encode"}
 
     def step(self, settings: MemorySettings) -> dict[str, int]:
         s = settings
-        activations = transformer_activation_bytes(
+        released, transient = transformer_activation_bytes(
             self.layout, resolution=s.resolution, vae_scale_factor=self.vae_scale_factor,
             text_tokens=self.text_tokens, micro_batch=s.micro_batch_size, checkpointing=s.gradient_checkpointing,
-            amp=s.use_amp, lora=self.lora, on_cpu=s.device == "cpu")
-        activations = max(0, activations - self.gradient_bytes)
+            amp=s.use_amp, on_cpu=s.device == "cpu", lora=self.lora)
+        if s.use_amp and not s.gradient_checkpointing:  # saved for the backward pass with the activations
+            released += int(AMP_WEIGHT_COPY_BYTES * self.fp32_transformer_parameters)
+        activations = transient + max(0, released - self.gradient_bytes)
         if not s.cache_inputs:  # the VAE encodes every micro-batch during the step instead
             activations += vae_encode_bytes(self.vae_config, s.resolution, s.micro_batch_size, s.use_amp)
         return {"activations": activations}
@@ -197,8 +217,10 @@ def dit_footprint(model, *, train_target: str = "transformer", text_length: int 
     text_config = text_encoder.config.get_text_config().to_dict() if text_encoder is not None else None
     activations = DiTActivations(layout=LAYOUTS[model.family](dict(model.transformer.config)),
                                  vae_config=dict(model.vae.config), vae_scale_factor=model.vae_scale_factor,
-                                 text_tokens=text_length, lora=train_target == "lora", text_config=text_config,
+                                 text_tokens=text_length, text_config=text_config, lora=train_target == "lora",
                                  gradient_bytes=4 * sum(math.prod(shape) for shapes in trained.values()
-                                                        for shape in shapes))
+                                                        for shape in shapes),
+                                 fp32_transformer_parameters=sum(p.numel() for p in model.transformer.parameters()
+                                                                 if p.dtype == torch.float32))
     # base_precision (bf16 frozen weights of an fp32 run) is the app's: memory_plan.py sets frozen_param_bytes
     return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize, activations=activations)

@@ -71,10 +71,10 @@ def test_activations_grow_with_resolution_and_micro_batch_and_shrink_with_checkp
     # more text tokens, more activations
     longer = families.family_of(model).memory_footprint(model, train_target="transformer", text_length=128)
     assert activations(_without_gradient_overlap(longer)) > activations(footprint)
-    # full fine-tuning: only what exceeds the gradients adds to the peak
+    # full fine-tuning: what the backward frees as it allocates the gradients adds only what exceeds them
     for resolution in (32, 128, 512):
-        assert activations(full, resolution=resolution) == \
-            max(0, activations(footprint, resolution=resolution) - 4 * full.trained_count)
+        counted = activations(footprint, resolution=resolution)
+        assert max(0, counted - 4 * full.trained_count) <= activations(full, resolution=resolution) < counted
     assert activations(full, resolution=512) > 0
 
 
@@ -139,10 +139,10 @@ def test_train_refuses_a_dit_run_that_cannot_fit_naming_the_options(folders, sha
 
 
 def test_refusal_names_what_fits_for_zimage_turbo_lora(turbo):
-    """A LoRA of Z-Image-Turbo at 1024² on a CPU without gradient checkpointing does not fit 22 GiB; the refusal names
+    """A LoRA of Z-Image-Turbo at 512² on a CPU without gradient checkpointing does not fit 22 GiB; the refusal names
     gradient checkpointing, with which it does."""
     footprint = families.family_of(turbo).memory_footprint(turbo, train_target="lora", text_length=512, lora_rank=16)
-    settings = dataclasses.replace(BASE, resolution=1024, use_amp=True, use_ema=False)
+    settings = dataclasses.replace(BASE, resolution=512, use_amp=True, use_ema=False)
     with pytest.raises(UserError) as err:
         memory.check(footprint, settings, limit_gb=22)
     message = str(err.value)
