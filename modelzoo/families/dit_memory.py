@@ -76,7 +76,6 @@ class DiTLayout:
     heads: int
     patch: int
     streams: tuple[Stream, ...]
-    dual_stream: bool = False  # Qwen-Image: a joint block is the image and the text tokens' own widths
     pad_to: int = 1  # Z-Image pads each sequence to a multiple of 32 tokens
 
 
@@ -84,8 +83,8 @@ def zimage_layout(config: dict[str, Any]) -> DiTLayout:
     dim = int(config.get("dim", 3840))
     ffn = int(dim / 3 * 8)  # ZImageTransformerBlock's FeedForward
     refiners, layers = int(config.get("n_refiner_layers", 2)), int(config.get("n_layers", 30))
-    return DiTLayout(dim=dim, heads=int(config.get("n_heads", 30)), patch=int(list(config.get("all_patch_size",
-                                                                                             (2,)))[0]),
+    patch = int(list(config.get("all_patch_size", (2,)))[0])
+    return DiTLayout(dim=dim, heads=int(config.get("n_heads", 30)), patch=patch,
                      streams=(Stream(refiners, "image", ffn, SWIGLU_TENSORS),
                               Stream(refiners, "text", ffn, SWIGLU_TENSORS),
                               Stream(layers, "joint", ffn, SWIGLU_TENSORS)), pad_to=32)
@@ -95,8 +94,9 @@ def qwenimage_layout(config: dict[str, Any]) -> DiTLayout:
     heads = int(config.get("num_attention_heads", 24))
     dim = heads * int(config.get("attention_head_dim", 128))
     return DiTLayout(dim=dim, heads=heads, patch=int(config.get("patch_size", 2)),
-                     streams=(Stream(int(config.get("num_layers", 60)), "joint", 4 * dim, GELU_TENSORS),),
-                     dual_stream=True)
+                     # a dual-stream block: the image and the text tokens each through their own projections and
+                     # feed-forward of the same widths, one attention over both: counted as one stream over both
+                     streams=(Stream(int(config.get("num_layers", 60)), "joint", 4 * dim, GELU_TENSORS),))
 
 
 def _padded(tokens: int, multiple: int) -> int:

@@ -99,7 +99,7 @@ def test_lora_estimate_is_below_full_fine_tuning(models, name):
 
 def test_qwenimage_counts_its_dual_stream_blocks(models):
     layout = dit_memory.qwenimage_layout(dict(models["qwenimage"].transformer.config))
-    assert layout.dual_stream and [s.blocks for s in layout.streams] == [2] and layout.dim == 48
+    assert [(s.blocks, s.tokens, s.ffn) for s in layout.streams] == [(2, "joint", 4 * 48)] and layout.dim == 48
     zimage = dit_memory.zimage_layout(dict(models["zimage"].transformer.config))
     assert [(s.blocks, s.tokens) for s in zimage.streams] == [(1, "image"), (1, "text"), (2, "joint")]
 
