@@ -56,12 +56,17 @@ def make_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     return tokenizer
 
 
-def _mark_native_size(folder: str, image_size: int) -> None:
+def _update_index(folder: str, **entries) -> None:
+    """``entries`` set in the folder's ``model_index.json``."""
     path = os.path.join(folder, "model_index.json")
     with open(path, encoding="utf-8") as handle:
         index = json.load(handle)
-    index["_image_size"] = image_size
+    index.update(entries)
     atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _mark_native_size(folder: str, image_size: int) -> None:
+    _update_index(folder, _image_size=image_size)
 
 
 def make_tiny_zimage_model(folder: str, *, seed: int = 0, image_size: int = 32,
@@ -201,9 +206,13 @@ def make_tiny_qwenimage_edit_model(folder: str, *, seed: int = 0, image_size: in
                                                                                     max_pixels=112 * 112),
                                            tokenizer=make_tiny_tokenizer())
     processor.save_pretrained(os.path.join(folder, "processor"))
-    path = os.path.join(folder, "model_index.json")
-    with open(path, encoding="utf-8") as handle:
-        index = json.load(handle)
-    index.update(_class_name="QwenImageEditPipeline", processor=["transformers", "Qwen2VLProcessor"])
-    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _update_index(folder, _class_name="QwenImageEditPipeline", processor=["transformers", "Qwen2VLProcessor"])
+    return folder
+
+
+def make_tiny_qwenimage_edit_plus_model(folder: str, *, seed: int = 0, image_size: int = 32) -> str:
+    """A tiny Qwen-Image-Edit-Plus folder (Qwen-Image-Edit-2509's layout): ``make_tiny_qwenimage_edit_model``'s, its
+    ``model_index.json`` naming ``QwenImageEditPlusPipeline``."""
+    make_tiny_qwenimage_edit_model(folder, seed=seed, image_size=image_size)
+    _update_index(folder, _class_name="QwenImageEditPlusPipeline")
     return folder

@@ -346,3 +346,21 @@ def predicted_image(folder, workdir, udp, seed, steps):
     assert cli.main(argv) == 0
     [(_, _, image, _, image_seed)] = read_rows(out)
     return decode(image), int(image_seed)
+
+
+# sampler= of the flow-matching DiTs → (scheduler class, config overrides) as a diffusers user swaps it in
+FLOW_SAMPLERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
+                 "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"})}
+
+
+def swap_flow_sampler(pipe, sampler):
+    """``pipe`` (a Z-Image / Qwen-Image pipeline) with ``sampler``'s scheduler swapped in from its own config, as a
+    diffusers user does (UniPC on flow sigmas shifted by the folder's ``shift``)."""
+    import diffusers
+
+    class_name, overrides = FLOW_SAMPLERS[sampler]
+    config = dict(pipe.scheduler.config, **overrides)
+    if overrides:
+        config["flow_shift"] = pipe.scheduler.config["shift"]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(config)
+    return pipe

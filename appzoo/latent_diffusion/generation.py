@@ -21,7 +21,12 @@ import torch
 from PIL import Image
 
 from appzoo.latent_diffusion.conditioning import ImageInputs
-from appzoo.latent_diffusion.settings import GenerationSettings, image_input_problem, image_strength
+from appzoo.latent_diffusion.settings import (
+    GenerationSettings,
+    image_input_problem,
+    image_strength,
+    pipeline_takes_strength,
+)
 from easynlp_ldm.errors import UserError
 from modelzoo.families import family_of
 from modelzoo.families.base import IMG2IMG, INPAINT, TXT2IMG
@@ -157,7 +162,9 @@ def _generate_from_images(model: LatentDiffusion, pipe, common: dict, settings: 
 
     problem = image_input_problem(settings.steps, settings.strength, settings.guidance_rescale,
                                   image=bool(inputs.images), mask=bool(inputs.masks),
-                                  controlnet=controlnet is not None or bool(inputs.controls))
+                                  controlnet=controlnet is not None or bool(inputs.controls),
+                                  takes_strength=pipeline_takes_strength(model, mask=bool(inputs.masks),
+                                                                         controlnet=controlnet is not None))
     if problem and problem.error:
         raise UserError(problem.message)
     for name, items in (("image", inputs.images), ("mask", inputs.masks)):

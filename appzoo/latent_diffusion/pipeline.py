@@ -19,7 +19,7 @@ from appzoo.latent_diffusion.conditioning import ImageInputs, check_masks
 from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.loading import load_model
 from appzoo.latent_diffusion.params import PARAMS
-from appzoo.latent_diffusion.settings import InferenceSettings, image_input_problem
+from appzoo.latent_diffusion.settings import InferenceSettings, image_input_problem, pipeline_takes_strength
 from easynlp_ldm.args import validate_parameters
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import encode_image
@@ -89,7 +89,9 @@ class LatentDiffusionPipeline:
         generation = self.generator.settings
         problem = image_input_problem(generation.steps, generation.strength, generation.guidance_rescale,
                                       image=images is not None, mask=masks is not None,
-                                      controlnet=bool(generation.controlnets))
+                                      controlnet=bool(generation.controlnets),
+                                      takes_strength=pipeline_takes_strength(self.model, mask=masks is not None,
+                                                                             controlnet=bool(generation.controlnets)))
         if problem and not problem.error:
             logger.warning("%s (images=)", problem.message)
         elif problem:

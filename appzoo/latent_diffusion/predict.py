@@ -30,7 +30,14 @@ from appzoo.latent_diffusion.inputs import (
     text_length,
 )
 from appzoo.latent_diffusion.loading import load_for_inference
-from appzoo.latent_diffusion.settings import GENERATION_DEFAULTS, InferenceSettings, image_input_problem, image_strength
+from appzoo.latent_diffusion.settings import (
+    GENERATION_DEFAULTS,
+    InferenceSettings,
+    image_input_problem,
+    image_strength,
+    pipeline_takes_strength,
+    redraw_problem,
+)
 from easynlp_ldm import distributed
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -115,15 +122,13 @@ def plan_from_flags(flags: ParsedFlags, settings: InferenceSettings) -> PredictP
         raise UserError(f"controlnet= names {wanted} ControlNet(s) but --input_schema has {len(controls)} "
                         f"conditioning-image column(s) ({', '.join(controls) or 'none'}); name them control, "
                         f"control2, … one per ControlNet")
-    # Before the model loads: ddim_steps not given is checked at the global default here, and at the model folder's
-    # own (e.g. Z-Image-Turbo's 9) as generation starts.
-    steps = GENERATION_DEFAULTS["steps"] if settings.ddim_steps is None else settings.ddim_steps
-    problem = image_input_problem(steps, settings.strength, settings.guidance_rescale,
-                                  image=bool(inputs.image_column), mask=bool(mask), controlnet=bool(controls))
+    # Before the model loads; strength × steps once it has (check_redraw: its family says whether the pipeline takes
+    # strength, its folder what ddim_steps not given is).
+    problem = image_input_problem(GENERATION_DEFAULTS["steps"], settings.strength, settings.guidance_rescale,
+                                  image=bool(inputs.image_column), mask=bool(mask), controlnet=bool(controls),
+                                  takes_strength=False)
     if problem and not problem.error:
         logger.warning("%s: name an image column in --input_schema (imgbase64) or --second_sequence", problem.message)
-    elif problem and problem.setting == "strength":
-        raise UserError(f"ddim_steps={steps}, strength={settings.strength:g}: {problem.message}")
     elif problem:
         raise UserError(problem.message)
     if inputs.image_column or controls:
@@ -135,6 +140,17 @@ def plan_from_flags(flags: ParsedFlags, settings: InferenceSettings) -> PredictP
                          f"{settings.control_preprocessor})"])))
     return PredictPlan(inputs.table, inputs.schema, inputs.text_column, generated, appended,
                        settings.n_samples * settings.n_iter, inputs.image_column, mask, controls)
+
+
+def check_redraw(plan: PredictPlan, model: LatentDiffusion, steps: int, strength: float) -> None:
+    """From input images, ``strength`` × ``steps`` must redraw a step (diffusers fails otherwise) where the model's
+    pipeline takes a strength (the edit pipelines and ControlNet inpainting take none)."""
+    mask = bool(plan.mask_column)
+    if not plan.image_column or not pipeline_takes_strength(model, mask=mask, controlnet=bool(plan.control_columns)):
+        return
+    problem = redraw_problem(steps, strength, mask)
+    if problem:
+        raise UserError(f"ddim_steps={steps}, strength={strength:g}: {problem}")
 
 
 def run_fingerprint(plan: PredictPlan, model: LatentDiffusion, flags, params) -> str:
@@ -203,6 +219,7 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     plan = plan_from_flags(flags, settings)
     model = load_for_inference(flags, settings)
     generator = Generator(model, settings.generation(), text_length(model, flags))
+    check_redraw(plan, model, generator.settings.steps, settings.strength)
     fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
     progress = Progress(outputs, fingerprint)
     resuming = progress.load_resumable(outputs)

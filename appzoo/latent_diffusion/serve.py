@@ -32,6 +32,7 @@ from appzoo.latent_diffusion.settings import (
     InferenceSettings,
     eta_problem,
     image_input_problem,
+    pipeline_takes_strength,
     size_factor,
 )
 from easynlp_ldm.args import ParsedFlags
@@ -207,7 +208,9 @@ def _images(service: LatentDiffusionService, body: dict, settings: GenerationSet
     if image is None and getattr(family_of(service.model), "needs_input_image", False):
         raise RequestError("image is required: this service's model edits an input image by the instruction", "image")
     problem = image_input_problem(settings.steps, settings.strength, settings.guidance_rescale,
-                                  image=image is not None, mask="mask" in body, controlnet=bool(nets))
+                                  image=image is not None, mask="mask" in body, controlnet=bool(nets),
+                                  takes_strength=pipeline_takes_strength(service.model, mask="mask" in body,
+                                                                         controlnet=bool(nets)))
     if problem and problem.error:  # not a note: a request's strength without an image is no error
         field = "num_inference_steps" if problem.setting == "strength" and "strength" not in body else problem.setting
         raise RequestError(IMAGE_INPUT_WORDS.get(problem.setting, problem.message), field)

@@ -26,6 +26,7 @@ from appzoo.latent_diffusion.conditioning import parse_controlnets
 from appzoo.latent_diffusion.params import PARAMS
 from easynlp_ldm.errors import UserError
 from modelzoo.families import family_of, registered
+from modelzoo.families.base import IMG2IMG, INPAINT
 from modelzoo.ldm import LatentDiffusion
 from modelzoo.samplers import eta_samplers, sampler_label, scheduler_class_name, step_takes
 
@@ -266,19 +267,26 @@ class ImageInputProblem:
     error: bool = True
 
 
+def pipeline_takes_strength(model: LatentDiffusion, *, mask: bool, controlnet: bool) -> bool:
+    """Whether the model's pipeline from an image (inpainting with ``mask``; with a ControlNet or not) takes
+    ``strength`` (its family says: the edit pipelines and ControlNet inpainting start from noise and take none)."""
+    return family_of(model).takes_strength(INPAINT if mask else IMG2IMG, controlnet)
+
+
 def image_input_problem(steps: int, strength: float, guidance_rescale: float, *, image: bool, mask: bool,
-                        controlnet: bool) -> ImageInputProblem | None:
+                        controlnet: bool, takes_strength: bool = True) -> ImageInputProblem | None:
     """The one check of generation from images, shared by predict, the Python API, serve and generation: a mask
     without its image, guidance_rescale with an image or a ControlNet (diffusers' pipelines for them do not take
-    it), an image whose ``strength`` × ``steps`` would redraw no step (diffusers then fails) — errors, the first
-    found — else a ``strength`` without an image (a note), else None."""
+    it), an image whose ``strength`` × ``steps`` would redraw no step (diffusers then fails; only where the pipeline
+    ``takes_strength``, ``pipeline_takes_strength``) — errors, the first found — else a ``strength`` without an
+    image (a note), else None."""
     if guidance_rescale and (image or mask or controlnet):
         return ImageInputProblem("guidance_rescale", "guidance_rescale is not available with an input image, a mask "
                                  "or a ControlNet (diffusers' pipelines for them do not take it); leave it at 0")
     if mask and not image:
         return ImageInputProblem("mask", "a mask needs the image it applies to (inpainting repaints the mask's white "
                                  "part of it)")
-    problem = image and redraw_problem(steps, strength, mask)
+    problem = image and takes_strength and redraw_problem(steps, strength, mask)
     if problem:
         return ImageInputProblem("strength", problem)
     if strength and not image:

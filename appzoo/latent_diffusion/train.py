@@ -113,8 +113,9 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                        what="pretrain_model_name_or_path", dtype=settings.base_dtype)
     family = family_of(model)
     if settings.train_target not in family.train_targets:
-        raise UserError(f"train_target={settings.train_target} is not available for {family.name} models (they "
-                        f"train {', '.join(family.train_targets)})")
+        trains = (f"they train {', '.join(family.train_targets)}" if family.train_targets
+                  else "they cannot be fine-tuned here")
+        raise UserError(f"train_target={settings.train_target} is not available for {family.name} models ({trains})")
     flags = native_amp_only(flags, model.device)
     length = text_length(model, flags, settings.text_len)  # EasyNLP's text_len decides over --sequence_length
     resolution = settings.resolution or model.image_size

@@ -16,7 +16,8 @@ from modelzoo.families.base import ModelFamily, ModelFormatError
 FAMILIES: dict[str, str | ModelFamily] = {"sd": "modelzoo.families.sd:FAMILY",
                                           "zimage": "modelzoo.families.dit:ZIMAGE",
                                           "qwenimage": "modelzoo.families.dit:QWENIMAGE",
-                                          "qwenimage-edit": "modelzoo.families.dit:QWENIMAGE_EDIT"}
+                                          "qwenimage-edit": "modelzoo.families.dit:QWENIMAGE_EDIT",
+                                          "qwenimage-edit-plus": "modelzoo.families.dit:QWENIMAGE_EDIT_PLUS"}
 
 
 class UnknownModelFolder(ModelFormatError):

@@ -169,6 +169,11 @@ class ModelFamily:
             arguments["controlnet_conditioning_scale"] = control_scales
         return arguments
 
+    def takes_strength(self, kind: str, controlnet: bool) -> bool:
+        """Whether the pipeline for ``kind`` (img2img or inpaint, with a ControlNet or not) takes ``strength``, so
+        ``strength`` × steps must redraw a step; SD-style pipelines all do."""
+        return True
+
     def sampling_problem(self, settings) -> str | None:
         """Why the sampling ``settings`` cannot apply to this family's models (one line), or None."""
         return None

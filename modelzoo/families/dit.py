@@ -14,6 +14,7 @@ line where a mode asks for it (the family's ``pipelines``, ``train_targets``, ``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -125,7 +126,9 @@ class DiTFamily(ModelFamily):
         if index.get("_class_name") not in self.folder_classes:
             raise ModelFormatError(f"{folder}: not a {self.name} model (model_index.json names none of "
                                    f"{', '.join(self.folder_classes)})")
-        options = {"torch_dtype": dtype} if dtype is not None else {}
+        # ``dtype``: the name diffusers' pipelines take (0.42; they hand it to every component, transformers' too);
+        # their ``torch_dtype`` is deprecated and warns (FutureWarning).
+        options = {"dtype": dtype} if dtype is not None else {}
         try:
             with _quiet_loading():
                 own = self.own_components(folder)
@@ -220,14 +223,21 @@ class DiTFamily(ModelFamily):
         return list(self.samplers)
 
     def pipeline(self, model, kind: str = TXT2IMG, controlnet=None, scheduler=None, base=None):
-        """The family's pipeline for ``kind``; a sampler the img2img and inpainting pipelines cannot run refused."""
-        from modelzoo.families.dit_samplers import runs_from_images
+        """The family's pipeline for ``kind``; a sampler that pipeline cannot run (``runs_scheduler``) refused."""
+        from modelzoo.families.dit_samplers import runs_scheduler
 
         pipe = super().pipeline(model, kind, controlnet, scheduler, base)
-        if kind in (IMG2IMG, INPAINT) and not runs_from_images(pipe.scheduler):
+        if not runs_scheduler(type(pipe), pipe.scheduler):
             raise ValueError(f"{self.name} models cannot run {kind} with {type(pipe.scheduler).__name__} (their "
-                             f"{kind} pipeline noises the image with scale_noise, which it lacks); use sampler=euler")
+                             f"{kind} pipeline, {type(pipe).__name__}, noises the image with scale_noise, which it "
+                             f"lacks); use sampler=euler")
         return pipe
+
+    def takes_strength(self, kind: str, controlnet: bool) -> bool:
+        """What the pipeline's ``__call__`` takes (the edit pipelines and ControlNet inpainting take no strength);
+        a kind the family has no pipeline for is refused by name elsewhere."""
+        name = self.pipelines.get((kind, controlnet))
+        return name is None or "strength" in inspect.signature(self.pipeline_class(name).__call__).parameters
 
     def generation_defaults(self, model: DiTModel) -> tuple[dict[str, Any], str]:
         """What the folder asks for where the user gives no steps / guidance (read at load: dit_defaults.py)."""
@@ -402,13 +412,17 @@ def _refuse_controlnet_kind(family: DiTFamily, model, kind: str, controlnet) -> 
                     f"and its mask" + ("" if kinds else f" (and one at a time: {family.name} models inpaint with one)"))
 
 
-class GlobalSeedPerImage:
-    """A pipeline that draws from torch's global generator besides the seeds' (``QwenImageControlNetInpaintPipeline``
-    samples its control image's VAE posterior so, diffusers 0.42), run one image at a time with the global generator
-    seeded by the image's seed and restored after: a seed then gives one image whatever the batch, the image diffusers'
-    pipeline gives after ``torch.manual_seed(seed)``. Everything else is the pipeline's."""
+class OneImagePerCall:
+    """A pipeline run one image at a time, each call given that image's entry of every per-image argument, with
+    torch's global generator seeded by the image's seed and restored after. For a pipeline that draws from the global
+    generator besides the seeds' (``QwenImageControlNetInpaintPipeline`` samples its control image's VAE posterior
+    so, diffusers 0.42): a seed then gives one image whatever the batch, the image diffusers' pipeline gives after
+    ``torch.manual_seed(seed)``. For one that takes one prompt a call (``QwenImageEditPlusPipeline``, whose ``image``
+    is the list of one prompt's reference pictures): each call is ``image=[its image]``. Everything else is the
+    pipeline's."""
 
-    BATCHED = ("prompt", "negative_prompt", "control_image", "control_mask", "generator")  # one entry per image
+    # one entry per image
+    BATCHED = ("prompt", "negative_prompt", "image", "control_image", "control_mask", "generator")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -475,10 +489,10 @@ class QwenImageFamily(DiTFamily):
         return (TXT2IMG,)
 
     def pipeline(self, model, kind=TXT2IMG, controlnet=None, scheduler=None, base=None):
-        """Inpainting with a ControlNet seeded per image (``GlobalSeedPerImage``)."""
+        """Inpainting with a ControlNet seeded per image (``OneImagePerCall``)."""
         _refuse_controlnet_kind(self, model, kind, controlnet)
         pipe = super().pipeline(model, kind, controlnet, scheduler, base)
-        return GlobalSeedPerImage(pipe) if kind == INPAINT and controlnet is not None else pipe
+        return OneImagePerCall(pipe) if kind == INPAINT and controlnet is not None else pipe
 
     def image_arguments(self, model, kind, **given):
         """Inpainting with a ControlNet: the pipeline takes no init image; its ControlNet (InstantX's inpainting
@@ -600,3 +614,23 @@ class QwenImageEditFamily(QwenImageFamily):
 
 
 QWENIMAGE_EDIT = QwenImageEditFamily()
+
+
+class QwenImageEditPlusFamily(QwenImageEditFamily):
+    """Qwen-Image-Edit-Plus (Qwen-Image-Edit-2509, -2511): a Qwen-Image-Edit whose pipeline
+    (``QwenImageEditPlusPipeline``) edits by one instruction at a time with a list of reference pictures. Here each
+    prompt's reference is its own input image (a table has one image column; a request one image), so the pipeline is
+    called once per image (``OneImagePerCall``): ``image=[the prompt's image]``, the prompt, its seed's generator.
+    No inpainting pipeline exists for it (diffusers 0.42)."""
+
+    name = "qwenimage-edit-plus"
+    folder_classes = ("QwenImageEditPlusPipeline",)
+    pipelines = {(TXT2IMG, False): "QwenImageEditPlusPipeline", (IMG2IMG, False): "QwenImageEditPlusPipeline"}
+
+    def pipeline(self, model, kind=TXT2IMG, controlnet=None, scheduler=None, base=None):
+        """The edit one image per call; the text-to-image entry (components, LoRA loading) as it is."""
+        pipe = super().pipeline(model, kind, controlnet, scheduler, base)
+        return pipe if kind == TXT2IMG else OneImagePerCall(pipe)
+
+
+QWENIMAGE_EDIT_PLUS = QwenImageEditPlusFamily()

@@ -21,7 +21,7 @@ from modelzoo.tiny_dit import (
     make_tiny_zimage_controlnet,
     make_tiny_zimage_model,
 )
-from tests.helpers import InProcessServer, decode, mask, photo, png, predict_argv, read_rows
+from tests.helpers import InProcessServer, decode, mask, photo, png, predict_argv, read_rows, swap_flow_sampler
 
 PROMPTS = ["一个红色的圆形", "dance monkey in a blue square"]
 STEPS = 2
@@ -176,9 +176,10 @@ def inpainting_controlnets(tmp_path_factory):
     return {name: FAMILIES[name][1](str(root / name), inpainting=True) for name in FAMILIES}
 
 
-def _inpaint_by_hand(folder, controlnet, name, line, seed, **overrides):
+def _inpaint_by_hand(folder, controlnet, name, line, seed, sampler=None, steps=STEPS, **overrides):
     """diffusers' ControlNet inpainting pipeline of the family, called as its docs call it, after
-    torch.manual_seed(seed) (Qwen-Image's samples its control image's latents from torch's global generator)."""
+    torch.manual_seed(seed) (Qwen-Image's samples its control image's latents from torch's global generator);
+    ``sampler``: its scheduler swapped in."""
     import diffusers
 
     prefix = FAMILIES[name][2]
@@ -186,13 +187,30 @@ def _inpaint_by_hand(folder, controlnet, name, line, seed, **overrides):
     net = getattr(diffusers, f"{prefix}ControlNetModel").from_pretrained(controlnet)
     pipe = getattr(diffusers, f"{prefix}ControlNetInpaintPipeline")(**base.components, controlnet=net)
     pipe.set_progress_bar_config(disable=True)
+    if sampler:
+        swap_flow_sampler(pipe, sampler)
     columns, arguments = INPAINT_CONTROL[name]
     torch.manual_seed(seed)
-    image = pipe(PROMPTS[line], height=32, width=32, num_inference_steps=STEPS, output_type="np",
+    image = pipe(PROMPTS[line], height=32, width=32, num_inference_steps=steps, output_type="np",
                  generator=torch.Generator().manual_seed(seed),
                  **{**FAMILIES[name][4], **arguments(*columns(line)), "controlnet_conditioning_scale": 0.7,
                     **overrides}).images[0]
     return (image * 255).round().astype(np.int16)
+
+
+def _predict_controlnet_inpainting(folder, controlnet, name, root, udp):
+    """predict's rows (line, seed, image) of PROMPTS inpainted with ``controlnet`` (INPAINT_CONTROL's columns)."""
+    columns = INPAINT_CONTROL[name][0]
+    table, out = root / "table.tsv", root / "out.tsv"
+    table.write_text("".join("\t".join([str(line), prompt] + [encode_image_base64(image) for image in columns(line)])
+                             + "\n" for line, prompt in enumerate(PROMPTS)), encoding="utf-8")
+    argv = predict_argv(table, out, folder, "--output_schema=idx,seed,gen_imgbase64", "--micro_batch_size=2",
+                        udp=f"n_samples=1 optimize=none {_udp(FAMILIES[name][3])} controlnet={controlnet}:0.7 {udp}")
+    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,mask:str:1,control:str:1"
+    assert cli.main(argv) == 0
+    rows = [(int(idx), int(seed), decode(cell)) for idx, seed, cell in read_rows(out)]
+    assert [line for line, _, _ in rows] == [0, 1]
+    return rows
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -200,16 +218,7 @@ def test_controlnet_inpainting_equals_the_diffusers_pipeline_called_by_hand_and_
         folders, inpainting_controlnets, tmp_path, name):
     folder, controlnet = folders[name][0], inpainting_controlnets[name]
     columns = INPAINT_CONTROL[name][0]
-    table, out = tmp_path / "table.tsv", tmp_path / "out.tsv"
-    table.write_text("".join("\t".join([str(line), prompt] + [encode_image_base64(image) for image in columns(line)])
-                             + "\n" for line, prompt in enumerate(PROMPTS)), encoding="utf-8")
-    argv = predict_argv(table, out, folder, "--output_schema=idx,seed,gen_imgbase64", "--micro_batch_size=2",
-                        udp=f"ddim_steps={STEPS} n_samples=1 optimize=none {_udp(FAMILIES[name][3])} "
-                            f"controlnet={controlnet}:0.7")
-    argv[2] = "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,mask:str:1,control:str:1"
-    assert cli.main(argv) == 0
-    rows = [(int(idx), int(seed), decode(cell)) for idx, seed, cell in read_rows(out)]
-    assert [line for line, _, _ in rows] == [0, 1]
+    rows = _predict_controlnet_inpainting(folder, controlnet, name, tmp_path, f"ddim_steps={STEPS}")
     for line, seed, image in rows:
         expected = _inpaint_by_hand(folder, controlnet, name, line, seed)
         assert np.abs(image - expected).max() <= TOLERANCE, (name, line)
@@ -230,12 +239,24 @@ def test_controlnet_inpainting_equals_the_diffusers_pipeline_called_by_hand_and_
     assert np.abs(served - image).max() <= 1
 
 
+def test_unipc_runs_qwenimage_controlnet_inpainting_which_starts_from_noise(folders, inpainting_controlnets, tmp_path):
+    """QwenImageControlNetInpaintPipeline repaints the mask from noise (it never calls scale_noise): sampler=unipc
+    gives the pipeline's image with UniPC swapped in, not the folder's euler."""
+    folder, controlnet = folders["qwenimage"][0], inpainting_controlnets["qwenimage"]
+    rows = _predict_controlnet_inpainting(folder, controlnet, "qwenimage", tmp_path, "ddim_steps=4 sampler=unipc")
+    for line, seed, image in rows:
+        expected = _inpaint_by_hand(folder, controlnet, "qwenimage", line, seed, sampler="unipc", steps=4)
+        assert np.abs(image - expected).max() <= TOLERANCE, line
+    line, seed, image = rows[0]
+    assert np.abs(image - _inpaint_by_hand(folder, controlnet, "qwenimage", line, seed, steps=4)).max() > TOLERANCE
+
+
 def test_what_controlnet_inpainting_cannot_take_is_one_line(folders, inpainting_controlnets):
     """No ControlNet img2img pipeline exists for these models: refused naming what runs; ControlNet inpainting takes
     no strength; Qwen-Image's reads the image it repaints, so another conditioning image is refused."""
-    def generate(name, strength=0.0, control=None, controlnet=None, masked=True):
+    def generate(name, strength=0.0, control=None, controlnet=None, masked=True, steps=STEPS):
         model = families.load(folders[name][0])
-        settings = GenerationSettings(steps=STEPS, strength=strength,
+        settings = GenerationSettings(steps=steps, strength=strength,
                                       controlnets=((controlnet or inpainting_controlnets[name], 0.7),))
         inputs = ImageInputs(images=[photo(1)] if masked else None, masks=[mask()] if masked else None,
                              controls=[[control or photo(1)]])
@@ -256,9 +277,10 @@ def test_what_controlnet_inpainting_cannot_take_is_one_line(folders, inpainting_
                                         r"txt2img, img2img, inpaint, txt2img with a ControlNet, inpaint with a "
                                         r"ControlNet\)"):
         Generator(model, settings)(PROMPTS[:1], [1], inputs=ImageInputs(images=[photo(1)], controls=[[photo(2)]]))
-    with pytest.raises(UserError, match="strength=0.5: zimage models inpaint with a ControlNet from noise .* leave "
-                                        "strength at 1"):
-        generate("zimage", strength=0.5)
+    for steps in (STEPS, 1):  # not the strength × steps check of a pipeline that takes strength (1 × 0.5 < 1)
+        with pytest.raises(UserError, match="strength=0.5: zimage models inpaint with a ControlNet from noise .* "
+                                            "leave strength at 1"):
+            generate("zimage", strength=0.5, steps=steps)
     with pytest.raises(UserError, match="qwenimage models inpaint with a ControlNet that reads the image it repaints "
                                         "under the mask: give that image as the conditioning image too"):
         generate("qwenimage", control=photo(2))

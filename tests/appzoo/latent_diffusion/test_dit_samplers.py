@@ -6,6 +6,7 @@ otherwise (CLI, Python API, serve request), and a folder trained from it keeps t
 import json
 import os
 import shutil
+import warnings
 
 import diffusers
 import httpx
@@ -18,15 +19,21 @@ from appzoo.latent_diffusion.generation import image_seed
 from easynlp_ldm import cli
 from modelzoo import families
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
-from tests.helpers import InProcessServer, decode, png, predict_argv, read_rows, train_argv
+from tests.helpers import (
+    FLOW_SAMPLERS,
+    InProcessServer,
+    decode,
+    png,
+    predict_argv,
+    read_rows,
+    swap_flow_sampler,
+    train_argv,
+)
 
 PROMPT = "一个红色的圆形"
 SEED = 7  # predict_argv's --random_seed
 TOLERANCE = 3  # of 255
 MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
-# sampler → (scheduler class, config overrides) as a diffusers user swaps it into the family's pipeline
-SWAPPED = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
-           "unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"})}
 ACCEPTED = [("zimage", "euler"), ("qwenimage", "euler"), ("qwenimage", "unipc")]
 
 
@@ -60,12 +67,7 @@ def _pipeline(folder, sampler="euler"):
     """The folder's diffusers pipeline as a diffusers user loads it, with ``sampler``'s scheduler swapped in."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    class_name, overrides = SWAPPED[sampler]
-    config = dict(pipe.scheduler.config, **overrides)
-    if overrides:
-        config["flow_shift"] = pipe.scheduler.config["shift"]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(config)
-    return pipe
+    return swap_flow_sampler(pipe, sampler)
 
 
 def _expected(pipe, seed, **arguments):
@@ -85,7 +87,7 @@ def test_each_sampler_gives_the_pipelines_image_with_its_scheduler(folders, prom
                              f"ddim_steps=3 scale=3 n_samples=1 optimize=none sampler={sampler}")
     _close(image, _expected(_pipeline(folders[name], sampler), seed, num_inference_steps=3, guidance_scale=3.0))
     model = families.load(folders[name])
-    assert type(families.family_of(model).scheduler(model, sampler)).__name__ == SWAPPED[sampler][0]
+    assert type(families.family_of(model).scheduler(model, sampler)).__name__ == FLOW_SAMPLERS[sampler][0]
 
 
 def _one_line_error(capsys, argv, expected):
@@ -185,3 +187,15 @@ def test_bad_generation_defaults_in_a_folder_are_a_one_line_error(folders, promp
         json.dump(index, handle)
     _one_line_error(capsys, predict_argv(prompts, tmp_path / "out.tsv", folder),
                     "_generation_defaults: num_inference_steps=0 must be a positive integer")
+
+
+def test_loading_a_folder_in_a_dtype_warns_of_no_deprecation(folders):
+    """DiTFamily.load names the dtype as diffusers' pipelines take it (dtype=; their torch_dtype= is deprecated and
+    warns); every component, transformers' text encoder too, loads in it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in MAKERS:
+            model = families.load(folders[name], dtype=torch.bfloat16)
+            assert {part.dtype for part in (model.transformer, model.vae, model.text_encoder)} == {torch.bfloat16}
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecations, deprecations
