@@ -28,6 +28,7 @@ from appzoo.latent_diffusion.generation import SEED_LIMIT, Generator, Stopped
 from appzoo.latent_diffusion.inputs import text_length
 from appzoo.latent_diffusion.loading import load_for_inference
 from appzoo.latent_diffusion.settings import (
+    PARAM_NAMES,
     GenerationSettings,
     InferenceSettings,
     eta_problem,
@@ -320,6 +321,11 @@ class LatentDiffusionService:
         settings = dataclasses.replace(self.defaults, **{
             setting: check(self, name, body[name]) for name, (setting, check) in REQUEST_FIELDS.items()
             if name in body})
+        problem = family_of(self.model).sampling_problem(settings, self.model)
+        if problem:  # a setting the model's pipelines would otherwise ignore (or one they cannot honour)
+            setting = problem.split("=", 1)[0]
+            raise RequestError(problem, next((name for name, (field, _) in REQUEST_FIELDS.items()
+                                              if setting in (name, PARAM_NAMES.get(field))), setting))
         count = _integer("num_images", body.get("num_images", 1), 1, self.settings.max_num_images)
         work = count * settings.steps * settings.width * settings.height / self.model.image_size ** 2
         if work > self.settings.max_request_work:

@@ -177,7 +177,7 @@ class GenerationSettings:
                                        model.extra.get("esrgan_channel_order", "rgb"))
         check_size(model, settings.height, settings.width)
         problem = eta_problem(settings.eta, settings.sampler, model.scheduler_class) or \
-            family_of(model).sampling_problem(settings)
+            family_of(model).sampling_problem(settings, model)
         if problem:
             raise UserError(problem)
         for note in settings.other_families_settings(model):

@@ -174,8 +174,8 @@ class ModelFamily:
         ``strength`` × steps must redraw a step; SD-style pipelines all do."""
         return True
 
-    def sampling_problem(self, settings) -> str | None:
-        """Why the sampling ``settings`` cannot apply to this family's models (one line), or None."""
+    def sampling_problem(self, settings, model) -> str | None:
+        """Why the sampling ``settings`` cannot apply to ``model`` of this family (one line), or None."""
         return None
 
     def size_factor(self, model) -> int:

@@ -255,13 +255,18 @@ class DiTFamily(ModelFamily):
         """The VAE factor × the transformer's 2×2 patches (both pipelines' rule), and 8."""
         return math.lcm(8, model.vae_scale_factor * 2)
 
-    def sampling_problem(self, settings) -> str | None:
+    def sampling_problem(self, settings, model) -> str | None:
         given = [f"{name}={value:g}" for name, value, off in (
             ("guidance_rescale", settings.guidance_rescale, 0.0), ("guidance_cutoff", settings.guidance_cutoff, 1.0))
             if value != off]
         if given:
             return (f"{', '.join(given)}: SD-1.x's guidance settings do not apply to {self.name} models; "
                     f"{self.own_guidance}")
+        terminal = model.scheduler_config.get("shift_terminal")
+        if settings.steps == 1 and terminal and settings.sampler in ("", "euler"):
+            # diffusers' FlowMatchEulerDiscreteScheduler stretches one sigma to the terminal by 0 / 0 (a NaN image)
+            return (f"ddim_steps=1: this folder's scheduler (shift_terminal={terminal:g}) gives a NaN image at one "
+                    f"step in diffusers; use ddim_steps=2 or more")
         return None
 
     def pipeline_arguments(self, model: DiTModel, prompts: list[str], generators, settings,
@@ -593,11 +598,11 @@ class QwenImageEditFamily(QwenImageFamily):
     def pipeline_components(self, model: DiTModel, scheduler) -> dict[str, Any]:
         return dict(super().pipeline_components(model, scheduler), processor=model.processor)
 
-    def sampling_problem(self, settings) -> str | None:
+    def sampling_problem(self, settings, model) -> str | None:
         if settings.strength:
             return (f"strength={settings.strength:g}: {self.name} models take no strength (the edit redraws the "
                     f"whole image; inpainting repaints the mask fully); leave it out")
-        return super().sampling_problem(settings)
+        return super().sampling_problem(settings, model)
 
     def txt2img_arguments(self, model, settings, height, width, latents):
         from easynlp_ldm.errors import UserError

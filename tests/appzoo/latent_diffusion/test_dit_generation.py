@@ -167,3 +167,22 @@ def test_what_these_families_cannot_do_yet_is_a_one_line_error(folders, shapes_d
                     "guidance_rescale=0.7: SD-1.x's guidance settings do not apply to qwenimage models")
     _one_line_error(capsys, predict_argv(prompts, tmp_path / "sampler.tsv", folder, udp="sampler=ddim"),
                     "sampler: unknown sampler 'ddim' for zimage models; choose one of euler")
+    # Qwen-Image's folders stretch the schedule to shift_terminal: at one step diffusers divides 0 by 0 (NaN pixels)
+    _one_line_error(capsys, predict_argv(prompts, tmp_path / "one_step.tsv", folders["qwenimage"],
+                                         udp="ddim_steps=1 optimize=none"),
+                    "ddim_steps=1: this folder's scheduler (shift_terminal=0.02) gives a NaN image at one step")
+
+
+def test_a_request_the_familys_pipelines_cannot_honour_is_a_400_naming_its_field(folders):
+    """SD-1.x's guidance_rescale would be ignored by these pipelines, and one step of a Qwen-Image folder's scheduler
+    is a NaN image in diffusers: the service answers 400 naming the field, not an image."""
+    server = InProcessServer(folders["qwenimage"], **{k: v for k, v in _params("qwenimage").items()
+                                                       if k != "n_samples"})
+    try:
+        for field, value, expected in (("guidance_rescale", 0.7, "SD-1.x's guidance settings do not apply"),
+                                       ("num_inference_steps", 1, "gives a NaN image at one step")):
+            response = httpx.post(server.url + "/", json={"text": "红色的圆形", field: value}, timeout=60)
+            assert response.status_code == 400, response.text
+            assert expected in response.text and field in response.text, response.text
+    finally:
+        server.stop()
