@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -38,8 +39,8 @@ CORPUS = ("a red circle on a white background", "a blue square in the upper left
 VOCAB_SIZE = 384
 
 
-def make_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A byte-level BPE ``Qwen2TokenizerFast`` with Qwen's special tokens and chat template, trained on ``CORPUS``
+def make_tiny_tokenizer(vocab_size: int = VOCAB_SIZE, corpus: Sequence[str] = CORPUS):
+    """A byte-level BPE ``Qwen2TokenizerFast`` with Qwen's special tokens and chat template, trained on ``corpus``
     (every byte is in its alphabet, so any text tokenises)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
@@ -49,7 +50,7 @@ def make_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
+    backend.train_from_iterator(list(corpus) * 4, trainer=trainer)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None,
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024)
     tokenizer.chat_template = CHAT_TEMPLATE
