@@ -23,7 +23,8 @@ and the app's, from its model's ``ActivationPlan`` (a model family's: SD-1.x's i
   encode       a pass over the data before the optimiser exists (an app's cache of encoded inputs), no gradients
 
 Phases: ``load`` (the built modules, then the memory-mapped file's tensors in their place: the weights, in RAM),
-``encode`` (before the optimiser exists: weights + encode), ``step`` (weights, optimiser, EMA, gradients,
+``encode`` (before the optimiser exists: weights + encode, and the weights that leave after it:
+``ModelFootprint.encode_only_bytes``, counted at load too), ``step`` (weights, optimiser, EMA, gradients,
 activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
 """
@@ -93,6 +94,9 @@ class ModelFootprint:
     param_bytes: int = 4
     activations: ActivationPlan | None = None  # None: no activations counted
     frozen_param_bytes: float | None = None  # bytes of a frozen weight when not param_bytes (2: bf16 base weights)
+    # bytes of weights that leave memory after the encode phase (a text encoder once its embeddings are cached):
+    # counted at load and encode, not in the step's and save's weights
+    encode_only_bytes: int = 0
 
     @property
     def trained_count(self) -> int:
@@ -139,7 +143,8 @@ class MemoryEstimate:
         names = {"weights": "weights", "gradients": "gradients", "optimizer": f"optimizer ({s.optimizer})",
                  "ema": "EMA" + (" in RAM" if s.ema_device == "cpu" and s.device != "cpu" else ""),
                  "amp_copies": "AMP weight copies", "overhead": "step overhead", "runtime": "runtime",
-                 "save_copy": "checkpoint copy", **(f.activations.labels if f.activations else {})}
+                 "save_copy": "checkpoint copy", "encode_only_weights": "weights until the encode's end",
+                 **(f.activations.labels if f.activations else {})}
         parts = ", ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in self.parts.items() if v)
         where = "GPU" if s.device != "cpu" else "RAM"
         checkpointing = "gradient checkpointing, " if s.gradient_checkpointing else ""
@@ -188,11 +193,12 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
         "save_copy": f.weight_bytes if s.device != "cpu" else 0,
         "encode": f.activations.encode(s) if f.activations else 0,
+        "encode_only_weights": f.encode_only_bytes,
     }
     p = parts
     ema_with_weights = p["ema"] if (s.ema_device != "cpu" or s.device == "cpu") else 0
     on_device = {
-        "encode": p["weights"] + p["encode"],
+        "encode": p["weights"] + p["encode_only_weights"] + p["encode"],
         "step": (p["weights"] + p["gradients"] + p["optimizer"] + ema_with_weights + p["amp_copies"]
                  + sum(activations.values()) + p["overhead"]),
         "save": p["weights"] + p["optimizer"] + ema_with_weights,
@@ -200,7 +206,7 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
     result = MemoryEstimate(settings, footprint, parts)
     # Loading: the freshly built modules, whose weights are then replaced by the memory-mapped file's tensors
     # (modelzoo/ldm.py, assign=True): one copy of the weights, in RAM, before anything else.
-    load = p["weights"] + p["runtime"]
+    load = p["weights"] + p["encode_only_weights"] + p["runtime"]
     if s.device == "cpu":
         result.host = {k: v + p["runtime"] + (p["save_copy"] if k == "save" else 0) for k, v in on_device.items()}
         result.host["load"] = load

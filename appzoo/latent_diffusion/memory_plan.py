@@ -28,7 +28,7 @@ def check_latent_diffusion_training(model, flags, training: TrainingSettings, re
         cache_inputs=bool(training.caches_latents))
     footprint = family_of(model).memory_footprint(model, train_target=training.train_target,
                                                   train_text_encoder=bool(training.train_text_encoder),
-                                                  text_length=text_length)
+                                                  text_length=text_length, lora_rank=training.lora_rank)
     if training.base_dtype is not None:  # base_precision: the frozen weights loaded in it, what trains in fp32
         footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=training.base_dtype.itemsize)
     return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,

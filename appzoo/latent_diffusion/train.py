@@ -52,8 +52,11 @@ def build_task(model: LatentDiffusion, settings: TrainingSettings, data: Trainin
         task_class = FlowMatchingLoraTask if target == "lora" else FlowMatchingTrainTask
     else:
         task_class = {"lora": LoraTrainTask, "controlnet": ControlNetTrainTask}.get(target, DiffusionTrainTask)
-    return task_class(model, settings, data, seed=flags.random_seed, resolution=resolution, text_length=text_length,
+    task = task_class(model, settings, data, seed=flags.random_seed, resolution=resolution, text_length=text_length,
                       use_amp=flags.use_amp)
+    if family_of(model).caches_text_embeddings:  # its captions all cached: nothing runs the text encoder again
+        task.release_text_encoder()
+    return task
 
 
 def record_native_size(model: LatentDiffusion, resolution: int) -> None:

@@ -27,7 +27,7 @@ from appzoo.latent_diffusion.data import (
     preprocess_image,
     sample_generator,
 )
-from appzoo.latent_diffusion.generation import generate
+from appzoo.latent_diffusion.generation import build_pipeline, generate
 from appzoo.latent_diffusion.settings import GenerationSettings, TrainingSettings
 from easynlp_ldm.errors import UserError
 from modelzoo import families
@@ -191,8 +191,12 @@ class DiffusionTrainTask:
             sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution)
             images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], sampling,
-                              max_length=self.text_length)
+                              self.sample_pipeline(), max_length=self.text_length)
         return list(zip(captions, images))
+
+    def sample_pipeline(self):
+        """The pipeline the sample images are drawn with (None: ``generate``'s own, built from the model)."""
+        return None
 
 
 class LoraTrainTask(DiffusionTrainTask):
@@ -239,7 +243,8 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
     """``train_target=transformer`` for the families that train on a text-embedding cache (Z-Image, Qwen-Image): the
     family's flow-matching objective (diffusers' DreamBooth-LoRA scripts': timestep density, sigmas of the
     scheduler's shift, loss weighting) on the whole transformer; the VAE and the text encoder stay frozen, each
-    caption's embedding read from the cache (``TrainingData.texts``) — the text encoder never runs in a step. Buckets,
+    caption's embedding read from the cache (``TrainingData.texts``) — the text encoder never runs in a step, and
+    leaves memory once the task is built (``release_text_encoder``; samples and checkpoints do without it). Buckets,
     cached latents, seeded per-sample draws and EMA as for SD-1.x; checkpoints are diffusers folders."""
 
     SD_ONLY = ("snr_gamma", "high_noise_share", "noise_offset", "train_text_encoder", "lora_text_encoder")
@@ -295,6 +300,46 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
             return None
         with eval_mode(self.denoiser):
             return fixed_noise_flow_loss(self.model, self.val_texts, self.val_moments)
+
+    def release_text_encoder(self) -> None:
+        """Once the task is built (a LoRA's adapters added): every caption the run needs is in the cache — the
+        training and validation captions (the sample images' among them) and the empty prompt that the samples'
+        guidance takes — so the text encoder leaves memory, in each process (``DiTFamily.release_text_encoder``)."""
+        family = families.family_of(self.model)
+        missing = {"", *self.train_table.captions, *self.val_captions} - set(self.texts)
+        if missing:  # read_training_data caches them all: a caller that did not
+            raise ValueError(f"{len(missing)} captions are not in the text-embedding cache")
+        freed = family.release_text_encoder(self.model)
+        if freed:
+            logger.info("text encoder released after caching %d captions (%.1f MiB of weights freed; checkpoints "
+                        "copy its files from %s)", len(self.texts), freed / 1024 ** 2,
+                        family.text_encoder_folder(self.model))
+        elif self.model.text_encoder is not None:
+            logger.info("text encoder kept in memory: the model was read from no folder, and checkpoints save it "
+                        "from memory")
+
+    def sample_pipeline(self):
+        """The family's pipeline, the samples' prompts handed to it as their cached embeddings (the text encoder
+        has left memory): the images it draws from the prompts themselves."""
+        return CachedPromptPipeline(build_pipeline(self.model), self.model, self.texts)
+
+
+class CachedPromptPipeline:
+    """A family's pipeline called with ``prompt_embeds`` from the text-embedding cache instead of the prompts
+    (``DiTFamily.embedded_prompt_arguments``), for a model whose text encoder has left memory. Everything else is
+    the pipeline's."""
+
+    def __init__(self, pipe, model, texts: dict[str, torch.Tensor]):
+        self.pipe, self.model, self.texts = pipe, model, texts
+
+    def __getattr__(self, name: str):
+        if name == "pipe":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __call__(self, **arguments):
+        family = families.family_of(self.model)
+        return self.pipe(**family.embedded_prompt_arguments(self.model, arguments, self.texts))
 
 
 class FlowMatchingLoraTask(LoraTrainTask, FlowMatchingTrainTask):

@@ -14,10 +14,12 @@ line where a mode asks for it (the family's ``pipelines``, ``train_targets``, ``
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -95,6 +97,19 @@ def _quiet_loading():
         for module, was in enabled:
             if was:
                 module.enable_progress_bar()
+
+
+def _link_or_copy_files(source: str, staging: str) -> None:
+    """The files under ``source`` into ``staging`` (its subfolders kept): hard links where the file system has them,
+    copies otherwise."""
+    for base, _folders, files in os.walk(source):
+        target = os.path.join(staging, os.path.relpath(base, source))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(base, name), os.path.join(target, name))
+            except OSError:
+                shutil.copy2(os.path.join(base, name), os.path.join(target, name))
 
 
 class DiTFamily(ModelFamily):
@@ -190,6 +205,8 @@ class DiTFamily(ModelFamily):
                               metadata={"format": "pt"})
                 elif name == "scheduler":
                     self.scheduler(model).save_pretrained(staging)
+                elif name == "text_encoder" and model.text_encoder is None:  # released: its files as they were read
+                    _link_or_copy_files(self.text_encoder_folder(model), staging)
                 else:
                     getattr(model, name).save_pretrained(staging)
             written += [os.path.join(folder, name, file) for file in sorted(os.listdir(os.path.join(folder, name)))]
@@ -201,6 +218,32 @@ class DiTFamily(ModelFamily):
         index_path = os.path.join(folder, "model_index.json")
         atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
         return written + [index_path]
+
+    def text_encoder_folder(self, model: DiTModel) -> str | None:
+        """The ``text_encoder/`` subfolder of the folder ``model`` was read from (None: a model read from no folder):
+        what ``save`` writes once the text encoder has left memory."""
+        source = getattr(model, "source_path", None)
+        folder = os.path.join(source, "text_encoder") if source else ""
+        return folder if folder and os.path.isdir(folder) else None
+
+    def release_text_encoder(self, model: DiTModel) -> int:
+        """The text encoder's weights out of memory (RAM and GPU) for the rest of a training run whose captions are
+        all in the text-embedding cache: its parameters moved to the meta device, ``model.text_encoder`` None
+        (pipelines then take ``prompt_embeds``), ``save`` writing its files from ``text_encoder_folder``. Returns the
+        bytes freed; 0 where the model was read from no folder (it is kept then: nothing else could save it)."""
+        encoder = model.text_encoder
+        if encoder is None or self.text_encoder_folder(model) is None:
+            return 0
+        freed = sum(p.numel() * p.element_size() for p in encoder.parameters() if not p.is_meta)
+        freed += sum(b.numel() * b.element_size() for b in encoder.buffers() if not b.is_meta)
+        on_cuda = any(p.is_cuda for p in encoder.parameters())
+        encoder.to("meta")  # frees the storage even where another reference to the module remains
+        model.text_encoder = None
+        del encoder
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+        return freed
 
     def folder_index(self, model: DiTModel) -> dict:
         """``model_index.json`` for a model read from no folder: the pipeline class and each component's class."""
@@ -317,6 +360,13 @@ class DiTFamily(ModelFamily):
         layer, padding dropped): one (tokens, width) tensor per caption, on the CPU."""
         raise NotImplementedError
 
+    def embedded_prompt_arguments(self, model: DiTModel, arguments: dict[str, Any],
+                                  texts: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``arguments`` of a pipeline call (``pipeline_arguments``) with the prompts and negative prompts replaced
+        by their embeddings from ``texts`` (caption → ``encode_texts``' tensor), as the pipeline takes precomputed
+        ones: what it runs without a text encoder."""
+        raise NotImplementedError
+
     def training_latents(self, model: DiTModel, mean: torch.Tensor, logvar: torch.Tensor, eps) -> torch.Tensor:
         """The transformer's latents from the posterior's moments (``eps``: the seeded draw where the family's
         script samples the posterior; None: its mean)."""
@@ -329,13 +379,17 @@ class DiTFamily(ModelFamily):
         raise NotImplementedError
 
     def memory_footprint(self, model: DiTModel, *, train_target: str = "transformer", text_length: int | None = None,
-                         lora_rank: int = 4, **unused):
-        """The transformer's parameters (or a rank-``lora_rank`` LoRA of its attention), the resident VAE and text
-        encoder, and the transformer's activations at ``text_length`` tokens (modelzoo/families/dit_memory.py)."""
+                         lora_rank: int = 4, text_encoder_leaves: bool | None = None, **unused):
+        """The transformer's parameters (or a rank-``lora_rank`` LoRA of its attention), the resident VAE, the text
+        encoder (only while it fills the text-embedding cache where it leaves memory then: ``release_text_encoder``,
+        for a model read from a folder; ``text_encoder_leaves`` decides for a plan of a config), and the
+        transformer's activations at ``text_length`` tokens (modelzoo/families/dit_memory.py)."""
         from modelzoo.families.dit_memory import dit_footprint
 
+        if text_encoder_leaves is None:
+            text_encoder_leaves = self.text_encoder_folder(model) is not None
         return dit_footprint(model, train_target=train_target, lora_targets=ATTENTION_TARGETS, lora_rank=lora_rank,
-                             text_length=model.clamp_text_length(text_length))
+                             text_length=model.clamp_text_length(text_length), text_encoder_leaves=text_encoder_leaves)
 
 
 class ZImageFamily(DiTFamily):
@@ -385,6 +439,16 @@ class ZImageFamily(DiTFamily):
                                        max_sequence_length=max_length)
         return [embed.cpu() for embed in embeds]
 
+    def embedded_prompt_arguments(self, model, arguments, texts):
+        """``prompt_embeds`` and ``negative_prompt_embeds``: one (tokens, width) tensor per image (the pipeline uses
+        the negative ones only when it guides)."""
+        arguments = dict(arguments)
+        prompts, negatives = arguments.pop("prompt"), arguments.pop("negative_prompt", None)
+        arguments["prompt_embeds"] = [texts[prompt].to(model.device) for prompt in prompts]
+        if negatives is not None:
+            arguments["negative_prompt_embeds"] = [texts[negative].to(model.device) for negative in negatives]
+        return arguments
+
     def training_latents(self, model, mean, logvar, eps):
         """The posterior's mode, shifted and scaled (train_dreambooth_lora_z_image.py)."""
         return (mean - model.vae.config.shift_factor) * model.vae.config.scaling_factor
@@ -415,6 +479,15 @@ def _refuse_controlnet_kind(family: DiTFamily, model, kind: str, controlnet) -> 
                         f"inpainting ControlNet")
     raise UserError(f"controlnet=: this {family.controlnet_class} is an inpainting ControlNet: give it an input image "
                     f"and its mask" + ("" if kinds else f" (and one at a time: {family.name} models inpaint with one)"))
+
+
+def _padded_texts(texts: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's text embeddings of a batch: each (tokens, width) tensor zero-padded to the longest, and the mask
+    of its tokens (1) and padding (0), on ``device``."""
+    longest = max(len(text) for text in texts)
+    embeds = torch.stack([torch.cat([text, text.new_zeros(longest - len(text), text.shape[1])]) for text in texts])
+    mask = torch.stack([torch.arange(longest) < len(text) for text in texts]).long()
+    return embeds.to(device), mask.to(device)
 
 
 class OneImagePerCall:
@@ -524,6 +597,17 @@ class QwenImageFamily(DiTFamily):
         lengths = mask.sum(dim=1).tolist() if mask is not None else [embeds.shape[1]] * len(captions)
         return [embed[:int(length)].cpu() for embed, length in zip(embeds, lengths)]
 
+    def embedded_prompt_arguments(self, model, arguments, texts):
+        """``prompt_embeds`` with ``prompt_embeds_mask`` (zero-padded to the longest, as the pipeline encodes a
+        batch), and the negative prompts' where true CFG runs."""
+        arguments = dict(arguments)
+        prompts, negatives = arguments.pop("prompt"), arguments.pop("negative_prompt", None)
+        for key, captions in (("prompt_embeds", prompts), ("negative_prompt_embeds", negatives)):
+            if captions is not None:
+                arguments[key], arguments[f"{key}_mask"] = _padded_texts([texts[caption] for caption in captions],
+                                                                         model.device)
+        return arguments
+
     def vae_moments(self, model, pixels):
         """Qwen-Image's VAE takes (and gives) one-frame videos: (N, C, 1, H, W)."""
         return model.vae.encode(pixels.unsqueeze(2)).latent_dist.parameters.squeeze(2)
@@ -545,10 +629,8 @@ class QwenImageFamily(DiTFamily):
         transformer = model.transformer
         count, channels, rows, columns = noisy.shape
         packed = pipeline_class._pack_latents(noisy.to(transformer.dtype), count, channels, rows, columns)
-        longest = max(len(text) for text in texts)
-        embeds = torch.stack([torch.cat([text, text.new_zeros(longest - len(text), text.shape[1])])
-                              for text in texts]).to(noisy.device, transformer.dtype)
-        mask = torch.stack([torch.arange(longest) < len(text) for text in texts]).long().to(noisy.device)
+        embeds, mask = _padded_texts(texts, noisy.device)
+        embeds = embeds.to(transformer.dtype)
         prediction = transformer(hidden_states=packed, encoder_hidden_states=embeds,
                                  encoder_hidden_states_mask=None if bool(mask.all()) else mask,
                                  timestep=timesteps / 1000, img_shapes=[(1, rows // 2, columns // 2)] * count,

@@ -24,7 +24,10 @@ step of Z-Image's or Qwen-Image's transformer keeps alive.
                the adapters'), plus the recomputed block's. Under bf16 autocast each projection of fp32 weights also
                keeps its weight's bf16 copy for backward.
   encode       caching latents: the VAE encoder's live tensors (sd_memory's count); the text-embedding cache's pass
-               of the frozen text encoder, no gradients, is counted beside it (the larger of the two).
+               of the frozen text encoder, no gradients, is counted beside it (the larger of the two). Where the
+               text encoder leaves memory once the cache is filled (``DiTFamily.release_text_encoder``: a model read
+               from a folder) its weights are the footprint's ``encode_only_bytes``, counted at load and in this
+               phase, not at the step: the plan's peak is the larger of this phase and the training step.
 
 The coefficients are fitted on bench/train_memory.py's peak RSS of a reduced-width Z-Image layout
 (bench/configs/zimage_reduced.json: all 30 + 2 + 2 blocks, dim 640) on CPU; see there for the rows used and held out.
@@ -197,19 +200,26 @@ def lora_shapes(transformer, targets: tuple[str, ...], rank: int) -> list[tuple[
 
 
 def dit_footprint(model, *, train_target: str = "transformer", text_length: int = 512,
-                  lora_targets: tuple[str, ...] = (), lora_rank: int = 4) -> ModelFootprint:
+                  lora_targets: tuple[str, ...] = (), lora_rank: int = 4,
+                  text_encoder_leaves: bool = False) -> ModelFootprint:
     """The footprint of a ``modelzoo.families.dit.DiTModel`` for ``transformer`` or ``lora``: the transformer's
     parameters trained or frozen (a LoRA's adapters trained instead), the VAE's and the text encoder's frozen where
-    they are resident (a text encoder set to None or on the meta device is not), and the transformer's activations."""
+    they are resident (a text encoder set to None or on the meta device is not; one that ``text_encoder_leaves``
+    after filling the text-embedding cache counts in the encode phase only), and the transformer's activations."""
     trained: dict[str, list[tuple[int, ...]]] = {}
     frozen: dict[str, int] = {}
+    text_encoder_bytes = 0
     transformer_is_meta = next(model.transformer.parameters()).is_meta  # a plan of a config: all on meta
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(model, name, None)
         for param in module.parameters() if module is not None else ():
             if name == "transformer" and train_target == "transformer":
                 trained.setdefault(name, []).append(tuple(param.shape))
-            elif not (param.is_meta and not transformer_is_meta):  # a part moved to meta has left memory
+            elif param.is_meta and not transformer_is_meta:  # a part moved to meta has left memory
+                continue
+            elif name == "text_encoder" and text_encoder_leaves:
+                text_encoder_bytes += param.numel() * param.element_size()
+            else:
                 frozen[name] = frozen.get(name, 0) + param.numel()
     if train_target == "lora":
         trained["lora"] = lora_shapes(model.transformer, lora_targets, lora_rank)
@@ -223,4 +233,5 @@ def dit_footprint(model, *, train_target: str = "transformer", text_length: int 
                                  fp32_transformer_parameters=sum(p.numel() for p in model.transformer.parameters()
                                                                  if p.dtype == torch.float32))
     # base_precision (bf16 frozen weights of an fp32 run) is the app's: memory_plan.py sets frozen_param_bytes
-    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize, activations=activations)
+    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize, activations=activations,
+                          encode_only_bytes=text_encoder_bytes)

@@ -129,8 +129,10 @@ class LatentDiffusionActivations:
 
 
 def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
-                               text_length: int = 77) -> ModelFootprint:
-    """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts)."""
+                               text_length: int = 77, lora_rank: int = 4) -> ModelFootprint:
+    """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts).
+    ``lora_rank`` is taken as every family's footprint takes it; a UNet's adapters are not counted here (see
+    ``lora`` below), so it changes nothing."""
     components = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
     if train_target == "unet":
         trained_names = {"unet"} | ({"text_encoder"} if train_text_encoder else set())

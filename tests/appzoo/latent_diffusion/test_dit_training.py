@@ -187,6 +187,7 @@ def test_run_sigkilled_after_a_checkpoint_resumes_by_the_identical_command(folde
     output = _finished(_easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
     assert f"resumed from {killed}/training_state at step {saved_step}" in output
     assert "captions encoded once" not in output  # the text-embedding cache read back
+    assert "text encoder released after caching" in output  # and the encoder gone before the first step
     a, b = (load_file(os.path.join(run, "last", saved)) for run in (straight, killed))
     assert _largest_difference(a, b) <= 1e-5
 
