@@ -10,12 +10,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def embedded_models() -> dict[str, str]:
-    """Name → folder, for every complete checkpoint folder beside this file."""
+    """Name → folder, for every complete model folder beside this file: this toolkit's checkpoint, or a diffusers
+    pipeline folder (shapes-dit-zh)."""
     found = {}
     for name in sorted(os.listdir(HERE)):
         folder = os.path.join(HERE, name)
-        if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-                os.path.join(folder, "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(folder, "model_index.json")) or (os.path.isfile(
+                os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, "pytorch_model.bin"))):
             found[name] = folder
     return found
 
