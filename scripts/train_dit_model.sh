@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Rebuild the embedded DiT model (modelzoo/pretrained/shapes-dit-zh, issue 33) from scratch with fixed seeds, using
-# this toolkit's own `easynlp --mode=train`: generate data → a random Z-Image-layout folder (scripts/init_dit_model.py:
+# this toolkit's own `easynlp --mode=train`: data → a random Z-Image-layout folder (scripts/init_dit_model.py:
 # the transformer over the VAE of shapes-ldm-zh, a small Qwen3 caption encoder, one token per caption character) →
 # train the transformer and the caption encoder together (flow matching, batch 64, bf16) → evaluate → ship (bf16
 # weights). The design and the settings are the ones docs/embedded_model_research.md's probes chose
 # ("shapes-dit-zh: the DiT's design measurements"). Usage: bash scripts/train_dit_model.sh [WORK_DIR]
-# Environment: DIT_EPOCHS (default 16; 313 steps each), LR (1e-3), WEIGHTING (none; logit_normal is the alternative
-# the probes measured), TRAIN_TEXT_ENCODER (True; False freezes the random caption encoder), INIT_ARGS (extra
-# arguments of init_dit_model.py, e.g. "--dim 192 --layers 6"), SHIP=0 to skip copying into the package, DATA_ARGS
-# (extra arguments of make_shapes_dataset.py; a smoke run: "--num_train 256 --num_val 32 --num_test 32 --num_heldout 16").
+# Environment: DIT_EPOCHS (default 24; 313 steps each), LR (1e-3), WEIGHTING (logit_normal; none is uniform),
+# TRAIN_TEXT_ENCODER (True; False freezes the random caption encoder), INIT_ARGS (extra arguments of
+# init_dit_model.py, e.g. "--dim 192 --layers 6"), SHIP=0 to skip copying into the package, DATA_ARGS (extra arguments
+# of make_shapes_dataset.py; a smoke run: "--num_train 256 --num_val 32 --num_test 32 --num_heldout 16").
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 WORK="${1:-$ROOT/dit_model_work}"
-DIT_EPOCHS="${DIT_EPOCHS:-16}"
+DIT_EPOCHS="${DIT_EPOCHS:-24}"
 LR="${LR:-1e-3}"
-WEIGHTING="${WEIGHTING:-none}"
+WEIGHTING="${WEIGHTING:-logit_normal}"
 TRAIN_TEXT_ENCODER="${TRAIN_TEXT_ENCODER:-True}"
 mkdir -p "$WORK"
 export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
