@@ -9,6 +9,8 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -364,3 +366,25 @@ def swap_flow_sampler(pipe, sampler):
         config["flow_shift"] = pipe.scheduler.config["shift"]
     pipe.scheduler = getattr(diffusers, class_name).from_config(config)
     return pipe
+
+
+def easynlp_process(argv):
+    """The `easynlp` command in a process of its own (one thread: the same sums in every run), outside any torchrun."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "EASYNLP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finished_output(process):
+    """The output of an ``easynlp_process`` that ends with status 0."""
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def largest_difference(a, b):
+    """The largest absolute difference between two state dicts of the same names."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

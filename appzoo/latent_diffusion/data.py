@@ -321,6 +321,14 @@ def read_and_encode(path: str, name: str, inputs: InputTables, policy: BadRowPol
 TEXT_ENCODE_BATCH = 16
 
 
+def encoded_captions(model, captions: list[str], text_length: int) -> list[torch.Tensor]:
+    """Each caption's text embedding by the family's ``encode_texts`` (no gradients, on the CPU), TEXT_ENCODE_BATCH
+    captions per call."""
+    family = family_of(model)
+    return [embedding for start in range(0, len(captions), TEXT_ENCODE_BATCH)
+            for embedding in family.encode_texts(model, captions[start:start + TEXT_ENCODE_BATCH], text_length)]
+
+
 def cached_text_embeddings(model, captions: list[str], folder: str, text_length: int) -> dict[str, torch.Tensor]:
     """Each distinct caption encoded once by the frozen text encoder (the family's ``encode_texts``, as its pipeline
     encodes prompts), so that no training step runs it: read from ``<folder>/latent_cache/text-<key>.pt`` when it
@@ -342,9 +350,7 @@ def cached_text_embeddings(model, captions: list[str], folder: str, text_length:
                 return dict(zip(unique, saved["embeddings"]))
         except Exception as err:  # a damaged file: encode again
             logger.warning("%s: unreadable (%s); encoding the captions again", path, type(err).__name__)
-    embeddings: list[torch.Tensor] = []
-    for start in range(0, len(unique), TEXT_ENCODE_BATCH):
-        embeddings += family.encode_texts(model, unique[start:start + TEXT_ENCODE_BATCH], text_length)
+    embeddings = encoded_captions(model, unique, text_length)
     if distributed.context().is_main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_torch_save({"captions": unique, "embeddings": [e.contiguous() for e in embeddings]}, path)
@@ -502,7 +508,7 @@ def read_training_data(model: LatentDiffusion, inputs: InputTables, flags: Parse
     if use_cache and "data_threads" in flags.given:
         logger.warning("--data_threads has no effect with cached latents (nothing is decoded during training)")
     texts = None
-    if family_of(model).caches_text_embeddings:
+    if family_of(model).caches_text_embeddings and not settings.train_text_encoder:  # a trained one encodes per step
         texts = cached_text_embeddings(model, ["", *train.captions, *(val.captions if val is not None else [])],
                                        flags.checkpoint_dir, text_length)
     return TrainingData(train, val, sizes, cached, val_moments, min(data_threads, os.cpu_count() or 1), texts)

@@ -24,6 +24,7 @@ from appzoo.latent_diffusion.data import (
     IndexedTable,
     PixelReader,
     TrainingData,
+    encoded_captions,
     preprocess_image,
     sample_generator,
 )
@@ -245,9 +246,14 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
     scheduler's shift, loss weighting) on the whole transformer; the VAE and the text encoder stay frozen, each
     caption's embedding read from the cache (``TrainingData.texts``) — the text encoder never runs in a step, and
     leaves memory once the task is built (``release_text_encoder``; samples and checkpoints do without it). Buckets,
-    cached latents, seeded per-sample draws and EMA as for SD-1.x; checkpoints are diffusers folders."""
+    cached latents, seeded per-sample draws and EMA as for SD-1.x; checkpoints are diffusers folders.
 
-    SD_ONLY = ("snr_gamma", "high_noise_share", "noise_offset", "train_text_encoder", "lora_text_encoder")
+    ``train_text_encoder=True``: no cache; the text encoder encodes each step's captions as the pipeline does
+    (``text_embeddings``, with gradients; a dropped caption is the empty prompt) and trains with the transformer
+    under the one optimiser and EMA, but for the parameters its embeddings never reach (``text_encoder_unreached``);
+    it stays in memory, and checkpoints save it from there."""
+
+    SD_ONLY = ("snr_gamma", "high_noise_share", "noise_offset")
 
     def __init__(self, model, settings: TrainingSettings, data: TrainingData, *, seed: int, resolution: int,
                  text_length: int, use_amp: bool = False):
@@ -257,28 +263,63 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
         if given:
             raise UserError(f"{', '.join(given)}: SD-1.x's training settings do not apply to {family.name} models "
                             f"(their flow-matching loss is shaped by weighting_scheme, logit_mean, logit_std, "
-                            f"mode_scale; the text encoder stays frozen)")
+                            f"mode_scale)")
+        if settings.lora_text_encoder:
+            raise UserError(f"lora_text_encoder=True: diffusers' {family.name} pipelines load LoRAs of the transformer "
+                            f"only; train the whole text encoder with train_target=transformer train_text_encoder=True")
+        if settings.train_text_encoder and settings.train_target != "transformer":
+            raise UserError(f"train_text_encoder=True trains the whole text encoder beside the whole transformer: use "
+                            f"train_target=transformer (a {family.name} LoRA is the transformer's alone)")
         self.objective = family.objective(model, weighting_scheme=settings.weighting_scheme,
                                           logit_mean=settings.logit_mean, logit_std=settings.logit_std,
                                           mode_scale=settings.mode_scale)
         self.num_timesteps = self.objective.num_timesteps
-        self.train_text_encoder = False
-        self.texts = data.texts
-        self.val_texts = [self.texts[caption] for caption in self.val_captions]
+        self.train_text_encoder = bool(settings.train_text_encoder)
+        self.texts = data.texts  # None with train_text_encoder: nothing cached
+        self.val_texts = [self.texts[caption] for caption in self.val_captions] if self.texts is not None else None
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(False).eval()
+        if self.train_text_encoder:
+            self._train_text_encoder()
         self.denoiser.requires_grad_(True).train()
         if settings.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
+    def _train_text_encoder(self) -> None:
+        """The text encoder's parameters that its embeddings reach made trainable (the others would get no
+        gradients: frozen, as they were read), in training mode, with gradient checkpointing where it has it."""
+        encoder, settings = self.model.text_encoder, self.settings
+        unreached = families.family_of(self.model).text_encoder_unreached(self.model)
+        for name, param in encoder.named_parameters():
+            param.requires_grad_(not name.startswith(unreached))
+        encoder.train()
+        if settings.gradient_checkpointing and getattr(encoder, "supports_gradient_checkpointing", False):
+            # transformers 5 renamed it (the old name warns); either takes torch's checkpoint options first
+            enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+        trained = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        logger.info("train_text_encoder=True: %d of the text encoder's %d parameters train with the transformer "
+                    "(the rest never reach its embeddings: %s); captions encoded in every step", trained,
+                    sum(p.numel() for p in encoder.parameters()), ", ".join(unreached))
+
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {families.family_of(self.model).denoiser: self.denoiser}
+        modules = {families.family_of(self.model).denoiser: self.denoiser}
+        if self.train_text_encoder:
+            modules["text_encoder"] = self.model.text_encoder
+        return modules
 
     def _timestep(self, g: torch.Generator) -> int:
         return self.objective.draw_index(g)
 
     def _text_inputs(self, captions: list[str]) -> dict[str, Any]:
+        if self.train_text_encoder:  # encoded in the step, with gradients
+            return {"captions": captions}
         return {"texts": [self.texts[caption] for caption in captions]}
+
+    def _texts(self, batch: dict) -> list[torch.Tensor]:
+        if "texts" in batch:
+            return batch["texts"]
+        return families.family_of(self.model).text_embeddings(self.model, batch["captions"], self.text_length)
 
     def _latents(self, batch: dict) -> torch.Tensor:
         family, vae = families.family_of(self.model), self.model.vae
@@ -293,18 +334,33 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
     def loss(self, batch: dict) -> torch.Tensor:
         device = self.model.device
         return self.objective.loss(self._latents(batch).to(device), batch["noise"].to(device), batch["timesteps"],
-                                   batch["texts"])
+                                   self._texts(batch))
+
+    def _text_encoder_evaluating(self):
+        """The trained text encoder in eval mode for a validation pass or samples (nothing where it is frozen)."""
+        return eval_mode(self.model.text_encoder) if self.train_text_encoder else contextlib.nullcontext()
 
     def validate(self) -> float | None:
         if not self.val_captions:
             return None
-        with eval_mode(self.denoiser):
-            return fixed_noise_flow_loss(self.model, self.val_texts, self.val_moments)
+        with eval_mode(self.denoiser), self._text_encoder_evaluating():
+            texts = self.val_texts if self.val_texts is not None else encoded_captions(
+                self.model, self.val_captions, self.text_length)  # by the text encoder as it is now
+            return fixed_noise_flow_loss(self.model, texts, self.val_moments)
+
+    def sample_images(self, count: int) -> list[tuple[str, Any]]:
+        with self._text_encoder_evaluating():
+            return super().sample_images(count)
 
     def release_text_encoder(self) -> None:
         """Once the task is built (a LoRA's adapters added): every caption the run needs is in the cache — the
         training and validation captions (the sample images' among them) and the empty prompt that the samples'
-        guidance takes — so the text encoder leaves memory, in each process (``DiTFamily.release_text_encoder``)."""
+        guidance takes — so the text encoder leaves memory, in each process (``DiTFamily.release_text_encoder``).
+        A text encoder that trains stays."""
+        if self.train_text_encoder:
+            logger.info("text encoder kept in memory: it trains (train_text_encoder=True), and checkpoints save it "
+                        "from memory")
+            return
         family = families.family_of(self.model)
         missing = {"", *self.train_table.captions, *self.val_captions} - set(self.texts)
         if missing:  # read_training_data caches them all: a caller that did not
@@ -320,7 +376,10 @@ class FlowMatchingTrainTask(DiffusionTrainTask):
 
     def sample_pipeline(self):
         """The family's pipeline, the samples' prompts handed to it as their cached embeddings (the text encoder
-        has left memory): the images it draws from the prompts themselves."""
+        has left memory): the images it draws from the prompts themselves. A text encoder that trains encodes them
+        itself (``generate``'s own pipeline)."""
+        if self.train_text_encoder:
+            return None
         return CachedPromptPipeline(build_pipeline(self.model), self.model, self.texts)
 
 

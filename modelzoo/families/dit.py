@@ -112,6 +112,14 @@ def _link_or_copy_files(source: str, staging: str) -> None:
                 shutil.copy2(os.path.join(base, name), os.path.join(target, name))
 
 
+def _overridden_state(module: torch.nn.Module, prefix: str, overrides: dict[str, torch.Tensor]):
+    """``module``'s state dict with the ``overrides`` named ``prefix`` + a key in their place (in its dtype, on the
+    CPU)."""
+    state = module.state_dict()
+    return {key: overrides.get(prefix + key, tensor).detach().to("cpu", tensor.dtype).contiguous()
+            for key, tensor in state.items()}
+
+
 class DiTFamily(ModelFamily):
     """What Z-Image and Qwen-Image share: loading through their diffusers pipeline class, the flow-matching scheduler
     of the folder, prompt strings handed to the pipeline (which templates and encodes them itself), and the
@@ -207,6 +215,10 @@ class DiTFamily(ModelFamily):
                     self.scheduler(model).save_pretrained(staging)
                 elif name == "text_encoder" and model.text_encoder is None:  # released: its files as they were read
                     _link_or_copy_files(self.text_encoder_folder(model), staging)
+                elif name == "text_encoder" and any(key.startswith("text_encoder.") for key in overrides or {}):
+                    # trained (train_text_encoder): from memory, the trainer's weights (EMA applied) over its own
+                    model.text_encoder.save_pretrained(staging, state_dict=_overridden_state(
+                        model.text_encoder, "text_encoder.", overrides))
                 else:
                     getattr(model, name).save_pretrained(staging)
             written += [os.path.join(folder, name, file) for file in sorted(os.listdir(os.path.join(folder, name)))]
@@ -354,10 +366,22 @@ class DiTFamily(ModelFamily):
 
         return FlowMatchingObjective(model, **options)
 
+    def text_embeddings(self, model: DiTModel, captions: list[str], max_length: int) -> list[torch.Tensor]:
+        """Each caption's text embedding as the pipeline computes it for generation (its template, its hidden
+        layer, padding dropped): one (tokens, width) tensor per caption, on the model's device. Differentiable:
+        a text encoder that trains (``train_text_encoder``) runs it in every step; the cache calls it under no_grad
+        (``encode_texts``)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def encode_texts(self, model: DiTModel, captions: list[str], max_length: int) -> list[torch.Tensor]:
-        """Each caption's text embedding as the pipeline computes it for generation (its template, its hidden
-        layer, padding dropped): one (tokens, width) tensor per caption, on the CPU."""
+        """``text_embeddings`` without gradients, on the CPU: the text-embedding cache's entries."""
+        return [embed.cpu() for embed in self.text_embeddings(model, captions, max_length)]
+
+    def text_encoder_unreached(self, model: DiTModel) -> tuple[str, ...]:
+        """Name prefixes of the text encoder's parameters that ``text_embeddings`` never reaches (layers past the
+        hidden layer the pipeline reads, a vision tower, a language-model head): they get no gradients, so a text
+        encoder that trains keeps them frozen, and the memory plan counts them so."""
         raise NotImplementedError
 
     def embedded_prompt_arguments(self, model: DiTModel, arguments: dict[str, Any],
@@ -379,17 +403,22 @@ class DiTFamily(ModelFamily):
         raise NotImplementedError
 
     def memory_footprint(self, model: DiTModel, *, train_target: str = "transformer", text_length: int | None = None,
-                         lora_rank: int = 4, text_encoder_leaves: bool | None = None, **unused):
+                         lora_rank: int = 4, text_encoder_leaves: bool | None = None, train_text_encoder: bool = False,
+                         **unused):
         """The transformer's parameters (or a rank-``lora_rank`` LoRA of its attention), the resident VAE, the text
         encoder (only while it fills the text-embedding cache where it leaves memory then: ``release_text_encoder``,
-        for a model read from a folder; ``text_encoder_leaves`` decides for a plan of a config), and the
-        transformer's activations at ``text_length`` tokens (modelzoo/families/dit_memory.py)."""
+        for a model read from a folder; ``text_encoder_leaves`` decides for a plan of a config; trained beside the
+        transformer with ``train_text_encoder``, the parts ``text_embeddings`` reaches), and the activations at
+        ``text_length`` tokens (modelzoo/families/dit_memory.py)."""
         from modelzoo.families.dit_memory import dit_footprint
 
-        if text_encoder_leaves is None:
+        if train_text_encoder:  # no cache: the encoder runs in every step
+            text_encoder_leaves = False
+        elif text_encoder_leaves is None:
             text_encoder_leaves = self.text_encoder_folder(model) is not None
         return dit_footprint(model, train_target=train_target, lora_targets=ATTENTION_TARGETS, lora_rank=lora_rank,
-                             text_length=model.clamp_text_length(text_length), text_encoder_leaves=text_encoder_leaves)
+                             text_length=model.clamp_text_length(text_length), text_encoder_leaves=text_encoder_leaves,
+                             text_encoder_frozen=self.text_encoder_unreached(model) if train_text_encoder else None)
 
 
 class ZImageFamily(DiTFamily):
@@ -432,12 +461,17 @@ class ZImageFamily(DiTFamily):
                     cfg_normalization=settings.cfg_normalization, cfg_truncation=settings.cfg_truncation)
 
     # ------------------------------------------------------------------------------------------ training
-    @torch.no_grad()
-    def encode_texts(self, model, captions, max_length):
+    def text_embeddings(self, model, captions, max_length):
+        """The chat template, ``hidden_states[-2]``, the padding's tokens dropped
+        (``ZImagePipeline._encode_prompt``)."""
         pipe = self.pipeline(model, TXT2IMG)
         embeds, _ = pipe.encode_prompt(list(captions), device=model.device, do_classifier_free_guidance=False,
                                        max_sequence_length=max_length)
-        return [embed.cpu() for embed in embeds]
+        return list(embeds)
+
+    def text_encoder_unreached(self, model):
+        """``hidden_states[-2]`` is the input of the last decoder layer: that layer and the final norm."""
+        return (f"layers.{model.text_encoder.config.num_hidden_layers - 1}.", "norm.")
 
     def embedded_prompt_arguments(self, model, arguments, texts):
         """``prompt_embeds`` and ``negative_prompt_embeds``: one (tokens, width) tensor per image (the pipeline uses
@@ -590,12 +624,17 @@ class QwenImageFamily(DiTFamily):
         return arguments
 
     # ------------------------------------------------------------------------------------------ training
-    @torch.no_grad()
-    def encode_texts(self, model, captions, max_length):
+    def text_embeddings(self, model, captions, max_length):
+        """The prompt template, the last hidden layer, the template's first tokens and the padding dropped
+        (``QwenImagePipeline.encode_prompt``)."""
         pipe = self.pipeline(model, TXT2IMG)
         embeds, mask = pipe.encode_prompt(list(captions), device=model.device, max_sequence_length=max_length)
         lengths = mask.sum(dim=1).tolist() if mask is not None else [embeds.shape[1]] * len(captions)
-        return [embed[:int(length)].cpu() for embed, length in zip(embeds, lengths)]
+        return [embed[:int(length)] for embed, length in zip(embeds, lengths)]
+
+    def text_encoder_unreached(self, model):
+        """Qwen2.5-VL's vision tower and its language-model head: prompts are text, read from the hidden states."""
+        return ("model.visual.", "lm_head.")
 
     def embedded_prompt_arguments(self, model, arguments, texts):
         """``prompt_embeds`` with ``prompt_embeds_mask`` (zero-padded to the longest, as the pipeline encodes a

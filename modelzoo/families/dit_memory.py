@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from easynlp_ldm.memory import MemorySettings, ModelFootprint
-from modelzoo.families.sd_memory import MAX_ENCODE_BATCH, vae_encode_bytes
+from modelzoo.families.sd_memory import MAX_ENCODE_BATCH, text_activation_bytes, vae_encode_bytes
 
 DIM_TENSORS = 18.0  # saved tensors of width dim per token of a block (counted from the block's forward)
 SWIGLU_TENSORS = 4.0  # Z-Image's feed-forward: w1 and w3 outputs, silu, their product (width ffn)
@@ -161,11 +161,12 @@ class DiTActivations:
     vae_scale_factor: int
     text_tokens: int
     text_config: dict[str, Any] | None = None  # the text encoder that fills the embedding cache (None: not resident)
+    trained_text_config: dict[str, Any] | None = None  # the text encoder trained beside (train_text_encoder)
     lora: bool = False  # the transformer frozen, a LoRA of it trained
     gradient_bytes: int = 0  # the trained parameters' gradients, allocated as the activations are freed
     fp32_transformer_parameters: int = 0  # trained or frozen: under autocast each keeps its bf16 copy for backward
 
-    labels = {"encode": "VAE/text encode"}
+    labels = {"encode": "VAE/text encode", "text_activations": "text-encoder activations"}
 
     def step(self, settings: MemorySettings) -> dict[str, int]:
         s = settings
@@ -178,7 +179,11 @@ class DiTActivations:
         activations = transient + max(0, released - self.gradient_bytes)
         if not s.cache_inputs:  # the VAE encodes every micro-batch during the step instead
             activations += vae_encode_bytes(self.vae_config, s.resolution, s.micro_batch_size, s.use_amp)
-        return {"activations": activations}
+        # a trained text encoder: its every layer's activations at the full text length, as SD-1.x's are counted
+        # (an upper bound: the pipeline's hidden layer may stop short of the last, a caption of its padding)
+        return {"activations": activations,
+                "text_activations": text_activation_bytes(self.trained_text_config, self.text_tokens,
+                                                          s.micro_batch_size, s.use_amp)}
 
     def encode(self, settings: MemorySettings) -> int:
         s = settings
@@ -200,20 +205,26 @@ def lora_shapes(transformer, targets: tuple[str, ...], rank: int) -> list[tuple[
 
 
 def dit_footprint(model, *, train_target: str = "transformer", text_length: int = 512,
-                  lora_targets: tuple[str, ...] = (), lora_rank: int = 4,
-                  text_encoder_leaves: bool = False) -> ModelFootprint:
+                  lora_targets: tuple[str, ...] = (), lora_rank: int = 4, text_encoder_leaves: bool = False,
+                  text_encoder_frozen: tuple[str, ...] | None = None) -> ModelFootprint:
     """The footprint of a ``modelzoo.families.dit.DiTModel`` for ``transformer`` or ``lora``: the transformer's
     parameters trained or frozen (a LoRA's adapters trained instead), the VAE's and the text encoder's frozen where
     they are resident (a text encoder set to None or on the meta device is not; one that ``text_encoder_leaves``
-    after filling the text-embedding cache counts in the encode phase only), and the transformer's activations."""
+    after filling the text-embedding cache counts in the encode phase only), and the transformer's activations.
+    ``text_encoder_frozen`` (not None: ``train_text_encoder``): the text encoder trains, but for its parameters
+    named with one of these prefixes (``DiTFamily.text_encoder_unreached``), and its activations count at the step;
+    no text-embedding cache is filled."""
     trained: dict[str, list[tuple[int, ...]]] = {}
     frozen: dict[str, int] = {}
     text_encoder_bytes = 0
     transformer_is_meta = next(model.transformer.parameters()).is_meta  # a plan of a config: all on meta
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(model, name, None)
-        for param in module.parameters() if module is not None else ():
+        for param_name, param in module.named_parameters() if module is not None else ():
             if name == "transformer" and train_target == "transformer":
+                trained.setdefault(name, []).append(tuple(param.shape))
+            elif name == "text_encoder" and text_encoder_frozen is not None \
+                    and not param_name.startswith(text_encoder_frozen):
                 trained.setdefault(name, []).append(tuple(param.shape))
             elif param.is_meta and not transformer_is_meta:  # a part moved to meta has left memory
                 continue
@@ -225,11 +236,14 @@ def dit_footprint(model, *, train_target: str = "transformer", text_length: int 
         trained["lora"] = lora_shapes(model.transformer, lora_targets, lora_rank)
     text_encoder = getattr(model, "text_encoder", None)
     text_config = text_encoder.config.get_text_config().to_dict() if text_encoder is not None else None
+    trained_text_config, text_config = (text_config, None) if text_encoder_frozen is not None else (None, text_config)
     activations = DiTActivations(layout=LAYOUTS[model.family](dict(model.transformer.config)),
                                  vae_config=dict(model.vae.config), vae_scale_factor=model.vae_scale_factor,
-                                 text_tokens=text_length, text_config=text_config, lora=train_target == "lora",
-                                 gradient_bytes=4 * sum(math.prod(shape) for shapes in trained.values()
-                                                        for shape in shapes),
+                                 text_tokens=text_length, text_config=text_config,
+                                 trained_text_config=trained_text_config, lora=train_target == "lora",
+                                 # the transformer's (or adapters') gradients; the text encoder's backward comes after
+                                 gradient_bytes=4 * sum(math.prod(shape) for part, shapes in trained.items()
+                                                        if part != "text_encoder" for shape in shapes),
                                  fp32_transformer_parameters=sum(p.numel() for p in model.transformer.parameters()
                                                                  if p.dtype == torch.float32))
     # base_precision (bf16 frozen weights of an fp32 run) is the app's: memory_plan.py sets frozen_param_bytes

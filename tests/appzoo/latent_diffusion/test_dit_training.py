@@ -8,8 +8,6 @@ recomputes the transformer's blocks and trains as without it."""
 import glob
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,10 +21,12 @@ from modelzoo.lora import LORA_FILE
 from modelzoo.objectives import fixed_noise_flow_loss
 from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
 from tests.helpers import (
-    ROOT,
+    easynlp_process,
+    finished_output,
     free_port,
     interrupt_after_first_checkpoint,
     kill_after_first_checkpoint,
+    largest_difference,
     predicted_image,
     read_rows,
     train_argv,
@@ -147,26 +147,6 @@ def test_text_embedding_cache_is_read_back_and_sd_settings_are_refused(folders, 
     assert "SD-1.x's training settings do not apply to zimage models" in capsys.readouterr().err
 
 
-def _easynlp(argv):
-    """The `easynlp` command in a process of its own (one thread: the same sums in every run), outside any torchrun."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "EASYNLP_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _finished(process):
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-def _largest_difference(a, b):
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 # What each train_target leaves in last/: the adapter, or the transformer of a diffusers folder (EMA on: its state too).
 SIGKILLED = {"lora": ("train_target=lora lora_rank=2 use_ema=False", LORA_FILE),
              "transformer": ("train_target=transformer ema_decay=0.9",
@@ -179,17 +159,17 @@ def test_run_sigkilled_after_a_checkpoint_resumes_by_the_identical_command(folde
     udp, saved = SIGKILLED[target]
     udp += " caption_dropout=0.3 sample_images=0"
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    assert "captions encoded once" in _finished(_easynlp(train_argv(shapes_data, straight, folders["zimage"], *common,
-                                                                       udp=udp)))
-    process = _easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
+    assert "captions encoded once" in finished_output(easynlp_process(train_argv(shapes_data, straight,
+                                                                                 folders["zimage"], *common, udp=udp)))
+    process = easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
     saved_step = kill_after_first_checkpoint(process, killed, timeout=300)
     assert saved_step < 20, "the run finished before it could be killed"
-    output = _finished(_easynlp(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
+    output = finished_output(easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
     assert f"resumed from {killed}/training_state at step {saved_step}" in output
     assert "captions encoded once" not in output  # the text-embedding cache read back
     assert "text encoder released after caching" in output  # and the encoder gone before the first step
     a, b = (load_file(os.path.join(run, "last", saved)) for run in (straight, killed))
-    assert _largest_difference(a, b) <= 1e-5
+    assert largest_difference(a, b) <= 1e-5
 
 
 def test_two_processes_of_4_train_like_one_of_8(folders, shapes_data, tmp_path):
@@ -198,12 +178,12 @@ def test_two_processes_of_4_train_like_one_of_8(folders, shapes_data, tmp_path):
     runs = {"one": ["--micro_batch_size=8"], "two": ["--micro_batch_size=4", "--worker_gpu=2",
                                                      f"--master_port={free_port()}"]}
     for name, extra in runs.items():
-        _finished(_easynlp(train_argv(shapes_data, str(tmp_path / name), folders["zimage"], *extra, *common,
-                                      udp=udp)))
+        finished_output(easynlp_process(train_argv(shapes_data, str(tmp_path / name), folders["zimage"], *extra,
+                                                   *common, udp=udp)))
     a, b = (load_file(os.path.join(tmp_path, name, "last", "transformer", "diffusion_pytorch_model.safetensors"))
             for name in runs)
-    assert _largest_difference(a, b) <= 1e-4
-    assert _largest_difference(a, load_model(folders["zimage"]).transformer.state_dict()) > 0  # it trained
+    assert largest_difference(a, b) <= 1e-4
+    assert largest_difference(a, load_model(folders["zimage"]).transformer.state_dict()) > 0  # it trained
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
@@ -226,4 +206,4 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same(folder
                                    udp=udp)) == 0
         assert bool(calls) is checkpointing
         runs[checkpointing] = load_file(glob.glob(os.path.join(run, "last", "transformer", "*.safetensors"))[0])
-    assert _largest_difference(runs[False], runs[True]) <= 1e-5
+    assert largest_difference(runs[False], runs[True]) <= 1e-5
