@@ -147,8 +147,9 @@ class GenerationSettings:
     cfg_truncation: float = 1.0  # Z-Image: guidance stops once the step's t/1000 passes it (1: every step)
     true_cfg_scale: float = 4.0  # Qwen-Image: classifier-free guidance scale (> 1: with the negative prompt)
     # Fields the user did not give (their parameter None): at the defaults above until ``for_model`` puts the model
-    # folder's own defaults (its family's ``generation_defaults``) there; empty once made for a model.
-    unset: frozenset[str] = frozenset()
+    # folder's own defaults (its family's ``generation_defaults``) there; empty once made for a model. Not part of
+    # equality: settings that sample alike are equal whether a value was given or defaulted.
+    unset: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GenerationSettings:

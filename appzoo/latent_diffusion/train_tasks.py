@@ -192,7 +192,7 @@ class DiffusionTrainTask:
             sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution)
             images = generate(self.model, captions, [self.seed + i for i in range(len(captions))], sampling,
-                              self.sample_pipeline(), max_length=self.text_length)
+                              pipe=self.sample_pipeline(), max_length=self.text_length)
         return list(zip(captions, images))
 
     def sample_pipeline(self):
