@@ -36,12 +36,12 @@ python scripts/init_model.py --preset "$PRESET" --captions "$WORK/data/T2I_train
 if [ -n "${REUSE_VAE_FROM:-}" ]; then
   echo "[demo] 3-4/8 VAE and RRDB taken from $REUSE_VAE_FROM (REUSE_VAE_FROM)"
   python - "$WORK/init" "$REUSE_VAE_FROM" "$WORK/rrdb" <<'PY'
-import sys, torch
-from modelzoo.ldm import LatentDiffusion
-model, source = LatentDiffusion.from_pretrained(sys.argv[1]), LatentDiffusion.from_pretrained(sys.argv[2])
+import sys
+from modelzoo import families
+model, source = families.load(sys.argv[1]), families.load(sys.argv[2])
 model.vae.load_state_dict({k: v.float() for k, v in source.vae.state_dict().items()})
 model.esrgan_path = source.esrgan_path
-model.save_pretrained(sys.argv[3])
+families.save(model, sys.argv[3])
 print("VAE and RRDB of", sys.argv[2], "on the fresh UNet and text encoder:", sys.argv[3])
 PY
 else
@@ -94,8 +94,8 @@ done
 if [ "${SHIP:-1}" = "1" ]; then
   python - "$WORK/final" "$ROOT/modelzoo/pretrained/shapes-ldm-zh" <<'PY'
 import sys, torch
-from modelzoo.ldm import LatentDiffusion
-LatentDiffusion.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)
+from modelzoo import families
+families.save(families.load(sys.argv[1]), sys.argv[2], dtype=torch.float16)
 print("shipped", sys.argv[2])
 PY
 fi

@@ -22,20 +22,28 @@ export EASYNLP_PROGRESS="${EASYNLP_PROGRESS:-0}"
 SCHEMA="--input_schema=idx:str:1,text:str:1,imgbase64:str:1 --first_sequence=text --second_sequence=imgbase64"
 start=$(date +%s)
 
+# Rerunning the same command after an interruption continues the training run where it stopped (the data and the
+# initial folder, once written, are kept; the run resumes from its last checkpoint).
 echo "[dit] 1/4 data: 20k/1k/1k/500 images at 64x64"
-# shellcheck disable=SC2086  # DATA_ARGS is a list of arguments
-python scripts/make_shapes_dataset.py --output_dir "$WORK/data" --seed 0 ${DATA_ARGS:-}
+if [ ! -s "$WORK/data/T2I_heldout.truth.jsonl" ]; then
+  # shellcheck disable=SC2086  # DATA_ARGS is a list of arguments
+  python scripts/make_shapes_dataset.py --output_dir "$WORK/data" --seed 0 ${DATA_ARGS:-}
+fi
 
 echo "[dit] 2/4 a randomly initialised Z-Image-layout folder (the VAE of shapes-ldm-zh)"
-rm -rf "$WORK/init"
-# shellcheck disable=SC2086  # INIT_ARGS is a list of arguments
-python scripts/init_dit_model.py --captions "$WORK/data/T2I_train.tsv" --output "$WORK/init" --seed 0 ${INIT_ARGS:-}
+if [ ! -f "$WORK/init/model_index.json" ]; then
+  rm -rf "$WORK/init.tmp"
+  # shellcheck disable=SC2086  # INIT_ARGS is a list of arguments
+  python scripts/init_dit_model.py --captions "$WORK/data/T2I_train.tsv" --output "$WORK/init.tmp" --seed 0 \
+    ${INIT_ARGS:-}
+  mv "$WORK/init.tmp" "$WORK/init"
+fi
 
 echo "[dit] 3/4 transformer and caption encoder (train_text_encoder=$TRAIN_TEXT_ENCODER), $DIT_EPOCHS epochs"
 easynlp --mode=train --tables="$WORK/data/T2I_train.tsv,$WORK/data/T2I_val.tsv" $SCHEMA \
   --checkpoint_dir="$WORK/final" --micro_batch_size=64 --epoch_num="$DIT_EPOCHS" --learning_rate="$LR" \
   --warmup_proportion=0.01 --random_seed=0 --logging_steps=50 --save_checkpoint_steps=500 --use_amp \
-  --user_defined_parameters="pretrain_model_name_or_path=$WORK/init train_target=transformer train_text_encoder=$TRAIN_TEXT_ENCODER weighting_scheme=$WEIGHTING caption_dropout=0.1 ema_decay=0.999 overwrite_checkpoint_dir=True"
+  --user_defined_parameters="pretrain_model_name_or_path=$WORK/init train_target=transformer train_text_encoder=$TRAIN_TEXT_ENCODER weighting_scheme=$WEIGHTING caption_dropout=0.1 ema_decay=0.999"
 
 echo "[dit] 4/4 evaluate (the folder's default steps and guidance) and ship"
 for split in T2I_test T2I_heldout; do
