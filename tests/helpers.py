@@ -388,3 +388,13 @@ def largest_difference(a, b):
     """The largest absolute difference between two state dicts of the same names."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def dit_makers():
+    """The tiny DiT folder builders by family name, and the flags that keep their training runs short."""
+    from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
+
+    return {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
+
+
+DIT_FAST_FLAGS = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]

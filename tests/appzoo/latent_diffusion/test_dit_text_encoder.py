@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from easynlp_ldm import cli, memory
 from modelzoo import families
 from modelzoo.objectives import fixed_noise_flow_loss
-from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
 from tests.helpers import (
+    DIT_FAST_FLAGS,
+    dit_makers,
     easynlp_process,
     finished_output,
     free_port,
@@ -29,8 +30,8 @@ from tests.helpers import (
     train_argv,
 )
 
-MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
-FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
+MAKERS = dit_makers()
+FAST = DIT_FAST_FLAGS
 TRAIN = "train_target=transformer train_text_encoder=True sample_images=0"
 CAPTIONS = ["", "一个红色的圆形在白色背景上", "左上角有一个蓝色正方形", "a red circle"]
 TEXT_LENGTH = 256  # past the tiny tokenizer's long template: the captions' lengths differ

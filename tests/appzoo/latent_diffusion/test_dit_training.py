@@ -19,8 +19,9 @@ from easynlp_ldm import cli
 from modelzoo import families
 from modelzoo.lora import LORA_FILE
 from modelzoo.objectives import fixed_noise_flow_loss
-from modelzoo.tiny_dit import make_tiny_qwenimage_model, make_tiny_zimage_model
 from tests.helpers import (
+    DIT_FAST_FLAGS,
+    dit_makers,
     easynlp_process,
     finished_output,
     free_port,
@@ -32,8 +33,8 @@ from tests.helpers import (
     train_argv,
 )
 
-MAKERS = {"zimage": make_tiny_zimage_model, "qwenimage": make_tiny_qwenimage_model}
-FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
+MAKERS = dit_makers()
+FAST = DIT_FAST_FLAGS
 STEPS, SEED = 2, 7
 TOLERANCE = 3  # of 255
 
