@@ -80,25 +80,43 @@ def judge_prompt(verdict, stated: dict[str, str]) -> dict[str, bool | None]:
     return ok
 
 
+class PromptFollowing:
+    """Images judged one at a time against ``truth`` (the sidecar of ``table``, by idx): ``add`` gives one image's
+    verdicts, ``summary`` the accuracy per group (the module docstring)."""
+
+    def __init__(self, truth: dict[str, dict], table: str, prompt_column: str):
+        self.truth, self.table, self.prompt_column = truth, table, prompt_column
+        self.counter = AccuracyCounter(ATTRIBUTES, per_attribute_n=True)
+
+    def add(self, row: Row, image: Image.Image) -> dict[str, bool | None]:
+        """Right/wrong per attribute of ATTRIBUTES (None: not stated) for ``row``'s image, counted in its group; a
+        row whose idx has no truth record is a UserError."""
+        idx = str(row.values.get("idx", row.line_number))
+        record = self.truth.get(idx)
+        if record is None:
+            raise UserError(f"{self.table}, line {row.line_number}: idx {idx} has no ground truth in the sidecar")
+        stated = stated_attributes(str(row[self.prompt_column]), record, f"{self.table}, line {row.line_number}")
+        ok = judge_prompt(judge(image), stated)
+        group = "heldout" if record.get("heldout") else "seen"
+        for key in (group, "all"):
+            self.counter.add(key, **ok)
+        return ok
+
+    def summary(self) -> dict:
+        return self.counter.summary()
+
+
 def prompt_following(rows: Iterable[Row], generate: GenerateImages, truth: dict[str, dict], table: str,
                      prompt_column: str, batch_size: int, max_rows: int = 0) -> dict:
     """Accuracy per group (see the module docstring) over ``rows`` of ``table`` (the first ``max_rows`` when it is
     not 0), generating ``batch_size`` prompts at a time; a row whose idx has no truth record is a UserError."""
-    counter = AccuracyCounter(ATTRIBUTES, per_attribute_n=True)
+    tally = PromptFollowing(truth, table, prompt_column)
     batch = []
 
     def flush():
         images = generate([str(r[prompt_column]) for r in batch], [r.line_number for r in batch])
         for row, image in zip(batch, images):
-            idx = str(row.values.get("idx", row.line_number))
-            record = truth.get(idx)
-            if record is None:
-                raise UserError(f"{table}, line {row.line_number}: idx {idx} has no ground truth in the sidecar")
-            stated = stated_attributes(str(row[prompt_column]), record, f"{table}, line {row.line_number}")
-            ok = judge_prompt(judge(image), stated)
-            group = "heldout" if record.get("heldout") else "seen"
-            for key in (group, "all"):
-                counter.add(key, **ok)
+            tally.add(row, image)
         batch.clear()
 
     seen_rows = 0
@@ -111,7 +129,7 @@ def prompt_following(rows: Iterable[Row], generate: GenerateImages, truth: dict[
             break
     if batch:
         flush()
-    return counter.summary()
+    return tally.summary()
 
 
 def accuracy_line(acc: dict) -> str:
