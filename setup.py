@@ -6,7 +6,8 @@ setup(
     description="EasyNLP-compatible Chinese text-to-image latent diffusion: train, predict, evaluate, serve, export",
     packages=find_packages(include=["easynlp_ldm", "easynlp_ldm.*", "appzoo", "appzoo.*", "modelzoo", "modelzoo.*",
                                     "shapes_data", "shapes_data.*"]),
-    package_data={"modelzoo": ["pretrained/*/*", "pretrained/*/*/*"], "appzoo": ["latent_diffusion/static/*"]},
+    package_data={"modelzoo": ["pretrained/*/*", "pretrained/*/*/*"], "appzoo": ["latent_diffusion/static/*"],
+                  "easynlp_ldm": ["assets/*.png"]},
     python_requires=">=3.10",
     # Ranges, not pins: torch must already be installed (CPU or CUDA build of the user's choice) and satisfy this.
     install_requires=[

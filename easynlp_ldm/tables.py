@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from easynlp_ldm.aigc import AigcLabel
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_text
 
@@ -508,13 +509,18 @@ def decode_image_base64(text: str):
     return decode_image(decode_base64(text))
 
 
-def encode_image(image, image_format: str = "png", quality: int = 95) -> bytes:
+def encode_image(image, image_format: str = "png", quality: int = 95, label: AigcLabel | None = None) -> bytes:
+    """The image file's bytes; with ``label``, its AIGC labels (easynlp_ldm/aigc.py): the visible one drawn when
+    asked, the implicit one as metadata (PNG: XMP iTXt and an ``AIGC`` text chunk; JPEG: the XMP APP1 segment)."""
     buffer = io.BytesIO()
     fmt = image_format.lower()
+    if label is not None:
+        image = label.drawn(image)
     if fmt == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", **({"pnginfo": label.png_info()} if label else {}))
     elif fmt in ("jpg", "jpeg"):
-        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality,
+                                  **({"xmp": label.xmp().encode("utf-8")} if label else {}))
     else:
         raise ValueError(f"unknown image format {image_format}")
     return buffer.getvalue()

@@ -398,3 +398,36 @@ def dit_makers():
 
 
 DIT_FAST_FLAGS = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
+
+
+def aigc_fields(data: bytes) -> dict | None:
+    """The GB 45438 AIGC fields of an image file as a third-party reader sees them: exiftool's XMP-TC260:Aigc (and,
+    for a PNG, the same JSON in its AIGC text chunk); None when the file has none. Skips without exiftool."""
+    import pytest
+
+    if not shutil.which("exiftool"):
+        pytest.skip("exiftool missing (Debian: libimage-exiftool-perl; scripts/test.sh installs it)")
+    read = subprocess.run(["exiftool", "-j", "-G1", "-XMP-TC260:all", "-PNG:AIGC", "-"], input=data,
+                          capture_output=True, check=True)
+    tags = json.loads(read.stdout)[0]
+    if "XMP-TC260:Aigc" not in tags:
+        assert "PNG:AIGC" not in tags
+        return None
+    fields = json.loads(tags["XMP-TC260:Aigc"])
+    if data[:4] == b"\x89PNG":
+        assert json.loads(tags["PNG:AIGC"]) == fields
+    return fields
+
+
+def shows_visible_label(image) -> bool:
+    """Whether the visible AIGC label is in the image's corner: the pixels there follow the scaled "AI生成" mask,
+    light glyphs on a darker plate."""
+    from easynlp_ldm.aigc import visible_label_box, visible_mask
+
+    box, size, pad = visible_label_box(*image.size)
+    region = np.asarray(image.convert("RGB").crop(box), dtype=np.float64).mean(axis=2)
+    ink = np.zeros(region.shape)
+    ink[pad:pad + size[1], pad:pad + size[0]] = np.asarray(visible_mask().resize(size, Image.Resampling.LANCZOS))
+    # The glyphs follow the mask's ink (light where it is, at any scale: a 32-pixel image's label is 6 pixels tall)
+    follows = np.corrcoef(region.ravel(), ink.ravel())[0, 1]
+    return bool(follows > 0.6 and region[ink > 64].mean() - region[ink == 0].mean() > 40)
