@@ -141,9 +141,11 @@ def load_model(name_or_path: str | None = "", *, device: torch.device | str | No
     return model
 
 
-def load_for_inference(flags, settings: InferenceSettings) -> LatentDiffusion:
-    """The model of predict, evaluate and serve: ``--checkpoint_dir`` with their ``optimize``, ``precision``,
-    ``lora`` and ``lora_library`` settings (an ``InferenceSettings``)."""
-    return load_model(flags.checkpoint_dir, optimize=settings.optimize, precision=settings.precision,
+def load_for_inference(flags, settings: InferenceSettings, checkpoint_dir: str | None = None) -> LatentDiffusion:
+    """The model of predict, evaluate and serve: ``--checkpoint_dir`` (or ``checkpoint_dir``: one of the models
+    evaluate compares) with their ``optimize``, ``precision``, ``lora`` and ``lora_library`` settings (an
+    ``InferenceSettings``)."""
+    name = flags.checkpoint_dir if checkpoint_dir is None else checkpoint_dir
+    return load_model(name, optimize=settings.optimize, precision=settings.precision,
                       modelzoo_base_dir=flags.modelzoo_base_dir, lora=settings.lora,
                       lora_library=settings.lora_library)

@@ -222,6 +222,21 @@ PARAMS: tuple[Param, ...] = (
     Param("truth_file", str, "", "evaluate: ground-truth sidecar (JSON lines with idx, colour, shape, heldout) for "
           "the prompt-following accuracy; default: TABLE.truth.jsonl beside the table when it exists",
           modes=EVALUATE),
+    Param("clip_model", str, "", "evaluate: CLIP score (100 × cosine, floored at 0) of each generated image with its "
+          "prompt, from this local folder (transformers ChineseCLIPModel, AltCLIPModel or CLIPModel)", modes=EVALUATE),
+    Param("preference_model", str, "", "evaluate: human-preference score of each generated image with its prompt, "
+          "from this local folder (a PickScore-style transformers CLIP checkpoint)", modes=EVALUATE),
+    Param("fid_weights", str, "", "evaluate: FID and KID of the generated images against the reference images "
+          "(the table's image column, or fid_reference=), from this local Inception weights file", modes=EVALUATE),
+    Param("fid_reference", str, "", "evaluate: a folder of reference images for FID/KID (default: the table's image "
+          "column)", modes=EVALUATE),
+    Param("evaluate_output", str, "", "evaluate: a folder for the generated images (images/MODEL/IDX.png), the "
+          "per-image scores (scores.tsv), an HTML report (report.html) and summary.json", modes=EVALUATE),
+    Param("compare_with", str, "", "evaluate: a second model (folder or name) generating from the same prompts and "
+          "seeds as --checkpoint_dir; the summary gives each metric's difference (this one − --checkpoint_dir) with "
+          "a bootstrap confidence interval (also: --checkpoint_dir=A,B)", modes=EVALUATE),
+    Param("bootstrap_resamples", int, 2000, "evaluate: resamples of the prompts for the 95% confidence interval of "
+          "a comparison's differences", modes=EVALUATE, check=_positive),
     Param("optimize", str, "auto", "inference speed: auto (CPU: openvino when installed, else torch; CUDA: torch), "
           "max (CUDA: compile; CPU: as auto), openvino (CPU: UNet and VAE decoder as OpenVINO compiled models, "
           "IR cached on disk, bf16 where the CPU has it), torch (PyTorch eager: bf16/fp16 UNet and text encoder, "
