@@ -122,14 +122,16 @@ class ImageMetrics:
         self.inception = None
         if not (inference.clip_model or inference.preference_model or inference.fid_weights):
             return
+        from easynlp_ldm.distributed import model_device
         from modelzoo.image_metrics import ClipScorer, InceptionFeatures, PreferenceScorer
 
+        device = model_device()
         if inference.clip_model:
-            self.scorers["clip_score"] = ClipScorer(inference.clip_model)
+            self.scorers["clip_score"] = ClipScorer(inference.clip_model, device=device)
         if inference.preference_model:
-            self.scorers["preference_score"] = PreferenceScorer(inference.preference_model)
+            self.scorers["preference_score"] = PreferenceScorer(inference.preference_model, device=device)
         if inference.fid_weights:
-            self.inception = InceptionFeatures(inference.fid_weights)
+            self.inception = InceptionFeatures(inference.fid_weights, device=device)
 
     def scores(self, images: list, prompts: list[str]) -> dict[str, list[float]]:
         return {name: [float(s) for s in scorer(images, prompts)] for name, scorer in self.scorers.items()}
@@ -171,7 +173,7 @@ def set_metrics(reference: np.ndarray, generated: np.ndarray) -> dict[str, float
     """FID and KID (mean and std over subsets, at most as large as the smaller set) of the generated images."""
     from modelzoo.image_metrics import fid, kid
 
-    kid_mean, kid_std = kid(reference, generated, subset_size=min(1000, len(reference), len(generated)))
+    kid_mean, kid_std = kid(reference, generated)
     return {"fid": float(fid(reference, generated)), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 

@@ -1,34 +1,8 @@
 """The web page in headless Chromium: type a prompt, click, see images (scripts/test.sh installs chromium)."""
 
 import base64
-import shutil
 
-import pytest
-
-from tests.helpers import InProcessServer
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser():
-    if not (CHROMIUM and DRIVER):
-        if __import__("os").environ.get("CI"):
-            pytest.fail("chromium and chromedriver are required in CI (scripts/test.sh installs them)")
-        pytest.skip("chromium/chromedriver not installed (scripts/test.sh installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
+from tests.helpers import InProcessServer, aigc_fields, png, shows_visible_label
 
 
 def test_type_prompt_click_and_see_images(tiny_model_dir, browser):
