@@ -1,7 +1,11 @@
 """FID and KID between two sets of features, computed as torchmetrics 1.9 computes them (float64 throughout).
 
-FID (Heusel et al. 2017): ‖μ₁−μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Tr √(Σ₁Σ₂), the covariances unbiased (N−1), the last trace
-the sum of the square roots of the eigenvalues of Σ₁Σ₂ (real parts), as ``torchmetrics.image.fid._compute_fid``.
+FID (Heusel et al. 2017): ‖μ₁−μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Tr √(Σ₁Σ₂), the covariances unbiased (N−1). torchmetrics
+sums the square roots of the eigenvalues of Σ₁Σ₂, a general 2048² eigenproblem (50 s on two busy CPU cores) whose
+near-zero eigenvalues come out complex when there are fewer images than features. The same trace is the nuclear norm
+of X Yᵀ for any factors XᵀX = Σ₁, YᵀY = Σ₂ (the eigenvalues of Σ₁Σ₂ are the squared singular values of X Yᵀ); the
+factors are the centred features themselves when there are fewer images than features, else the symmetric square
+roots, so the value is torchmetrics' formula evaluated exactly and symmetric throughout.
 KID (Bińkowski et al. 2018): the unbiased MMD² with the polynomial kernel (x·y/d + 1)³ over ``subsets`` random
 subsets of ``subset_size`` features from each set, mean and (population) standard deviation, as
 ``torchmetrics.image.kid.KernelInceptionDistance``; subsets are drawn with ``torch.randperm`` from a generator
@@ -31,10 +35,14 @@ def _both(real_features, fake_features) -> tuple[torch.Tensor, torch.Tensor]:
     return real, fake
 
 
-def _mean_and_covariance(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_and_covariance_factor(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and a factor X with XᵀX = the unbiased covariance, the smaller of [N, D] and [D, D]."""
     mean = features.mean(dim=0)
-    centred = features - mean
-    return mean, centred.T @ centred / (features.shape[0] - 1)
+    centred = (features - mean) / (features.shape[0] - 1) ** 0.5
+    if centred.shape[0] <= centred.shape[1]:
+        return mean, centred
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    return mean, (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
 def fid(real_features, fake_features) -> float:
@@ -42,10 +50,11 @@ def fid(real_features, fake_features) -> float:
     real, fake = _both(real_features, fake_features)
     if real.shape[0] < 2 or fake.shape[0] < 2:
         raise UserError(f"FID needs at least 2 images on each side ({real.shape[0]} real, {fake.shape[0]} generated)")
-    mean_real, cov_real = _mean_and_covariance(real)
-    mean_fake, cov_fake = _mean_and_covariance(fake)
-    root_trace = torch.linalg.eigvals(cov_real @ cov_fake).sqrt().real.sum()
-    distance = (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * root_trace
+    mean_real, factor_real = _mean_and_covariance_factor(real)
+    mean_fake, factor_fake = _mean_and_covariance_factor(fake)
+    root_trace = torch.linalg.svdvals(factor_real @ factor_fake.T).sum()  # Tr √(Σ₁Σ₂)
+    traces = factor_real.square().sum() + factor_fake.square().sum()  # Tr Σ₁ + Tr Σ₂
+    distance = (mean_real - mean_fake).square().sum() + traces - 2 * root_trace
     return float(distance)
 
 
