@@ -2,8 +2,9 @@
 # usage: bash bench/output_digests.sh ROOT /abs/OUT
 # Predict (the embedded default model; a tiny random model, plain and with a LoRA) and train (unet, lora, vae, rrdb,
 # controlnet) on fixed seeds with the code of the checkout ROOT, in the folder OUT; prints a digest of every output
-# TSV, image file and saved weight (tensors by name). Run it on two checkouts and diff the lists: a reshaping that
-# changes no behaviour prints the same list (issue 31: 27 lines, identical before and after).
+# TSV, image file and saved weight (tensors by name; images, files and TSV cells, by their decoded pixels, so the
+# AIGC labels' metadata does not count). Run it on two checkouts and diff the lists: a reshaping that changes no
+# behaviour prints the same list (issue 31: 27 lines, identical before and after).
 set -euo pipefail
 ROOT=$(cd "$1" && pwd); OUT=$2; rm -rf "$OUT" "$OUT.model" "$OUT.data"; mkdir -p "$OUT"
 PY="${PYTHON:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python}"
@@ -25,11 +26,26 @@ awk -F'\t' '{print $0"\t"$3}' $D/T2I_train.tsv > $OUT/ctrl.tsv
 $E --mode=train --tables=$OUT/ctrl.tsv --input_schema=idx:str:1,text:str:1,imgbase64:str:1,control:str:1 --first_sequence=text --second_sequence=imgbase64 --random_seed=42 --micro_batch_size=2 --epoch_num=1 --checkpoint_dir=$OUT/train_controlnet --user_defined_parameters="pretrain_model_name_or_path=$M train_target=controlnet" >/dev/null 2>&1 || echo "train controlnet failed"
 cd $OUT
 $PY - <<'PY'
-import hashlib, os, torch, glob
+import base64, binascii, hashlib, io, os, torch, glob
+from PIL import Image
 from safetensors.torch import load_file
 def h(t): return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()[:16]
+# Images are digested by their decoded pixels (mode, size, bytes), not their file bytes: the AIGC label's metadata
+# (a per-host producer and per-run ProduceID) differs between checkouts and hosts while the pixels must not.
+def pixels(data):
+    try: image = Image.open(io.BytesIO(data)); image.load()
+    except Exception: return data
+    return f"{image.mode}{image.size}".encode() + image.tobytes()
+def cell(text):
+    try: return pixels(base64.b64decode(text, validate=True)) if len(text) > 64 else text.encode()
+    except (binascii.Error, ValueError): return text.encode()
+def digest(f):
+    data = open(f, 'rb').read()
+    if f.endswith(".tsv"): data = b"\n".join(b"\t".join(cell(c) for c in line.split("\t")) for line in data.decode().split("\n"))
+    elif f.endswith((".png", ".jpg")): data = pixels(data)
+    return hashlib.sha256(data).hexdigest()[:16]
 for f in sorted([g for g in glob.glob("*.tsv") if g not in ("ctrl.tsv",)]) + sorted(glob.glob("img*/**", recursive=True)):
-    if os.path.isfile(f) and f != "prompts.tsv": print(f, hashlib.sha256(open(f,'rb').read()).hexdigest()[:16])
+    if os.path.isfile(f) and f != "prompts.tsv": print(f, digest(f))
 for f in sorted(glob.glob("train_*/**/*", recursive=True)):
     if f.endswith(".bin") or f.endswith(".pth") or f.endswith(".safetensors"):
         if "training_state" in f or "optimizer" in f: continue

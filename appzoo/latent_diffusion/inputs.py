@@ -18,7 +18,7 @@ from modelzoo.ldm import LatentDiffusion
 
 PROMPT_SCHEMA = "idx:str:1,text:str:1"
 PAIR_SCHEMA = "idx:str:1,text:str:1,imgbase64:str:1"
-OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path")
+OUTPUT_COLUMNS = ("idx", "text", "gen_imgbase64", "sample_id", "seed", "image_path", "aigc_produce_id")
 DEFAULT_OUTPUT_SCHEMA = "idx,text,gen_imgbase64"
 logger = logging.getLogger("easynlp")
 

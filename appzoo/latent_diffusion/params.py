@@ -248,6 +248,16 @@ PARAMS: tuple[Param, ...] = (
     Param("write_image", bool, False, "also write image files under image_prefix", modes=PREDICT),
     Param("image_prefix", str, "./", "folder for image files (write_image=True)", modes=PREDICT),
     Param("image_format", str, "png", "png or jpeg", modes=GENERATE, choices=("png", "jpeg", "jpg")),
+    # AIGC labels (GB 45438-2025; easynlp_ldm/aigc.py).
+    Param("aigc_label", bool, True, "label every image as AI-generated as GB 45438-2025 requires: its AIGC fields "
+          "in the file's XMP and a PNG text chunk (False: no labels, with a warning that published content must carry "
+          "them)", modes=GENERATE),
+    Param("aigc_visible_label", bool, False, "also draw the visible label \"AI生成\" in the image's corner (the "
+          "web page asks for it on the images it offers)", modes=GENERATE),
+    Param("aigc_producer", str, "", "ContentProducer of the AIGC label: the service provider's name or code "
+          "(default: easynlp-ldm@<hostname>)", modes=GENERATE),
+    Param("aigc_propagator", str, "", "ContentPropagator of the AIGC label (default: easynlp-ldm@<hostname>)",
+          modes=GENERATE),
     Param("do_sr", bool, False, "apply ESRGAN ×4 super-resolution (needs RRDB_ESRGAN_x4.pth with the model)",
           modes=GENERATE),
     Param("sr_channel_order", str, "", "channel order the ESRGAN weights expect: rgb (the original ESRGAN test "

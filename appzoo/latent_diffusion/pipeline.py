@@ -39,6 +39,7 @@ class LatentDiffusionPipeline:
         self.model = load_model(model_path or "", device=device, optimize=self.settings.optimize,
                                 precision=self.settings.precision, lora=self.settings.lora, what="pipeline() model")
         self.generator = Generator(self.model, self.settings.generation())
+        self.labels = self.settings.aigc_labels()
         self.files = None
         self.written = 0  # image folders written (write_image=True), numbered on across calls as EasyNLP's counter
 
@@ -61,6 +62,8 @@ class LatentDiffusionPipeline:
         settings = dataclasses.replace(self.settings, **{name: values[name] for name in names
                                                          if name in InferenceSettings.__dataclass_fields__})
         self.generator = Generator(self.model, settings.generation())
+        if any(name.startswith("aigc_") for name in names):
+            self.labels = settings.aigc_labels()
         self.settings = settings
         logger.info("pipeline reset: %s", ", ".join(f"{name}={values[name]}" for name in sorted(names)))
 
@@ -74,7 +77,10 @@ class LatentDiffusionPipeline:
         EasyNLP's pipeline numbers its inputs), ``text``, ``sample_id``, ``seed``, ``image`` (PIL) and
         ``image_base64`` (PNG), and EasyNLP's keys: ``gen_imgbase64`` (the same base64 as bytes) and
         ``image_tensor`` (float 0-1, images × 3 × H × W: all images of the record's prompt and ``n_iter`` round,
-        one tensor shared by their records, as EasyNLP's pipeline gave it). ``write_image=True`` also writes
+        one tensor shared by their records, as EasyNLP's pipeline gave it), ``aigc_produce_id`` (the ProduceID of
+        its AIGC label; empty with aigc_label=False). ``image`` and ``image_tensor`` are the generated pixels; the
+        encoded image and the files carry the AIGC labels (the visible one with aigc_visible_label=True).
+        ``write_image=True`` also writes
         ``image_prefix/<n>/0000.png …`` with ``prompt.txt``, one folder per prompt and round, numbered on across
         calls as EasyNLP's predictor numbered them.
         ``latents``: the initial noise of every image, shape (images, channels, h, w).
@@ -112,10 +118,12 @@ class LatentDiffusionPipeline:
                                             None if latents is None else latents[start:start + len(chunk)],
                                             inputs=part)
                 for (i, prompt, sample, seed), image in zip(chunk, images_out):
-                    data = encode_image(image, "png")
+                    label = self.labels.label()
+                    data = encode_image(image, "png", label=label)
                     encoded = base64.b64encode(data)
                     records.append({"idx": i, "text": prompt, "sample_id": sample, "seed": seed, "image": image,
-                                    "image_base64": encoded.decode("ascii"), "gen_imgbase64": encoded})
+                                    "image_base64": encoded.decode("ascii"), "gen_imgbase64": encoded,
+                                    "aigc_produce_id": label.produce_id if label else ""})
         self._easynlp_views(records)
         return records
 
@@ -139,8 +147,9 @@ class LatentDiffusionPipeline:
         number = self.written
         self.written += 1
         for sample, record in enumerate(group):
+            label = self.labels.label(record["aigc_produce_id"]) if record["aigc_produce_id"] else None
             record["path"] = self.files.write(str(number), number + 1, record["text"], sample,
-                                              encode_image(record["image"], self.settings.image_format))
+                                              encode_image(record["image"], self.settings.image_format, label=label))
 
     @staticmethod
     def _image_inputs(count: int, images, masks, control_images) -> ImageInputs | None:

@@ -39,6 +39,7 @@ from appzoo.latent_diffusion.settings import (
     redraw_problem,
 )
 from easynlp_ldm import distributed
+from easynlp_ldm.aigc import derived_id
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_bytes
@@ -220,7 +221,9 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
     model = load_for_inference(flags, settings)
     generator = Generator(model, settings.generation(), text_length(model, flags))
     check_redraw(plan, model, generator.settings.steps, settings.strength)
-    fingerprint = run_fingerprint(plan, model, flags, params) + (f"/{shard[0]}of{shard[1]}" if shard else "")
+    run_id = run_fingerprint(plan, model, flags, params)
+    fingerprint = run_id + (f"/{shard[0]}of{shard[1]}" if shard else "")
+    labels = settings.aigc_labels()
     progress = Progress(outputs, fingerprint)
     resuming = progress.load_resumable(outputs)
     if resuming:
@@ -282,11 +285,14 @@ def predict_rows(flags: ParsedFlags, params: dict[str, Any], outputs: str,
                     controls=[[c[k] for _, _, c in per_job] for k in range(len(plan.control_columns))] or None)
             images = generator([prompt for _, prompt, _ in jobs], seeds, **({"inputs": inputs} if inputs else {}))
             for (row, prompt, sample), seed, image in zip(jobs, seeds, images):
-                data = encode_image(image, image_format)
+                # The ProduceID from the run and the image's place in it: a rerun or resume writes the same bytes
+                label = labels.label(derived_id(run_id, row.line_number, sample))
+                data = encode_image(image, image_format, label=label)
                 idx = str(row.values.get("idx", row.line_number))
                 path = files.write(idx, row.line_number, prompt, sample, data) if files else ""
                 cells = {"idx": idx, "text": prompt, "gen_imgbase64": base64.b64encode(data).decode("ascii"),
-                         "sample_id": sample, "seed": seed, "image_path": path}
+                         "sample_id": sample, "seed": seed, "image_path": path,
+                         "aigc_produce_id": label.produce_id if label else ""}
                 out = ([row.line_number] if shard else []) + [cells[c] for c in plan.output_columns]
                 for column in plan.append_columns:
                     value = row[column]

@@ -274,7 +274,9 @@ REQUEST_FIELDS: dict[str, tuple[str, Callable[[LatentDiffusionService, str, Any]
 # Images a request may bring (base64 PNG/JPEG/…, a data: URI prefix allowed): per request, not settings; every image
 # generated for the request uses them. ``control_image``: one per ControlNet the service runs (a string or a list).
 IMAGE_FIELDS = ("image", "mask", "control_image")
-FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS, *IMAGE_FIELDS)
+# aigc_visible_label: true asks for the visible AIGC label on this request's images (the web page sets it on the
+# images it offers for download); the service's aigc_visible_label=True puts it on every image.
+FIELDS = ("text", "num_images", "seed", *REQUEST_FIELDS, *IMAGE_FIELDS, "aigc_visible_label")
 MAX_GENERATORS = 16
 
 
@@ -292,6 +294,7 @@ class LatentDiffusionService:
         self.adapter_names = sorted(getattr(getattr(model, family_of(model).denoiser), "peft_config", {}) or {})
         self.max_size = settings.max_size or 2 * model.image_size
         self.defaults = settings.generation().for_model(model)
+        self.labels = settings.aigc_labels()
         # One Generator per distinct settings, the least recently used dropped past MAX_GENERATORS (each holds a
         # scheduler; the model and the super-resolution net are shared by all).
         self.generators: collections.OrderedDict[GenerationSettings, Generator] = collections.OrderedDict()
@@ -341,7 +344,11 @@ class LatentDiffusionService:
         images = _images(self, body, settings)
         if images["controls"] is not None:  # already preprocessed by _images
             settings = dataclasses.replace(settings, control_preprocessor="none")
-        payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings, **images}
+        visible = body.get("aigc_visible_label", False)
+        if not isinstance(visible, bool):
+            raise RequestError("aigc_visible_label must be true or false", "aigc_visible_label")
+        payload = {"text": text, "seeds": [seed + i for i in range(count)], "settings": settings, **images,
+                   "aigc_visible_label": visible}
         # Requests share a model call when their settings are equal and they bring the same kinds of images.
         kinds = tuple(images[name] is not None for name in ("image", "mask", "controls"))
         tokens = len(self.tokenizer(text, verbose=False)["input_ids"])
@@ -370,7 +377,8 @@ class LatentDiffusionService:
             raise Cancelled(str(stopped)) from None
         results = []
         for payload in payloads:
-            encoded = [base64.b64encode(encode_image(next(images), "png")).decode("ascii") for _ in payload["seeds"]]
+            encoded = [base64.b64encode(encode_image(next(images), "png", label=self.labels.label(
+                visible=payload["aigc_visible_label"]))).decode("ascii") for _ in payload["seeds"]]
             results.append({"text": payload["text"], "images_base64": encoded, "seeds": payload["seeds"]})
         return results
 

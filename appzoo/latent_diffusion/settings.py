@@ -24,6 +24,7 @@ from typing import Any
 
 from appzoo.latent_diffusion.conditioning import parse_controlnets
 from appzoo.latent_diffusion.params import PARAMS
+from easynlp_ldm.aigc import AigcLabels
 from easynlp_ldm.errors import UserError
 from modelzoo.families import family_of, registered
 from modelzoo.families.base import IMG2IMG, INPAINT
@@ -117,6 +118,11 @@ class _InferenceRules:
     def generation(self) -> GenerationSettings:
         """The sampling settings (notes on settings left without effect are logged now, where a mode builds them)."""
         return GenerationSettings.from_params(dataclasses.asdict(self))
+
+    def aigc_labels(self) -> AigcLabels:
+        """The AIGC labels the generated images carry (aigc_label=False: none, with a warning)."""
+        return AigcLabels.configured(self.aigc_label, self.aigc_visible_label, self.aigc_producer,
+                                     self.aigc_propagator)
 
 
 InferenceSettings = dataclasses.make_dataclass(

@@ -11,7 +11,7 @@ from PIL import Image
 
 from easynlp_ldm import cli, pipeline
 from easynlp_ldm.errors import UserError
-from tests.helpers import decode, predict_argv, read_rows
+from tests.helpers import aigc_fields, decode, predict_argv, read_rows, shows_visible_label
 
 
 def pixels(image):
@@ -131,3 +131,21 @@ def test_write_image_writes_easynlp_style_folders(tiny_model_dir, tmp_path):
     assert (prefix / "1" / "prompt.txt").read_text(encoding="utf-8") == "蓝色的方形\n"
     for record in first[2:] + second:
         assert pixels(Image.open(record["path"])).tolist() == pixels(record["image"]).tolist()
+
+
+def test_encoded_images_and_files_carry_the_aigc_label(tiny_model_dir, tmp_path):
+    gen = pipeline("latent_diffusion", tiny_model_dir, n_samples=2, ddim_steps=2, optimize="none", write_image=True,
+                   image_prefix=str(tmp_path / "images"), aigc_propagator="平台")
+    records = gen(["红色的圆形", "蓝色的正方形"])
+    assert len({r["aigc_produce_id"] for r in records}) == 4
+    for record in records:
+        data = base64.b64decode(record["image_base64"])
+        with open(record["path"], "rb") as handle:
+            assert handle.read() == data
+        fields = aigc_fields(data)
+        assert fields["ProduceID"] == record["aigc_produce_id"] and fields["ContentPropagator"] == "平台"
+        assert pixels(Image.open(io.BytesIO(data))).tolist() == pixels(record["image"]).tolist()
+    gen.reset(aigc_visible_label=True)
+    shown = gen("红色的圆形")[0]
+    assert shows_visible_label(Image.open(io.BytesIO(base64.b64decode(shown["image_base64"]))))
+    assert not shows_visible_label(shown["image"])  # the generated pixels; the encoded image is what is offered

@@ -1,4 +1,5 @@
 import base64
+import io
 import json
 import os
 
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from easynlp_ldm import cli
-from tests.helpers import PROMPTS, decode, predict_argv, read_rows
+from tests.helpers import PROMPTS, aigc_fields, decode, predict_argv, read_rows, shows_visible_label
 
 
 def test_seed_predict_command_as_published(tiny_model_dir, tmp_path, monkeypatch):
@@ -205,3 +206,38 @@ def test_predict_from_a_package_resumes_like_from_a_folder(tiny_model_dir, promp
     caplog.set_level("INFO")
     assert cli.main(argv) == 0
     assert "resuming" in caplog.text and "replacing" not in caplog.text
+
+
+def test_every_image_carries_the_aigc_label_and_its_produce_id_is_a_column(tiny_model_dir, prompts_table, tmp_path,
+                                                                           caplog):
+    def run(name, udp, image_format="png", images=None):
+        out = str(tmp_path / f"{name}.tsv")
+        assert cli.main(predict_argv(prompts_table, out, tiny_model_dir,
+                                     "--output_schema=gen_imgbase64,image_path,aigc_produce_id",
+                                     udp=f"n_samples=2 ddim_steps=2 optimize=none write_image=True image_format="
+                                         f"{image_format} image_prefix={tmp_path / (images or name)} {udp}")) == 0
+        return read_rows(out)
+
+    rows = run("labelled", "aigc_producer=某服务")
+    ids = [produce_id for _, _, produce_id in rows]
+    assert len(set(ids)) == len(rows) == 2 * len(PROMPTS)  # a ProduceID per image
+    for cell, path, produce_id in rows:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        assert data == base64.b64decode(cell)  # the file and the TSV cell: the same labelled image
+        fields = aigc_fields(data)
+        assert fields["Label"] == "1" and fields["ProduceID"] == produce_id and fields["ContentProducer"] == "某服务"
+        assert fields["ContentPropagator"].startswith("easynlp-ldm@")
+    # The same command again: the same IDs (predict stays reproducible; a resumed run writes what a whole run does)
+    assert [r[2] for r in run("again", "aigc_producer=某服务", images="labelled")] == ids
+    assert all(aigc_fields(open(path, "rb").read())["ProduceID"] for _, path, _ in run("jpeg", "", "jpeg"))
+    caplog.set_level("WARNING")
+    unlabelled = run("off", "aigc_label=False")
+    assert "aigc_label=False: the images carry no AIGC label" in caplog.text
+    visible = run("visible", "aigc_visible_label=True")
+    for (cell, _, _), (plain, _, produce_id), (shown, _, _) in zip(rows, unlabelled, visible):
+        assert produce_id == "" and aigc_fields(base64.b64decode(plain)) is None
+        assert (decode(cell) == decode(plain)).all()  # the implicit label never changes the pixels
+        assert shows_visible_label(Image.open(io.BytesIO(base64.b64decode(shown))))
+        assert not shows_visible_label(Image.open(io.BytesIO(base64.b64decode(cell))))
+        assert aigc_fields(base64.b64decode(shown))["Label"] == "1"

@@ -17,7 +17,7 @@ from appzoo.latent_diffusion.conditioning import ImageInputs, fit
 from appzoo.latent_diffusion.generation import Generator
 from appzoo.latent_diffusion.serve import MAX_GENERATORS
 from easynlp_ldm.tables import encode_image_base64
-from tests.helpers import InProcessServer, make_test_controlnet, mask, photo, png
+from tests.helpers import InProcessServer, aigc_fields, make_test_controlnet, mask, photo, png, shows_visible_label
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,24 @@ def test_eas_contract(server):
     # the seed reproduces the image; alone vs in a batch of two may differ by 1/255 (matmul blocking, README "Seeds")
     alone, in_pair = (np.asarray(png(b), dtype=np.int16) for b in (again["images_base64"][0], body["images_base64"][0]))
     assert np.abs(alone - in_pair).max() <= 1
+
+
+def test_both_routes_return_images_with_the_aigc_label_and_the_visible_one_on_request(server):
+    eas = httpx.post(server.url + "/", json={"text": "测试文本", "num_inference_steps": 2, "num_images": 2, "seed": 3},
+                     timeout=60).json()["images_base64"]
+    openai = httpx.post(server.url + "/v1/images/generations", json={"prompt": "测试文本", "n": 2,
+                                                                     "num_inference_steps": 2, "seed": 3},
+                        timeout=60).json()["data"]
+    images = eas + [item["b64_json"] for item in openai]
+    fields = [aigc_fields(base64.b64decode(image)) for image in images]
+    assert all(f["Label"] == "1" and f["ContentProducer"].startswith("easynlp-ldm@") for f in fields)
+    assert len({f["ProduceID"] for f in fields}) == 4
+    assert not any(shows_visible_label(png(image)) for image in images)
+    shown = httpx.post(server.url + "/", json={"text": "测试文本", "num_inference_steps": 2, "seed": 3,
+                                               "aigc_visible_label": True}, timeout=60).json()["images_base64"][0]
+    assert shows_visible_label(png(shown)) and aigc_fields(base64.b64decode(shown))["Label"] == "1"
+    bad = httpx.post(server.url + "/", json={"text": "x", "aigc_visible_label": "yes"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["field"] == "aigc_visible_label"
 
 
 @pytest.mark.parametrize("body,field", [

@@ -25,6 +25,9 @@ def test_type_prompt_click_and_see_images(tiny_model_dir, browser):
             src = image.get_attribute("src")
             assert src.startswith("data:image/png;base64,")
             assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+            # offered for saving: the visible AIGC label as well as the implicit one
+            assert shows_visible_label(png(src.split(",", 1)[1]))
+            assert aigc_fields(base64.b64decode(src.split(",", 1)[1]))["Label"] == "1"
         # An error is shown in words: more steps than the service allows.
         steps.clear()
         steps.send_keys("100")
