@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from easynlp_ldm.files import atomic_write_text
 from easynlp_ldm.tables import escape_cell
+from shapes_data.scoring import ATTRIBUTES
 
 if TYPE_CHECKING:
     from appzoo.latent_diffusion.evaluate import ModelEvaluation
@@ -122,9 +123,13 @@ def report_html(evaluations: Sequence[ModelEvaluation], names: list[str], summar
         figures = []
         for evaluation in evaluations:
             record = evaluation.records[i]
-            lines = [f"{esc(label_of(n))} {shown(n, record.scores[n])}" for n in names
-                     if n in record.scores and math.isfinite(record.scores[n])]
-            caption = "<br>".join(([esc(evaluation.label)] if compared else []) + lines)
+            present = [n for n in names if n in record.scores and math.isfinite(record.scores[n])]
+            lines = [f"{esc(label_of(n))} {shown(n, record.scores[n])}" for n in present if not n.startswith("judge_")]
+            verdicts = [f"{esc(n[len('judge_'):].replace('_', ' '))}{shown(n, record.scores[n])}" for n in present
+                        if n.startswith("judge_")]
+            if verdicts:
+                lines.append("judge: " + " ".join(verdicts))
+            caption = "<br>".join(([f"<b>{esc(evaluation.label)}</b>"] if compared else []) + lines)
             image = f'<img src="{esc(record.image)}" alt="{esc(record.prompt)}">' if record.image else ""
             figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
         items.append(f'<div class="item" data-i="{i}"><div class="prompt">{esc(first.prompt)} '
@@ -190,7 +195,9 @@ def summary_table(evaluations: Sequence[ModelEvaluation], summary: dict) -> str:
     for name in metrics:
         row(label_of(name), [e.metrics.get(name) for e in evaluations], difference.get(name))
     if accuracy:
-        row("shapes: all stated attributes (accuracy)",
-            [e.metrics.get("accuracy", {}).get("all", {}).get("all_stated_acc") for e in evaluations],
-            difference.get("judge_all_stated"))
+        groups = [e.metrics.get("accuracy", {}).get("all", {}) for e in evaluations]
+        for attribute in ATTRIBUTES:
+            if groups[0].get(f"{attribute}_n"):
+                row(f"shapes judge: {attribute.replace('_', ' ')} (accuracy, {groups[0][f'{attribute}_n']} prompts)",
+                    [group.get(f"{attribute}_acc") for group in groups], difference.get(f"judge_{attribute}"))
     return f'<table class="summary">{head}{"".join(rows)}</table>'
