@@ -35,11 +35,12 @@ def _model_type(folder: str, parameter: str) -> str:
 
 
 class ClipEmbedder:
-    """A CLIP-style folder's two towers and processor; ``images()`` and ``texts()`` return unit-length embeddings,
-    text truncated to the model's maximum length."""
+    """A CLIP-style folder's two towers and processor (from ``processor`` where the model folder has none, as
+    PickScore_v1 is used with laion/CLIP-ViT-H-14-laion2B-s32B-b79K's); ``images()`` and ``texts()`` return
+    unit-length embeddings, text truncated to the model's maximum length."""
 
     def __init__(self, folder: str, *, allowed=tuple(CLIP_CLASSES), parameter: str = "clip_model",
-                 device: str | torch.device = "cpu", batch_size: int = 32):
+                 processor: str | None = None, device: str | torch.device = "cpu", batch_size: int = 32):
         import transformers
         from transformers import AutoProcessor
 
@@ -50,11 +51,21 @@ class ClipEmbedder:
         model_class = getattr(transformers, CLIP_CLASSES[model_type])
         try:
             self.model = model_class.from_pretrained(folder).eval().requires_grad_(False)
-            self.processor = AutoProcessor.from_pretrained(folder)
         except (OSError, ValueError) as err:
             reason = str(err).strip().split("\n")[0][:200]
-            raise UserError(f"{parameter}={folder}: cannot load the {CLIP_CLASSES[model_type]} and its processor "
-                            f"({reason})") from None
+            raise UserError(f"{parameter}={folder}: cannot load the {CLIP_CLASSES[model_type]} ({reason})") from None
+        processor_folder = processor or folder
+        # transformers 4 saves the image settings in preprocessor_config.json, 5 in processor_config.json
+        if not any(os.path.isfile(os.path.join(processor_folder, name))
+                   for name in ("preprocessor_config.json", "processor_config.json")):
+            raise UserError(f"{parameter}={folder}: no processor in {processor_folder} (preprocessor_config.json and "
+                            "tokenizer files); copy them from the checkpoint's base model's folder")
+        try:
+            self.processor = AutoProcessor.from_pretrained(processor_folder)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().split("\n")[0][:200]
+            raise UserError(f"{parameter}={folder}: cannot load the processor in {processor_folder} ({reason})") \
+                from None
         self.device = torch.device(device)
         self.model.to(self.device)
         self.batch_size = batch_size

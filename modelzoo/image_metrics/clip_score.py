@@ -14,11 +14,13 @@ from modelzoo.image_metrics.clip_models import ClipEmbedder
 
 class ClipScorer:
     """``ClipScorer(folder)(images, prompts) -> [score per image]`` from a local transformers ``ChineseCLIPModel``,
-    ``AltCLIPModel`` or ``CLIPModel`` folder and its processor."""
+    ``AltCLIPModel`` or ``CLIPModel`` folder and its processor (or the one in ``processor``)."""
 
-    def __init__(self, folder: str, *, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(self, folder: str, *, processor: str | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 32):
         self.folder = folder
-        self.embedder = ClipEmbedder(folder, parameter="clip_model", device=device, batch_size=batch_size)
+        self.embedder = ClipEmbedder(folder, parameter="clip_model", processor=processor, device=device,
+                                     batch_size=batch_size)
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         return (100 * self.embedder.cosines(images, prompts)).clamp(min=0).tolist()

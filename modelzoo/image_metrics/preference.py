@@ -19,12 +19,14 @@ from modelzoo.image_metrics.clip_models import ClipEmbedder
 
 class PreferenceScorer:
     """``PreferenceScorer(folder)(images, prompts) -> [score per image]`` from a local PickScore-style ``CLIPModel``
-    folder (e.g. yuvalkirstain/PickScore_v1 with laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor files)."""
+    folder (e.g. yuvalkirstain/PickScore_v1); ``processor`` is the folder with the processor files where the model's
+    has none (PickScore's authors load laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)."""
 
-    def __init__(self, folder: str, *, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(self, folder: str, *, processor: str | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 32):
         self.folder = folder
-        self.embedder = ClipEmbedder(folder, allowed=("clip",), parameter="preference_model", device=device,
-                                     batch_size=batch_size)
+        self.embedder = ClipEmbedder(folder, allowed=("clip",), parameter="preference_model", processor=processor,
+                                     device=device, batch_size=batch_size)
         self.scale = float(self.embedder.model.logit_scale.detach().double().exp())
 
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:

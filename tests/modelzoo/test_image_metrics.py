@@ -2,6 +2,8 @@
 offline (modelzoo/tiny_metrics.py)."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -137,6 +139,19 @@ def test_preference_score_is_logit_scale_times_cosine(clip_dirs):
     for clip_score, score in zip(clip, preference):
         if clip_score > 0:
             assert score == pytest.approx(scale * clip_score / 100, rel=1e-6)
+
+
+def test_a_checkpoint_without_processor_files_takes_them_from_another_folder(clip_dirs, tmp_path):
+    folder = clip_dirs["clip"]
+    weights_only = tmp_path / "pickscore"
+    weights_only.mkdir()
+    for name in os.listdir(folder):
+        if name in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(folder, name), weights_only / name)
+    with pytest.raises(UserError, match="pickscore: no processor in .*copy them"):
+        PreferenceScorer(str(weights_only))
+    assert (PreferenceScorer(str(weights_only), processor=folder)(IMAGES, PROMPTS)
+            == PreferenceScorer(folder)(IMAGES, PROMPTS))
 
 
 def test_clip_folders_users_get_wrong_are_one_line_user_errors(clip_dirs, tmp_path):
