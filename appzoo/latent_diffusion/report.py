@@ -61,7 +61,9 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#666;font-size:13px;margin:0 0 10p
 table.summary{border-collapse:collapse;font-size:13px;margin:0 0 12px}
 table.summary td,table.summary th{border:1px solid #ddd;padding:3px 8px;text-align:right;background:#fff}
 table.summary th:first-child,table.summary td:first-child{text-align:left}
-.sortbar{font-size:13px;margin:0 0 10px;display:flex;flex-wrap:wrap;gap:4px;align-items:center}
+.sortbar{font-size:13px;margin:0 0 10px;display:flex;flex-wrap:wrap;gap:4px 16px}
+.sortbar .group{display:flex;flex-wrap:wrap;gap:4px;align-items:center} .sortbar.stacked{flex-direction:column}
+.sortbar .group b{min-width:9em}
 .sortbar button{font-size:12px;border:1px solid #bbb;background:#fff;border-radius:4px;padding:2px 8px;cursor:pointer}
 .sortbar button.active{background:#2b6cb0;color:#fff;border-color:#2b6cb0}
 #items.grid{display:flex;flex-wrap:wrap;gap:10px}
@@ -113,8 +115,11 @@ def report_html(evaluations: Sequence[ModelEvaluation], names: list[str], summar
     compared = len(evaluations) > 1
     keys, scores = sort_keys(evaluations, names)
     esc = html.escape
-    buttons = "".join(f'<button type="button" data-key="{esc(key)}" data-label="{esc(label)}">{esc(label)}</button>'
-                      for key, label in keys)
+    groups = {}
+    for group, key, label in keys:
+        groups.setdefault(group, []).append(f'<button type="button" data-key="{esc(key)}" data-label="{esc(label)}">'
+                                            f"{esc(label)}</button>")
+    buttons = "".join(f'<span class="group"><b>{esc(group)}</b>{"".join(b)}</span>' for group, b in groups.items())
     items = []
     if compared:
         items.append('<div class="head"><div>prompt</div>' +
@@ -139,26 +144,27 @@ def report_html(evaluations: Sequence[ModelEvaluation], names: list[str], summar
     return (f'<!doctype html>\n<html lang="zh"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head>\n<body>\n<h1>{esc(title)}</h1>\n<p class=\"meta\">{esc(meta)}</p>\n"
             f"{summary_table(evaluations, summary)}\n"
-            f'<div class="sortbar">sort by: {buttons}</div>\n'
+            f'<div class="sortbar{" stacked" if compared else ""}">{buttons}</div>\n'
             f'<div id="items" class="{"rows" if compared else "grid"}" style="--models:{len(evaluations)}">\n'
             + "\n".join(items) + "\n</div>\n"
             f"<script>const SCORES = {json.dumps(scores)};{SCRIPT}</script>\n</body></html>\n")
 
 
-def sort_keys(evaluations: Sequence[ModelEvaluation], names: list[str]) -> tuple[list[tuple[str, str]], list[dict]]:
-    """The sort buttons (key, label) — table order, each score of each model, each difference of two — and per
-    prompt the value of every key."""
+def sort_keys(evaluations: Sequence[ModelEvaluation], names: list[str]) -> tuple[list[tuple[str, str, str]],
+                                                                                  list[dict]]:
+    """The sort buttons (group, key, label) — table order, each score of each model, each difference of two — and
+    per prompt the value of every key."""
     compared = len(evaluations) > 1
-    keys = [("order", "table order")]
+    keys = [("sort by", "order", "table order")]
     scores = [{"order": -i} for i in range(len(evaluations[0].records))]
     for m, evaluation in enumerate(evaluations):
         for name in names:
-            keys.append((f"{m}:{name}", f"{evaluation.label} {label_of(name)}" if compared else label_of(name)))
+            keys.append((evaluation.label if compared else "sort by", f"{m}:{name}", label_of(name)))
             for i, record in enumerate(evaluation.records):
                 scores[i][f"{m}:{name}"] = finite(record.scores.get(name))
     if compared:
         for name in names:
-            keys.append((f"diff:{name}", f"Δ {label_of(name)}"))
+            keys.append((f"{evaluations[1].label} − {evaluations[0].label}", f"diff:{name}", label_of(name)))
             for row in scores:
                 a, b = row[f"0:{name}"], row[f"1:{name}"]
                 row[f"diff:{name}"] = None if a is None or b is None else b - a

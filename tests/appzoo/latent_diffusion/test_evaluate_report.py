@@ -171,7 +171,8 @@ def test_report_opens_in_chromium_with_every_image_shown_and_sorts_by_a_score(co
                for image in images)
     label = list(summary["models"])[0]
     button = browser.find_element(By.CSS_SELECTOR, '.sortbar button[data-key="0:preference_score"]')
-    assert button.get_attribute("data-label") == f"{label} preference score"
+    assert button.get_attribute("data-label") == "preference score"
+    assert browser.execute_script("return arguments[0].parentNode.firstChild.textContent", button) == label
     order = browser.execute_script("return Array.from(document.querySelectorAll('#items .item'))"
                                    ".map(e => e.dataset.i)")
     scores = [float(r["preference_score"]) for r in read_scores(folder)[:6]]
