@@ -100,8 +100,8 @@ def safe_name(text: str) -> str:
 
 def check_metric_files(inference: InferenceSettings, inputs: InputTables) -> None:
     """The metric parameters name what exists, and FID has reference images: before any model is loaded."""
-    for name, kind in (("clip_model", "folder"), ("preference_model", "folder"), ("fid_weights", "file"),
-                       ("fid_reference", "folder")):
+    for name, kind in (("clip_model", "folder"), ("preference_model", "folder"), ("preference_processor", "folder"),
+                       ("fid_weights", "file"), ("fid_reference", "folder")):
         value = getattr(inference, name)
         if value and not (os.path.isdir(value) if kind == "folder" else os.path.isfile(value)):
             raise UserError(f"{name}={value}: no such {kind}; give a local {kind} (nothing is downloaded)")
@@ -129,7 +129,8 @@ class ImageMetrics:
         if inference.clip_model:
             self.scorers["clip_score"] = ClipScorer(inference.clip_model, device=device)
         if inference.preference_model:
-            self.scorers["preference_score"] = PreferenceScorer(inference.preference_model, device=device)
+            self.scorers["preference_score"] = PreferenceScorer(
+                inference.preference_model, processor=inference.preference_processor or None, device=device)
         if inference.fid_weights:
             self.inception = InceptionFeatures(inference.fid_weights, device=device)
 

@@ -226,6 +226,8 @@ PARAMS: tuple[Param, ...] = (
           "prompt, from this local folder (transformers ChineseCLIPModel, AltCLIPModel or CLIPModel)", modes=EVALUATE),
     Param("preference_model", str, "", "evaluate: human-preference score of each generated image with its prompt, "
           "from this local folder (a PickScore-style transformers CLIP checkpoint)", modes=EVALUATE),
+    Param("preference_processor", str, "", "evaluate: the folder holding preference_model's processor files where "
+          "its own folder has none (PickScore_v1: laion/CLIP-ViT-H-14-laion2B-s32B-b79K's)", modes=EVALUATE),
     Param("fid_weights", str, "", "evaluate: FID and KID of the generated images against the reference images "
           "(the table's image column, or fid_reference=), from this local Inception weights file", modes=EVALUATE),
     Param("fid_reference", str, "", "evaluate: a folder of reference images for FID/KID (default: the table's image "

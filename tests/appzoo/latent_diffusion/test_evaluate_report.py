@@ -140,6 +140,8 @@ def test_checkpoint_dir_splits_on_a_comma_only_when_it_names_no_path(tmp_path):
 
 @pytest.mark.parametrize("udp, table, message", [
     ("clip_model={missing}", "T2I_test.tsv", "clip_model=.*missing: no such folder"),
+    ("preference_model={clip} preference_processor={missing}", "T2I_test.tsv",
+     "preference_processor=.*missing: no such folder"),
     ("fid_weights={missing}", "T2I_test.tsv", "fid_weights=.*missing: no such file"),
     ("fid_weights={inception}", "T2I_test.tsv", "no reference images for FID/KID.*fid_reference="),
     ("fid_weights={inception} fid_reference={empty}", "T2I_test.tsv", "fid_reference=.*0 reference image"),
@@ -151,7 +153,7 @@ def test_user_errors_name_the_parameter(tiny_model_dir, shapes_data, metric_mode
     (tmp_path / "empty.tsv").write_text("", encoding="utf-8")
     folder = str(tmp_path) if table == "empty.tsv" else shapes_data
     udp = udp.format(missing=tmp_path / "missing", inception=metric_models["inception"], empty=tmp_path / "empty",
-                     out=tmp_path / "out")
+                     out=tmp_path / "out", clip=metric_models["preference"])
     capsys.readouterr()
     assert cli.main([*ARGV, f"--tables={os.path.join(folder, table)}", f"--checkpoint_dir={tiny_model_dir}",
                      f"--user_defined_parameters=ddim_steps=2 {udp}"]) == 2
