@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from appzoo.latent_diffusion.data import LatentCache, index_table
 from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_for_inference
+from appzoo.latent_diffusion.report import ImageRecord, ModelEvaluation
 from appzoo.latent_diffusion.settings import GenerationSettings, InferenceSettings
 from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
@@ -179,30 +179,6 @@ def set_metrics(reference: np.ndarray, generated: np.ndarray) -> dict[str, float
 
 
 # ----------------------------------------------------------------------------------------------- one model
-@dataclass
-class ImageRecord:
-    """One generated image: its row, seed, file (relative to evaluate_output; "" when none is written), scores."""
-
-    idx: str
-    prompt: str
-    seed: int
-    image: str
-    scores: dict[str, float]
-
-
-@dataclass
-class ModelEvaluation:
-    label: str
-    checkpoint: str
-    metrics: dict[str, Any]  # the summary's keys for this model
-    records: list[ImageRecord]
-
-    def score_columns(self) -> dict[str, list[float]]:
-        """Each per-image score by name, one value per prompt (NaN where the image has none)."""
-        names = dict.fromkeys(name for record in self.records for name in record.scores)
-        return {name: [record.scores.get(name, math.nan) for record in self.records] for name in names}
-
-
 def mean_scores(records: list[ImageRecord], names) -> dict[str, float]:
     means = {}
     for name in names:

@@ -7,7 +7,7 @@
   per model for two — sortable by each score (and by each difference between two models) with a little inline
   JavaScript. No CDN, no network, image paths relative to DIR: the folder can be zipped and opened anywhere.
 
-Every file is written atomically.
+Every file is written atomically. ``ModelEvaluation`` and ``ImageRecord`` are what evaluate hands over.
 """
 
 from __future__ import annotations
@@ -17,16 +17,41 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from easynlp_ldm.files import atomic_write_text
 from easynlp_ldm.tables import escape_cell
 from shapes_data.scoring import ATTRIBUTES
 
-if TYPE_CHECKING:
-    from appzoo.latent_diffusion.evaluate import ModelEvaluation
-
 FIXED_COLUMNS = ("model", "idx", "prompt", "seed", "image")
+
+
+@dataclass
+class ImageRecord:
+    """One generated image: its row, seed, file (relative to evaluate_output; "" when none is written), scores."""
+
+    idx: str
+    prompt: str
+    seed: int
+    image: str
+    scores: dict[str, float]
+
+
+@dataclass
+class ModelEvaluation:
+    """One model's evaluation as evaluate hands it over: its label (file-safe, distinct), the model it loaded, its
+    summary metrics and its images in table order."""
+
+    label: str
+    checkpoint: str
+    metrics: dict[str, Any]  # the summary's keys for this model
+    records: list[ImageRecord]
+
+    def score_columns(self) -> dict[str, list[float]]:
+        """Each per-image score by name, one value per prompt (NaN where the image has none)."""
+        names = dict.fromkeys(name for record in self.records for name in record.scores)
+        return {name: [record.scores.get(name, math.nan) for record in self.records] for name in names}
 
 
 def score_names(evaluations: Sequence[ModelEvaluation]) -> list[str]:
