@@ -33,7 +33,7 @@ import numpy as np
 
 from appzoo.latent_diffusion import report
 from appzoo.latent_diffusion.comparison import SET_METRIC_NOTE, compare
-from appzoo.latent_diffusion.data import LatentCache, index_table
+from appzoo.latent_diffusion.data import LatentCache, encoded_captions, index_table
 from appzoo.latent_diffusion.generation import Generator, image_seed
 from appzoo.latent_diffusion.inputs import PAIR_SCHEMA, InputTables, input_tables, text_length
 from appzoo.latent_diffusion.loading import load_for_inference
@@ -43,7 +43,8 @@ from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.files import atomic_write_bytes
 from easynlp_ldm.tables import BadRowPolicy, encode_image, read_table
-from modelzoo.objectives import fixed_noise_loss
+from modelzoo.families import family_of
+from modelzoo.objectives import fixed_noise_flow_loss, fixed_noise_loss
 from shapes_data import scoring
 
 logger = logging.getLogger("easynlp.evaluate")
@@ -179,6 +180,14 @@ def set_metrics(reference: np.ndarray, generated: np.ndarray) -> dict[str, float
 
 
 # ----------------------------------------------------------------------------------------------- one model
+def denoising_loss(model, captions: list[str], moments, length: int) -> float:
+    """The validation loss training reports for the model's family: the flow-matching DiTs' (captions encoded as
+    their training caches them) or SD-1.x's."""
+    if family_of(model).caches_text_embeddings:
+        return fixed_noise_flow_loss(model, encoded_captions(model, captions, length), moments)
+    return fixed_noise_loss(model, captions, moments, length)
+
+
 def mean_scores(records: list[ImageRecord], names) -> dict[str, float]:
     means = {}
     for name in names:
@@ -203,7 +212,7 @@ def evaluate_model(flags: ParsedFlags, inference: InferenceSettings, inputs: Inp
         if not len(indexed):
             raise UserError(f"{table}: no usable rows to evaluate")
         metrics["rows"] = len(indexed)
-        metrics["val_loss"] = fixed_noise_loss(model, indexed.captions, cache.moments(), length)
+        metrics["val_loss"] = denoising_loss(model, indexed.captions, cache.moments(), length)
     records: list[ImageRecord] = []
     if generating:
         if truth_path:

@@ -189,3 +189,20 @@ def test_report_opens_in_chromium_with_every_image_shown_and_sorts_by_a_score(co
     assert sorted(order) == sorted(ascending)
     shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
     assert len(shot.getcolors(1 << 24)) > 10  # not blank: text, images, borders
+
+
+def test_a_dit_and_an_sd_model_compared_on_a_table_with_images(tiny_model_dir, shapes_data, tmp_path):
+    from modelzoo.tiny_dit import make_tiny_zimage_model
+
+    dit = make_tiny_zimage_model(str(tmp_path / "zimage"))
+    summary = evaluate(os.path.join(shapes_data, "T2I_val.tsv"), tiny_model_dir, tmp_path / "s.json",
+                       f"compare_with={dit}", f"evaluate_output={tmp_path / 'out'}",
+                       argv=["--input_schema=idx:str:1,text:str:1,imgbase64:str:1"])
+    first, second = summary["models"].values()
+    assert summary["difference_of"] == "zimage - pai-diffusion-general-large-zh"
+    for metrics in (first, second):  # each family's own validation loss (SD's epsilon, the DiT's flow matching)
+        assert metrics["rows"] == 8 and math.isfinite(metrics["val_loss"]) and metrics["accuracy"]["all"]["n"] == 8
+    assert first["val_loss"] != second["val_loss"]
+    rows = read_scores(tmp_path / "out")
+    assert [r["seed"] for r in rows[:8]] == [r["seed"] for r in rows[8:]]
+    assert all(Image.open(tmp_path / "out" / r["image"]).size == (32, 32) for r in rows)
