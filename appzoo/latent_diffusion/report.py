@@ -95,7 +95,7 @@ table.summary th:first-child,table.summary td:first-child{text-align:left}
 #items.grid .item{width:180px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px}
 #items.rows .item,#items.rows .head{display:grid;grid-template-columns:220px repeat(var(--models),200px);gap:10px;
   background:#fff;border-bottom:1px solid #ddd;padding:6px}
-#items.rows .head{font-weight:600;background:#eee}
+#items.rows .head{font-weight:600;background:#eee;position:sticky;top:0;z-index:1}
 .prompt{font-size:13px;margin:0 0 4px;word-break:break-all} .idx{color:#888;font-size:11px}
 figure{margin:0} img{width:160px;height:auto;image-rendering:pixelated;display:block;background:#eee}
 figcaption{font-size:11px;color:#444;line-height:1.4} .ok{color:#2f855a} .wrong{color:#c53030}
@@ -159,7 +159,7 @@ def report_html(evaluations: Sequence[ModelEvaluation], names: list[str], summar
                         if n.startswith("judge_")]
             if verdicts:
                 lines.append("judge: " + " ".join(verdicts))
-            caption = "<br>".join(([f"<b>{esc(evaluation.label)}</b>"] if compared else []) + lines)
+            caption = "<br>".join(lines)
             image = f'<img src="{esc(record.image)}" alt="{esc(record.prompt)}">' if record.image else ""
             figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
         items.append(f'<div class="item" data-i="{i}"><div class="prompt">{esc(first.prompt)} '
@@ -202,7 +202,7 @@ def finite(value: float | None) -> float | None:
 
 def summary_table(evaluations: Sequence[ModelEvaluation], summary: dict) -> str:
     """The mean of each metric per model (and, for two, the difference with its interval)."""
-    metrics = [name for name in ("clip_score", "preference_score", "fid", "kid", "val_loss")
+    metrics = [name for name in ("steps", "clip_score", "preference_score", "fid", "kid", "val_loss")
                if any(e.metrics.get(name) is not None for e in evaluations)]
     accuracy = any("accuracy" in e.metrics for e in evaluations)
     if not metrics and not accuracy:
