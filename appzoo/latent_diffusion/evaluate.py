@@ -116,7 +116,8 @@ def check_metric_files(inference: InferenceSettings, inputs: InputTables) -> Non
 # ----------------------------------------------------------------------------------------------- the metrics
 class ImageMetrics:
     """The metrics asked for (``clip_model``, ``preference_model``, ``fid_weights``), each loaded once for every
-    model: ``scores(images, prompts)`` gives the per-image scores by name, ``features(images)`` Inception's."""
+    model: ``scores(images, prompts)`` gives the per-image scores by name, ``inception(images)`` the FID features
+    (None without fid_weights)."""
 
     def __init__(self, inference: InferenceSettings):
         self.scorers = {}
