@@ -115,9 +115,11 @@ def main() -> int:
     parser.add_argument("--shift", type=float, default=3.0,
                         help="the schedule's time shift, of sampling and of the training timesteps (the probes: 3 "
                              "learns faster than 1)")
-    parser.add_argument("--steps", type=int, default=20, help="_generation_defaults: num_inference_steps")
-    parser.add_argument("--guidance", type=float, default=0.0,
-                        help="_generation_defaults: guidance_scale (Z-Image's rule: 0 is unguided)")
+    parser.add_argument("--steps", type=int, default=10, help="_generation_defaults: num_inference_steps")
+    parser.add_argument("--guidance", type=float, default=2.0,
+                        help="_generation_defaults: guidance_scale (Z-Image's rule: 0 is unguided; the trained model's "
+                             "evaluation: 2 beats unguided on every attribute, most on held-out shapes, and 10 steps "
+                             "equal 20)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.dim % args.heads or (args.dim // args.heads) % 8:

@@ -26,6 +26,26 @@ echo "[quickstart] done."
 echo "  images (PNG, one folder per prompt with prompt.txt): $OUT/images/"
 echo "  output TSV (idx, text, seed, base64 PNG):            $OUT/output.tsv"
 echo "  super-resolution ×4: add do_sr=True to --user_defined_parameters"
+# The DiT model shipped beside it (shapes-dit-zh: a Z-Image-layout transformer trained here) also follows position;
+# the default UNet model does not.
+cat > "$OUT/position_prompts.tsv" <<'TSV'
+1	左上角有一个红色的圆形
+2	右下角有一个蓝色的正方形
+3	黑色背景的顶部有一个黄色的三角形
+4	左侧是一个小小的绿色圆形
+TSV
+for model in shapes-ldm-zh shapes-dit-zh; do
+  echo "[quickstart] the same 4 prompts with positions, 2 images each, with $model (CPU)"
+  EASYNLP_PROGRESS=0 easynlp --mode=predict --tables="$OUT/position_prompts.tsv" --input_schema=idx:str:1,text:str:1 \
+    --first_sequence=text --outputs="$OUT/position_$model.tsv" --output_schema=idx,text,seed,gen_imgbase64 \
+    --micro_batch_size=4 --random_seed=42 --checkpoint_dir="$model" --user_defined_parameters="
+n_samples=2
+write_image=True
+image_prefix=$OUT/position_$model/
+"
+done
+echo "  position, side by side: $OUT/position_shapes-ldm-zh/ (the UNet: places shapes anywhere) and"
+echo "                          $OUT/position_shapes-dit-zh/ (the DiT: in the named place)"
 # The layout ControlNet shipped beside the model: a grey box on black says where the shape goes.
 python - "$OUT/layout_prompts.tsv" <<'PY'
 import sys
