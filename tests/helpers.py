@@ -419,6 +419,15 @@ def aigc_fields(data: bytes) -> dict | None:
     return fields
 
 
+def cell_pixels(cell: str) -> tuple:
+    """An output cell's image as (size, mode, pixel bytes): what two runs must agree on when their files' AIGC
+    metadata (a ProduceID from each run's own fingerprint) differs."""
+    from easynlp_ldm.tables import decode_image_base64
+
+    image = decode_image_base64(cell)
+    return image.size, image.mode, image.tobytes()
+
+
 def shows_visible_label(image) -> bool:
     """Whether the visible AIGC label is in the image's corner: the pixels there follow the scaled "AI生成" mask,
     light glyphs on a darker plate."""
