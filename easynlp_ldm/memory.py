@@ -27,6 +27,22 @@ Phases: ``load`` (the built modules, then the memory-mapped file's tensors in th
 ``ModelFootprint.encode_only_bytes``, counted at load too), ``step`` (weights, optimiser, EMA, gradients,
 activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict copy: gradients and activations are
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
+
+Several processes (``MemorySettings.processes``): the estimate is per process. Under DDP (``sharding=none``) each
+holds all of the above. Under FSDP2 (``sharding=fsdp``: ``fully_shard`` on each block of the trained module, then on
+its root; ``ModelFootprint.shards``) every parameter of the wrapped components, trained and frozen, is split on its
+first dimension into ``processes`` equal pieces (the last padded), and so are its gradient, optimiser state and EMA:
+the step's and the save's weights, gradients, optimizer, ema and overhead are one process's shards. Beside them:
+
+  gathered     the largest block unsharded while it computes (its all-gather's output and the parameters viewing it,
+               in the forward and again in the backward pass, where its full gradients wait for their reduce-scatter:
+               FSDP2 frees both after use), and the root's own parameters, unsharded from the forward through the
+               backward pass (FSDP2 does not reshard the root after forward), with their full gradients; at a save,
+               the block being consolidated. Nothing with one process: the unsharded parameters view the shards.
+
+What is not sharded stays whole in every process: the frozen components outside the wrapped module, the activations
+of the process's micro-batch, AMP's weight copies, the runtime, and the load and encode phases (the model is loaded
+whole, then sharded by the trainer).
 """
 
 from __future__ import annotations
@@ -56,6 +72,9 @@ STEP_OVERHEAD_PER_PARAM = 1.1  # bytes per trained parameter on top of the count
 AMP_COPY_BYTES = 0.42  # bytes per trained parameter of autocast's half-precision weight copies alive at the peak
 #                        (2 bytes each, but the backward pass frees them as it allocates the gradients)
 FIT_MARGIN = 0.9  # the options proposed bring the estimate under this share of the memory available
+FSDP_BLOCK_COPIES = 2.0  # the largest block's unsharded parameters and full gradients (pb + 4 bytes per parameter),
+#                          this many times: the all-gather's and the reduce-scatter's flat buffers beside them
+MAX_SHARDING_DEVICES = 1024  # the most devices the "it fits with sharding=fsdp on K devices" advice considers
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,12 @@ class MemorySettings:
     save_optimizer: bool  # disk only: the optimiser state is saved from where it lives, without a copy
     device: str  # "cpu" or "cuda"
     cache_inputs: bool = True  # the app encodes its inputs once, before training (encode), not at every step
+    processes: int = 1  # the run's processes (its world size): the estimate is per process
+    sharding: str = "none"  # "none": each process holds the whole model (DDP); "fsdp": FSDP2 shards it
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "fsdp" and self.processes > 1
 
 
 class ActivationPlan(Protocol):
@@ -82,6 +107,25 @@ class ActivationPlan(Protocol):
     def step(self, settings: MemorySettings) -> dict[str, int]: ...  # part → bytes kept for backward at the step
 
     def encode(self, settings: MemorySettings) -> int: ...  # the pass before the optimiser exists (0: none)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How ``fully_shard`` wraps a run's trained module (``sharding=fsdp``): which of the footprint's components it
+    shards, every parameter of them trained or frozen, the size of its largest block and of what belongs to no block
+    (the root's own parameters)."""
+
+    components: tuple[str, ...]
+    largest_block: int  # parameters
+    root: int  # parameters
+
+    @classmethod
+    def of(cls, components: tuple[str, ...], module, blocks) -> ShardLayout:
+        """The layout of ``module`` (a torch module; with the other ``components`` it holds, e.g. a LoRA's adapters)
+        when each of ``blocks`` (its submodules) is a ``fully_shard`` unit and ``module`` the root."""
+        sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+        total = sum(p.numel() for p in module.parameters())
+        return cls(components=components, largest_block=max(sizes, default=0), root=total - sum(sizes))
 
 
 @dataclass(frozen=True)
@@ -97,6 +141,9 @@ class ModelFootprint:
     # bytes of weights that leave memory after the encode phase (a text encoder once its embeddings are cached):
     # counted at load and encode, not in the step's and save's weights
     encode_only_bytes: int = 0
+    shards: ShardLayout | None = None  # how sharding=fsdp shards it; None: not sharded (as DDP)
+    # lower-precision frozen weights the app offers: (the option, as the user writes it; bytes per frozen weight)
+    precision_options: tuple[tuple[str, float], ...] = ()
 
     @property
     def trained_count(self) -> int:
@@ -144,6 +191,7 @@ class MemoryEstimate:
                  "ema": "EMA" + (" in RAM" if s.ema_device == "cpu" and s.device != "cpu" else ""),
                  "amp_copies": "AMP weight copies", "overhead": "step overhead", "runtime": "runtime",
                  "save_copy": "checkpoint copy", "encode_only_weights": "weights until the encode's end",
+                 "gathered": "unsharded blocks",
                  **(f.activations.labels if f.activations else {})}
         parts = ", ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in self.parts.items() if v)
         where = "GPU" if s.device != "cpu" else "RAM"
@@ -151,7 +199,8 @@ class MemoryEstimate:
         text = (f"{self.peak / GIB:.1f} GiB of {where} at the {self.phase()} (parts, GiB: {parts}; "
                 f"{f.trained_count / 1e6:.0f} M parameters trained, {f.frozen_count / 1e6:.0f} M frozen"
                 f"{f' at {f.frozen_param_bytes:g} bytes each' if f.frozen_param_bytes else ''}; micro-batch "
-                f"{s.micro_batch_size} at {s.resolution}², {checkpointing}{'AMP' if s.use_amp else 'fp32'})")
+                f"{s.micro_batch_size} at {s.resolution}², {checkpointing}{'AMP' if s.use_amp else 'fp32'}"
+                f"{f', per process of {s.processes} sharded with FSDP' if s.sharded and f.shards else ''})")
         if s.device != "cpu":
             text += f"; RAM {self.host_peak / GIB:.1f} GiB"
         return text
@@ -174,39 +223,65 @@ def optimizer_state_elements(shapes: list[tuple[int, ...]], optimizer: str) -> i
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
+def shard_shape(shape: tuple[int, ...], processes: int) -> tuple[int, ...]:
+    """One process's piece of a parameter FSDP2 shards: its first dimension split evenly, the last piece padded."""
+    return (-(-shape[0] // processes), *shape[1:]) if shape else shape
+
+
+def _per_process_weights(f: ModelFootprint, s: MemorySettings) -> tuple[list[tuple[int, ...]], int, int]:
+    """(the trained parameters' shapes, the frozen weights' bytes, the gathered part's bytes) one process holds at
+    the step (see the module docstring)."""
+    trained_shapes = [shape for shapes in f.trained.values() for shape in shapes]
+    if not (s.sharded and f.shards):
+        return trained_shapes, f.frozen_bytes, 0
+    wrapped = f.shards.components
+    trained_shapes = [shard_shape(shape, s.processes) if part in wrapped else shape
+                      for part, shapes in f.trained.items() for shape in shapes]
+    frozen = sum(-(-count // s.processes) if part in wrapped else count for part, count in f.frozen.items())
+    per_parameter = f.param_bytes + 4  # the unsharded weight and its full gradient
+    gathered = (FSDP_BLOCK_COPIES * f.shards.largest_block + f.shards.root) * per_parameter
+    return trained_shapes, int(frozen * (f.frozen_param_bytes or f.param_bytes)), int(gathered)
+
+
 def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstimate:
     s, f = settings, footprint
     pb = f.param_bytes
-    trained = f.trained_count
-    trained_shapes = [shape for shapes in f.trained.values() for shape in shapes]
+    trained_shapes, frozen_bytes, gathered = _per_process_weights(f, s)
+    trained = sum(math.prod(shape) for shape in trained_shapes)  # this process's: its shards under FSDP
+    weights = trained * pb + frozen_bytes
     optimizer = s.optimizer if s.optimizer != "adam" else "adamw"
     activations = f.activations.step(s) if f.activations else {}
     parts = {
-        "weights": f.weight_bytes,
+        "weights": weights,
         "gradients": trained * 4,
         "optimizer": optimizer_state_elements(trained_shapes, optimizer) * 4,
         "ema": trained * pb if s.use_ema else 0,
-        "amp_copies": int(trained * AMP_COPY_BYTES) if s.use_amp else 0,
+        # autocast's copies are made of the unsharded weights of every block in turn and kept for backward
+        "amp_copies": int(f.trained_count * AMP_COPY_BYTES) if s.use_amp else 0,
         **activations,
+        "gathered": gathered,
         "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
         "runtime": RUNTIME_BYTES,
         # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
-        "save_copy": f.weight_bytes if s.device != "cpu" else 0,
+        "save_copy": weights if s.device != "cpu" else 0,
         "encode": f.activations.encode(s) if f.activations else 0,
         "encode_only_weights": f.encode_only_bytes,
     }
     p = parts
     ema_with_weights = p["ema"] if (s.ema_device != "cpu" or s.device == "cpu") else 0
+    # consolidating a sharded checkpoint gathers one block at a time
+    save_gathered = f.shards.largest_block * pb if gathered and f.shards else 0
     on_device = {
-        "encode": p["weights"] + p["encode_only_weights"] + p["encode"],
+        # before the trainer shards it, every process holds the whole model
+        "encode": f.weight_bytes + p["encode_only_weights"] + p["encode"],
         "step": (p["weights"] + p["gradients"] + p["optimizer"] + ema_with_weights + p["amp_copies"]
-                 + sum(activations.values()) + p["overhead"]),
-        "save": p["weights"] + p["optimizer"] + ema_with_weights,
+                 + sum(activations.values()) + p["gathered"] + p["overhead"]),
+        "save": p["weights"] + p["optimizer"] + ema_with_weights + save_gathered,
     }
     result = MemoryEstimate(settings, footprint, parts)
     # Loading: the freshly built modules, whose weights are then replaced by the memory-mapped file's tensors
     # (modelzoo/ldm.py, assign=True): one copy of the weights, in RAM, before anything else.
-    load = p["weights"] + p["encode_only_weights"] + p["runtime"]
+    load = f.weight_bytes + p["encode_only_weights"] + p["runtime"]
     if s.device == "cpu":
         result.host = {k: v + p["runtime"] + (p["save_copy"] if k == "save" else 0) for k, v in on_device.items()}
         result.host["load"] = load
@@ -308,6 +383,55 @@ def fitting_options(footprint: ModelFootprint, settings: MemorySettings, limit: 
     return chosen, None
 
 
+def devices_to_fit(footprint: ModelFootprint, settings: MemorySettings, limit: int) -> MemoryEstimate | None:
+    """The estimate with ``sharding=fsdp`` over the fewest processes, more than the run's, each within ``limit``
+    (one device's memory); None when the footprint cannot be sharded or no number of devices up to
+    MAX_SHARDING_DEVICES fits (what is not sharded is too large)."""
+    if footprint.shards is None:
+        return None
+    start = settings.processes + 1 if settings.sharding == "fsdp" else max(2, settings.processes)
+    most = dataclasses.replace(settings, sharding="fsdp", processes=MAX_SHARDING_DEVICES)
+    if start > MAX_SHARDING_DEVICES or estimate(footprint, most).peak > limit:
+        return None
+    low, high = start, MAX_SHARDING_DEVICES  # the per-process estimate falls as processes grow: bisect
+    while low < high:
+        middle = (low + high) // 2
+        if estimate(footprint, dataclasses.replace(most, processes=middle)).peak <= limit:
+            high = middle
+        else:
+            low = middle + 1
+    return estimate(footprint, dataclasses.replace(most, processes=low))
+
+
+def precision_to_fit(footprint: ModelFootprint, settings: MemorySettings,
+                     limit: int) -> tuple[str, MemoryEstimate] | None:
+    """The app's first lower-precision option for the frozen weights (``ModelFootprint.precision_options``, highest
+    precision first) whose estimate is within ``limit``, and that estimate."""
+    current = footprint.frozen_param_bytes or footprint.param_bytes
+    for option, frozen_bytes in footprint.precision_options:
+        if frozen_bytes >= current or not footprint.frozen_count:
+            continue
+        result = estimate(dataclasses.replace(footprint, frozen_param_bytes=frozen_bytes), settings)
+        if result.peak <= limit:
+            return option, result
+    return None
+
+
+def scale_out_advice(footprint: ModelFootprint, settings: MemorySettings, limit: int) -> str:
+    """What else would make the run fit a device of ``limit`` bytes: sharding over more of them, lower-precision
+    frozen weights ("" when neither does)."""
+    where = "GPUs" if settings.device != "cpu" else "machines (one process each)"
+    advice = []
+    sharded = devices_to_fit(footprint, settings, limit)
+    if sharded is not None:
+        advice.append(f"sharding=fsdp over {sharded.settings.processes} {where} (estimated "
+                      f"{sharded.peak / GIB:.1f} GiB per process)")
+    precision = precision_to_fit(footprint, settings, limit)
+    if precision is not None:
+        advice.append(f"{precision[0]} (estimated {precision[1].peak / GIB:.1f} GiB)")
+    return f"; as it is, it would fit with {' or with '.join(advice)}" if advice else ""
+
+
 def _host_limit(settings: MemorySettings) -> int:
     return available_memory("cpu")[0] if settings.device != "cpu" else 1 << 62
 
@@ -339,6 +463,7 @@ def check(footprint: ModelFootprint, settings: MemorySettings, *, limit_gb: floa
         advice = (f"it does not fit even with micro-batch 1, gradient_checkpointing=True, --use_amp, "
                   f"optimizer=adafactor, use_ema=False (estimated {floor.peak / GIB:.1f} GiB): train fewer parameters "
                   f"or use a machine with more memory")
+    advice += scale_out_advice(footprint, settings, int(FIT_MARGIN * available))
     message = f"{head}; {advice}; memory_check=False tries anyway"
     if enforce:
         raise UserError(message)

@@ -8,6 +8,8 @@ the first step is appzoo/latent_diffusion/memory_plan.py): what a latent diffusi
                step: its live tensors are counted here too
   text_activations  a trained text encoder's activations (``train_text_encoder``)
   encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
+  shards       ``sharding=fsdp``: the UNet's down, mid and up blocks are its ``fully_shard`` units, the UNet the root
+               (``unet_shard_layout``); a trained text encoder is counted whole in every process (an upper bound)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from easynlp_ldm.memory import MemorySettings, ModelFootprint
+from easynlp_ldm.memory import MemorySettings, ModelFootprint, ShardLayout
 
 # Calibrated on bench/train_memory.py's peak RSS of SD-1.5's architecture on CPU (1 031 M parameters, micro-batch 1)
 # together with easynlp_ldm/memory.py's per-parameter coefficients: see there for the runs and the held-out ones.
@@ -128,6 +130,11 @@ class LatentDiffusionActivations:
         return vae_encode_bytes(self.vae_config, s.resolution, min(s.micro_batch_size, MAX_ENCODE_BATCH), s.use_amp)
 
 
+def unet_shard_layout(unet, components: tuple[str, ...] = ("unet",)) -> ShardLayout:
+    """How ``sharding=fsdp`` wraps a UNet2DConditionModel: each down block, the mid block and each up block."""
+    return ShardLayout.of(components, unet, [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+
+
 def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
                                text_length: int = 77, lora_rank: int = 4) -> ModelFootprint:
     """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts).
@@ -166,4 +173,6 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
                                              vae_config=dict(model.vae.config) if diffusion else None,
                                              vae_scale_factor=model.vae_scale_factor, text_config=text_config,
                                              text_length=text_length)
-    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), activations=activations)
+    shards = unet_shard_layout(model.unet) if train_target in ("unet", "lora") else None
+    return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), activations=activations,
+                          shards=shards)
