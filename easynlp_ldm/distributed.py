@@ -7,7 +7,8 @@
 * Started by torchrun or a cluster launcher already (``RANK`` and ``WORLD_SIZE`` set): it joins that group instead.
 * Backend: ``--distributed_backend`` (EasyNLP's default nccl), gloo when there is no CUDA; collectives time out
   after ``--collective_timeout`` seconds.
-* Training: the trainer's modules run inside ``DistributedDataParallel`` (``data_parallel``).
+* Training: the trainer's modules run inside ``DistributedDataParallel`` (``data_parallel``), or sharded with FSDP2
+  (``sharding.py``; one process alone then joins a group of one, ``process_group_of_one``).
 * A worker that dies ends the whole job: torchrun's agent stops the others, and the error names the rank.
 """
 
@@ -141,6 +142,25 @@ def shutdown() -> None:
 def barrier() -> None:
     if _CONTEXT.enabled:
         torch.distributed.barrier()
+
+
+def process_group_of_one(device: torch.device) -> None:
+    """A process group of this process alone (gloo on the CPU, nccl on its GPU, over an in-memory store), for what
+    needs one even in a single process (sharding=fsdp); nothing when a group exists already."""
+    if torch.distributed.is_initialized():
+        return
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                         store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def from_main(value):
+    """Rank 0's ``value`` on every rank (a small picklable object: a decision, a path), where a decision taken on
+    rank 0 alone must be followed by all; ``value`` as it is in a single process."""
+    if not _CONTEXT.enabled:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def data_parallel(module: torch.nn.Module) -> torch.nn.Module:

@@ -10,7 +10,11 @@ then simply runs.
 
 Several processes: the trainable modules run inside one ``DistributedDataParallel`` (gradients all-reduced in
 buckets while the backward pass goes on, once per optimiser step); each rank trains on its slice of the same global
-micro-batches a single process would see, weighted so that the result is the single-process gradient.
+micro-batches a single process would see, weighted so that the result is the single-process gradient. With
+``sharding=fsdp`` they are sharded per block instead (``sharding.py``): the same slices and weights, gradients
+reduce-scattered, the optimiser and the EMA on each rank's shards; validation and sample images run on every rank
+(their forward passes gather each block), checkpoints are gathered whole, one tensor at a time, and written by rank
+0; the training state is a distributed checkpoint that any number of processes resumes.
 
 The checkpoint folder and the training state (saving, loading, the RNG states) are ``training_state.py``'s.
 """
@@ -29,12 +33,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from easynlp_ldm import sharding
 from easynlp_ldm.args import FLAGS_BY_DEST, ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.training_state import (
+    load_sharded_state,
     load_state,
     rng_state,
     save_model_files,
+    save_sharded_state,
     save_state,
     set_rng_state,
     write_failure,
@@ -78,12 +85,13 @@ class TrainerConfig:
     optimizer: str  # adamw: the one --optimizer_type names; adafactor: factored second moments, no first moment
     save_optimizer: bool  # False: the training state holds no optimiser state (resume restarts the optimiser)
     ema_device: str  # "": the EMA lives with the weights; "cpu": in RAM, whatever the training device
+    sharding: str  # none: each process holds the whole model (DDP); fsdp: sharded per block (sharding.py)
 
     @classmethod
     def from_flags(cls, flags: ParsedFlags, **app_settings: Any) -> TrainerConfig:
         """Every field named after a flag read from ``flags``; the others (use_ema, ema_decay, rank, world_size,
-        progress, sample_images, sample_time_share, optimizer, save_optimizer, ema_device) given as keyword
-        arguments. A missing or unknown one is a
+        progress, sample_images, sample_time_share, optimizer, save_optimizer, ema_device, sharding) given as
+        keyword arguments. A missing or unknown one is a
         ``TypeError``, as for any call."""
         from_flags = {f.name: getattr(flags, f.name) for f in fields(cls) if f.name in FLAGS_BY_DEST}
         clash = sorted(set(from_flags) & set(app_settings))
@@ -111,7 +119,8 @@ class TrainTask(Protocol):
     def sample_images(self, count: int) -> list[tuple[str, Any]]: ...  # up to count (caption, PIL image), TensorBoard
 
     # Optional: ``groups()``, a hashable per example (e.g. its aspect-ratio bucket); each micro-batch then comes from
-    # one group (``Trainer.global_batches``).
+    # one group (``Trainer.global_batches``). ``shard_units()``: the blocks of the trainable modules that
+    # sharding=fsdp shards one by one (without it, the task cannot train sharded).
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -224,12 +233,16 @@ class Trainer:
         self.task = task
         self.is_main = config.rank == 0
         self.net = TaskLoss(task)
+        self.sharded = config.sharding == "fsdp"
+        if self.sharded:
+            self._shard()
         self.named_params = [(name, p) for name, p in self.net.parts.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise UserError("nothing to train: every component is frozen")
         self.params = [p for _, p in self.named_params]
-        # Several processes: DDP all-reduces the gradients during the backward pass of each step's last micro-batch.
-        self.model = distributed.data_parallel(self.net) if config.world_size > 1 else self.net
+        # Several processes: DDP all-reduces the gradients during the backward pass of each step's last micro-batch
+        # (sharded, each block reduce-scatters its own).
+        self.model = distributed.data_parallel(self.net) if config.world_size > 1 and not self.sharded else self.net
         self.optimizer = build_optimizer(self.named_params, config)
         n = task.num_examples()
         if n == 0:
@@ -247,7 +260,8 @@ class Trainer:
         if config.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.params, decay=config.ema_decay, foreach=True)
+            # Sharded: the shadow weights are DTensors like the weights (torch has no sharded _foreach_copy_).
+            self.ema = EMAModel(self.params, decay=config.ema_decay, foreach=not self.sharded)
             if self._ema_on_host():
                 self.ema.to(device="cpu")
         self.step = 0
@@ -261,6 +275,22 @@ class Trainer:
         self.seconds_per_image: float | None = None  # measured at the last sampling
         self.amp_dtype = amp_dtype(self.params[0].device) if config.use_amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def _shard(self) -> None:
+        """The trainable modules sharded per block across the process group (a group of one in a single process)."""
+        from easynlp_ldm import distributed
+
+        units = getattr(self.task, "shard_units", None)
+        if units is None:
+            raise UserError("sharding=fsdp is not available for this train_target (it names no blocks to shard); "
+                            "use sharding=none")
+        if self.config.ema_device == "cpu":
+            raise UserError("ema_device=cpu does not combine with sharding=fsdp (the EMA is sharded like the weights, "
+                            "1/N per process)")
+        device = next(self.net.parameters()).device
+        if self.config.world_size == 1:
+            distributed.process_group_of_one(device)
+        sharding.shard(self.net.parts.values(), units(), device)
 
     # --------------------------------------------------------------------------------------------- state
     def _ema_on_host(self) -> bool:
@@ -290,33 +320,64 @@ class Trainer:
             return self.weights()
         return {name: shadow.detach() for (name, _), shadow in zip(self.named_params, self.ema.shadow_params)}
 
-    def _state(self) -> dict:
+    def _position_state(self) -> dict:
+        """The training state but for the weights, the optimiser and the EMA."""
         return {
             "step": self.step, "epoch": self.epoch, "micro_position": self.micro_position,
             "sample_position": sum(len(b) for b in self.global_batches(self.epoch)[:self.micro_position]),
             "best_loss": self.best_loss, "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict() if self.config.save_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
-            "weights": self.weights(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
+    def _state(self) -> dict:
+        return {
+            **self._position_state(),
+            "optimizer": self.optimizer.state_dict() if self.config.save_optimizer else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "weights": self.weights(),
+        }
+
+    def _sharded_tensors(self) -> dict:
+        """This process's shards of the weights, the optimiser state (unless save_optimizer=False) and the EMA, as
+        the distributed checkpoint stores and reads them."""
+        tensors = sharding.state_tensors(self.net, self.optimizer if self.config.save_optimizer else None)
+        if self.ema is not None:
+            tensors["ema"] = {name: shadow for (name, _), shadow in zip(self.named_params, self.ema.shadow_params)}
+        return tensors
+
     def save_training_state(self, model_files: list[str] | None = None) -> None:
-        """training_state/ (``training_state.save_state``). ``model_files``: the checkpoint's files just written
-        (save_optimizer=False links its weights file instead of storing them again)."""
+        """training_state/ (``training_state.save_state``; sharded: ``save_sharded_state``, every rank).
+        ``model_files``: the checkpoint's files just written (save_optimizer=False links its weights file instead
+        of storing them again)."""
+        if self.sharded:
+            ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"} if self.ema else None
+            state = {**self._position_state(), "ema": ema,
+                     "optimizer": "shards" if self.config.save_optimizer else None}
+            save_sharded_state(self.config.checkpoint_dir, state, self._sharded_tensors(),
+                               seed=self.config.random_seed, is_main=self.is_main)
+            return
         save_state(self.config.checkpoint_dir, self._state(), seed=self.config.random_seed,
                    link_from=None if self.config.save_optimizer else model_files or [])
 
-    def load_training_state(self, path: str) -> None:
+    def _load_weights_and_optimizer(self, path: str) -> tuple[str, dict]:
+        """The saved weights, optimiser state and EMA shadow put in place: the training state's folder and dict."""
+        if self.sharded:
+            folder, state = load_sharded_state(path, self._sharded_tensors())
+            sharding.load_state_tensors(self.net, self.optimizer if state["optimizer"] else None, state["tensors"])
+            return folder, state  # the EMA's shadow DTensors were read in place
         folder, state = load_state(path, [name for name, _ in self.named_params])
         with torch.no_grad():
             for name, param in self.named_params:
                 param.copy_(state["weights"][name])
         if state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        else:
+        return folder, state
+
+    def load_training_state(self, path: str) -> None:
+        folder, state = self._load_weights_and_optimizer(path)
+        if state["optimizer"] is None:
             logger.warning("%s was saved without the optimiser state (save_optimizer=False): the optimiser restarts "
                            "at step %d (its moments from zero); the weights, LR schedule, EMA and data position "
                            "continue", folder, int(state["step"]))
@@ -355,8 +416,11 @@ class Trainer:
             improved = val_loss is None or self.best_loss is None or val_loss < self.best_loss
             if improved and val_loss is not None:
                 self.best_loss = val_loss
-            files = save_model_files(self.task, out, self.ema_weights(), self.step, best=improved,
-                                     keep_all=self.config.save_all_checkpoints)
+            weights = self.ema_weights()
+            if self.sharded:  # every rank takes part in each gather; rank 0 writes the model files
+                weights = sharding.gathered(weights, keep=self.is_main)
+            files = save_model_files(self.task, out, weights, self.step, best=improved,
+                                     keep_all=self.config.save_all_checkpoints) if self.is_main else None
             self.save_training_state(files)
         except OSError as err:
             raise write_failure(err, f"the checkpoint at step {self.step}", out) from None
@@ -375,6 +439,8 @@ class Trainer:
     def _validate_and_save(self) -> float | None:
         from easynlp_ldm import distributed
 
+        if self.sharded:  # every rank: the forward passes and the gathers are collectives
+            return self._validate_and_save_main()
         if not self.is_main:
             distributed.barrier()  # rank 0 validates and writes; the others wait for it
             return None
@@ -389,7 +455,7 @@ class Trainer:
             self.ema.copy_to(self.params)
         try:
             val_loss = self.task.validate()
-            samples = self._sample_images() if self.writer else []
+            samples = self._sample_images() if self.writer or self.sharded else []
         finally:
             if self.ema is not None:
                 self.ema.restore(self.params)
@@ -415,6 +481,10 @@ class Trainer:
         start = _clock()
         refusal = sampling_refusal(self.sampling_seconds, self.seconds_per_image, count, start - self.started,
                                    self.config.sample_time_share)
+        if self.sharded:  # every rank generates them (each forward pass gathers the blocks), as rank 0 decides
+            from easynlp_ldm import distributed
+
+            refusal = distributed.from_main(refusal)
         if refusal:
             logger.info("step %d: no sample images for TensorBoard: %s", self.step, refusal)
             return []
@@ -522,7 +592,10 @@ class Trainer:
         return {"step": self.step, "val_loss": last_val, "best_val_loss": self.best_loss}
 
     def _synchronising(self, last: bool):
-        """DDP all-reduces on the backward pass of a step's last micro-batch; the ones before accumulate locally."""
+        """DDP all-reduces (sharded: reduce-scatters) on the backward pass of a step's last micro-batch; the ones
+        before accumulate locally."""
+        if self.sharded:
+            return sharding.gradient_sync(self.net.parts.values(), last)
         return contextlib.nullcontext() if last or self.model is self.net else self.model.no_sync()
 
     def _optimiser_step(self, micro_batches: list[tuple[Any, MicroBatch]]) -> tuple[float, int]:
@@ -557,10 +630,12 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)  # sharded: the whole norm
+        elif self.sharded:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
-        self.last_grad_norm = float(norm)
+        self.last_grad_norm = float(sharding.value(norm))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

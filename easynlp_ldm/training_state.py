@@ -16,6 +16,11 @@ Checkpoint folder (``--checkpoint_dir``):
 The training state (``state.pt``, read with ``weights_only=True``) is the trainer's dict — raw weights, optimiser, LR
 schedule, EMA, step, epoch, position in the epoch, RNG states (``rng_state``) — plus ``linked``: which weights, if
 any, are the hard-linked ``model_weights.bin``. ``trainer_meta.json`` repeats the position for people and tools.
+
+Sharded training (sharding=fsdp): ``state.pt`` (written by rank 0) holds the same dict without its tensors, marked
+``sharded``; the weights, the optimiser's state and the EMA are a distributed checkpoint in ``shards/``
+(``torch.distributed.checkpoint``: every process writes its own shards, no pickles), which any number of processes
+reads back (it reshards). The folder is swapped in as one unit all the same.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
 LINKED_WEIGHTS = "model_weights.bin"  # save_optimizer=False: a hard link to the saved model's weights file
 META_FILE = "trainer_meta.json"
+SHARDS_DIR = "shards"  # sharding=fsdp: the distributed checkpoint of the weights, optimiser and EMA
 
 
 # ------------------------------------------------------------------------------------------ model files
@@ -145,6 +151,13 @@ def _link_saved_weights(model_files: list[str] | None, weights: dict[str, torch.
     return False
 
 
+def _write_state_files(staging: str, state: dict, seed: int) -> None:
+    atomic_torch_save(state, os.path.join(staging, STATE_FILE))
+    atomic_write_text(os.path.join(staging, META_FILE), json.dumps({
+        "step": state["step"], "epoch": state["epoch"], "micro_position": state["micro_position"],
+        "total_steps": state["total_steps"], "seed": seed}))
+
+
 def save_state(checkpoint_dir: str, state: dict, *, seed: int, link_from: list[str] | None = None) -> None:
     """``state`` (the trainer's dict) as ``checkpoint_dir/training_state/``, one unit: both files written (each
     fsynced) and the folder swapped in whole (``atomic_replace_folder``; find_training_state also accepts the
@@ -159,10 +172,34 @@ def save_state(checkpoint_dir: str, state: dict, *, seed: int, link_from: list[s
             state = {**state, "weights": None}
         elif linked == "ema":
             state = {**state, "ema": {**state["ema"], "shadow_params": None}}
-        atomic_torch_save({**state, "linked": linked}, os.path.join(staging, STATE_FILE))
-        atomic_write_text(os.path.join(staging, META_FILE), json.dumps({
-            "step": state["step"], "epoch": state["epoch"], "micro_position": state["micro_position"],
-            "total_steps": state["total_steps"], "seed": seed}))
+        _write_state_files(staging, {**state, "linked": linked}, seed)
+
+
+def save_sharded_state(checkpoint_dir: str, state: dict, tensors: dict, *, seed: int, is_main: bool) -> None:
+    """Every process: ``state`` (the trainer's dict without tensors; rank 0's is written) and ``tensors`` (this
+    process's shards of the weights, optimiser and EMA) as ``checkpoint_dir/training_state/``, swapped in whole by
+    rank 0 once every process has written its shards."""
+    from easynlp_ldm import distributed
+
+    if not is_main:
+        _save_shards(None, tensors)
+        distributed.barrier()  # rank 0 swaps the folder in
+        return
+    with atomic_replace_folder(os.path.join(checkpoint_dir, STATE_DIR)) as staging:
+        _save_shards(staging, tensors)
+        _write_state_files(staging, {**state, "sharded": True}, seed)
+    distributed.barrier()
+
+
+def _save_shards(staging: str | None, tensors: dict) -> None:
+    """The distributed checkpoint into rank 0's ``staging`` folder (the others learn where from it). When
+    ``dcp.save`` returns on rank 0 every process has written its files and rank 0 its metadata."""
+    import torch.distributed.checkpoint as dcp
+
+    from easynlp_ldm import distributed
+
+    staging = distributed.from_main(staging)
+    dcp.save(tensors, checkpoint_id=os.path.join(staging, SHARDS_DIR))
 
 
 def load_state(path: str, names: list[str]) -> tuple[str, dict]:
@@ -188,7 +225,35 @@ def load_state(path: str, names: list[str]) -> tuple[str, dict]:
             state["weights"] = tensors
         else:
             state["ema"]["shadow_params"] = [tensors[name].clone() for name in names]
+    if state.get("sharded"):
+        raise UserError(f"{folder}: saved by a sharded run (sharding=fsdp); resume it with sharding=fsdp")
     if set(state["weights"]) != set(names):
         raise UserError(f"{folder}: the training state was saved for other trainable parts (e.g. a different "
                         f"train_text_encoder setting); resume with the same settings")
     return folder, state
+
+
+def load_sharded_state(path: str, tensors: dict) -> tuple[str, dict]:
+    """The training state of a sharded run that ``--resume_from_checkpoint=path`` names: its folder and ``state.pt``'s
+    dict (``optimizer``: None when the shards hold no optimiser state), with ``tensors``: the shards read into
+    ``tensors`` in place (``save_sharded_state``'s dict of this run's DTensors, any number
+    of processes). ``UserError`` when it cannot be read, was not saved by a sharded run, or for other trainable
+    parts."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = find_training_state(path)
+    try:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{folder}/{STATE_FILE}: cannot read the training state ({type(err).__name__})") from None
+    if not state.get("sharded"):
+        raise UserError(f"{folder}: saved by an unsharded run; resume it with sharding=none")
+    if state["optimizer"] is None:  # save_optimizer=False: no optimiser state among the shards
+        tensors = {key: value for key, value in tensors.items() if key != "optimizer"}
+    try:
+        dcp.load(tensors, checkpoint_id=os.path.join(folder, SHARDS_DIR))
+    except Exception as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{folder}/{SHARDS_DIR}: cannot read the sharded training state (saved for other trainable "
+                        f"parts? {message[:200]})") from None
+    return folder, {**state, "tensors": tensors}

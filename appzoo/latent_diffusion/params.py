@@ -157,6 +157,10 @@ PARAMS: tuple[Param, ...] = (
     Param("ema_device", str, "", "where the EMA weights live: empty, the training device; cpu keeps them in RAM "
           "(frees 4 bytes per trained parameter of GPU memory, at the cost of a copy to the CPU every step)",
           modes=TRAIN, choices=("", "cpu")),
+    Param("sharding", str, "none", "none: every process holds the whole trained model (DDP); fsdp: the trained "
+          "modules sharded per block across the processes with PyTorch's FSDP2 (weights, gradients, optimiser and "
+          "EMA 1/N per process; the checkpoint is gathered into the usual folder, the training state is a "
+          "distributed checkpoint any number of processes resumes)", modes=TRAIN, choices=("none", "fsdp")),
     Param("memory_limit_gb", float, 0.0, "memory the run may use, in GiB (0: what the machine has — the GPU's free "
           "memory when training on one, else RAM, within the cgroup's memory.max): the estimated peak is checked "
           "against it before the first step", modes=TRAIN, check=_non_negative),

@@ -135,7 +135,7 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
                                       ema_decay=settings.ema_decay, sample_images=settings.sample_images,
                                       sample_time_share=settings.sample_time_share,
                                       optimizer=settings.optimizer, save_optimizer=settings.save_optimizer,
-                                      ema_device=settings.ema_device,
+                                      ema_device=settings.ema_device, sharding=settings.sharding,
                                       progress=os.environ.get("EASYNLP_PROGRESS", "1") != "0")
     result = Trainer(config, task).train()
     if distributed.context().is_main:

@@ -105,6 +105,11 @@ class DiffusionTrainTask:
     def groups(self) -> list[tuple[int, int]]:
         return self.sizes
 
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The blocks of the trainable modules that sharding=fsdp shards one by one (the model family's)."""
+        family = families.family_of(self.model)
+        return [unit for module in self.trainable_modules().values() for unit in family.shard_units(module)]
+
     def latent_shape(self, index: int) -> tuple[int, int, int]:
         factor = self.model.vae_scale_factor
         width, height = self.sizes[index]

@@ -57,6 +57,13 @@ class ModelFamily:
     # flow-matching objective from it; otherwise captions are tokenised and encoded at every step (SD-1.x's way).
     caches_text_embeddings: bool = False
 
+    # The module lists (and single blocks) of a trained module that sharded training splits it into, by attribute
+    # name: diffusers' UNet and transformer blocks, the text encoders' layers.
+    shard_block_lists: tuple[str, ...] = ("down_blocks", "up_blocks", "transformer_blocks",
+                                          "single_transformer_blocks", "layers", "layer", "blocks", "noise_refiner",
+                                          "context_refiner")
+    shard_blocks: tuple[str, ...] = ("mid_block",)
+
     # ------------------------------------------------------------------------------------------- loading
     def recognises(self, folder: str) -> bool:
         """Whether ``folder`` holds a model of this family (cheap: file names and small configs only)."""
@@ -194,3 +201,21 @@ class ModelFamily:
     def memory_footprint(self, model, **settings):
         """What the memory plan counts for training ``model`` (an ``easynlp_ldm.memory.ModelFootprint``)."""
         raise NotImplementedError
+
+    def shard_units(self, module) -> list:
+        """The blocks of ``module`` (a trained UNet, transformer or text encoder) that sharded training shards one
+        by one: the members of its outermost ``shard_block_lists`` and its ``shard_blocks``, in module order (one
+        inside another is part of it, not a unit of its own)."""
+        units, taken = [], []
+        for name, child in module.named_modules():
+            if any(name.startswith(prefix) for prefix in taken):
+                continue
+            attribute = name.rpartition(".")[2]
+            if attribute in self.shard_block_lists and hasattr(child, "__iter__"):
+                units.extend(child)
+            elif attribute in self.shard_blocks:
+                units.append(child)
+            else:
+                continue
+            taken.append(name + ".")
+        return units

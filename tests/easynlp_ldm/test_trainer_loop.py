@@ -17,7 +17,7 @@ from easynlp_ldm.training_state import META_FILE, STATE_DIR, STATE_FILE
 from tests.helpers import free_port
 
 APP_SETTINGS = {"use_ema", "ema_decay", "rank", "world_size", "progress", "sample_images", "sample_time_share",
-                "optimizer", "save_optimizer", "ema_device"}
+                "optimizer", "save_optimizer", "ema_device", "sharding"}
 
 
 class ToyTask:
@@ -63,7 +63,7 @@ class ToyTask:
 
 def toy_config(out, *argv, **app):
     settings = dict(use_ema=False, ema_decay=0.9, rank=0, world_size=1, progress=False, sample_images=2,
-                    sample_time_share=0.1, optimizer="adamw", save_optimizer=True, ema_device="")
+                    sample_time_share=0.1, optimizer="adamw", save_optimizer=True, ema_device="", sharding="none")
     settings.update(app)
     flags = parse_flags(["--mode=train", f"--checkpoint_dir={out}", "--learning_rate=0.05", "--warmup_proportion=0",
                          "--logging_steps=1", *argv])
@@ -96,7 +96,7 @@ def test_config_is_read_from_the_flags_without_restated_defaults(tmp_path):
     with pytest.raises(TypeError, match="come from the flags"):
         TrainerConfig.from_flags(parse_flags([]), learning_rate=1.0, use_ema=False, ema_decay=0.9, rank=0,
                                  world_size=1, progress=False, sample_images=2, sample_time_share=0.1,
-                                 optimizer="adamw", save_optimizer=True, ema_device="")
+                                 optimizer="adamw", save_optimizer=True, ema_device="", sharding="none")
     with pytest.raises(TypeError):  # an app setting left out
         TrainerConfig.from_flags(parse_flags([]), use_ema=False, rank=0, world_size=1, progress=False,
                                  sample_images=2, sample_time_share=0.1, optimizer="adamw", save_optimizer=True,

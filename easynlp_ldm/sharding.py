@@ -1,0 +1,90 @@
+"""Sharded training (``sharding=fsdp``): the trainer's modules split across the processes with PyTorch's FSDP2
+(``torch.distributed.fsdp.fully_shard``), block by block.
+
+* Each block the task names (``TrainTask.shard_units``: its model family's UNet down/mid/up blocks, transformer
+  layers, text-encoder layers) is one unit, gathered whole for its forward and backward passes and sharded again
+  after; each trained module is then sharded as a whole (its root: what is left outside the blocks). Every parameter
+  becomes a ``DTensor`` sharded on its first dimension: each process holds 1/N of it, and of its gradient, optimiser
+  moments and EMA (the optimiser and the EMA work on the local shards).
+* Precision: no ``MixedPrecisionPolicy``; ``--use_amp`` autocasts the forward pass exactly as under DDP. The
+  parameters, their reductions and the optimiser stay fp32, so N processes compute what one process computes (the
+  equality the tests check) and what a DDP run computes.
+* Gradients are reduce-scattered (averaged) once per optimiser step: the micro-batches before a step's last one
+  accumulate locally (``gradient_sync``), as DDP's ``no_sync`` does.
+* One process alone shards over a group of one (``distributed.process_group_of_one``): the same code path, the
+  reference the multi-process runs are compared with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def shard(modules: Iterable[torch.nn.Module], units: list[torch.nn.Module], device: torch.device) -> None:
+    """``units`` (blocks inside ``modules``), then each of ``modules``, sharded in place across the process group
+    (the parameters become DTensors; the modules keep their names and forward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    for module in modules:
+        fully_shard(module, mesh=mesh)
+
+
+@contextlib.contextmanager
+def gradient_sync(modules: Iterable[torch.nn.Module], enabled: bool) -> Iterator[None]:
+    """A backward pass in the block reduce-scatters the gradients (``enabled``) or accumulates them locally, as
+    DDP's ``no_sync``; synchronising again afterwards."""
+    modules = list(modules)
+    for module in modules:
+        module.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.set_requires_gradient_sync(True)
+
+
+def value(tensor: torch.Tensor) -> torch.Tensor:
+    """A reduced result (a gradient norm) as a plain tensor: a DTensor's full value, anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """``tensors`` whole, gathered one at a time (every process must call this: each gather is a collective);
+    ``keep``: this process keeps them (the one that writes the checkpoint), the others drop each one at once and get
+    an empty dict. The gathered tensors are what a single process would hold: the trained weights once."""
+    whole = {}
+    for name, tensor in tensors.items():
+        full = value(tensor)
+        if keep:
+            whole[name] = full
+    return whole
+
+
+def state_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, dict]:
+    """The sharded weights (and the optimiser's state, unless None) of ``net`` as the distributed checkpoint stores
+    them: parameter names as keys, DTensor shards as values (``torch.distributed.checkpoint.state_dict``)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(net)}
+    model, optim = get_state_dict(net, optimizer)
+    return {"model": model, "optimizer": optim}
+
+
+def load_state_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None, tensors: dict[str, dict]):
+    """``state_tensors``' dict, read back by the distributed checkpoint, put into ``net`` and ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        set_model_state_dict(net, tensors["model"])
+    else:
+        set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
