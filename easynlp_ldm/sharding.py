@@ -57,15 +57,27 @@ def value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """``tensors`` whole, gathered one at a time (every process must call this: each gather is a collective);
-    ``keep``: this process keeps them (the one that writes the checkpoint), the others drop each one at once and get
-    an empty dict. The gathered tensors are what a single process would hold: the trained weights once."""
+def gathered(tensors: dict[str, torch.Tensor], scratch: str | None) -> dict[str, torch.Tensor]:
+    """``tensors`` whole, gathered one at a time (every process must call this: each gather is a collective).
+
+    ``scratch``: the folder of the process that writes the checkpoint (rank 0), None on the others, which drop each
+    tensor at once and get an empty dict. Rank 0 copies each tensor, as soon as it is gathered, into a file there
+    mapped back in (``torch.from_file``): the whole weights then live in the page cache, which the kernel writes back
+    and drops under memory pressure, and the process's own memory never holds more than one whole tensor beyond its
+    shards — whatever the size of the model — while the checkpoint writer reads them like any tensors. The files are
+    the caller's to remove (the mappings stay valid after an unlink)."""
+    import os
+
     whole = {}
-    for name, tensor in tensors.items():
+    for index, (name, tensor) in enumerate(tensors.items()):
         full = value(tensor)
-        if keep:
-            whole[name] = full
+        if scratch is None:
+            continue
+        path = os.path.join(scratch, f"{index}.bin")
+        with open(path, "wb") as handle:
+            handle.truncate(full.numel() * full.element_size())
+        mapped = torch.from_file(path, shared=True, size=full.numel(), dtype=full.dtype).view(full.shape)
+        whole[name] = mapped.copy_(full)
     return whole
 
 

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -416,16 +417,26 @@ class Trainer:
             improved = val_loss is None or self.best_loss is None or val_loss < self.best_loss
             if improved and val_loss is not None:
                 self.best_loss = val_loss
-            weights = self.ema_weights()
-            if self.sharded:  # every rank takes part in each gather; rank 0 writes the model files
-                weights = sharding.gathered(weights, keep=self.is_main)
-            files = save_model_files(self.task, out, weights, self.step, best=improved,
-                                     keep_all=self.config.save_all_checkpoints) if self.is_main else None
+            files = self._save_model_files(improved)
             self.save_training_state(files)
         except OSError as err:
             raise write_failure(err, f"the checkpoint at step {self.step}", out) from None
         logger.info("step %d: checkpoint saved to %s%s", self.step, out,
                     "" if improved else f" (last/ only; best validation loss stays {self.best_loss:.5f})")
+
+    def _save_model_files(self, best: bool) -> list[str] | None:
+        """The checkpoint's model files (``save_model_files``) of the weights it saves, the EMA's if any. Sharded:
+        every rank takes part in gathering them one tensor at a time, into file-backed memory in a scratch folder of
+        rank 0 (``sharding.gathered``), which writes them."""
+        out, keep_all = self.config.checkpoint_dir, self.config.save_all_checkpoints
+        if not self.sharded:
+            return save_model_files(self.task, out, self.ema_weights(), self.step, best=best, keep_all=keep_all)
+        if not self.is_main:
+            sharding.gathered(self.ema_weights(), None)
+            return None
+        with tempfile.TemporaryDirectory(prefix=".gathered-", dir=out) as scratch:
+            weights = sharding.gathered(self.ema_weights(), scratch)
+            return save_model_files(self.task, out, weights, self.step, best=best, keep_all=keep_all)
 
     # ------------------------------------------------------------------------------------------- logging
     def _open_writer(self):

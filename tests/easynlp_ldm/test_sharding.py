@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from easynlp_ldm import cli
@@ -108,3 +109,18 @@ def test_dit_transformer_two_sharded_processes_of_4_train_like_one_of_8(shapes_d
     plain, sharded = (load_file(os.path.join(folder, "last", "transformer", "diffusion_pytorch_model.safetensors"))
                       for folder in folders.values())
     assert largest_difference(plain, sharded) <= 1e-4
+
+
+def test_gathered_weights_live_in_file_backed_memory_of_the_writer_alone(tmp_path):
+    """The writer's whole weights are mappings of files in its scratch folder (page cache, not the process's own
+    memory); the other processes keep nothing."""
+    from easynlp_ldm import sharding
+
+    tensors = {"unet.a": torch.randn(3, 4), "unet.b": torch.arange(5, dtype=torch.bfloat16)}
+    whole = sharding.gathered(tensors, str(tmp_path))
+    assert all(torch.equal(whole[name], tensors[name]) and whole[name].dtype == tensors[name].dtype
+               for name in tensors)
+    assert sorted(whole) == sorted(tensors)
+    assert [whole[name].untyped_storage().filename for name in tensors] == [str(tmp_path / f"{i}.bin")
+                                                                           for i in range(2)]
+    assert sharding.gathered(tensors, None) == {}
