@@ -209,9 +209,6 @@ def main() -> None:
 
     from appzoo.latent_diffusion.memory_plan import check_latent_diffusion_training  # noqa: F401
     from easynlp_ldm.memory import available_memory
-    from modelzoo.families import sd
-    from modelzoo.presets import build_from_preset
-    from modelzoo.tiny import write_vocab
     from shapes_data import generate_dataset
 
     args.preset = resolve_preset(args.preset)
@@ -226,16 +223,7 @@ def main() -> None:
         if not os.path.isfile(os.path.join(data, "T2I_train.tsv")):
             generate_dataset(data, seed=0, num_train=args.micro_batch * args.steps, num_val=0, num_test=0,
                              num_heldout=0, image_size=args.resolution)
-        if args.family:
-            model_file = build_dit_folder(preset, model_dir, args.resolution)
-        else:
-            if not os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
-                vocab = os.path.join(work, "vocab.txt")
-                write_vocab(vocab)
-                model = build_from_preset(args.preset, vocab)
-                sd.save(model, model_dir)
-                del model
-            model_file = os.path.getsize(os.path.join(model_dir, "pytorch_model.bin"))
+        model_file = build_model_folder(args.preset, model_dir, args.resolution)
         ram, source = available_memory("cpu")
         print(f"preset {os.path.relpath(args.preset, ROOT)}, {args.resolution}², micro-batch {args.micro_batch}, "
               f"{args.steps} steps + checkpoint; model file {model_file / GIB:.2f} GiB; {ram / GIB:.1f} GiB {source}; "
@@ -265,6 +253,25 @@ def resolve_preset(path: str) -> str:
         if os.path.isfile(candidate):
             return candidate
     raise SystemExit(f"--preset {path}: no such file here, under {ROOT} or under its bench/")
+
+
+def build_model_folder(path: str, folder: str, resolution: int) -> int:
+    """A random model of the preset at ``path`` (an SD architecture, or a DiT layout: ``"family"`` in its JSON) in
+    ``folder`` unless it is there already; the bytes of its weight files."""
+    with open(path, encoding="utf-8") as handle:
+        preset = json.load(handle)
+    if preset.get("family"):
+        return build_dit_folder(preset, folder, resolution)
+    if not os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        from modelzoo.families import sd
+        from modelzoo.presets import build_from_preset
+        from modelzoo.tiny import write_vocab
+
+        with tempfile.TemporaryDirectory() as scratch:
+            vocab = os.path.join(scratch, "vocab.txt")
+            write_vocab(vocab)
+            sd.save(build_from_preset(path, vocab), folder)
+    return os.path.getsize(os.path.join(folder, "pytorch_model.bin"))
 
 
 def build_dit_folder(preset: dict, folder: str, resolution: int) -> int:

@@ -29,7 +29,12 @@ activations, AMP copies) and ``save`` (weights, optimiser, EMA, the state-dict c
 gone by then). The estimate is the largest, per memory (the GPU's and RAM when training on a GPU; RAM on a CPU).
 
 Several processes (``MemorySettings.processes``): the estimate is per process. Under DDP (``sharding=none``) each
-holds all of the above. Under FSDP2 (``sharding=fsdp``: ``fully_shard`` on each block of the trained module, then on
+holds all of the above, and
+
+  buckets      DDP's gradient buckets: a flat fp32 copy of the trained parameters' gradients, all-reduced in
+               buckets (torch's default, without ``gradient_as_bucket_view``), allocated once and kept
+
+ Under FSDP2 (``sharding=fsdp``: ``fully_shard`` on each block of the trained module, then on
 its root; ``ModelFootprint.shards``) every parameter of the wrapped components, trained and frozen, is split on its
 first dimension into ``processes`` equal pieces (the last padded), and so are its gradient, optimiser state and EMA:
 the step's and the save's weights, gradients, optimizer, ema and overhead are one process's shards. Beside them:
@@ -191,7 +196,7 @@ class MemoryEstimate:
                  "ema": "EMA" + (" in RAM" if s.ema_device == "cpu" and s.device != "cpu" else ""),
                  "amp_copies": "AMP weight copies", "overhead": "step overhead", "runtime": "runtime",
                  "save_copy": "checkpoint copy", "encode_only_weights": "weights until the encode's end",
-                 "gathered": "unsharded blocks",
+                 "gathered": "unsharded blocks", "buckets": "DDP gradient buckets",
                  **(f.activations.labels if f.activations else {})}
         parts = ", ".join(f"{names.get(k, k)} {v / GIB:.2f}" for k, v in self.parts.items() if v)
         where = "GPU" if s.device != "cpu" else "RAM"
@@ -260,6 +265,7 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         "amp_copies": int(f.trained_count * AMP_COPY_BYTES) if s.use_amp else 0,
         **activations,
         "gathered": gathered,
+        "buckets": trained * 4 if s.processes > 1 and not (s.sharded and f.shards) else 0,
         "overhead": int(trained * STEP_OVERHEAD_PER_PARAM),
         "runtime": RUNTIME_BYTES,
         # The state dict holds the live weights on a CPU (modelzoo/ldm.py); from a GPU it is a copy in RAM.
@@ -275,8 +281,8 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
         # before the trainer shards it, every process holds the whole model
         "encode": f.weight_bytes + p["encode_only_weights"] + p["encode"],
         "step": (p["weights"] + p["gradients"] + p["optimizer"] + ema_with_weights + p["amp_copies"]
-                 + sum(activations.values()) + p["gathered"] + p["overhead"]),
-        "save": p["weights"] + p["optimizer"] + ema_with_weights + save_gathered,
+                 + sum(activations.values()) + p["gathered"] + p["buckets"] + p["overhead"]),
+        "save": p["weights"] + p["optimizer"] + ema_with_weights + save_gathered + p["buckets"],
     }
     result = MemoryEstimate(settings, footprint, parts)
     # Loading: the freshly built modules, whose weights are then replaced by the memory-mapped file's tensors

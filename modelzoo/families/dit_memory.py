@@ -29,8 +29,9 @@ step of Z-Image's or Qwen-Image's transformer keeps alive.
                from a folder) its weights are the footprint's ``encode_only_bytes``, counted at load and in this
                phase, not at the step: the plan's peak is the larger of this phase and the training step.
   shards       ``sharding=fsdp``: each layer of the transformer's layer lists (Z-Image's refiners and main layers,
-               Qwen-Image's blocks) is a ``fully_shard`` unit, the transformer the root (``transformer_shard_layout``;
-               a LoRA's adapters with it); a trained text encoder is counted whole in every process (an upper bound)
+               Qwen-Image's blocks: the family's ``shard_units``) is a ``fully_shard`` unit, the transformer the root
+               (a LoRA's adapters with it); a trained text encoder is counted whole in every process (an upper bound:
+               the trainer shards its layers too)
 
 The coefficients are fitted on bench/train_memory.py's peak RSS of a reduced-width Z-Image layout
 (bench/configs/zimage_reduced.json: all 30 + 2 + 2 blocks, dim 640) on CPU; see there for the rows used and held out.
@@ -207,10 +208,12 @@ def lora_shapes(transformer, targets: tuple[str, ...], rank: int) -> list[tuple[
     return shapes
 
 
-def transformer_shard_layout(transformer, components: tuple[str, ...] = ("transformer",)) -> ShardLayout:
-    """How ``sharding=fsdp`` wraps a DiT's transformer: every layer of its ``ModuleList`` children."""
-    layers = [layer for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for layer in child]
-    return ShardLayout.of(components, transformer, layers)
+def transformer_shard_layout(model, components: tuple[str, ...] = ("transformer",)) -> ShardLayout:
+    """How ``sharding=fsdp`` wraps a DiT's transformer: the family's ``shard_units`` (every layer of its layer
+    lists), the trainer's own rule."""
+    from modelzoo.families import family_of
+
+    return ShardLayout.of(components, model.transformer, family_of(model).shard_units(model.transformer))
 
 
 def dit_footprint(model, *, train_target: str = "transformer", text_length: int = 512,
@@ -256,6 +259,6 @@ def dit_footprint(model, *, train_target: str = "transformer", text_length: int 
                                  fp32_transformer_parameters=sum(p.numel() for p in model.transformer.parameters()
                                                                  if p.dtype == torch.float32))
     # base_precision (bf16 frozen weights of an fp32 run) is the app's: memory_plan.py sets frozen_param_bytes
-    shards = transformer_shard_layout(model.transformer, ("transformer", "lora"))
+    shards = transformer_shard_layout(model, ("transformer", "lora"))
     return ModelFootprint(trained=trained, frozen=frozen, param_bytes=model.dtype.itemsize, activations=activations,
                           encode_only_bytes=text_encoder_bytes, shards=shards)

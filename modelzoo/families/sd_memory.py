@@ -8,8 +8,9 @@ the first step is appzoo/latent_diffusion/memory_plan.py): what a latent diffusi
                step: its live tensors are counted here too
   text_activations  a trained text encoder's activations (``train_text_encoder``)
   encode       caching latents: the VAE encoder's live tensors for one batch of images (no gradients)
-  shards       ``sharding=fsdp``: the UNet's down, mid and up blocks are its ``fully_shard`` units, the UNet the root
-               (``unet_shard_layout``); a trained text encoder is counted whole in every process (an upper bound)
+  shards       ``sharding=fsdp``: the UNet's down, mid and up blocks are its ``fully_shard`` units (the family's
+               ``shard_units``), the UNet the root; a trained text encoder is counted whole in every process (an upper
+               bound: the trainer shards its layers too)
 """
 
 from __future__ import annotations
@@ -130,9 +131,12 @@ class LatentDiffusionActivations:
         return vae_encode_bytes(self.vae_config, s.resolution, min(s.micro_batch_size, MAX_ENCODE_BATCH), s.use_amp)
 
 
-def unet_shard_layout(unet, components: tuple[str, ...] = ("unet",)) -> ShardLayout:
-    """How ``sharding=fsdp`` wraps a UNet2DConditionModel: each down block, the mid block and each up block."""
-    return ShardLayout.of(components, unet, [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+def unet_shard_layout(model, components: tuple[str, ...] = ("unet",)) -> ShardLayout:
+    """How ``sharding=fsdp`` wraps the UNet: the family's ``shard_units`` (each down block, the mid block and each up
+    block), the trainer's own rule."""
+    from modelzoo.families import family_of
+
+    return ShardLayout.of(components, model.unet, family_of(model).shard_units(model.unet))
 
 
 def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
@@ -173,6 +177,6 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
                                              vae_config=dict(model.vae.config) if diffusion else None,
                                              vae_scale_factor=model.vae_scale_factor, text_config=text_config,
                                              text_length=text_length)
-    shards = unet_shard_layout(model.unet) if train_target in ("unet", "lora") else None
+    shards = unet_shard_layout(model) if train_target in ("unet", "lora") else None
     return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), activations=activations,
                           shards=shards)

@@ -29,13 +29,18 @@ def estimate(footprint=FOOTPRINT, **changes):
     return memory.estimate(footprint, dataclasses.replace(SETTINGS, **changes))
 
 
-def test_one_process_and_ddp_are_todays_estimate():
+def test_one_process_is_todays_estimate_and_ddp_adds_its_buckets():
     today = estimate()
-    for changes in (dict(sharding="fsdp", processes=1), dict(sharding="none", processes=4)):
-        other = estimate(**changes)
-        assert (other.parts, other.device, other.host) == (today.parts, today.device, today.host), changes
-    assert today.parts["gathered"] == 0 and "sharded" not in today.describe()
-    assert estimate(dataclasses.replace(FOOTPRINT, shards=None), sharding="fsdp", processes=4).parts == today.parts
+    one = estimate(sharding="fsdp", processes=1)
+    assert (one.parts, one.device, one.host) == (today.parts, today.device, today.host)
+    assert today.parts["gathered"] == today.parts["buckets"] == 0 and "sharded" not in today.describe()
+    # DDP: every process holds everything, and a flat copy of the gradients to all-reduce
+    ddp = estimate(sharding="none", processes=4)
+    buckets = FOOTPRINT.trained_count * 4
+    assert {**ddp.parts, "buckets": 0} == today.parts and ddp.parts["buckets"] == buckets
+    assert ddp.device["step"] == today.device["step"] + buckets and ddp.device["save"] == today.device["save"] + buckets
+    unshardable = estimate(dataclasses.replace(FOOTPRINT, shards=None), sharding="fsdp", processes=4)
+    assert unshardable.parts == {**today.parts, "buckets": buckets}
 
 
 @pytest.mark.parametrize("processes", [2, 4, 8])
