@@ -1,15 +1,27 @@
 """``--mode=train``'s memory plan for the latent_diffusion app: the training settings → the framework's
 ``MemorySettings``, the model's footprint from its family (``ModelFamily.memory_footprint``: for SD-1.x,
 modelzoo/families/sd_memory.py), checked against the memory available (easynlp_ldm/memory.py) before the first step.
+The estimate is per process of the run; a LoRA run that does not fit is also told which ``base_precision`` would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from appzoo.latent_diffusion.params import PARAMS
 from appzoo.latent_diffusion.settings import TrainingSettings
+from easynlp_ldm import distributed
 from easynlp_ldm.memory import MemoryEstimate, MemorySettings, check
 from modelzoo.families import family_of
+
+PRECISION_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5}  # per frozen weight
+
+
+def precision_options() -> tuple[tuple[str, float], ...]:
+    """base_precision's choices below fp32, as the memory plan proposes them (highest precision first)."""
+    choices = next(param.choices for param in PARAMS if param.name == "base_precision")
+    options = [(f"base_precision={name}", PRECISION_BYTES[name]) for name in choices if name in PRECISION_BYTES]
+    return tuple(sorted(options, key=lambda option: -option[1]))
 
 
 def check_latent_diffusion_training(model, flags, training: TrainingSettings, resolution: int,
@@ -25,11 +37,14 @@ def check_latent_diffusion_training(model, flags, training: TrainingSettings, re
         gradient_checkpointing=bool(training.gradient_checkpointing), use_amp=bool(flags.use_amp),
         optimizer=optimizer, use_ema=bool(training.use_ema), ema_device=training.ema_device,
         save_optimizer=bool(training.save_optimizer), device="cpu" if device == "cpu" else "cuda",
-        cache_inputs=bool(training.caches_latents))
+        cache_inputs=bool(training.caches_latents), processes=distributed.context().world_size,
+        sharding=training.sharding)
     footprint = family_of(model).memory_footprint(model, train_target=training.train_target,
                                                   train_text_encoder=bool(training.train_text_encoder),
                                                   text_length=text_length, lora_rank=training.lora_rank)
     if training.base_dtype is not None:  # base_precision: the frozen weights loaded in it, what trains in fp32
         footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=training.base_dtype.itemsize)
+    if training.train_target == "lora":
+        footprint = dataclasses.replace(footprint, precision_options=precision_options())
     return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,
                  effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)
