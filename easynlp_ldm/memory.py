@@ -79,6 +79,7 @@ AMP_COPY_BYTES = 0.42  # bytes per trained parameter of autocast's half-precisio
 FIT_MARGIN = 0.9  # the options proposed bring the estimate under this share of the memory available
 FSDP_BLOCK_COPIES = 2.0  # the largest block's unsharded parameters and full gradients (pb + 4 bytes per parameter),
 #                          this many times: the all-gather's and the reduce-scatter's flat buffers beside them
+#                          (not fitted: with it the plan came within 0.99-1.12x of bench/train_distributed.py's rows)
 MAX_SHARDING_DEVICES = 1024  # the most devices the "it fits with sharding=fsdp on K devices" advice considers
 
 
@@ -275,7 +276,7 @@ def estimate(footprint: ModelFootprint, settings: MemorySettings) -> MemoryEstim
     }
     p = parts
     ema_with_weights = p["ema"] if (s.ema_device != "cpu" or s.device == "cpu") else 0
-    # consolidating a sharded checkpoint gathers one block at a time
+    # consolidating a sharded checkpoint gathers one tensor at a time (counted as the largest block: an upper bound)
     save_gathered = f.shards.largest_block * pb if gathered and f.shards else 0
     on_device = {
         # before the trainer shards it, every process holds the whole model
