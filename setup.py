@@ -25,6 +25,7 @@ setup(
         "peft>=0.17",  # LoRA (modelzoo/lora.py)
         "openvino>=2025.0",  # optimize=auto on CPU (modelzoo/openvino_backend.py)
     ],
+    extras_require={"lowbit": ["torchao>=0.18"]},  # base_precision=int8|fp8|nf4 (modelzoo/lowbit.py)
     entry_points={"console_scripts": ["easynlp=easynlp_ldm.cli:entry_point"],
                   # the framework finds apps by this group (easynlp_ldm/apps.py), never by importing appzoo
                   "easynlp_ldm.apps": ["appzoo=appzoo.registry:APPS"]},

@@ -88,7 +88,9 @@ def add_training_adapters(model, rank: int, alpha: float, dropout: float, target
     model.text_encoder.requires_grad_(False)
     config = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian")
     try:
-        denoiser.add_adapter(LoraConfig(target_modules=list(targets), **config))
+        with warnings.catch_warnings():  # a quantised base (modelzoo/lowbit.py): the adapter is saved alone, not merged
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            denoiser.add_adapter(LoraConfig(target_modules=list(targets), **config))
     except ValueError as err:
         raise UserError(f"lora_target_modules: {err}") from None
     if text_encoder:

@@ -12,15 +12,23 @@ from appzoo.latent_diffusion.params import PARAMS
 from appzoo.latent_diffusion.settings import TrainingSettings
 from easynlp_ldm import distributed
 from easynlp_ldm.memory import MemoryEstimate, MemorySettings, check
+from modelzoo import lowbit
 from modelzoo.families import family_of
 
-PRECISION_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "nf4": 0.5}  # per frozen weight
+
+def frozen_param_bytes(model, frozen_count: int, precision: str) -> float:
+    """Bytes per frozen parameter at ``base_precision=precision``: 2 in bf16; int8, fp8 and nf4 quantise the
+    denoiser's linear weights and keep the rest in bf16 (modelzoo/lowbit.py)."""
+    if precision in lowbit.LOW_BIT:
+        return lowbit.frozen_param_bytes(getattr(model, family_of(model).denoiser), frozen_count, precision)
+    return float(lowbit.BASE_BYTES)
 
 
-def precision_options() -> tuple[tuple[str, float], ...]:
+def precision_options(model, frozen_count: int) -> tuple[tuple[str, float], ...]:
     """base_precision's choices below fp32, as the memory plan proposes them (highest precision first)."""
     choices = next(param.choices for param in PARAMS if param.name == "base_precision")
-    options = [(f"base_precision={name}", PRECISION_BYTES[name]) for name in choices if name in PRECISION_BYTES]
+    options = [(f"base_precision={name}", frozen_param_bytes(model, frozen_count, name))
+               for name in choices if name != "fp32"]
     return tuple(sorted(options, key=lambda option: -option[1]))
 
 
@@ -43,8 +51,9 @@ def check_latent_diffusion_training(model, flags, training: TrainingSettings, re
                                                   train_text_encoder=bool(training.train_text_encoder),
                                                   text_length=text_length, lora_rank=training.lora_rank)
     if training.base_dtype is not None:  # base_precision: the frozen weights loaded in it, what trains in fp32
-        footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=training.base_dtype.itemsize)
+        footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=frozen_param_bytes(
+            model, footprint.frozen_count, training.base_precision))
     if training.train_target == "lora":
-        footprint = dataclasses.replace(footprint, precision_options=precision_options())
+        footprint = dataclasses.replace(footprint, precision_options=precision_options(model, footprint.frozen_count))
     return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,
                  effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)

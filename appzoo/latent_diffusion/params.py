@@ -74,7 +74,9 @@ PARAMS: tuple[Param, ...] = (
     Param("base_precision", str, "fp32", "the frozen weights of a LoRA run (train_target=lora: the denoiser, text "
           "encoder and VAE the adapter trains against): fp32, or bf16 (half their memory; loaded in bf16, the cached "
           "latents and text embeddings encoded by them, the adapter itself trained and saved in fp32, as diffusers' "
-          "LoRA scripts with weight_dtype)", modes=TRAIN, choices=("fp32", "bf16")),
+          "LoRA scripts with weight_dtype); int8, fp8 or nf4: as bf16, and the denoiser's linear weights quantised "
+          "weight-only with torchao (1, 1 and about 0.5 bytes each; computed in bf16)", modes=TRAIN,
+          choices=("fp32", "bf16", "int8", "fp8", "nf4")),
     Param("vae_kl_weight", float, 1e-6, "KL weight of the VAE loss (train_target=vae)", modes=TRAIN,
           check=_non_negative),
     Param("rrdb_nf", int, 0, "RRDB channels when the model has no super-resolution net yet (train_target=rrdb); "

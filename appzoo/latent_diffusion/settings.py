@@ -91,10 +91,11 @@ class _TrainingRules:
 
     @property
     def base_dtype(self):
-        """The dtype the model's weights are loaded in (base_precision): bf16, or None (fp32, as read)."""
+        """The dtype the model's weights are loaded in (base_precision): bf16 (int8, fp8 and nf4 load in bf16, their
+        compute dtype, before the denoiser's linear weights are quantised), or None (fp32, as read)."""
         import torch
 
-        return torch.bfloat16 if self.base_precision == "bf16" else None
+        return torch.bfloat16 if self.base_precision != "fp32" else None
 
     @property
     def caches_latents(self) -> bool:

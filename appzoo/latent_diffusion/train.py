@@ -32,6 +32,7 @@ from easynlp_ldm.args import ParsedFlags
 from easynlp_ldm.errors import UserError
 from easynlp_ldm.tables import BadRowPolicy
 from easynlp_ldm.trainer import Trainer, TrainerConfig
+from modelzoo import lowbit
 from modelzoo.esrgan import training_advice
 from modelzoo.families import family_of
 from modelzoo.formats.easynlp import is_easynlp_model
@@ -119,6 +120,8 @@ def run(flags: ParsedFlags, params: dict[str, Any]) -> int:
         trains = (f"they train {', '.join(family.train_targets)}" if family.train_targets
                   else "they cannot be fine-tuned here")
         raise UserError(f"train_target={settings.train_target} is not available for {family.name} models ({trains})")
+    if settings.base_precision in lowbit.LOW_BIT:  # before the tables are read: torchao and the device can run it
+        lowbit.check_supported(settings.base_precision, model.device)
     flags = native_amp_only(flags, model.device)
     length = text_length(model, flags, settings.text_len)  # EasyNLP's text_len decides over --sequence_length
     resolution = settings.resolution or model.image_size

@@ -31,7 +31,7 @@ from appzoo.latent_diffusion.data import (
 from appzoo.latent_diffusion.generation import build_pipeline, generate
 from appzoo.latent_diffusion.settings import GenerationSettings, TrainingSettings
 from easynlp_ldm.errors import UserError
-from modelzoo import families
+from modelzoo import families, lowbit
 from modelzoo.ldm import ESRGAN_NAME, LatentDiffusion
 from modelzoo.objectives import fixed_noise_flow_loss, fixed_noise_loss, sample_latents
 
@@ -218,6 +218,8 @@ class LoraTrainTask(DiffusionTrainTask):
             raise UserError("train_text_encoder=True trains the whole text encoder; with train_target=lora use "
                             "lora_text_encoder=True for a LoRA of it")
         self.lora_text_encoder = bool(settings.lora_text_encoder)
+        if settings.base_precision in lowbit.LOW_BIT:  # before the adapters: peft wraps the quantised layers
+            self._quantise_frozen_denoiser()
         trainable = lora.add_training_adapters(model, settings.lora_rank, settings.lora_alpha or settings.lora_rank,
                                                settings.lora_dropout, lora.target_modules(
                                                    settings.lora_target_modules, model), self.lora_text_encoder)
@@ -228,6 +230,15 @@ class LoraTrainTask(DiffusionTrainTask):
                     total)
         if settings.base_precision != "fp32":
             self._train_adapters_in_fp32()
+
+    def _quantise_frozen_denoiser(self) -> None:
+        """base_precision=int8|fp8|nf4: the denoiser's linear weights quantised in place (modelzoo/lowbit.py)."""
+        precision = self.settings.base_precision
+        lowbit.check_supported(precision, self.model.device)
+        before = lowbit.tensor_bytes(self.denoiser)
+        count = lowbit.quantise_linears(self.denoiser.requires_grad_(False), precision)
+        logger.info("base_precision=%s: %d linear weights of the %s quantised (%.1f MiB → %.1f MiB)", precision, count,
+                    families.family_of(self.model).denoiser, before / 2**20, lowbit.tensor_bytes(self.denoiser) / 2**20)
 
     def _train_adapters_in_fp32(self) -> None:
         """Frozen weights loaded in bf16 (base_precision): peft made the adapters in their dtype; they are trained,
