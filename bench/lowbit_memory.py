@@ -68,7 +68,7 @@ def measure(preset_path: str, precision: str) -> dict:
     count = sum(p.numel() for p in module.parameters())
     planned = count * (2 if precision == "bf16" else lowbit.frozen_param_bytes(module, count, precision))
     if precision != "bf16":
-        lowbit.quantise_linears(module.requires_grad_(False), precision)
+        lowbit.quantise_frozen(module.requires_grad_(False), precision)
     held = rss_bytes() - before
     with torch.no_grad():
         module(**inputs)  # the first pass allocates

@@ -1,8 +1,8 @@
 """The models. Importing the package filters out of their loggers the messages that torchao's import causes (diffusers
 imports torchao whenever it is installed, for base_precision=int8|fp8|nf4, modelzoo/lowbit.py): on a CPU build of
-torch its CUDA kernels (and Triton's) do not load, torch says torchao's enums need no registering, diffusers that torchao moved
-NF4Tensor — none of it concerns this toolkit, which neither uses those kernels nor loads torchao-serialised
-checkpoints. Nothing else is filtered."""
+torch its CUDA kernels (and Triton's) do not load, torch says torchao's enums need no registering, diffusers that
+torchao moved NF4Tensor — none of it concerns this toolkit, which neither uses those kernels nor loads
+torchao-serialised checkpoints. Nothing else is filtered."""
 
 import logging
 

@@ -2,7 +2,8 @@
 weight-only with torchao (int8 per output channel, fp8 e4m3 per output channel, NF4 in blocks of 64) after the model is
 loaded in bf16 and before the adapters are added, so that peft wraps each quantised layer (its ``TorchaoLoraLinear``
 for int8 and fp8, its plain ``Linear`` over an ``NF4Tensor``); each layer dequantises its weight to bf16 for the
-matmul, the LoRA branch computes in fp32. Convolutions, norms, biases, the VAE and the text encoder stay bf16.
+matmul, the LoRA branch computes in fp32. A UNet's convolutions (torchao quantises linear layers only) are held as
+int8 or fp8 codes per output channel (``ChannelCodes``). Norms, biases, the VAE and the text encoder stay bf16.
 
 torchao was chosen over bitsandbytes by measurement on a CPU (docs/training.md, "Low-bit frozen weights"): one
 3 MB wheel without dependencies covers the three precisions on CPU and GPU, where bitsandbytes (43 MB) has no fp8.
@@ -17,9 +18,11 @@ import torch
 from easynlp_ldm.errors import UserError
 
 LOW_BIT = ("int8", "fp8", "nf4")
-# bytes of one quantised weight with its scales, as torchao stores them (measured: a bf16 scale per output channel
-# for int8 and fp8; NF4's int8 scale per block of 64 and an fp32 scale per 256 blocks)
+# bytes of a quantised linear weight as torchao stores it: per weight (NF4's with its int8 scale per block of 64 and
+# fp32 scale per 256 blocks), and per output channel (int8: an fp32 scale and an int8 zero point; fp8: an fp32 scale)
 WEIGHT_BYTES = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+CHANNEL_BYTES = {"int8": 5, "fp8": 4, "nf4": 0}
+CONVOLUTION_BYTES, CONVOLUTION_CHANNEL_BYTES = 1, 2  # ChannelCodes: an int8 or fp8 code, a bf16 scale per channel
 BASE_BYTES = 2  # what is not quantised stays in the compute dtype, bf16
 TORCHAO_INSTALL = "pip install --no-deps torchao==0.18.0"
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
@@ -59,8 +62,44 @@ def quantisable_linears(module: torch.nn.Module, precision: str) -> list[torch.n
     return linears
 
 
-def quantise_linears(module: torch.nn.Module, precision: str) -> int:
-    """Quantise the frozen linear weights of ``module`` in place; returns how many weights were quantised."""
+class ChannelCodes(torch.nn.Module):
+    """A convolution's weight held as codes (int8, or fp8 e4m3) and a scale per output channel in the compute dtype: a
+    parametrization (``torch.nn.utils.parametrize``) that dequantises the weight at each forward pass."""
+
+    def __init__(self, codes_dtype: torch.dtype):
+        super().__init__()
+        self.codes_dtype = codes_dtype
+
+    def forward(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return codes.to(scale.dtype) * scale
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full = weight.detach().float()
+        top = 127.0 if self.codes_dtype == torch.int8 else torch.finfo(self.codes_dtype).max
+        scale = (full.abs().amax(dim=tuple(range(1, full.dim())), keepdim=True) / top).clamp_min(1e-12)
+        codes = full / scale
+        codes = codes.round().to(torch.int8) if self.codes_dtype == torch.int8 else codes.to(self.codes_dtype)
+        return codes, scale.to(weight.dtype)
+
+
+def quantisable_convolutions(module: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def quantise_frozen(module: torch.nn.Module, precision: str) -> int:
+    """Quantise the frozen weights of ``module`` in place: its linear layers' with torchao, its convolutions' per
+    output channel (fp8 codes for fp8, int8 for int8 and nf4: NF4 is a format for linear layers); returns how many
+    weights were quantised."""
+    from torch.nn.utils import parametrize
+
+    convolutions = quantisable_convolutions(module)
+    codes = torch.float8_e4m3fn if precision == "fp8" else torch.int8
+    for convolution in convolutions:
+        parametrize.register_parametrization(convolution, "weight", ChannelCodes(codes), unsafe=True)
+    return _quantise_linears(module, precision) + sum(m.weight.numel() for m in convolutions)
+
+
+def _quantise_linears(module: torch.nn.Module, precision: str) -> int:
     quantization = _torchao()
     linears = quantisable_linears(module, precision)
     chosen = {id(m) for m in linears}
@@ -77,10 +116,13 @@ def quantise_linears(module: torch.nn.Module, precision: str) -> int:
 
 def frozen_param_bytes(module: torch.nn.Module, frozen_count: int, precision: str) -> float:
     """Bytes per frozen parameter, on average, of a run whose ``frozen_count`` frozen parameters are bf16 but for
-    ``module``'s linear weights in ``precision``: what the memory plan counts (``ModelFootprint.frozen_param_bytes``)
-    before anything is quantised."""
-    quantised = sum(m.weight.numel() for m in quantisable_linears(module, precision))
-    return (quantised * WEIGHT_BYTES[precision] + (frozen_count - quantised) * BASE_BYTES) / max(frozen_count, 1)
+    ``module``'s linear and convolution weights in ``precision``: what the memory plan counts
+    (``ModelFootprint.frozen_param_bytes``) before anything is quantised."""
+    linears, convolutions = quantisable_linears(module, precision), quantisable_convolutions(module)
+    quantised = sum(m.weight.numel() for m in (*linears, *convolutions))
+    held = sum(m.weight.numel() * WEIGHT_BYTES[precision] + m.out_features * CHANNEL_BYTES[precision] for m in linears)
+    held += sum(m.weight.numel() * CONVOLUTION_BYTES + m.out_channels * CONVOLUTION_CHANNEL_BYTES for m in convolutions)
+    return (held + (frozen_count - quantised) * BASE_BYTES) / max(frozen_count, 1)
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:

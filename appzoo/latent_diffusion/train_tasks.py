@@ -232,12 +232,13 @@ class LoraTrainTask(DiffusionTrainTask):
             self._train_adapters_in_fp32()
 
     def _quantise_frozen_denoiser(self) -> None:
-        """base_precision=int8|fp8|nf4: the denoiser's linear weights quantised in place (modelzoo/lowbit.py)."""
+        """base_precision=int8|fp8|nf4: the denoiser's linear and convolution weights quantised in place
+        (modelzoo/lowbit.py)."""
         precision = self.settings.base_precision
         lowbit.check_supported(precision, self.model.device)
         before = lowbit.tensor_bytes(self.denoiser)
-        count = lowbit.quantise_linears(self.denoiser.requires_grad_(False), precision)
-        logger.info("base_precision=%s: %d linear weights of the %s quantised (%.1f MiB → %.1f MiB)", precision, count,
+        count = lowbit.quantise_frozen(self.denoiser.requires_grad_(False), precision)
+        logger.info("base_precision=%s: %d weights of the %s quantised (%.1f MiB → %.1f MiB)", precision, count,
                     families.family_of(self.model).denoiser, before / 2**20, lowbit.tensor_bytes(self.denoiser) / 2**20)
 
     def _train_adapters_in_fp32(self) -> None:
