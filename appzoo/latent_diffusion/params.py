@@ -72,7 +72,9 @@ PARAMS: tuple[Param, ...] = (
     Param("lora_text_encoder", bool, False, "also train a LoRA of the text encoder's attention (q/k/v/out_proj)",
           modes=TRAIN),
     Param("base_precision", str, "fp32", "the frozen weights of a LoRA run (train_target=lora: the denoiser, text "
-          "encoder and VAE the adapter trains against): fp32, or bf16 (half their memory; loaded in bf16, the cached "
+          "encoder and VAE the adapter trains against) or of an SD-1.x ControlNet run (train_target=controlnet: the "
+          "UNet, text encoder and VAE; the ControlNet trained and saved in fp32): fp32, or bf16 (half their memory; "
+          "loaded in bf16, the cached "
           "latents and text embeddings encoded by them, the adapter itself trained and saved in fp32, as diffusers' "
           "LoRA scripts with weight_dtype); int8, fp8 or nf4: as bf16, and the denoiser's linear weights quantised "
           "weight-only with torchao (1, 1 and about 0.5 bytes each; computed in bf16)", modes=TRAIN,

@@ -68,8 +68,8 @@ class _TrainingRules:
                 notes.append((logging.INFO, "not_use_gradient_checkpoint=True: gradient checkpointing stays off (the "
                                             "default here)"))
             values["gradient_checkpointing"] = not not_use
-        if values["base_precision"] != "fp32" and values["train_target"] != "lora":
-            raise UserError(f"base_precision={values['base_precision']} applies to train_target=lora")
+        if values["base_precision"] != "fp32" and values["train_target"] not in ("lora", "controlnet"):
+            raise UserError(f"base_precision={values['base_precision']} applies to train_target=lora or controlnet")
         if not (values["center_crop"] or values["random_crop"]):
             notes.append((logging.INFO, "center_crop=False: images are cropped at a seeded random position "
                                         "(random_crop=True)"))

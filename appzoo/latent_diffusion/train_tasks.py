@@ -182,6 +182,16 @@ class DiffusionTrainTask:
         the UNet (see ``DiffusionObjective.per_sample_loss``), or None: the plain diffusion objective has none."""
         return None
 
+    def _quantise_frozen_denoiser(self) -> None:
+        """base_precision=int8|fp8|nf4 (a LoRA or ControlNet run): the frozen denoiser's linear and convolution
+        weights quantised in place (modelzoo/lowbit.py)."""
+        precision = self.settings.base_precision
+        lowbit.check_supported(precision, self.model.device)
+        before = lowbit.tensor_bytes(self.denoiser)
+        count = lowbit.quantise_frozen(self.denoiser.requires_grad_(False), precision)
+        logger.info("base_precision=%s: %d weights of the %s quantised (%.1f MiB → %.1f MiB)", precision, count,
+                    families.family_of(self.model).denoiser, before / 2**20, lowbit.tensor_bytes(self.denoiser) / 2**20)
+
     def validate(self) -> float | None:
         if not self.val_captions:
             return None
@@ -230,16 +240,6 @@ class LoraTrainTask(DiffusionTrainTask):
                     total)
         if settings.base_precision != "fp32":
             self._train_adapters_in_fp32()
-
-    def _quantise_frozen_denoiser(self) -> None:
-        """base_precision=int8|fp8|nf4: the denoiser's linear and convolution weights quantised in place
-        (modelzoo/lowbit.py)."""
-        precision = self.settings.base_precision
-        lowbit.check_supported(precision, self.model.device)
-        before = lowbit.tensor_bytes(self.denoiser)
-        count = lowbit.quantise_frozen(self.denoiser.requires_grad_(False), precision)
-        logger.info("base_precision=%s: %d weights of the %s quantised (%.1f MiB → %.1f MiB)", precision, count,
-                    families.family_of(self.model).denoiser, before / 2**20, lowbit.tensor_bytes(self.denoiser) / 2**20)
 
     def _train_adapters_in_fp32(self) -> None:
         """Frozen weights loaded in bf16 (base_precision): peft made the adapters in their dtype; they are trained,
@@ -459,6 +459,8 @@ class ControlNetTrainTask(DiffusionTrainTask):
             self.controlnet = ControlNetModel.from_unet(
                 model.unet, conditioning_embedding_out_channels=controlnet_conditioning_channels(
                     model.vae_scale_factor)).to(model.device, torch.float32)
+        if self.settings.base_precision in lowbit.LOW_BIT:  # after from_unet, which copies the unquantised weights
+            self._quantise_frozen_denoiser()
         self.controlnet.train()
         if self.settings.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
@@ -482,8 +484,14 @@ class ControlNetTrainTask(DiffusionTrainTask):
 
     def _residuals(self, control: torch.Tensor):
         def residuals(noisy, timesteps, embeds):
+            low_precision_base = self.settings.base_dtype is not None  # an fp32 ControlNet between bf16 models
+            if low_precision_base:
+                noisy, embeds = noisy.to(self.controlnet.dtype), embeds.to(self.controlnet.dtype)
             down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=embeds,
                                         controlnet_cond=control.to(noisy.device), return_dict=False)
+            if low_precision_base:  # the residuals are added to the UNet's bf16 activations
+                dtype = self.model.unet.dtype
+                down, mid = [residual.to(dtype) for residual in down], mid.to(dtype)
             return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         return residuals
@@ -522,13 +530,41 @@ class ControlNetTrainTask(DiffusionTrainTask):
         rows = list(range(min(count, len(table))))
         controls = [table.read_image(i, CONTROL_COLUMN) for i in rows]
         captions = [table.captions[i] for i in rows]
-        with eval_mode(self.controlnet):
+        vae = self.model.vae
+        mixed = (self.model.unet, self.controlnet, vae.post_quant_conv or vae.decoder) \
+            if self.settings.base_dtype is not None else ()
+        with eval_mode(self.controlnet), inputs_in_own_dtype(*mixed):
             sampling = GenerationSettings(steps=self.settings.sample_steps, height=self.resolution,
                                           width=self.resolution, controlnets=(("training", 1.0),))
             images = generate(self.model, captions, [self.seed + i for i in rows], sampling,
                               max_length=self.text_length, inputs=ImageInputs(controls=[controls]),
                               controlnet=self.controlnet)
         return [(f"{caption} (with its layout)", image) for caption, image in zip(captions, images)]
+
+
+@contextlib.contextmanager
+def inputs_in_own_dtype(*modules: torch.nn.Module):
+    """Each of ``modules`` casts its floating-point inputs (lists of them included) to its own dtype for the block:
+    diffusers' ControlNet pipeline gives the fp32 ControlNet of a base_precision run the bf16 text encoder's
+    embeddings, the bf16 UNet the fp32 latents and the ControlNet's fp32 residuals, and the bf16 VAE's decoder the
+    fp32 latents."""
+
+    def hook(module, args, kwargs):
+        dtype = next(p.dtype for p in module.parameters() if p.dtype in (torch.float32, torch.bfloat16))
+
+        def cast(value):
+            if torch.is_tensor(value) and value.is_floating_point():
+                return value.to(dtype)
+            return type(value)(cast(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        return cast(args), {name: cast(value) for name, value in kwargs.items()}
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _freeze_all(model: LatentDiffusion) -> None:

@@ -40,8 +40,8 @@ def models(tiny_model_dir, zimage_dir):
     return {"sd": tiny_model_dir, "zimage": zimage_dir}
 
 
-def _train(monkeypatch, data, run, model, *extra, udp=LORA):
-    """Train; returns the run's task (its model as it trained)."""
+def _train(monkeypatch, data, run, model, *extra, udp=LORA, argv=train_argv):
+    """Train (``argv``: a command line of train_argv's arguments); returns the run's task (its model as it trained)."""
     built = []
 
     def keep(*args, **kwargs):
@@ -50,7 +50,7 @@ def _train(monkeypatch, data, run, model, *extra, udp=LORA):
 
     build = train.build_task
     monkeypatch.setattr(train, "build_task", keep)
-    assert cli.main(train_argv(data, run, model, *FAST, *extra, udp=udp)) == 0
+    assert cli.main(argv(data, run, model, *FAST, *extra, udp=udp)) == 0
     monkeypatch.setattr(train, "build_task", build)
     return built[-1]
 
@@ -227,11 +227,39 @@ def test_the_memory_plan_counts_two_bytes_per_frozen_parameter_and_int8s_quantis
     assert int8_plan < bf16_plan and abs(int8_plan - int8_held) <= 0.01 * int8_held, (int8_plan, int8_held)
 
 
+def test_an_int8_base_controlnet_run_trains_the_controlnet_of_an_fp32_base_runs_files(tiny_model_dir, shapes_data,
+                                                                                      tmp_path, monkeypatch):
+    """train_target=controlnet base_precision=int8: the frozen UNet quantised (≤ 55 % of its bf16 bytes), the
+    ControlNet trained and saved in fp32 as with fp32 base weights; its sample images drawn between the bf16 models."""
+    from tests.appzoo.latent_diffusion.test_train_tasks import controlnet_argv, logged_images, with_control_column
+
+    data = with_control_column(shapes_data, str(tmp_path / "data"))
+    tasks, states = {}, {}
+    for precision in ("fp32", "int8"):
+        run = str(tmp_path / precision)
+        udp = (f"caption_dropout=0 use_ema=False sample_images={int(precision == 'int8')} sample_steps=2 "
+               f"base_precision={precision}")
+        tasks[precision] = _train(monkeypatch, data, run, tiny_model_dir, "--epoch_num=1", udp=udp,
+                                  argv=controlnet_argv)
+        states[precision] = load_file(os.path.join(run, "diffusion_pytorch_model.safetensors"))
+    assert logged_images(str(tmp_path / "int8"))  # drawn by the fp32 ControlNet between the bf16 models
+    fp32, int8 = states["fp32"], states["int8"]
+    assert fp32.keys() == int8.keys()
+    assert all(int8[k].dtype == v.dtype == torch.float32 and int8[k].shape == v.shape for k, v in fp32.items())
+    zero_convs = [v for k, v in int8.items() if "zero_conv" in k or "controlnet_mid_block" in k]
+    assert zero_convs and all(float(v.abs().max()) > 0 for v in zero_convs)  # they start at zero: they moved
+    assert all(torch.isfinite(v).all() for v in int8.values())
+    assert np.isfinite(tasks["int8"].validate())
+    bf16_bytes = lowbit.tensor_bytes(tasks["fp32"].model.unet) / 2
+    assert lowbit.tensor_bytes(tasks["int8"].model.unet) <= 0.55 * bf16_bytes
+    assert not any(p.requires_grad for p in tasks["int8"].model.unet.parameters())
+
+
 @pytest.mark.parametrize("udp, message", [
     ("train_target=lora base_precision=fp16", "base_precision"),
-    ("train_target=unet base_precision=bf16", "base_precision=bf16 applies to train_target=lora"),
-    ("train_target=controlnet base_precision=bf16", "base_precision=bf16 applies to train_target=lora"),
-    ("train_target=unet base_precision=int8", "base_precision=int8 applies to train_target=lora"),
+    ("train_target=unet base_precision=bf16", "base_precision=bf16 applies to train_target=lora or controlnet"),
+    ("train_target=vae base_precision=bf16", "base_precision=bf16 applies to train_target=lora or controlnet"),
+    ("train_target=unet base_precision=int8", "base_precision=int8 applies to train_target=lora or controlnet"),
 ])
 def test_a_bad_value_or_another_target_is_a_one_line_error(tiny_model_dir, shapes_data, tmp_path, capsys, udp,
                                                           message):
