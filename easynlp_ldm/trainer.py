@@ -291,6 +291,7 @@ class Trainer:
         device = next(self.net.parameters()).device
         if self.config.world_size == 1:
             distributed.process_group_of_one(device)
+        sharding.return_freed_buffers(device)
         sharding.shard(self.net.parts.values(), units(), device)
 
     # --------------------------------------------------------------------------------------------- state

@@ -2,8 +2,9 @@
 micro-batch 4 train like 1 process of 8, sharded or not (an unsharded single process is what DDP matches, see
 test_distributed.py), with EMA, gradient clipping and accumulation; an interrupted sharded run resumed by the
 identical command ends with the uninterrupted run's weights; the 2-process distributed checkpoint resumes in 1
-process; the consolidated checkpoint is the usual folder and predicts the unsharded run's image; a tiny Z-Image's
-transformer trains in 2 sharded processes like in 1 unsharded."""
+process; the consolidated checkpoint is the usual folder and predicts the unsharded run's image; a tiny
+Z-Image's transformer trains in 2 sharded processes like in 1 unsharded; on a CPU, glibc returns the freed per-block
+buffers to the system."""
 
 import os
 import shutil
@@ -124,3 +125,62 @@ def test_gathered_weights_live_in_file_backed_memory_of_the_writer_alone(tmp_pat
     assert [whole[name].untyped_storage().filename for name in tensors] == [str(tmp_path / f"{i}.bin")
                                                                            for i in range(2)]
     assert sharding.gathered(tensors, None) == {}
+
+
+class _Libc:
+    """ctypes' libc stand-in: records mallopt's calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch):
+    """A glibc process that has not yet set its mmap threshold, without MALLOC_MMAP_THRESHOLD_ or glibc tunables."""
+    import ctypes
+    import platform
+
+    from easynlp_ldm import sharding
+
+    fake = _Libc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: fake)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(sharding, "_mmap_threshold_set", False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    return fake
+
+
+def test_a_cpu_run_returns_freed_buffers_to_the_system_once(libc, caplog):
+    from easynlp_ldm import sharding
+
+    with caplog.at_level("INFO", logger="easynlp.trainer"):
+        sharding.return_freed_buffers(torch.device("cpu"))
+        sharding.return_freed_buffers(torch.device("cpu"))
+    assert libc.calls == [(-3, 65536)]  # M_MMAP_THRESHOLD
+    assert sum("glibc's mmap threshold" in message for message in caplog.messages) == 1
+
+
+@pytest.mark.parametrize("variable, setting", [("MALLOC_MMAP_THRESHOLD_", "1048576"),
+                                               ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")])
+def test_a_users_mmap_threshold_is_left_alone(libc, monkeypatch, variable, setting):
+    from easynlp_ldm import sharding
+
+    monkeypatch.setenv(variable, setting)
+    sharding.return_freed_buffers(torch.device("cpu"))
+    assert libc.calls == []
+
+
+def test_no_mallopt_off_glibc_or_off_the_cpu(libc, monkeypatch):
+    import platform
+
+    from easynlp_ldm import sharding
+
+    sharding.return_freed_buffers(torch.device("cuda"))
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    sharding.return_freed_buffers(torch.device("cpu"))
+    assert libc.calls == []
