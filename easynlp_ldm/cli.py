@@ -78,6 +78,7 @@ def run_command(command: Command, argv: Sequence[str] = ()) -> int:
         if not distributed.launched_by_launcher() or os.environ.get("RANK") == "0":
             logger.warning(note)
     if distributed.launched_by_launcher():
+        distributed.die_with_launcher()
         distributed.init_from_env(flags.distributed_backend, flags.collective_timeout,
                                   explicit="distributed_backend" in flags.given)
     seed_everything(flags.random_seed)

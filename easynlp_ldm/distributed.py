@@ -9,7 +9,8 @@
   after ``--collective_timeout`` seconds.
 * Training: the trainer's modules run inside ``DistributedDataParallel`` (``data_parallel``), or sharded with FSDP2
   (``sharding.py``; one process alone then joins a group of one, ``process_group_of_one``).
-* A worker that dies ends the whole job: torchrun's agent stops the others, and the error names the rank.
+* A worker that dies ends the whole job: torchrun's agent stops the others, and the error names the rank. A
+  launcher that dies (even by SIGKILL) takes the workers it launched with it (``die_with_launcher``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -90,6 +92,7 @@ def launch(flags, argv: list[str]) -> int:
         f"--master_port={port}", "--max_restarts=0", "--monitor_interval=0.5", "-m", "easynlp_ldm.cli", *argv])
     logger.info("launching %d worker(s) per node on %d node(s) (node rank %d, master %s:%d)", nproc, nnodes,
                 node_rank, addr, port)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers die with this process (die_with_launcher)
     try:
         run(launcher_args)
     except ChildFailedError as err:
@@ -108,6 +111,29 @@ def launch(flags, argv: list[str]) -> int:
         reason = f" ({failure.message})" if isinstance(failure.message, str) and failure.message else ""
         raise UserError(f"worker rank {rank} failed with {how}{reason}; the other workers were stopped") from None
     return 0
+
+
+LAUNCHER_PID = "EASYNLP_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1  # prctl's option (linux/prctl.h)
+
+
+def die_with_launcher() -> None:
+    """A worker that this command launched (``launch``) is killed when the launcher dies, whatever kills it.
+
+    torchrun starts each worker in a session of its own, so a launcher killed outright (SIGKILL, the OOM killer)
+    would leave its workers running on, unseen, holding their memory and writing to the checkpoint folder while the
+    user reruns the command. Linux's parent-death signal kills them with it instead (the training state on disk is
+    the last one swapped in whole); a worker whose launcher is already gone exits at once. Nothing elsewhere than on
+    Linux, nor under a launcher of the user's own (torchrun, a cluster's)."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(launcher):  # it died before the signal was set
+        os._exit(1)
 
 
 def init_from_env(backend: str | None, timeout_s: float, explicit: bool = False) -> DistContext:

@@ -54,17 +54,21 @@ def return_freed_buffers(device: torch.device) -> None:
                     MMAP_THRESHOLD_BYTES)
 
 
-def shard(modules: Iterable[torch.nn.Module], units: list[torch.nn.Module], device: torch.device) -> None:
+def shard(modules: Iterable[torch.nn.Module], units: list[torch.nn.Module], device: torch.device,
+          whole: set[torch.nn.Parameter] = frozenset()) -> None:
     """``units`` (blocks inside ``modules``), then each of ``modules``, sharded in place across the process group
-    (the parameters become DTensors; the modules keep their names and forward)."""
+    (the parameters become DTensors; the modules keep their names and forward). ``whole``: frozen parameters left
+    out, held whole in every process as under DDP (a low-bit base's quantised weights: torchao's tensors cannot be
+    split)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    ignored = set(whole) or None
     for unit in units:
-        fully_shard(unit, mesh=mesh)
+        fully_shard(unit, mesh=mesh, ignored_params=ignored)
     for module in modules:
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, mesh=mesh, ignored_params=ignored)
 
 
 @contextlib.contextmanager
@@ -110,14 +114,21 @@ def gathered(tensors: dict[str, torch.Tensor], scratch: str | None) -> dict[str,
     return whole
 
 
+def _options():
+    """The trained parameters only: a LoRA or ControlNet run's frozen base is the model it started from, not state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
 def state_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, dict]:
-    """The sharded weights (and the optimiser's state, unless None) of ``net`` as the distributed checkpoint stores
-    them: parameter names as keys, DTensor shards as values (``torch.distributed.checkpoint.state_dict``)."""
+    """The sharded trained weights (and the optimiser's state, unless None) of ``net`` as the distributed checkpoint
+    stores them: parameter names as keys, DTensor shards as values (``torch.distributed.checkpoint.state_dict``)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
-        return {"model": get_model_state_dict(net)}
-    model, optim = get_state_dict(net, optimizer)
+        return {"model": get_model_state_dict(net, options=_options())}
+    model, optim = get_state_dict(net, optimizer, options=_options())
     return {"model": model, "optimizer": optim}
 
 
@@ -126,6 +137,7 @@ def load_state_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if optimizer is None:
-        set_model_state_dict(net, tensors["model"])
+        set_model_state_dict(net, tensors["model"], options=_options())
     else:
-        set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+        set_state_dict(net, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"],
+                       options=_options())

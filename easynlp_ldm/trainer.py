@@ -121,7 +121,8 @@ class TrainTask(Protocol):
 
     # Optional: ``groups()``, a hashable per example (e.g. its aspect-ratio bucket); each micro-batch then comes from
     # one group (``Trainer.global_batches``). ``shard_units()``: the blocks of the trainable modules that
-    # sharding=fsdp shards one by one (without it, the task cannot train sharded).
+    # sharding=fsdp shards one by one (without it, the task cannot train sharded); ``unsharded_parameters()``: frozen
+    # parameters inside them that stay whole in every process (a low-bit base's quantised weights).
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -292,7 +293,8 @@ class Trainer:
         if self.config.world_size == 1:
             distributed.process_group_of_one(device)
         sharding.return_freed_buffers(device)
-        sharding.shard(self.net.parts.values(), units(), device)
+        whole = getattr(self.task, "unsharded_parameters", set)()
+        sharding.shard(self.net.parts.values(), units(), device, whole)
 
     # --------------------------------------------------------------------------------------------- state
     def _ema_on_host(self) -> bool:

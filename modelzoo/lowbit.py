@@ -114,6 +114,16 @@ def _quantise_linears(module: torch.nn.Module, precision: str) -> int:
     return sum(m.weight.numel() for m in linears)
 
 
+def quantised_parameters(module: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The parameters of ``module`` that ``quantise_frozen`` made: torchao's quantised linear weights and the codes and
+    scales of its convolutions."""
+    quantised = set()
+    for name, param in module.named_parameters():
+        if hasattr(param, "__tensor_flatten__") or ".parametrizations.weight.original" in f".{name}":
+            quantised.add(param)
+    return quantised
+
+
 def frozen_param_bytes(module: torch.nn.Module, frozen_count: int, precision: str) -> float:
     """Bytes per frozen parameter, on average, of a run whose ``frozen_count`` frozen parameters are bf16 but for
     ``module``'s linear and convolution weights in ``precision``: what the memory plan counts

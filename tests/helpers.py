@@ -287,14 +287,14 @@ def make_test_controlnet(model_dir, folder):
 
 
 def kill_after_first_checkpoint(process, run_dir, timeout=120):
-    """SIGKILL a training ``process`` as soon as it has saved its first training state in ``run_dir``; returns the
-    step that state holds."""
+    """SIGKILL a training ``process`` as soon as it has saved its first training state in ``run_dir`` (the workers it
+    launched die with it); returns the step that state holds, once they have all ended."""
     meta = os.path.join(run_dir, "training_state", "trainer_meta.json")
     deadline = time.time() + timeout
     while not os.path.exists(meta) and time.time() < deadline and process.poll() is None:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()  # until its output ends: the workers hold it open while they live
     with open(meta, encoding="utf-8") as handle:
         return json.load(handle)["step"]
 
@@ -440,3 +440,34 @@ def shows_visible_label(image) -> bool:
     # The glyphs follow the mask's ink (light where it is, at any scale: a 32-pixel image's label is 6 pixels tall)
     follows = np.corrcoef(region.ravel(), ink.ravel())[0, 1]
     return bool(follows > 0.6 and region[ink > 64].mean() - region[ink == 0].mean() > 40)
+
+
+def logged_images(out):
+    """TensorBoard's sample images: tag → (step, width, height) of each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "log"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+def with_control_column(data, folder):
+    """``data``'s train and validation tables with a conditioning-image column ``control`` (each image inverted)."""
+    from PIL import ImageOps
+
+    os.makedirs(folder, exist_ok=True)
+    for name in ("T2I_train.tsv", "T2I_val.tsv"):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as out:
+            for idx, text, cell in read_rows(os.path.join(data, name)):
+                image = ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB"))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                out.write(f"{idx}\t{text}\t{cell}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
+    return folder
+
+
+def controlnet_argv(data, out, model, *extra, udp=""):
+    argv = train_argv(data, out, model, "--micro_batch_size=8", "--learning_rate=1e-3", *extra,
+                      udp=f"train_target=controlnet {udp}")
+    return [a if not a.startswith("--input_schema") else
+            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,control:str:1" for a in argv]

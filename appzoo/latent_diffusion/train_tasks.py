@@ -110,6 +110,13 @@ class DiffusionTrainTask:
         family = families.family_of(self.model)
         return [unit for module in self.trainable_modules().values() for unit in family.shard_units(module)]
 
+    def unsharded_parameters(self) -> set[torch.nn.Parameter]:
+        """base_precision=int8|fp8|nf4: the denoiser's quantised weights, which sharding=fsdp leaves whole in every
+        process (torchao's tensors cannot be split); its bf16 rest and the trained parameters are sharded."""
+        if self.settings.base_precision not in lowbit.LOW_BIT:
+            return set()
+        return lowbit.quantised_parameters(self.denoiser)
+
     def latent_shape(self, index: int) -> tuple[int, int, int]:
         factor = self.model.vae_scale_factor
         width, height = self.sizes[index]

@@ -1,92 +1,118 @@
 """sharding=fsdp (issue 35): the trained modules sharded per block with FSDP2 over gloo on the CPU. 2 processes of
 micro-batch 4 train like 1 process of 8, sharded or not (an unsharded single process is what DDP matches, see
-test_distributed.py), with EMA, gradient clipping and accumulation; an interrupted sharded run resumed by the
-identical command ends with the uninterrupted run's weights; the 2-process distributed checkpoint resumes in 1
-process; the consolidated checkpoint is the usual folder and predicts the unsharded run's image; a tiny
-Z-Image's transformer trains in 2 sharded processes like in 1 unsharded; on a CPU, glibc returns the freed per-block
-buffers to the system."""
+test_distributed.py), with EMA, gradient clipping and accumulation; a 2-process run SIGKILLed with its workers and
+rerun by the identical command ends with the uninterrupted run's weights; its distributed checkpoint resumes in 1
+and in 4 processes; the consolidated checkpoint is the usual folder, predicts the unsharded run's image and loads in
+diffusers — for SD-1.x and for a tiny Z-Image's transformer. A LoRA over int8 weights and a ControlNet train sharded
+in 2 processes as in 1; on a CPU, glibc returns the freed per-block buffers to the system."""
 
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from easynlp_ldm import cli
 from tests.helpers import (
+    controlnet_argv,
     dit_makers,
     easynlp_process,
     finished_output,
     free_port,
-    interrupt_after_first_checkpoint,
+    kill_after_first_checkpoint,
     largest_difference,
     predicted_image,
     saved_weights,
     train_argv,
+    with_control_column,
 )
 
 COMMON = ["--epoch_num=2", "--learning_rate=1e-3", "--save_checkpoint_steps=3", "--gradient_accumulation_steps=2",
           "--max_grad_norm=0.5"]
 FSDP = "sharding=fsdp sample_images=0"
+DIT = "train_target=transformer caption_dropout=0.3 sample_images=0"
+
+
+def _processes(argv, count):
+    """``argv`` with ``count`` processes of 8 / ``count`` samples each (a global micro-batch of 8)."""
+    extra = [f"--worker_gpu={count}", f"--master_port={free_port()}"] if count > 1 else []
+    return [*argv, f"--micro_batch_size={8 // count}", *extra]
+
+
+def _run(argv, count):
+    """Train: in this process (1), or as the `easynlp` command with ``count`` workers; returns its output."""
+    if count == 1:
+        assert cli.main(argv) == 0
+        return ""
+    return finished_output(easynlp_process(argv))
+
+
+def _killed(argv, folder, copy):
+    """The command ``argv`` (several processes, checkpoint_dir ``folder``) SIGKILLed after its first checkpoint (its
+    workers die with it), its folder copied to ``copy`` as the kill left it."""
+    assert kill_after_first_checkpoint(easynlp_process(argv), folder, timeout=300) == 3  # of 4 steps
+    shutil.copytree(folder, copy)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, shapes_data, tmp_path_factory):
     """The same SD-1.x run (EMA on, clipped, 2 micro-batches per step, a checkpoint mid-way) unsharded in 1 process
-    of 8, sharded in 1 process of 8 and sharded in 2 processes of 4: their checkpoint folders."""
+    of 8, sharded in 1 process of 8 and sharded in 2 processes of 4; "rerun": the 2-process run SIGKILLed after its
+    checkpoint at step 3 and run again by the identical command ("killed": its folder as the kill left it)."""
     root = tmp_path_factory.mktemp("sharding")
-    folders = {name: str(root / name) for name in ("plain", "one", "two")}
-    two = easynlp_process(train_argv(shapes_data, folders["two"], tiny_model_dir, "--micro_batch_size=4",
-                                     "--worker_gpu=2", f"--master_port={free_port()}", *COMMON, udp=FSDP))
-    for name, udp in (("plain", "sample_images=0"), ("one", FSDP)):
-        assert cli.main(train_argv(shapes_data, folders[name], tiny_model_dir, "--micro_batch_size=8", *COMMON,
-                                   udp=udp)) == 0
-    finished_output(two)
+    folders = {name: str(root / name) for name in ("plain", "one", "two", "rerun", "killed")}
+    argv = {name: train_argv(shapes_data, folders[name], tiny_model_dir, *COMMON, udp=udp)
+            for name, udp in (("plain", "sample_images=0"), ("one", FSDP), ("two", FSDP), ("rerun", FSDP))}
+    rerun = _processes(argv["rerun"], 2)
+    _killed(rerun, folders["rerun"], folders["killed"])
+    started = [easynlp_process(rerun), easynlp_process(_processes(argv["two"], 2))]
+    for name in ("plain", "one"):
+        _run(_processes(argv[name], 1), 1)
+    for process in started:
+        finished_output(process)
     return folders
 
 
-def test_two_sharded_processes_of_4_train_like_one_of_8(runs):
-    plain, one, two = (saved_weights(os.path.join(runs[name], "last")) for name in ("plain", "one", "two"))
+def test_two_sharded_processes_of_4_train_like_one_of_8_and_resume_after_sigkill(runs):
+    plain, one, two, rerun = (saved_weights(os.path.join(runs[name], "last"))
+                              for name in ("plain", "one", "two", "rerun"))
     assert largest_difference(one, plain) <= 1e-4
     assert largest_difference(two, one) <= 1e-4
+    assert largest_difference(rerun, two) <= 1e-5  # SIGKILL + the identical command: the uninterrupted weights
     # The consolidated checkpoint is the usual folder: the best (validated) weights at its top, last/ beside them.
     assert sorted(os.listdir(os.path.join(runs["two"], "training_state"))) == ["shards", "state.pt",
                                                                               "trainer_meta.json"]
     assert largest_difference(saved_weights(runs["two"]), two) == 0
 
 
-def test_killed_sharded_run_resumed_by_the_identical_command_ends_as_uninterrupted(runs, tiny_model_dir,
-                                                                                    shapes_data, tmp_path,
-                                                                                    monkeypatch):
-    argv = train_argv(shapes_data, str(tmp_path / "run"), tiny_model_dir, "--micro_batch_size=8", *COMMON, udp=FSDP)
-    interrupt_after_first_checkpoint(monkeypatch, argv)
-    assert cli.main(argv) == 0
-    resumed, uninterrupted = (saved_weights(os.path.join(folder, "last")) for folder in (tmp_path / "run",
-                                                                                           runs["one"]))
-    assert largest_difference(resumed, uninterrupted) <= 1e-5
+@pytest.mark.parametrize("count", [1, 4])
+def test_the_two_process_state_resumes_in(runs, count, tiny_model_dir, shapes_data, tmp_path):
+    """The killed 2-process run's distributed checkpoint (step 3, mid-epoch), resharded into 1 or 4 processes,
+    finishes the run as the uninterrupted ones."""
+    folder = str(tmp_path / "run")
+    shutil.copytree(runs["killed"], folder)
+    argv = train_argv(shapes_data, folder, tiny_model_dir, *COMMON, f"--resume_from_checkpoint={folder}", udp=FSDP)
+    _run(_processes(argv, count), count)
+    resumed, uninterrupted = (saved_weights(os.path.join(path, "last")) for path in (folder, runs["one"]))
+    assert largest_difference(resumed, uninterrupted) <= 1e-4
 
 
-def test_two_process_state_resumes_in_one_process(runs, tiny_model_dir, shapes_data, tmp_path):
-    """The 2-process run's distributed checkpoint, resharded into 1 process, continues (one epoch more) as the
-    1-process run's state does."""
-    ends = {}
-    for name in ("one", "two"):
-        folder = str(tmp_path / name)
-        shutil.copytree(runs[name], folder)
-        argv = train_argv(shapes_data, folder, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=3",
-                          "--learning_rate=1e-3", "--max_grad_norm=0.5", f"--resume_from_checkpoint={folder}",
-                          udp=FSDP)
-        assert cli.main(argv) == 0
-        ends[name] = saved_weights(os.path.join(folder, "last"))
-    assert largest_difference(ends["one"], ends["two"]) <= 1e-4
-    assert largest_difference(ends["two"], saved_weights(os.path.join(runs["two"], "last"))) > 1e-3  # it trained
+def test_sharded_checkpoint_predicts_the_unsharded_runs_image_and_loads_in_diffusers(runs, tmp_path):
+    from diffusers import StableDiffusionPipeline
 
-
-def test_sharded_checkpoint_predicts_the_unsharded_runs_image(runs, tmp_path):
-    sharded, _ = predicted_image(runs["two"], str(tmp_path), "", seed=5, steps=3)
+    sharded, seed = predicted_image(runs["two"], str(tmp_path), "", seed=5, steps=3)
     unsharded, _ = predicted_image(runs["plain"], str(tmp_path), "", seed=5, steps=3)
     assert abs(sharded - unsharded).max() <= 2
+    out = str(tmp_path / "diffusers")
+    assert cli.main(["--mode=export", f"--checkpoint_dir={runs['two']}", f"--outputs={out}",
+                     "--user_defined_parameters=export_format=diffusers"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("一个红色的圆形", generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=3,
+                 guidance_scale=5.0, height=32, width=32).images[0]
+    assert abs(np.asarray(image, dtype=np.int16) - sharded).max() <= 3
 
 
 def test_resuming_an_unsharded_state_sharded_is_refused(runs, tiny_model_dir, shapes_data, tmp_path, capsys):
@@ -98,18 +124,82 @@ def test_resuming_an_unsharded_state_sharded_is_refused(runs, tiny_model_dir, sh
     assert "saved by an unsharded run; resume it with sharding=none" in capsys.readouterr().err
 
 
-def test_dit_transformer_two_sharded_processes_of_4_train_like_one_of_8(shapes_data, tmp_path):
+def test_dit_transformer_sharded_killed_and_resumed_in_1_2_and_4_processes_trains_like_unsharded(shapes_data,
+                                                                                                 tmp_path):
+    """A tiny Z-Image's transformer: the 2-process sharded run ends with the unsharded 1-process run's transformer;
+    SIGKILLed after its checkpoint, the identical command ends with the uninterrupted run's, and its state resumed in
+    1 and in 4 processes with the unsharded run's; the folder loads in diffusers' ZImagePipeline, which draws
+    predict's image."""
+    from diffusers import DiffusionPipeline
+
     model = dit_makers()["zimage"](str(tmp_path / "zimage"))
-    udp = "train_target=transformer caption_dropout=0.3 sample_images=0"
     common = [*COMMON, "--warmup_proportion=0"]
-    folders = {name: str(tmp_path / name) for name in ("plain", "fsdp")}
-    two = easynlp_process(train_argv(shapes_data, folders["fsdp"], model, "--micro_batch_size=4", "--worker_gpu=2",
-                                     f"--master_port={free_port()}", *common, udp=f"{udp} sharding=fsdp"))
-    assert cli.main(train_argv(shapes_data, folders["plain"], model, "--micro_batch_size=8", *common, udp=udp)) == 0
-    finished_output(two)
-    plain, sharded = (load_file(os.path.join(folder, "last", "transformer", "diffusion_pytorch_model.safetensors"))
-                      for folder in folders.values())
-    assert largest_difference(plain, sharded) <= 1e-4
+    folders = {name: str(tmp_path / name) for name in ("plain", "two", "rerun", "killed", "in1", "in4")}
+
+    def argv(name, udp=f"{DIT} sharding=fsdp", *extra):
+        return train_argv(shapes_data, folders[name], model, *common, *extra, udp=udp)
+
+    rerun = _processes(argv("rerun"), 2)
+    _killed(rerun, folders["rerun"], folders["killed"])
+    started = [easynlp_process(rerun), easynlp_process(_processes(argv("two"), 2))]
+    _run(_processes(argv("plain", DIT), 1), 1)
+    for process in started:
+        finished_output(process)
+    for count in (1, 4):
+        shutil.copytree(folders["killed"], folders[f"in{count}"])
+        resume = f"--resume_from_checkpoint={folders[f'in{count}']}"
+        _run(_processes(argv(f"in{count}", f"{DIT} sharding=fsdp", resume), count), count)
+    plain, two, rerun, *resumed = (load_file(os.path.join(folders[name], "last", "transformer",
+                                                          "diffusion_pytorch_model.safetensors"))
+                                   for name in ("plain", "two", "rerun", "in1", "in4"))
+    assert max(largest_difference(plain, weights) for weights in (two, *resumed)) <= 1e-4
+    assert largest_difference(rerun, two) <= 1e-5  # SIGKILL + the identical command: the uninterrupted weights
+
+    ours, seed = predicted_image(folders["rerun"], str(tmp_path), "scale=0", seed=7, steps=2)
+    pipe = DiffusionPipeline.from_pretrained(folders["rerun"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("一个红色的圆形", height=32, width=32, num_inference_steps=2, output_type="np", guidance_scale=0.0,
+                  generator=torch.Generator().manual_seed(seed)).images[0]
+    assert np.abs(ours - (theirs * 255).round().astype(np.int16)).max() <= 3
+
+
+def test_int8_lora_and_controlnet_train_sharded_in_two_processes_as_in_one(tiny_model_dir, shapes_data, tmp_path):
+    """train_target=lora base_precision=int8 (the quantised weights whole in each process, the rest sharded) and
+    train_target=controlnet, sharded: 2 processes of 4 end as 1 process of 8 (the ControlNet: as an unsharded run,
+    its frozen base in fp32); the sharded adapter is the unsharded run's file (names, dtypes) and loads in
+    diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    lora = "train_target=lora base_precision=int8 use_ema=False sample_images=0"
+    control = with_control_column(shapes_data, str(tmp_path / "data"))
+    runs = {("lora", "two"): (train_argv, shapes_data, f"{lora} sharding=fsdp", 2),
+            ("lora", "one"): (train_argv, shapes_data, f"{lora} sharding=fsdp", 1),
+            ("lora", "plain"): (train_argv, shapes_data, lora, 1),
+            ("controlnet", "two"): (controlnet_argv, control, FSDP, 2),
+            ("controlnet", "plain"): (controlnet_argv, control, "sample_images=0", 1)}
+    started = []
+    for (target, name), (make, data, udp, count) in runs.items():
+        argv = [a for a in make(data, str(tmp_path / target / name), tiny_model_dir, "--epoch_num=1",
+                                "--max_grad_norm=0.5", udp=udp) if not a.startswith("--micro_batch_size")]
+        if count > 1:
+            started.append(easynlp_process(_processes(argv, count)))
+        else:
+            _run(_processes(argv, 1), 1)
+    for process in started:
+        finished_output(process)
+
+    def weights(target, name):
+        return load_file(os.path.join(tmp_path, target, name, "last", {
+            "lora": "pytorch_lora_weights.safetensors", "controlnet": "diffusion_pytorch_model.safetensors"}[target]))
+
+    assert largest_difference(weights("lora", "two"), weights("lora", "one")) <= 1e-6
+    assert largest_difference(weights("controlnet", "two"), weights("controlnet", "plain")) <= 1e-4
+    sharded, unsharded = weights("lora", "two"), weights("lora", "plain")
+    assert all(sharded[k].dtype == v.dtype == torch.float32 and sharded[k].shape == v.shape
+               for k, v in unsharded.items())
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(str(tmp_path / "lora" / "two"))
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
 
 
 def test_gathered_weights_live_in_file_backed_memory_of_the_writer_alone(tmp_path):

@@ -23,7 +23,14 @@ from easynlp_ldm.errors import UserError
 from modelzoo import lowbit
 from modelzoo.lora import LORA_FILE
 from modelzoo.tiny_dit import make_tiny_zimage_model
-from tests.helpers import interrupt_after_first_checkpoint, predicted_image, train_argv
+from tests.helpers import (
+    controlnet_argv,
+    interrupt_after_first_checkpoint,
+    logged_images,
+    predicted_image,
+    train_argv,
+    with_control_column,
+)
 
 FAST = ["--micro_batch_size=8", "--warmup_proportion=0", "--max_grad_norm=0"]
 LORA = "train_target=lora lora_rank=4 caption_dropout=0 use_ema=False sample_images=0"
@@ -231,8 +238,6 @@ def test_an_int8_base_controlnet_run_trains_the_controlnet_of_an_fp32_base_runs_
                                                                                       tmp_path, monkeypatch):
     """train_target=controlnet base_precision=int8: the frozen UNet quantised (≤ 55 % of its bf16 bytes), the
     ControlNet trained and saved in fp32 as with fp32 base weights; its sample images drawn between the bf16 models."""
-    from tests.appzoo.latent_diffusion.test_train_tasks import controlnet_argv, logged_images, with_control_column
-
     data = with_control_column(shapes_data, str(tmp_path / "data"))
     tasks, states = {}, {}
     for precision in ("fp32", "int8"):

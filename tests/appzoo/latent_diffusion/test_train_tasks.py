@@ -5,7 +5,7 @@ import torch
 
 from easynlp_ldm import cli
 from modelzoo.families import sd
-from tests.helpers import kill_after_first_checkpoint, train_argv
+from tests.helpers import controlnet_argv, kill_after_first_checkpoint, logged_images, train_argv, with_control_column
 
 
 def train_vae(target, model_dir, data, out, udp=""):
@@ -13,15 +13,6 @@ def train_vae(target, model_dir, data, out, udp=""):
     assert cli.main(train_argv(data, out, model_dir, "--micro_batch_size=16", "--epoch_num=2",
                                "--learning_rate=1e-3", udp=f"train_target={target} {udp}")) == 0
     return sd.load(model_dir), sd.load(out)
-
-
-def logged_images(out):
-    """TensorBoard's sample images: tag → (step, width, height) of each."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(os.path.join(out, "log"), size_guidance={"images": 0})
-    events.Reload()
-    return {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in events.Tags()["images"]}
 
 
 def test_train_vae_changes_only_the_vae_and_sets_latent_scaling(tiny_model_dir, shapes_data, tmp_path):
@@ -77,33 +68,6 @@ def test_rrdb_patch_larger_than_images_is_a_clear_error(tiny_model_dir, shapes_d
     assert cli.main(train_argv(shapes_data, str(tmp_path / "sr"), tiny_model_dir, "--micro_batch_size=8",
                                "--epoch_num=1", udp="train_target=rrdb sr_patch=64")) == 2
     assert "sr_patch=64 is larger than an image" in capsys.readouterr().err
-
-
-def with_control_column(data, folder):
-    """``data``'s train and validation tables with a conditioning-image column ``control`` (each image inverted)."""
-    import base64
-    import io
-
-    from PIL import Image, ImageOps
-
-    from tests.helpers import read_rows
-
-    os.makedirs(folder, exist_ok=True)
-    for name in ("T2I_train.tsv", "T2I_val.tsv"):
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as out:
-            for idx, text, cell in read_rows(os.path.join(data, name)):
-                image = ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB"))
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                out.write(f"{idx}\t{text}\t{cell}\t{base64.b64encode(buffer.getvalue()).decode()}\n")
-    return folder
-
-
-def controlnet_argv(data, out, model, *extra, udp=""):
-    argv = train_argv(data, out, model, "--micro_batch_size=8", "--learning_rate=1e-3", *extra,
-                      udp=f"train_target=controlnet {udp}")
-    return [a if not a.startswith("--input_schema") else
-            "--input_schema=idx:str:1,text:str:1,imgbase64:str:1,control:str:1" for a in argv]
 
 
 def test_train_controlnet_from_the_unet_then_generate_with_it(tiny_model_dir, shapes_data, tmp_path, capsys):
