@@ -89,12 +89,54 @@ def run(tree: str, data: str, out: str, args) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------- sharded against DDP
+def status_bytes(*names: str) -> list[int]:
+    """Fields of /proc/self/status (kB) in bytes."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    return [int(fields[name].split()[0]) * 1024 for name in names]
+
+
+def watch_checkpoints(saves: list[dict]) -> None:
+    """Record, for each checkpoint's model files (``Trainer._save_model_files``: sharded, every rank gathers the
+    weights one tensor at a time and rank 0 writes them), this process's anonymous memory (RssAnon: its own, not the
+    page cache's) before it and at its highest while it runs (sampled every 5 ms), its file-backed resident memory
+    at its highest (RssFile: the gathered weights' mappings), and the largest whole tensor of the weights saved."""
+    import threading
+
+    from easynlp_ldm.trainer import Trainer
+
+    save = Trainer._save_model_files
+
+    def watched(self, *args, **kwargs):
+        before = status_bytes("RssAnon")[0]
+        peaks = [before, 0]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.005):
+                anon, mapped = status_bytes("RssAnon", "RssFile")
+                peaks[0], peaks[1] = max(peaks[0], anon), max(peaks[1], mapped)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            return save(self, *args, **kwargs)
+        finally:
+            done.set()
+            thread.join()
+            largest = max(t.numel() * t.element_size() for t in self.ema_weights().values())
+            saves.append({"anon_before": before, "anon_peak": peaks[0], "file_peak": peaks[1], "largest": largest})
+
+    Trainer._save_model_files = watched
+
+
 def worker(report: str, argv: list[str]) -> int:
     """One training process: the easynlp command run in this interpreter; as it exits, its peak resident memory
-    (VmHWM) and the memory plan's estimate written to ``report`` as JSON."""
+    (VmHWM), the memory plan's estimate and its checkpoints' memory (``watch_checkpoints``) written to ``report`` as
+    JSON."""
     from easynlp_ldm import cli, memory
 
-    plans = []
+    plans, saves = [], []
     check = memory.check
 
     def recording_check(*args, **kwargs):
@@ -102,14 +144,13 @@ def worker(report: str, argv: list[str]) -> int:
         return plans[-1]
 
     memory.check = recording_check  # before the app imports it
+    watch_checkpoints(saves)
     code = 1
     try:
         code = cli.main(argv)
     finally:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            fields = dict(line.split(":", 1) for line in handle if ":" in line)
         with open(report, "w", encoding="utf-8") as handle:
-            json.dump({"rc": code, "peak": int(fields["VmHWM"].split()[0]) * 1024,
+            json.dump({"rc": code, "peak": status_bytes("VmHWM")[0], "saves": saves,
                        "estimate": plans[0].peak if plans else None,
                        "estimate_phase": plans[0].phase() if plans else None}, handle)
     return code
@@ -159,7 +200,8 @@ def sharded_row(data: str, model: str, out: str, family: str, processes: int, sh
     found = [json.loads(read(r)) for r in reports if os.path.isfile(r)]
     speeds = [float(m.group(1)) for m in SPEED.finditer(output)][1:]
     return {"sharding": sharding, "processes": processes, "rc": max(codes, key=abs),
-            "peaks": [r["peak"] for r in found], "estimate": found[0]["estimate"] if found else None,
+            "peaks": [r["peak"] for r in found], "saves": found[0]["saves"] if found else [],
+            "estimate": found[0]["estimate"] if found else None,
             "phase": found[0]["estimate_phase"] if found else None, "wall": wall,
             "s_step": statistics.median(args.global_batch / s for s in speeds) if speeds else None,
             "tail": output[-3000:]}
@@ -175,6 +217,11 @@ def format_sharded_row(row: dict, ddp: dict | None) -> str:
         text += f"  plan {row['estimate'] / GIB:5.2f} GiB at the {row['phase']} ({row['estimate'] / peak:.2f}×)"
     text += f"  {row['s_step']:.2f} s/step" if row["s_step"] else "  s/step n/a"
     text += f"  wall {row['wall']:.0f} s"
+    if row["saves"]:  # rank 0's last checkpoint
+        save = row["saves"][-1]
+        text += (f"  checkpoint on rank 0: own memory +{(save['anon_peak'] - save['anon_before']) / 2**20:.0f} MiB "
+                 f"(largest tensor {save['largest'] / 2**20:.0f} MiB), mapped files up to "
+                 f"{save['file_peak'] / 2**20:.0f} MiB")
     if ddp and ddp is not row and ddp["peaks"] and row["rc"] == 0:
         text += f"  vs DDP: peak {peak / max(ddp['peaks']):.2f}×"
         if row["s_step"] and ddp["s_step"]:

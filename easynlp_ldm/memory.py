@@ -148,8 +148,12 @@ class ModelFootprint:
     # counted at load and encode, not in the step's and save's weights
     encode_only_bytes: int = 0
     shards: ShardLayout | None = None  # how sharding=fsdp shards it; None: not sharded (as DDP)
-    # lower-precision frozen weights the app offers: (the option, as the user writes it; bytes per frozen weight)
-    precision_options: tuple[tuple[str, float], ...] = ()
+    # frozen parameters of the sharded components that sharding=fsdp leaves whole in every process (a quantised
+    # base: torchao's tensors cannot be split)
+    frozen_whole: int = 0
+    # lower-precision frozen weights the app offers: (the option, as the user writes it; bytes per frozen weight;
+    # its frozen_whole)
+    precision_options: tuple[tuple[str, float, int], ...] = ()
 
     @property
     def trained_count(self) -> int:
@@ -243,7 +247,9 @@ def _per_process_weights(f: ModelFootprint, s: MemorySettings) -> tuple[list[tup
     wrapped = f.shards.components
     trained_shapes = [shard_shape(shape, s.processes) if part in wrapped else shape
                       for part, shapes in f.trained.items() for shape in shapes]
-    frozen = sum(-(-count // s.processes) if part in wrapped else count for part, count in f.frozen.items())
+    in_wrapped = sum(count for part, count in f.frozen.items() if part in wrapped)
+    whole = min(f.frozen_whole, in_wrapped)
+    frozen = f.frozen_count - in_wrapped + whole + -(-(in_wrapped - whole) // s.processes)
     per_parameter = f.param_bytes + 4  # the unsharded weight and its full gradient
     gathered = (FSDP_BLOCK_COPIES * f.shards.largest_block + f.shards.root) * per_parameter
     return trained_shapes, int(frozen * (f.frozen_param_bytes or f.param_bytes)), int(gathered)
@@ -415,10 +421,11 @@ def precision_to_fit(footprint: ModelFootprint, settings: MemorySettings,
     """The app's first lower-precision option for the frozen weights (``ModelFootprint.precision_options``, highest
     precision first) whose estimate is within ``limit``, and that estimate."""
     current = footprint.frozen_param_bytes or footprint.param_bytes
-    for option, frozen_bytes in footprint.precision_options:
+    for option, frozen_bytes, whole in footprint.precision_options:
         if frozen_bytes >= current or not footprint.frozen_count:
             continue
-        result = estimate(dataclasses.replace(footprint, frozen_param_bytes=frozen_bytes), settings)
+        result = estimate(dataclasses.replace(footprint, frozen_param_bytes=frozen_bytes, frozen_whole=whole),
+                          settings)
         if result.peak <= limit:
             return option, result
     return None

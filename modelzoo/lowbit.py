@@ -124,12 +124,19 @@ def quantised_parameters(module: torch.nn.Module) -> set[torch.nn.Parameter]:
     return quantised
 
 
+def quantised_count(module: torch.nn.Module, precision: str) -> int:
+    """How many of ``module``'s weights ``quantise_frozen`` quantises at ``precision`` (those sharding=fsdp leaves
+    whole in every process)."""
+    layers = (*quantisable_linears(module, precision), *quantisable_convolutions(module))
+    return sum(m.weight.numel() for m in layers)
+
+
 def frozen_param_bytes(module: torch.nn.Module, frozen_count: int, precision: str) -> float:
     """Bytes per frozen parameter, on average, of a run whose ``frozen_count`` frozen parameters are bf16 but for
     ``module``'s linear and convolution weights in ``precision``: what the memory plan counts
     (``ModelFootprint.frozen_param_bytes``) before anything is quantised."""
     linears, convolutions = quantisable_linears(module, precision), quantisable_convolutions(module)
-    quantised = sum(m.weight.numel() for m in (*linears, *convolutions))
+    quantised = quantised_count(module, precision)
     held = sum(m.weight.numel() * WEIGHT_BYTES[precision] + m.out_features * CHANNEL_BYTES[precision] for m in linears)
     held += sum(m.weight.numel() * CONVOLUTION_BYTES + m.out_channels * CONVOLUTION_CHANNEL_BYTES for m in convolutions)
     return (held + (frozen_count - quantised) * BASE_BYTES) / max(frozen_count, 1)

@@ -1,7 +1,8 @@
 """``--mode=train``'s memory plan for the latent_diffusion app: the training settings → the framework's
 ``MemorySettings``, the model's footprint from its family (``ModelFamily.memory_footprint``: for SD-1.x,
 modelzoo/families/sd_memory.py), checked against the memory available (easynlp_ldm/memory.py) before the first step.
-The estimate is per process of the run; a LoRA run that does not fit is also told which ``base_precision`` would.
+The estimate is per process of the run; a LoRA or ControlNet run that does not fit is also told which
+``base_precision`` would.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ def frozen_param_bytes(model, frozen_count: int, precision: str) -> float:
     return float(lowbit.BASE_BYTES)
 
 
-def precision_options(model, frozen_count: int) -> tuple[tuple[str, float], ...]:
+def frozen_whole(model, precision: str) -> int:
+    """The frozen weights ``base_precision=precision`` quantises, which sharding=fsdp leaves whole in every process."""
+    if precision in lowbit.LOW_BIT:
+        return lowbit.quantised_count(getattr(model, family_of(model).denoiser), precision)
+    return 0
+
+
+def precision_options(model, frozen_count: int) -> tuple[tuple[str, float, int], ...]:
     """base_precision's choices below fp32, as the memory plan proposes them (highest precision first)."""
     choices = next(param.choices for param in PARAMS if param.name == "base_precision")
-    options = [(f"base_precision={name}", frozen_param_bytes(model, frozen_count, name))
+    options = [(f"base_precision={name}", frozen_param_bytes(model, frozen_count, name), frozen_whole(model, name))
                for name in choices if name != "fp32"]
     return tuple(sorted(options, key=lambda option: -option[1]))
 
@@ -52,8 +60,9 @@ def check_latent_diffusion_training(model, flags, training: TrainingSettings, re
                                                   text_length=text_length, lora_rank=training.lora_rank)
     if training.base_dtype is not None:  # base_precision: the frozen weights loaded in it, what trains in fp32
         footprint = dataclasses.replace(footprint, param_bytes=4, frozen_param_bytes=frozen_param_bytes(
-            model, footprint.frozen_count, training.base_precision))
-    if training.train_target == "lora":
+            model, footprint.frozen_count, training.base_precision),
+            frozen_whole=frozen_whole(model, training.base_precision))
+    if training.train_target in ("lora", "controlnet"):  # the runs base_precision applies to
         footprint = dataclasses.replace(footprint, precision_options=precision_options(model, footprint.frozen_count))
     return check(footprint, settings, limit_gb=training.memory_limit_gb, enforce=training.memory_check,
                  effective_batch=flags.micro_batch_size * flags.gradient_accumulation_steps)

@@ -139,6 +139,16 @@ def unet_shard_layout(model, components: tuple[str, ...] = ("unet",)) -> ShardLa
     return ShardLayout.of(components, model.unet, family_of(model).shard_units(model.unet))
 
 
+def controlnet_shard_layout(model) -> ShardLayout:
+    """How ``sharding=fsdp`` wraps a ControlNet made from the UNet (``ControlNetModel.from_unet``: a copy of its encoder
+    half): the copies of the UNet's down blocks and mid block are its units (the family's rule), the rest of the copy
+    (the input convolution and embeddings) its root; the frozen UNet is not sharded."""
+    blocks = [*model.unet.down_blocks, model.unet.mid_block]
+    sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    copied = sum(p.numel() for name, p in model.unet.named_parameters() if name.startswith(CONTROLNET_COPIES))
+    return ShardLayout(components=("controlnet",), largest_block=max(sizes), root=copied - sum(sizes))
+
+
 def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_encoder: bool = False,
                                text_length: int = 77, lora_rank: int = 4) -> ModelFootprint:
     """The footprint of a ``modelzoo.ldm.LatentDiffusion`` for a train target (before the task freezes parts).
@@ -152,7 +162,7 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
     elif train_target in ("vae", "vae_decoder"):
         trained_names = {"vae"}
     elif train_target == "controlnet":  # a trained copy of the UNet's encoder half; the UNet itself stays frozen
-        trained_names = {"unet"}
+        trained_names = set()
     else:
         trained_names = set()
     trained: dict[str, list[tuple[int, ...]]] = {}
@@ -166,6 +176,8 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
                 trained.setdefault(name, []).append(tuple(param.shape))
             else:
                 frozen[name] = frozen.get(name, 0) + param.numel()
+            if train_target == "controlnet" and name == "unet" and pname.startswith(CONTROLNET_COPIES):
+                trained.setdefault("controlnet", []).append(tuple(param.shape))
     first = next(model.unet.parameters())
     diffusion = train_target in ("unet", "lora", "controlnet")
     unet_config = dict(model.unet.config) if diffusion else None
@@ -178,5 +190,7 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
                                              vae_scale_factor=model.vae_scale_factor, text_config=text_config,
                                              text_length=text_length)
     shards = unet_shard_layout(model) if train_target in ("unet", "lora") else None
+    if train_target == "controlnet":
+        shards = controlnet_shard_layout(model)
     return ModelFootprint(trained=trained, frozen=frozen, param_bytes=first.element_size(), activations=activations,
                           shards=shards)

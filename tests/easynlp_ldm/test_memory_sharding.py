@@ -101,8 +101,9 @@ def test_a_run_too_large_for_one_device_is_told_how_many_would_hold_it(device_of
 def test_a_lora_run_is_told_which_base_precision_would_fit(device_of):
     # 4 Gi frozen parameters (16 GiB in fp32) and a small adapter: bf16 (8 GiB) does not fit 7 GiB, int8 does
     lora = memory.ModelFootprint(trained={"lora": [(64, 4096)] * 16}, frozen={"net": 4 << 30},
-                                 precision_options=(("base_precision=bf16", 2.0), ("base_precision=int8", 1.0),
-                                                    ("base_precision=nf4", 0.5)))
+                                 precision_options=(("base_precision=bf16", 2.0, 0),
+                                                    ("base_precision=int8", 1.0, 4 << 30),
+                                                    ("base_precision=nf4", 0.5, 4 << 30)))
     device_of(7)
     with pytest.raises(UserError) as error:
         memory.check(lora, dataclasses.replace(SETTINGS, use_ema=False))
@@ -113,6 +114,25 @@ def test_a_lora_run_is_told_which_base_precision_would_fit(device_of):
     # already in int8: only nf4 is lower
     assert memory.precision_to_fit(dataclasses.replace(lora, frozen_param_bytes=1.0), SETTINGS,
                                    int(20 * GIB))[0] == "base_precision=nf4"
+
+
+def test_a_quantised_base_stays_whole_in_every_process():
+    """sharding=fsdp over a low-bit base: the quantised weights (frozen_whole) are held whole by every process, the
+    rest of the wrapped component's frozen weights sharded, what is outside it whole as ever."""
+    lora = memory.ModelFootprint(trained={"net": [(64, 4096)] * 16}, frozen={"net": 4 << 30, "encoder": 1 << 20},
+                                 frozen_param_bytes=1.0, frozen_whole=3 << 30,
+                                 shards=memory.ShardLayout(components=("net",), largest_block=1 << 20, root=0))
+    for processes in (1, 2, 4):
+        weights = estimate(lora, sharding="fsdp", processes=processes).parts["weights"]
+        frozen = (3 << 30) + -(-(1 << 30) // processes) + (1 << 20)
+        assert weights == frozen + 16 * -(-64 // processes) * 4096 * 4
+    # offered while sharded: the option's own whole weights count in its estimate
+    bf16 = dataclasses.replace(lora, frozen_param_bytes=2.0, frozen_whole=0,
+                               precision_options=(("base_precision=int8", 1.0, 3 << 30),))
+    option, fitted = memory.precision_to_fit(bf16, dataclasses.replace(SETTINGS, sharding="fsdp", processes=4),
+                                             int(100 * GIB))
+    assert option == "base_precision=int8"
+    assert fitted.parts["weights"] == estimate(lora, sharding="fsdp", processes=4).parts["weights"]
 
 
 def test_the_families_wrap_their_blocks(tmp_path):
@@ -141,6 +161,14 @@ def test_the_families_wrap_their_blocks(tmp_path):
         assert shards.root == sum(p.numel() for p in unet.parameters()) - sum(
             sum(p.numel() for p in b.parameters()) for b in blocks)
     assert family_of(sd).memory_footprint(sd, train_target="vae").shards is None
+    # a ControlNet: the copies of the down blocks and the mid block are its units; the whole UNet stays frozen
+    controlnet = family_of(sd).memory_footprint(sd, train_target="controlnet")
+    encoder = [*unet.down_blocks, unet.mid_block]
+    assert controlnet.shards.components == ("controlnet",) == tuple(controlnet.trained)
+    assert controlnet.shards.largest_block == max(sum(p.numel() for p in b.parameters()) for b in encoder)
+    assert controlnet.frozen["unet"] == sum(p.numel() for p in unet.parameters())
+    assert controlnet.trained_count == controlnet.shards.root + sum(sum(p.numel() for p in b.parameters())
+                                                                    for b in encoder)
     assert math.isclose(memory.estimate(family_of(sd).memory_footprint(sd), dataclasses.replace(
         SETTINGS, device="cpu", sharding="fsdp", processes=2)).parts["gathered"],
         (memory.FSDP_BLOCK_COPIES * shards.largest_block + shards.root) * 8)

@@ -238,15 +238,25 @@ def test_an_int8_base_controlnet_run_trains_the_controlnet_of_an_fp32_base_runs_
                                                                                       tmp_path, monkeypatch):
     """train_target=controlnet base_precision=int8: the frozen UNet quantised (≤ 55 % of its bf16 bytes), the
     ControlNet trained and saved in fp32 as with fp32 base weights; its sample images drawn between the bf16 models."""
+    from appzoo.latent_diffusion import memory_plan
+
     data = with_control_column(shapes_data, str(tmp_path / "data"))
-    tasks, states = {}, {}
+    tasks, states, planned = {}, {}, {}
+    check = memory_plan.check
     for precision in ("fp32", "int8"):
         run = str(tmp_path / precision)
         udp = (f"caption_dropout=0 use_ema=False sample_images={int(precision == 'int8')} sample_steps=2 "
                f"base_precision={precision}")
+        monkeypatch.setattr(memory_plan, "check", lambda footprint, *a, name=precision, **k: planned.setdefault(
+            name, footprint) and check(footprint, *a, **k))
         tasks[precision] = _train(monkeypatch, data, run, tiny_model_dir, "--epoch_num=1", udp=udp,
                                   argv=controlnet_argv)
         states[precision] = load_file(os.path.join(run, "diffusion_pytorch_model.safetensors"))
+    # The memory plan offers a ControlNet run the lower precisions, the quantised UNet whole in every process
+    quantised = lowbit.quantised_count(tasks["int8"].model.unet, "int8")
+    assert quantised and planned["int8"].frozen_whole == quantised
+    options = {option: whole for option, _, whole in planned["fp32"].precision_options}
+    assert options["base_precision=int8"] == quantised and options["base_precision=bf16"] == 0
     assert logged_images(str(tmp_path / "int8"))  # drawn by the fp32 ControlNet between the bf16 models
     fp32, int8 = states["fp32"], states["int8"]
     assert fp32.keys() == int8.keys()
