@@ -28,6 +28,10 @@ run (per process: ``easynlp_ldm.memory.check``'s result). Step time: the median 
 first (--logging_steps=1; images/s counts the global batch). Prints each row and its ratios against the DDP row with
 as many processes.
 
+``--device cuda`` runs each process on its own GPU (NCCL, one GPU per process; the app takes ``cuda:LOCAL_RANK``) and
+also reports each process's peak GPU memory (``torch.cuda.max_memory_reserved``), the figure the memory plan then
+estimates; ``--device cpu`` (the default) hides the GPUs from the workers. No GPU run of it has been made yet.
+
 ``--malloc_mmap_threshold BYTES`` runs the workers with glibc's ``MALLOC_MMAP_THRESHOLD_``: every allocation above it
 is its own mapping, returned to the kernel when freed. Without it glibc raises its threshold to the size of freed
 mappings (up to 32 MiB), so a reduced-width model's per-block all-gather and gradient buffers (tens of MiB) come from
@@ -149,8 +153,11 @@ def worker(report: str, argv: list[str]) -> int:
     try:
         code = cli.main(argv)
     finally:
+        import torch
+
+        gpu = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
         with open(report, "w", encoding="utf-8") as handle:
-            json.dump({"rc": code, "peak": status_bytes("VmHWM")[0], "saves": saves,
+            json.dump({"rc": code, "peak": status_bytes("VmHWM")[0], "gpu_peak": gpu, "saves": saves,
                        "estimate": plans[0].peak if plans else None,
                        "estimate_phase": plans[0].phase() if plans else None}, handle)
     return code
@@ -191,6 +198,8 @@ def sharded_row(data: str, model: str, out: str, family: str, processes: int, sh
         env = dict(base, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0", RANK=str(rank), WORLD_SIZE=str(processes),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
+        if args.device == "cpu":  # the app takes a GPU it sees
+            env["CUDA_VISIBLE_DEVICES"] = ""
         with open(logs[-1], "w", encoding="utf-8") as log:
             workers.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", reports[-1],
                                              "--", *argv], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -201,6 +210,7 @@ def sharded_row(data: str, model: str, out: str, family: str, processes: int, sh
     speeds = [float(m.group(1)) for m in SPEED.finditer(output)][1:]
     return {"sharding": sharding, "processes": processes, "rc": max(codes, key=abs),
             "peaks": [r["peak"] for r in found], "saves": found[0]["saves"] if found else [],
+            "gpu_peaks": [r["gpu_peak"] for r in found if r.get("gpu_peak") is not None],
             "estimate": found[0]["estimate"] if found else None,
             "phase": found[0]["estimate_phase"] if found else None, "wall": wall,
             "s_step": statistics.median(args.global_batch / s for s in speeds) if speeds else None,
@@ -211,10 +221,15 @@ def format_sharded_row(row: dict, ddp: dict | None) -> str:
     text = f"{row['sharding']:<5} {row['processes']} processes  exit {row['rc']:>3}"
     if not row["peaks"]:
         return text + "  no report"
+    if row["gpu_peaks"]:  # on GPUs (--device cuda) the GPU's memory decides; RSS follows
+        gpu = max(row["gpu_peaks"])
+        text += f"  peak GPU memory per process {gpu / GIB:5.2f} GiB (reserved)"
     peak = max(row["peaks"])
     text += f"  peak RSS per process {peak / GIB:5.2f} GiB (ranks: {', '.join(f'{p / GIB:.2f}' for p in row['peaks'])})"
     if row["estimate"]:
-        text += f"  plan {row['estimate'] / GIB:5.2f} GiB at the {row['phase']} ({row['estimate'] / peak:.2f}×)"
+        decisive = max(row["gpu_peaks"]) if row["gpu_peaks"] else peak
+        text += (f"  plan {row['estimate'] / GIB:5.2f} GiB at the {row['phase']} "
+                 f"({row['estimate'] / decisive:.2f}×)")
     text += f"  {row['s_step']:.2f} s/step" if row["s_step"] else "  s/step n/a"
     text += f"  wall {row['wall']:.0f} s"
     if row["saves"]:  # rank 0's last checkpoint
@@ -223,6 +238,8 @@ def format_sharded_row(row: dict, ddp: dict | None) -> str:
                  f"(largest tensor {save['largest'] / 2**20:.0f} MiB), mapped files up to "
                  f"{save['file_peak'] / 2**20:.0f} MiB")
     if ddp and ddp is not row and ddp["peaks"] and row["rc"] == 0:
+        if row["gpu_peaks"] and ddp["gpu_peaks"]:
+            text += f"  vs DDP: GPU peak {max(row['gpu_peaks']) / max(ddp['gpu_peaks']):.2f}×,"
         text += f"  vs DDP: peak {peak / max(ddp['peaks']):.2f}×"
         if row["s_step"] and ddp["s_step"]:
             text += f", s/step {row['s_step'] / ddp['s_step']:.2f}×"
@@ -240,6 +257,12 @@ def sharded_bench(args) -> None:
         part, _, name = key.rpartition(".")
         (preset[part] if part else preset)[name] = json.loads(value)
     args.resolution = args.resolution or int(preset.get("image_size", 256))
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < max(int(n) for n in args.procs.split(",")):
+            raise SystemExit(f"--device cuda: {torch.cuda.device_count()} GPU(s) visible, --procs {args.procs} "
+                             f"needs one per process")
     with tempfile.TemporaryDirectory(prefix="train-sharded-") as tmp:
         edited = os.path.join(tmp, "preset.json")
         with open(edited, "w", encoding="utf-8") as handle:
@@ -250,7 +273,8 @@ def sharded_bench(args) -> None:
         size = build_model_folder(edited, model, args.resolution)
         print(f"preset {os.path.relpath(preset_path, ROOT)} {' '.join(args.set)}: weights {size / GIB:.2f} GiB, "
               f"{args.resolution}², global batch {args.global_batch}, {args.steps} steps + the checkpoint, full "
-              f"fine-tuning (AdamW, fp32, EMA); MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'unset'}",
+              f"fine-tuning (AdamW, fp32, EMA) on {args.device}; MALLOC_MMAP_THRESHOLD_ "
+              f"{args.malloc_mmap_threshold or 'unset'}",
               flush=True)
         for processes in (int(n) for n in args.procs.split(",")):
             if args.global_batch % processes:
@@ -281,6 +305,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=0, help="with --sharding: 0 is the preset's image_size")
     parser.add_argument("--global_batch", type=int, default=4, help="with --sharding: images per step, all processes")
     parser.add_argument("--steps", type=int, default=3, help="with --sharding")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="with --sharding: cuda runs each process on its own GPU (NCCL) and reports the GPUs' "
+                             "peak (torch.cuda.max_memory_reserved) beside RSS")
     parser.add_argument("--malloc_mmap_threshold", type=int, default=0,
                         help="with --sharding: glibc's MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's own)")
     parser.add_argument("--repeats", type=int, default=3)
