@@ -377,6 +377,23 @@ def easynlp_process(argv):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def one_thread_run(argv):
+    """The `easynlp` command run in this process on one thread (``--worker_cpu=1``): the sums of an
+    ``easynlp_process`` without starting one; the thread count and ``OMP_NUM_THREADS`` as they were afterwards.
+    Returns its exit status."""
+    from easynlp_ldm import cli
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        return cli.main([*argv, "--worker_cpu=1"])
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
 def finished_output(process):
     """The output of an ``easynlp_process`` that ends with status 0."""
     output = process.communicate(timeout=600)[0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tests.helpers import mixed_aspect_data, train_argv
+from tests.helpers import mixed_aspect_data, one_thread_run, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,12 +49,11 @@ def train_one_and_two(data, model, tmp_path, micro_batch_size, *common):
     """The same run in 1 process of ``2 × micro_batch_size`` and in 2 of ``micro_batch_size``: (the largest weight
     difference of their last/ checkpoints, the 2-process run's folder and stderr)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    code, _, err = finish(easynlp(train_argv(data, one, model, f"--micro_batch_size={2 * micro_batch_size}", *common,
-                                             udp="use_ema=False")))
-    assert code == 0, err
-    code, _, err = finish(easynlp(train_argv(data, two, model, f"--micro_batch_size={micro_batch_size}",
-                                             "--worker_gpu=2", f"--master_port={free_port()}", *common,
-                                             udp="use_ema=False")))
+    process = easynlp(train_argv(data, two, model, f"--micro_batch_size={micro_batch_size}", "--worker_gpu=2",
+                                 f"--master_port={free_port()}", *common, udp="use_ema=False"))
+    assert one_thread_run(train_argv(data, one, model, f"--micro_batch_size={2 * micro_batch_size}", *common,
+                                     udp="use_ema=False")) == 0
+    code, _, err = finish(process)
     assert code == 0, err
     w1, w2 = weights(os.path.join(one, "last")), weights(os.path.join(two, "last"))
     return max(float((w1[k] - w2[k]).abs().max()) for k in w1), two, err
@@ -66,10 +65,9 @@ def test_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp
     assert difference <= 1e-4
     assert os.listdir(os.path.join(two, "log"))  # rank 0 wrote TensorBoard
     # Resume with another world size: the 2-process run's state continues in 1 process.
-    code, _, err = finish(easynlp(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=8",
-                                             "--epoch_num=3", "--learning_rate=1e-3", f"--resume_from_checkpoint={two}",
-                                             udp="use_ema=False")))
-    assert code == 0, err
+    assert one_thread_run(train_argv(shapes_data, two, tiny_model_dir, "--micro_batch_size=8", "--epoch_num=3",
+                                     "--learning_rate=1e-3", f"--resume_from_checkpoint={two}",
+                                     udp="use_ema=False")) == 0
 
 
 def test_bucketed_two_processes_of_4_train_like_one_of_8(tiny_model_dir, shapes_data, tmp_path):

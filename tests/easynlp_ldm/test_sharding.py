@@ -23,6 +23,7 @@ from tests.helpers import (
     free_port,
     kill_after_first_checkpoint,
     largest_difference,
+    one_thread_run,
     predicted_image,
     saved_weights,
     train_argv,
@@ -67,12 +68,12 @@ def runs(tiny_model_dir, shapes_data, tmp_path_factory):
     argv = {name: _processes(train_argv(shapes_data, folders[name], tiny_model_dir, *COMMON, udp=udp), count)
             for name, udp, count in (("plain", "sample_images=0", 1), ("one", FSDP, 1), ("two", FSDP, 2),
                                      ("rerun", FSDP, 1))}
-    started = [easynlp_process(argv["two"]), easynlp_process(argv["one"])]
-    _killed(argv["rerun"], folders["rerun"])
-    started.append(easynlp_process(argv["rerun"]))  # one thread, as "one": the same sums
+    two = easynlp_process(argv["two"])
+    _killed([*argv["rerun"], "--worker_cpu=1"], folders["rerun"])
+    for name in ("rerun", "one"):  # one thread, as the killed process: the same sums
+        assert one_thread_run(argv[name]) == 0
     _run(argv["plain"], 1)
-    for process in started:
-        finished_output(process)
+    finished_output(two)
     return folders
 
 

@@ -133,11 +133,12 @@ def test_run_sigkilled_after_a_checkpoint_resumes_exactly(folders, shapes_data, 
     common = [*FAST, "--learning_rate=1e-2", "--save_checkpoint_steps=3", "--epoch_num=5"]
     udp = f"{TRAIN} caption_dropout=0.3 ema_decay=0.9"
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    output = finished_output(easynlp_process(train_argv(shapes_data, straight, folders["zimage"], *common, udp=udp)))
-    assert "text encoder kept in memory: it trains" in output and "captions encoded once" not in output
+    uninterrupted = easynlp_process(train_argv(shapes_data, straight, folders["zimage"], *common, udp=udp))
     process = easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
     saved_step = kill_after_first_checkpoint(process, killed, timeout=300)
     assert saved_step < 20, "the run finished before it could be killed"
+    output = finished_output(uninterrupted)
+    assert "text encoder kept in memory: it trains" in output and "captions encoded once" not in output
     output = finished_output(easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
     assert f"resumed from {killed}/training_state at step {saved_step}" in output
     a, b = _trained_weights(straight), _trained_weights(killed)
@@ -152,9 +153,10 @@ def test_two_processes_of_4_train_like_one_of_8(folders, shapes_data, tmp_path):
     udp = f"{TRAIN} caption_dropout=0.3 use_ema=False"
     runs = {"one": ["--micro_batch_size=8"], "two": ["--micro_batch_size=4", "--worker_gpu=2",
                                                      f"--master_port={free_port()}"]}
-    for name, extra in runs.items():
-        finished_output(easynlp_process(train_argv(shapes_data, str(tmp_path / name), folders["qwenimage"], *extra,
-                                                   *common, udp=udp)))
+    started = [easynlp_process(train_argv(shapes_data, str(tmp_path / name), folders["qwenimage"], *extra, *common,
+                                          udp=udp)) for name, extra in runs.items()]
+    for process in started:
+        finished_output(process)
     one, two = (_encoder_weights(os.path.join(tmp_path, name, "last")) for name in runs)
     assert largest_difference(one, two) <= 1e-4
     assert largest_difference(one, _encoder_weights(folders["qwenimage"])) > 0  # it trained

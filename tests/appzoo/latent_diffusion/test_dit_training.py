@@ -160,11 +160,11 @@ def test_run_sigkilled_after_a_checkpoint_resumes_by_the_identical_command(folde
     udp, saved = SIGKILLED[target]
     udp += " caption_dropout=0.3 sample_images=0"
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    assert "captions encoded once" in finished_output(easynlp_process(train_argv(shapes_data, straight,
-                                                                                 folders["zimage"], *common, udp=udp)))
+    uninterrupted = easynlp_process(train_argv(shapes_data, straight, folders["zimage"], *common, udp=udp))
     process = easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp))
     saved_step = kill_after_first_checkpoint(process, killed, timeout=300)
     assert saved_step < 20, "the run finished before it could be killed"
+    assert "captions encoded once" in finished_output(uninterrupted)
     output = finished_output(easynlp_process(train_argv(shapes_data, killed, folders["zimage"], *common, udp=udp)))
     assert f"resumed from {killed}/training_state at step {saved_step}" in output
     assert "captions encoded once" not in output  # the text-embedding cache read back
@@ -178,9 +178,10 @@ def test_two_processes_of_4_train_like_one_of_8(folders, shapes_data, tmp_path):
     udp = "train_target=transformer caption_dropout=0.3 use_ema=False sample_images=0"
     runs = {"one": ["--micro_batch_size=8"], "two": ["--micro_batch_size=4", "--worker_gpu=2",
                                                      f"--master_port={free_port()}"]}
-    for name, extra in runs.items():
-        finished_output(easynlp_process(train_argv(shapes_data, str(tmp_path / name), folders["zimage"], *extra,
-                                                   *common, udp=udp)))
+    started = [easynlp_process(train_argv(shapes_data, str(tmp_path / name), folders["zimage"], *extra, *common,
+                                          udp=udp)) for name, extra in runs.items()]
+    for process in started:
+        finished_output(process)
     a, b = (load_file(os.path.join(tmp_path, name, "last", "transformer", "diffusion_pytorch_model.safetensors"))
             for name in runs)
     assert largest_difference(a, b) <= 1e-4

@@ -93,7 +93,8 @@ def test_accumulation_matches_bigger_micro_batches(tiny_model_dir, shapes_data, 
 
 
 def _run(argv, **kwargs):
-    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
+    """The command in a process of one thread (the same sums in every run; two such run side by side on 2 cores)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -101,10 +102,12 @@ def _run(argv, **kwargs):
 def test_sigkill_after_first_checkpoint_then_the_identical_command_resumes(tiny_model_dir, shapes_data, tmp_path):
     common = ("--micro_batch_size=4", "--epoch_num=5", "--learning_rate=5e-4", "--save_checkpoint_steps=4")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    assert _run(train_argv(shapes_data, full, tiny_model_dir, *common)).wait() == 0
+    uninterrupted = _run(train_argv(shapes_data, full, tiny_model_dir, *common))
     process = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))
     saved_step = kill_after_first_checkpoint(process, killed, timeout=120)
     assert saved_step < 40, "the run finished before it could be killed"
+    uninterrupted.communicate()
+    assert uninterrupted.returncode == 0
     sd.load(killed)  # the last complete checkpoint loads
     resumed = _run(train_argv(shapes_data, killed, tiny_model_dir, *common))  # the same command, nothing added
     output = resumed.communicate()[0]

@@ -102,7 +102,7 @@ def test_controlnet_training_resumes_exactly_after_sigkill(tiny_model_dir, shape
 
     data = with_control_column(shapes_data, str(tmp_path / "data"))
     common = ("--epoch_num=4", "--save_checkpoint_steps=3", "--micro_batch_size=4")
-    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0")
+    env = dict(os.environ, PYTHONPATH=ROOT, EASYNLP_PROGRESS="0", OMP_NUM_THREADS="1")
 
     def run(out):
         return subprocess.Popen([sys.executable, "-m", "easynlp_ldm.cli", *controlnet_argv(data, out, tiny_model_dir,
@@ -110,9 +110,11 @@ def test_controlnet_training_resumes_exactly_after_sigkill(tiny_model_dir, shape
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    assert run(full).wait() == 0
+    uninterrupted = run(full)
     process = run(killed)
     step = kill_after_first_checkpoint(process, killed, timeout=120)
+    uninterrupted.communicate()
+    assert uninterrupted.returncode == 0
     assert step < 32, "the run finished before it could be killed"
     resumed = run(killed)
     output = resumed.communicate()[0]
