@@ -93,10 +93,9 @@ def test_sharded_predict_equals_single_process(tiny_model_dir, tmp_path):
                                                                    "绿色的圆形", "紫色的正方形"])), encoding="utf-8")
     base = ["--mode=predict", f"--tables={table}", f"--checkpoint_dir={tiny_model_dir}", "--micro_batch_size=2",
             "--output_schema=idx,sample_id,seed,gen_imgbase64", "--user_defined_parameters=n_samples=2 ddim_steps=2"]
-    code, _, err = finish(easynlp(base + [f"--outputs={tmp_path / 'single.tsv'}"]))
-    assert code == 0, err
-    code, _, err = finish(easynlp(base + [f"--outputs={tmp_path / 'multi.tsv'}", "--worker_gpu=2",
-                                          f"--master_port={free_port()}"]))
+    multi = easynlp(base + [f"--outputs={tmp_path / 'multi.tsv'}", "--worker_gpu=2", f"--master_port={free_port()}"])
+    assert one_thread_run(base + [f"--outputs={tmp_path / 'single.tsv'}"]) == 0
+    code, _, err = finish(multi)
     assert code == 0, err
     single = [r.split("\t") for r in (tmp_path / "single.tsv").read_text().splitlines()]
     multi = [r.split("\t") for r in (tmp_path / "multi.tsv").read_text().splitlines()]

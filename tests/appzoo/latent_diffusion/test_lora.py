@@ -277,22 +277,15 @@ def test_lora_on_an_easynlp_format_model(tmp_path):
 
 def test_lora_in_two_processes_trains_like_one(tiny_model_dir, shapes_data, tmp_path):
     """torch.distributed (gloo, two processes of 4) gives the adapter one process of 8 gives."""
-    import subprocess
-    import sys
+    from tests.helpers import easynlp_process, finished_output, free_port
 
-    from tests.helpers import ROOT, free_port
-
-    env = {**os.environ, "PYTHONPATH": ROOT, "EASYNLP_PROGRESS": "0"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     common = ["--epoch_num=2", "--learning_rate=1e-2", "--warmup_proportion=0", "--save_checkpoint_steps=3"]
     udp = "train_target=lora lora_rank=2 caption_dropout=0 use_ema=False"
     runs = {"one": ["--micro_batch_size=8"], "two": ["--micro_batch_size=4", "--worker_gpu=2",
                                                      f"--master_port={free_port()}"]}
-    for name, extra in runs.items():
-        argv = train_argv(shapes_data, str(tmp_path / name), tiny_model_dir, *extra, *common, udp=udp)
-        done = subprocess.run([sys.executable, "-m", "easynlp_ldm.cli", *argv], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+    started = [easynlp_process(train_argv(shapes_data, str(tmp_path / name), tiny_model_dir, *extra, *common,
+                                          udp=udp)) for name, extra in runs.items()]
+    for process in started:
+        finished_output(process)
     a, b = (load_file(os.path.join(tmp_path, name, "last", LORA_FILE)) for name in runs)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
