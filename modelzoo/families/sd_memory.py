@@ -157,21 +157,17 @@ def latent_diffusion_footprint(model, *, train_target: str = "unet", train_text_
     components = {"unet": model.unet, "text_encoder": model.text_encoder, "vae": model.vae}
     if train_target == "unet":
         trained_names = {"unet"} | ({"text_encoder"} if train_text_encoder else set())
-    elif train_target == "lora":  # the adapters, added later, are a few M parameters: the backward pass counts
-        trained_names = set()
     elif train_target in ("vae", "vae_decoder"):
         trained_names = {"vae"}
-    elif train_target == "controlnet":  # a trained copy of the UNet's encoder half; the UNet itself stays frozen
-        trained_names = set()
-    else:
+    else:  # lora: the adapters, added later, are a few M parameters (the backward pass counts); controlnet: a trained
+        # copy of the UNet's encoder half, counted below (the UNet stays frozen); rrdb
         trained_names = set()
     trained: dict[str, list[tuple[int, ...]]] = {}
     frozen: dict[str, int] = {}
     for name, module in components.items():
         for pname, param in module.named_parameters():
             is_trained = name in trained_names and not (
-                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv."))
-            ) and not (train_target == "controlnet" and not pname.startswith(CONTROLNET_COPIES))
+                train_target == "vae_decoder" and (pname.startswith("encoder.") or pname.startswith("quant_conv.")))
             if is_trained:
                 trained.setdefault(name, []).append(tuple(param.shape))
             else:
